@@ -1,0 +1,223 @@
+//! The only code that runs between fork and exec.
+//!
+//! Read this module line by line. Between the clone and `execve` the child:
+//! - allocates nothing, takes no lock, cannot panic (no indexing, no arithmetic that
+//!   can overflow, no `Option::unwrap`), and touches only the buffers prepared for it;
+//! - makes only async-signal-safe calls: `sigaction`, `fcntl`, `getpid` (raw syscall),
+//!   `chdir`, `pthread_sigmask`, `execve`, `write`, `_exit`.
+//!
+//! On Linux the child is started with `clone(CLONE_VM | CLONE_VFORK)`: it borrows the
+//! parent's memory (no page tables are copied, so spawning costs the same with 10 MiB or
+//! 40 GiB resident) and the calling thread is suspended until the child has called
+//! `execve` or `_exit`. Because the memory is shared, the only memory the child writes is
+//! its own stack and the pid slot of its environment block, which the parent does not
+//! read while it is suspended. All signals are blocked across the clone so that no
+//! handler of the parent runs on the child's stack, and the child resets every
+//! disposition to `SIG_DFL` before it unblocks them. Other Unixes use plain `fork()`.
+
+use std::io;
+use std::os::raw::{c_char, c_int, c_void};
+use std::os::unix::io::RawFd;
+
+/// Everything the child needs, prepared by the parent before the clone.
+///
+/// All pointers stay valid until [`spawn`] returns: the parent owns the buffers.
+pub(crate) struct ChildArgs {
+    /// NUL-terminated path of the executable.
+    pub(crate) path: *const c_char,
+    /// NULL-terminated argv.
+    pub(crate) argv: *const *const c_char,
+    /// NULL-terminated envp.
+    pub(crate) envp: *const *const c_char,
+    /// NUL-terminated working directory.
+    pub(crate) cwd: *const c_char,
+    /// The fds whose `FD_CLOEXEC` flag is cleared.
+    pub(crate) fds: *const RawFd,
+    /// How many fds `fds` points to.
+    pub(crate) nfds: usize,
+    /// Ten bytes inside one of the envp strings that receive the child's pid in decimal.
+    pub(crate) pid_slot: *mut u8,
+    /// Write end of a close-on-exec pipe: the child writes its errno there if it fails.
+    pub(crate) err_fd: RawFd,
+}
+
+/// Width of [`ChildArgs::pid_slot`].
+const PID_WIDTH: usize = crate::wire::PID_WIDTH;
+
+/// Stack for the vfork-style child. It only calls a handful of libc wrappers.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const STACK_SIZE: usize = 64 * 1024;
+
+/// Starts the child and returns its pid once it has exec'd or failed.
+///
+/// # Safety
+/// Every pointer in `args` must be valid as documented on [`ChildArgs`], and the buffers
+/// must not be touched by another thread until this returns.
+pub(crate) unsafe fn spawn(args: &ChildArgs) -> io::Result<libc::pid_t> {
+    // Block every signal so that no handler runs in the child while it shares our
+    // memory (and none runs in this thread between clone and the mask's restoration).
+    // SAFETY: `all` and `old` are plain sigset_t values on our stack.
+    let (all, mut old) = unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        (all, std::mem::zeroed::<libc::sigset_t>())
+    };
+    // SAFETY: valid sigset pointers.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) };
+    if rc != 0 {
+        return Err(io::Error::from_raw_os_error(rc));
+    }
+    // SAFETY: the caller guarantees `args`; `raw_spawn` is only ever called here.
+    let result = unsafe { raw_spawn(args) };
+    // SAFETY: restoring the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    result
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+unsafe fn raw_spawn(args: &ChildArgs) -> io::Result<libc::pid_t> {
+    // SAFETY: an anonymous private mapping; checked for MAP_FAILED below.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            STACK_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // Stacks grow down on every architecture Linux runs Rust on but parisc/metag,
+    // neither of which Rust supports.
+    // SAFETY: one past the end of the mapping, 16-byte aligned since mmap is page aligned.
+    let top = unsafe { stack.cast::<u8>().add(STACK_SIZE) }.cast::<c_void>();
+    let arg = args as *const ChildArgs as *mut c_void;
+    // SAFETY: CLONE_VFORK suspends this thread until the child execs or exits, so `args`
+    // and `stack` outlive the child's use of them; the child only runs `child_main`.
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            arg,
+        )
+    };
+    let err = io::Error::last_os_error();
+    // SAFETY: the mapping made above; the child no longer uses it (it exec'd or exited).
+    unsafe { libc::munmap(stack, STACK_SIZE) };
+    if pid == -1 {
+        return Err(err);
+    }
+    Ok(pid)
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+unsafe fn raw_spawn(args: &ChildArgs) -> io::Result<libc::pid_t> {
+    // SAFETY: the child only runs `child_main`, which is async-signal-safe.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => {
+            let arg = args as *const ChildArgs as *mut c_void;
+            // SAFETY: `arg` points to the caller's ChildArgs, copied into our address space.
+            unsafe { child_main(arg) };
+            // SAFETY: child_main never returns, but be explicit.
+            unsafe { libc::_exit(127) }
+        }
+        pid => Ok(pid),
+    }
+}
+
+/// The child. Never returns: it execs or `_exit`s.
+extern "C" fn child_main(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` is the `&ChildArgs` passed to clone/fork; the parent keeps it alive.
+    let args = unsafe { &*(arg as *const ChildArgs) };
+
+    // 1. Every signal disposition back to the default, so no parent handler can run here
+    //    once signals are unblocked, and ignored signals are not ignored by the new program.
+    // SAFETY: a zeroed sigaction is SIG_DFL with an empty mask and no flags.
+    let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
+    dfl.sa_sigaction = libc::SIG_DFL;
+    let mut sig: c_int = 1;
+    while sig < NSIG {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: async-signal-safe; errors (reserved signals) are ignored on purpose.
+            unsafe { libc::sigaction(sig, &dfl, std::ptr::null_mut()) };
+        }
+        sig = sig.wrapping_add(1);
+    }
+
+    // 2. Clear FD_CLOEXEC on the fds being passed (F_SETFD: a descriptor flag, private to
+    //    this process; status flags such as O_NONBLOCK are not touched).
+    let mut i: usize = 0;
+    while i < args.nfds {
+        // SAFETY: `fds` has `nfds` elements.
+        let fd = unsafe { *args.fds.add(i) };
+        // SAFETY: fcntl on an integer fd is async-signal-safe.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
+            fail(args);
+        }
+        i = i.wrapping_add(1);
+    }
+
+    // 3. Our pid into the fd table, so that only this process takes the table for its own.
+    // SAFETY: a raw syscall, immune to libc's pid caching in a vfork-style child.
+    let mut pid = unsafe { getpid() } as u32;
+    let mut j = PID_WIDTH;
+    while j > 0 {
+        j = j.wrapping_sub(1);
+        // SAFETY: `pid_slot` has PID_WIDTH bytes, and j < PID_WIDTH.
+        unsafe { *args.pid_slot.add(j) = b'0'.wrapping_add((pid % 10) as u8) };
+        pid /= 10;
+    }
+
+    // 4. The initial working directory.
+    // SAFETY: NUL-terminated string prepared by the parent.
+    if unsafe { libc::chdir(args.cwd) } == -1 {
+        fail(args);
+    }
+
+    // 5. An empty signal mask, then the new program.
+    // SAFETY: a zeroed sigset_t on our stack, emptied.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid sigset pointer.
+    unsafe { libc::sigemptyset(&mut empty) };
+    // SAFETY: valid sigset pointer.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
+    // SAFETY: NUL-terminated path and NULL-terminated arrays prepared by the parent.
+    unsafe { libc::execve(args.path, args.argv, args.envp) };
+    fail(args)
+}
+
+/// Reports errno over the error pipe and exits with 127.
+fn fail(args: &ChildArgs) -> ! {
+    // Reads this thread's errno; no allocation (an OS error is stored inline).
+    let errno: c_int = io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EINVAL);
+    let bytes = errno.to_ne_bytes();
+    // SAFETY: writing 4 bytes from our stack to the error pipe; the result does not matter
+    // (the parent treats a missing report as a generic failure).
+    unsafe { libc::write(args.err_fd, bytes.as_ptr().cast(), bytes.len()) };
+    // SAFETY: _exit is async-signal-safe and runs no atexit handlers.
+    unsafe { libc::_exit(127) }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+unsafe fn getpid() -> libc::pid_t {
+    // SAFETY: SYS_getpid takes no arguments.
+    unsafe { libc::syscall(libc::SYS_getpid) as libc::pid_t }
+}
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+unsafe fn getpid() -> libc::pid_t {
+    // SAFETY: getpid is async-signal-safe and has no caching issue after fork.
+    unsafe { libc::getpid() }
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const NSIG: c_int = 65;
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const NSIG: c_int = 33;

@@ -1,0 +1,183 @@
+//! The crate's one error type.
+
+use std::fmt;
+use std::io;
+use std::os::unix::io::RawFd;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+/// Everything that can go wrong in `tableflip`.
+///
+/// Variants carry what a caller needs to act (the pid, the path, the fd) and
+/// keep the underlying [`io::Error`] as their [`source`](std::error::Error::source).
+/// New variants may be added, so match with a wildcard arm.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another [`Upgrader`](crate::Upgrader) is alive in this process.
+    AlreadyCreated,
+    /// The fd table in the environment is malformed, or one of its entries does not
+    /// describe the fd it names. Nothing from the offending entry was adopted.
+    FdTable {
+        /// The environment variable that held the table.
+        var: &'static str,
+        /// The entry at fault, as it appears in the table (or the whole value when the
+        /// table could not be split into entries).
+        entry: String,
+        /// What is wrong with it.
+        reason: String,
+        /// The OS error behind it, when there is one (a closed fd, say).
+        source: Option<io::Error>,
+    },
+    /// An inherited fd was asked for as a different kind than it was passed as.
+    /// It stays in place and can still be asked for as the right kind.
+    WrongKind {
+        /// The key that was asked for.
+        key: String,
+        /// The kind it was passed as.
+        passed_as: &'static str,
+    },
+    /// Creating, binding or configuring a socket failed.
+    Listen {
+        /// The address or path involved.
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// [`upgrade`](crate::Upgrader::upgrade) was called before [`ready`](crate::Upgrader::ready).
+    NotReady,
+    /// Another upgrade is running.
+    UpgradeInProgress,
+    /// An upgrade already succeeded: this generation is on its way out.
+    AlreadyUpgraded,
+    /// [`stop`](crate::Upgrader::stop) was called.
+    Stopped,
+    /// The previous generation (this process's parent) has not exited yet.
+    ParentAlive {
+        /// The parent's pid.
+        pid: u32,
+    },
+    /// The new generation could not be started: `execve` (or the preparation for it) failed.
+    Exec {
+        /// The executable that was tried.
+        path: PathBuf,
+        /// The OS error (`ENOENT`, `EACCES`, ...).
+        source: io::Error,
+    },
+    /// The new generation exited before it became ready.
+    ChildExited {
+        /// Its pid.
+        pid: u32,
+        /// How it ended (exit code or signal).
+        status: ExitStatus,
+    },
+    /// The new generation did not become ready within the upgrade timeout; it was killed
+    /// and reaped.
+    Timeout {
+        /// Its pid.
+        pid: u32,
+        /// The timeout that ran out.
+        timeout: Duration,
+    },
+    /// The pid file could not be written.
+    PidFile {
+        /// The pid file's path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// An OS call failed.
+    Io {
+        /// What the crate was doing.
+        op: &'static str,
+        /// The fd involved, if any.
+        fd: Option<RawFd>,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, fd: Option<RawFd>, source: impl Into<io::Error>) -> Self {
+        Error::Io {
+            op,
+            fd,
+            source: source.into(),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::AlreadyCreated => f.write_str("an Upgrader already exists in this process"),
+            Error::FdTable {
+                var, entry, reason, ..
+            } => write!(f, "invalid fd table in ${var}: entry {entry:?}: {reason}"),
+            Error::WrongKind { key, passed_as } => {
+                write!(f, "inherited {key} was passed as a {passed_as}")
+            }
+            Error::Listen { addr, .. } => write!(f, "cannot listen on {addr}"),
+            Error::NotReady => f.write_str("cannot upgrade before ready() was called"),
+            Error::UpgradeInProgress => f.write_str("another upgrade is in progress"),
+            Error::AlreadyUpgraded => f.write_str("this generation has already been upgraded"),
+            Error::Stopped => f.write_str("the upgrader was stopped"),
+            Error::ParentAlive { pid } => {
+                write!(f, "the previous generation (pid {pid}) has not exited yet")
+            }
+            Error::Exec { path, .. } => {
+                write!(f, "cannot execute new generation {}", path.display())
+            }
+            Error::ChildExited { pid, status } => write!(
+                f,
+                "new generation (pid {pid}) exited before it was ready: {status}"
+            ),
+            Error::Timeout { pid, timeout } => write!(
+                f,
+                "new generation (pid {pid}) was not ready after {timeout:?}; it was killed"
+            ),
+            Error::PidFile { path, .. } => {
+                write!(f, "cannot write pid file {}", path.display())
+            }
+            Error::Io { op, fd, .. } => match fd {
+                Some(fd) => write!(f, "{op} (fd {fd}) failed"),
+                None => write!(f, "{op} failed"),
+            },
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::FdTable {
+                source: Some(source),
+                ..
+            }
+            | Error::Listen { source, .. }
+            | Error::Exec { source, .. }
+            | Error::PidFile { source, .. }
+            | Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(err: Error) -> io::Error {
+        let kind = match &err {
+            Error::Listen { source, .. }
+            | Error::Exec { source, .. }
+            | Error::PidFile { source, .. }
+            | Error::Io { source, .. } => source.kind(),
+            Error::Timeout { .. } => io::ErrorKind::TimedOut,
+            Error::FdTable { .. } | Error::WrongKind { .. } => io::ErrorKind::InvalidData,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, err)
+    }
+}
+
+/// Shorthand for `Result<T, tableflip::Error>`.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

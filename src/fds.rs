@@ -1,0 +1,760 @@
+//! The fd registry: the sockets and files that travel to the next generation.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rustix::fs::FileType;
+use rustix::net::{AddressFamily, SocketAddrAny, SocketAddrUnix, SocketType};
+
+use crate::error::{Error, Result};
+use crate::wire::{Key, UnixAddr, VAR};
+
+/// Called on every socket the registry creates, after `socket()` and before `bind()`.
+pub(crate) type BeforeBind = Arc<dyn Fn(BorrowedFd<'_>) -> io::Result<()> + Send + Sync>;
+
+/// The fds this generation passes on: Go tableflip's `Fds`.
+///
+/// Reach it through [`Upgrader::fds`](crate::Upgrader::fds). Every socket is found by its
+/// kind and address (or, for connections and other fds, a name). The `listen_*` methods
+/// return the socket inherited from the previous generation if there is one and create
+/// it otherwise; the inherit-only lookups (`tcp_listener`, ...) return `Ok(None)` when
+/// nothing was inherited under that key, or it was taken already. The `add_*` methods
+/// register a socket you made yourself.
+///
+/// The registry keeps its own copy (a `dup`) of every fd it hands out or is given, so
+/// dropping the std socket you got back does not stop it from being passed on. After
+/// a successful upgrade the registry drops its copies.
+///
+/// An inherited fd is checked before it is trusted (it is open, a socket of the declared
+/// type, family and address, listening or not as declared) and is close-on-exec again.
+/// The crate never changes an fd's `O_NONBLOCK` flag: it belongs to the open file
+/// description, which both generations share.
+pub struct Fds {
+    inner: Mutex<Registry>,
+    before_bind: Option<BeforeBind>,
+    backlog: i32,
+}
+
+impl fmt::Debug for Fds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let reg = self.lock();
+        f.debug_struct("Fds")
+            .field("inherited", &reg.inherited.len())
+            .field("used", &reg.used.len())
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct Inherited {
+    fd: OwnedFd,
+    key: Key,
+}
+
+#[derive(Debug)]
+struct Used {
+    key: Key,
+    fd: OwnedFd,
+    /// For Unix sockets with a path: where the socket file is, and which file it was,
+    /// so that it is removed only while it is still ours.
+    socket_file: Option<SocketFile>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+// `st_dev` and `st_ino` have platform-dependent types; u64 holds all of them.
+#[allow(clippy::unnecessary_cast)]
+impl SocketFile {
+    fn of(path: &Path) -> Option<SocketFile> {
+        let path = absolute(path)?;
+        let st = rustix::fs::lstat(&path).ok()?;
+        (FileType::from_raw_mode(st.st_mode) == FileType::Socket).then_some(SocketFile {
+            path,
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+        })
+    }
+
+    /// Removes the socket file if it is still the one recorded.
+    fn unlink(&self) {
+        let Ok(st) = rustix::fs::lstat(&self.path) else {
+            return;
+        };
+        if FileType::from_raw_mode(st.st_mode) == FileType::Socket
+            && st.st_dev as u64 == self.dev
+            && st.st_ino as u64 == self.ino
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn absolute(path: &Path) -> Option<PathBuf> {
+    if path.is_absolute() {
+        Some(path.to_path_buf())
+    } else {
+        std::env::current_dir().ok().map(|d| d.join(path))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    /// Inherited, not yet taken. Dropped (closed) by `ready()`.
+    inherited: Vec<Inherited>,
+    /// Taken, created or added: passed to the next generation.
+    used: Vec<Used>,
+}
+
+impl Fds {
+    pub(crate) fn new(
+        inherited: Vec<(OwnedFd, Key)>,
+        before_bind: Option<BeforeBind>,
+        backlog: i32,
+    ) -> Fds {
+        Fds {
+            inner: Mutex::new(Registry {
+                inherited: inherited
+                    .into_iter()
+                    .map(|(fd, key)| Inherited { fd, key })
+                    .collect(),
+                used: Vec::new(),
+            }),
+            before_bind,
+            backlog,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        // A panic while holding the lock cannot leave the registry half-updated in a way
+        // that matters more than refusing to work, so recover the guard.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // ---- TCP -------------------------------------------------------------------------
+
+    /// A TCP listener on `addr`: the inherited one, or a new one.
+    ///
+    /// A new listener is made with `socket(SOCK_CLOEXEC)`, `SO_REUSEADDR`, the
+    /// [`before_bind`](crate::Options::before_bind) hook, `bind` and `listen` with the
+    /// configured backlog. When `addr` resolves to several addresses, each is tried in
+    /// order, inherited first. Port 0 matches an inherited listener on the same IP
+    /// whatever its port, and a new listener on port 0 is registered under the port the
+    /// kernel chose, so the next generation finds it again.
+    ///
+    /// Calling it again for an address already listened on returns another handle to the
+    /// same socket.
+    pub fn listen_tcp(&self, addr: impl ToSocketAddrs) -> Result<TcpListener> {
+        let addrs = resolve(addr)?;
+        self.listen_inet(&addrs, Key::TcpListener, SocketType::STREAM)
+            .map(TcpListener::from)
+    }
+
+    /// The inherited TCP listener on `addr`, if there is one not yet taken.
+    pub fn tcp_listener(&self, addr: impl ToSocketAddrs) -> Result<Option<TcpListener>> {
+        let addrs = resolve(addr)?;
+        let mut reg = self.lock();
+        for a in &addrs {
+            if let Some(fd) = reg.take(&Key::TcpListener(*a))? {
+                return Ok(Some(TcpListener::from(fd)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Registers a TCP listener you made, under its local address, so it is passed on.
+    pub fn add_tcp_listener(&self, listener: &TcpListener) -> Result<()> {
+        self.add_socket(listener.as_fd(), |a| Ok(Key::TcpListener(inet(a)?)))
+    }
+
+    /// Registers an established TCP connection under `name`.
+    pub fn add_tcp_stream(&self, name: &str, stream: &TcpStream) -> Result<()> {
+        self.add_socket(stream.as_fd(), |_| Ok(Key::TcpStream(name.to_string())))
+    }
+
+    /// The inherited TCP connection registered under `name`, if not yet taken.
+    pub fn tcp_stream(&self, name: &str) -> Result<Option<TcpStream>> {
+        Ok(self
+            .lock()
+            .take(&Key::TcpStream(name.to_string()))?
+            .map(TcpStream::from))
+    }
+
+    // ---- UDP -------------------------------------------------------------------------
+
+    /// A UDP socket bound to `addr`: the inherited one, or a new one. Port 0 behaves as
+    /// for [`listen_tcp`](Fds::listen_tcp).
+    pub fn listen_udp(&self, addr: impl ToSocketAddrs) -> Result<UdpSocket> {
+        let addrs = resolve(addr)?;
+        self.listen_inet(&addrs, Key::Udp, SocketType::DGRAM)
+            .map(UdpSocket::from)
+    }
+
+    /// The inherited UDP socket bound to `addr`, if there is one not yet taken.
+    pub fn udp_socket(&self, addr: impl ToSocketAddrs) -> Result<Option<UdpSocket>> {
+        let addrs = resolve(addr)?;
+        let mut reg = self.lock();
+        for a in &addrs {
+            if let Some(fd) = reg.take(&Key::Udp(*a))? {
+                return Ok(Some(UdpSocket::from(fd)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Registers a UDP socket you made, under its local address.
+    pub fn add_udp_socket(&self, socket: &UdpSocket) -> Result<()> {
+        self.add_socket(socket.as_fd(), |a| Ok(Key::Udp(inet(a)?)))
+    }
+
+    // ---- Unix ------------------------------------------------------------------------
+
+    /// A Unix stream listener on a path or abstract name: the inherited one, or a new one.
+    ///
+    /// A path this process binds is removed again by [`Upgrader::stop`](crate::Upgrader::stop)
+    /// when no upgrade succeeded; abstract names are never unlinked (there is nothing to
+    /// unlink).
+    pub fn listen_unix(&self, addr: impl Into<UnixAddr>) -> Result<UnixListener> {
+        self.listen_unix_kind(addr.into(), Key::UnixListener, SocketType::STREAM)
+            .map(UnixListener::from)
+    }
+
+    /// The inherited Unix stream listener on `addr`, if there is one not yet taken.
+    pub fn unix_listener(&self, addr: impl Into<UnixAddr>) -> Result<Option<UnixListener>> {
+        Ok(self
+            .lock()
+            .take(&Key::UnixListener(addr.into()))?
+            .map(UnixListener::from))
+    }
+
+    /// Registers a Unix stream listener you made, under its local address.
+    pub fn add_unix_listener(&self, listener: &UnixListener) -> Result<()> {
+        self.add_socket(listener.as_fd(), |a| Ok(Key::UnixListener(unix(a)?)))
+    }
+
+    /// A Unix datagram socket bound to a path or abstract name: the inherited one, or a
+    /// new one.
+    pub fn listen_unix_datagram(&self, addr: impl Into<UnixAddr>) -> Result<UnixDatagram> {
+        self.listen_unix_kind(addr.into(), Key::UnixDatagram, SocketType::DGRAM)
+            .map(UnixDatagram::from)
+    }
+
+    /// The inherited Unix datagram socket bound to `addr`, if there is one not yet taken.
+    pub fn unix_datagram(&self, addr: impl Into<UnixAddr>) -> Result<Option<UnixDatagram>> {
+        Ok(self
+            .lock()
+            .take(&Key::UnixDatagram(addr.into()))?
+            .map(UnixDatagram::from))
+    }
+
+    /// Registers a bound Unix datagram socket you made, under its local address.
+    pub fn add_unix_datagram(&self, socket: &UnixDatagram) -> Result<()> {
+        self.add_socket(socket.as_fd(), |a| Ok(Key::UnixDatagram(unix(a)?)))
+    }
+
+    /// Registers an established Unix stream connection under `name`.
+    pub fn add_unix_stream(&self, name: &str, stream: &UnixStream) -> Result<()> {
+        self.add_socket(stream.as_fd(), |_| Ok(Key::UnixStream(name.to_string())))
+    }
+
+    /// The inherited Unix stream connection registered under `name`, if not yet taken.
+    pub fn unix_stream(&self, name: &str) -> Result<Option<UnixStream>> {
+        Ok(self
+            .lock()
+            .take(&Key::UnixStream(name.to_string()))?
+            .map(UnixStream::from))
+    }
+
+    // ---- Anything else ---------------------------------------------------------------
+
+    /// Registers any fd (a file, a pipe, an eventfd, a socket of another kind) under
+    /// `name`. The registry keeps a duplicate; registering a name again replaces it.
+    pub fn add_fd(&self, name: &str, fd: impl AsFd) -> Result<()> {
+        let fd = fd.as_fd();
+        let copy = dup(fd)?;
+        self.lock().insert(Key::Fd(name.to_string()), copy, None);
+        Ok(())
+    }
+
+    /// The inherited fd registered under `name`, if not yet taken.
+    pub fn fd(&self, name: &str) -> Result<Option<OwnedFd>> {
+        self.lock().take(&Key::Fd(name.to_string()))
+    }
+
+    // ---- Internals -------------------------------------------------------------------
+
+    fn listen_inet(
+        &self,
+        addrs: &[SocketAddr],
+        make_key: fn(SocketAddr) -> Key,
+        ty: SocketType,
+    ) -> Result<OwnedFd> {
+        let mut reg = self.lock();
+        for a in addrs {
+            if let Some(fd) = reg.existing(&make_key(*a))? {
+                return Ok(fd);
+            }
+        }
+        let mut last = None;
+        for a in addrs {
+            match self.bind_inet(*a, ty) {
+                Ok(fd) => {
+                    let local = local_inet(fd.as_fd()).unwrap_or(*a);
+                    let copy = dup(fd.as_fd())?;
+                    reg.insert(make_key(local), copy, None);
+                    return Ok(fd);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::Listen {
+            addr: "(no address)".into(),
+            source: io::ErrorKind::InvalidInput.into(),
+        }))
+    }
+
+    fn bind_inet(&self, addr: SocketAddr, ty: SocketType) -> Result<OwnedFd> {
+        let family = match addr {
+            SocketAddr::V4(_) => AddressFamily::INET,
+            SocketAddr::V6(_) => AddressFamily::INET6,
+        };
+        let listen = ty == SocketType::STREAM;
+        let fail = |source: io::Error| Error::Listen {
+            addr: addr.to_string(),
+            source,
+        };
+        let fd = new_socket(family, ty).map_err(fail)?;
+        if listen {
+            rustix::net::sockopt::set_socket_reuseaddr(&fd, true).map_err(|e| fail(e.into()))?;
+        }
+        if let Some(hook) = &self.before_bind {
+            hook(fd.as_fd()).map_err(fail)?;
+        }
+        rustix::net::bind(&fd, &addr).map_err(|e| fail(e.into()))?;
+        if listen {
+            rustix::net::listen(&fd, self.backlog).map_err(|e| fail(e.into()))?;
+        }
+        Ok(fd)
+    }
+
+    fn listen_unix_kind(
+        &self,
+        addr: UnixAddr,
+        make_key: fn(UnixAddr) -> Key,
+        ty: SocketType,
+    ) -> Result<OwnedFd> {
+        let key = make_key(addr.clone());
+        let mut reg = self.lock();
+        if let Some(fd) = reg.existing(&key)? {
+            return Ok(fd);
+        }
+        let fail = |source: io::Error| Error::Listen {
+            addr: addr.to_string(),
+            source,
+        };
+        let sockaddr = match &addr {
+            UnixAddr::Path(p) => SocketAddrUnix::new(p.as_path()),
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            UnixAddr::Abstract(name) => SocketAddrUnix::new_abstract_name(name),
+            #[cfg(not(any(target_os = "linux", target_os = "android")))]
+            UnixAddr::Abstract(_) => Err(rustix::io::Errno::AFNOSUPPORT),
+        }
+        .map_err(|e| fail(e.into()))?;
+        let fd = new_socket(AddressFamily::UNIX, ty).map_err(fail)?;
+        if let Some(hook) = &self.before_bind {
+            hook(fd.as_fd()).map_err(fail)?;
+        }
+        rustix::net::bind(&fd, &sockaddr).map_err(|e| fail(e.into()))?;
+        let socket_file = match &addr {
+            UnixAddr::Path(p) => SocketFile::of(p),
+            UnixAddr::Abstract(_) => None,
+        };
+        if ty == SocketType::STREAM {
+            if let Err(e) = rustix::net::listen(&fd, self.backlog) {
+                if let Some(file) = &socket_file {
+                    file.unlink();
+                }
+                return Err(fail(e.into()));
+            }
+        }
+        let copy = dup(fd.as_fd())?;
+        reg.insert(key, copy, socket_file);
+        Ok(fd)
+    }
+
+    fn add_socket(
+        &self,
+        fd: BorrowedFd<'_>,
+        make_key: impl FnOnce(SocketAddrAny) -> io::Result<Key>,
+    ) -> Result<()> {
+        let raw = fd.as_raw_fd();
+        let local =
+            rustix::net::getsockname(fd).map_err(|e| Error::io("getsockname", Some(raw), e))?;
+        let key = make_key(local).map_err(|e| Error::io("getsockname", Some(raw), e))?;
+        check(fd, &key).map_err(|(reason, source)| Error::Listen {
+            addr: format!("{key} (fd {raw}): {reason}"),
+            source: source.unwrap_or_else(|| io::ErrorKind::InvalidInput.into()),
+        })?;
+        let socket_file = match &key {
+            Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) => {
+                SocketFile::of(p)
+            }
+            _ => None,
+        };
+        let copy = dup(fd)?;
+        self.lock().insert(key, copy, socket_file);
+        Ok(())
+    }
+
+    /// Calls `f` with the fds to pass on, holding the registry lock.
+    pub(crate) fn with_passed<R>(&self, f: impl FnOnce(&[(RawFd, &Key)]) -> R) -> R {
+        let reg = self.lock();
+        let list: Vec<(RawFd, &Key)> = reg
+            .used
+            .iter()
+            .map(|u| (u.fd.as_raw_fd(), &u.key))
+            .collect();
+        f(&list)
+    }
+
+    /// Closes inherited fds nobody took, removing their socket files. Called by `ready()`.
+    pub(crate) fn close_unused(&self) {
+        let unused = std::mem::take(&mut self.lock().inherited);
+        for Inherited { fd, key } in unused {
+            if let Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) =
+                &key
+            {
+                // Only remove the file if the fd really is the socket bound there.
+                if unix_matches(fd.as_fd(), p) {
+                    if let Some(file) = SocketFile::of(p) {
+                        file.unlink();
+                    }
+                }
+            }
+            drop(fd);
+        }
+    }
+
+    /// Drops every fd: after a successful upgrade the new generation owns them.
+    pub(crate) fn drop_all(&self) {
+        let mut reg = self.lock();
+        reg.used.clear();
+        reg.inherited.clear();
+    }
+
+    /// Removes the socket files of the Unix sockets in use. Called by `stop()` when no
+    /// upgrade succeeded.
+    pub(crate) fn unlink_socket_files(&self) {
+        let reg = self.lock();
+        for u in &reg.used {
+            if let Some(file) = &u.socket_file {
+                file.unlink();
+            }
+        }
+    }
+}
+
+impl Registry {
+    /// The socket already in use under `key`, or the inherited one, as a new handle.
+    fn existing(&mut self, key: &Key) -> Result<Option<OwnedFd>> {
+        if let Some(u) = self.used.iter().find(|u| u.key == *key) {
+            return dup(u.fd.as_fd()).map(Some);
+        }
+        self.take(key)
+    }
+
+    /// Takes the inherited fd under `key`: checks it, moves it to `used` and returns a
+    /// duplicate.
+    fn take(&mut self, key: &Key) -> Result<Option<OwnedFd>> {
+        let Some(i) = self.find_inherited(key)? else {
+            return Ok(None);
+        };
+        let fd = self.inherited[i].fd.as_fd();
+        let raw = fd.as_raw_fd();
+        let found = self.inherited[i].key.clone();
+        if let Err((reason, source)) = check(fd, &found) {
+            // Not what the table said: forget it without closing it (it may be somebody
+            // else's fd), and adopt nothing.
+            let bad = self.inherited.remove(i);
+            std::mem::forget(bad.fd);
+            return Err(Error::FdTable {
+                var: VAR,
+                entry: format!("{raw},{}", found.tag()),
+                reason: format!("fd {raw} is not the {found} it was declared as: {reason}"),
+                source,
+            });
+        }
+        let copy = dup(fd)?;
+        let entry = self.inherited.remove(i);
+        let socket_file = match &found {
+            Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) => {
+                SocketFile::of(p)
+            }
+            _ => None,
+        };
+        self.used.push(Used {
+            key: found,
+            fd: entry.fd,
+            socket_file,
+        });
+        Ok(Some(copy))
+    }
+
+    fn find_inherited(&self, key: &Key) -> Result<Option<usize>> {
+        if let Some(i) = self.inherited.iter().position(|e| e.key == *key) {
+            return Ok(Some(i));
+        }
+        // Port 0: any port on the same IP.
+        let port0 =
+            |want: &SocketAddr, have: &SocketAddr| want.port() == 0 && want.ip() == have.ip();
+        if let Some(i) = self.inherited.iter().position(|e| match (&e.key, key) {
+            (Key::TcpListener(have), Key::TcpListener(want)) | (Key::Udp(have), Key::Udp(want)) => {
+                port0(want, have)
+            }
+            _ => false,
+        }) {
+            return Ok(Some(i));
+        }
+        // Same name or path under another kind: an error, and the fd stays.
+        let clash = self.inherited.iter().find(|e| match (&e.key, key) {
+            (
+                Key::UnixListener(a) | Key::UnixDatagram(a),
+                Key::UnixListener(b) | Key::UnixDatagram(b),
+            ) => a == b,
+            (
+                Key::TcpStream(a) | Key::UnixStream(a) | Key::Fd(a),
+                Key::TcpStream(b) | Key::UnixStream(b) | Key::Fd(b),
+            ) => a == b,
+            _ => false,
+        });
+        match clash {
+            Some(e) => Err(Error::WrongKind {
+                key: key.to_string(),
+                passed_as: e.key.kind_name(),
+            }),
+            None => Ok(None),
+        }
+    }
+
+    fn insert(&mut self, key: Key, fd: OwnedFd, socket_file: Option<SocketFile>) {
+        self.used.retain(|u| u.key != key);
+        self.used.push(Used {
+            key,
+            fd,
+            socket_file,
+        });
+    }
+}
+
+/// Adopts the fds of a decoded table: each must be open and must have been inherited
+/// through `execve` (close-on-exec clear; an fd this process opened itself would have it
+/// set, since Rust opens everything close-on-exec). Each is made close-on-exec again.
+pub(crate) fn adopt(entries: Vec<(RawFd, Key)>) -> Result<Vec<(OwnedFd, Key)>> {
+    use rustix::io::FdFlags;
+    for (fd, key) in &entries {
+        let entry = || format!("{fd},{}", key.tag());
+        // SAFETY: only used for the duration of these two fcntl calls; an fd that is not
+        // open yields EBADF, which is reported.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(*fd) };
+        match rustix::io::fcntl_getfd(borrowed) {
+            Ok(flags) if flags.contains(FdFlags::CLOEXEC) => {
+                return Err(Error::FdTable {
+                    var: VAR,
+                    entry: entry(),
+                    reason: format!(
+                        "fd {fd} is close-on-exec, so it was not inherited from the previous generation"
+                    ),
+                    source: None,
+                })
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(Error::FdTable {
+                    var: VAR,
+                    entry: entry(),
+                    reason: format!("fd {fd} is not open"),
+                    source: Some(e.into()),
+                })
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(entries.len());
+    for (fd, key) in entries {
+        // SAFETY: the fd is open, was inherited across exec (checked above), is named
+        // exactly once in the table, and nothing else in this process claims it.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        rustix::io::fcntl_setfd(&owned, FdFlags::CLOEXEC)
+            .map_err(|e| Error::io("fcntl(F_SETFD, FD_CLOEXEC)", Some(fd), e))?;
+        out.push((owned, key));
+    }
+    Ok(out)
+}
+
+/// Checks that `fd` is what `key` says. On failure: the reason, and the OS error if any.
+fn check(fd: BorrowedFd<'_>, key: &Key) -> std::result::Result<(), (String, Option<io::Error>)> {
+    let os = |what: &str, e: rustix::io::Errno| (format!("{what} failed"), Some(e.into()));
+    let st = rustix::fs::fstat(fd).map_err(|e| os("fstat", e))?;
+    let (ty, listening) = match key {
+        Key::Ready | Key::Parent | Key::Fd(_) => return Ok(()),
+        Key::TcpListener(_) | Key::UnixListener(_) => (SocketType::STREAM, Some(true)),
+        Key::TcpStream(_) | Key::UnixStream(_) => (SocketType::STREAM, Some(false)),
+        Key::Udp(_) | Key::UnixDatagram(_) => (SocketType::DGRAM, None),
+    };
+    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+        return Err(("not a socket".into(), None));
+    }
+    let actual = rustix::net::sockopt::socket_type(fd).map_err(|e| os("getsockopt(SO_TYPE)", e))?;
+    if actual != ty {
+        let name = |t: SocketType| {
+            if t == SocketType::STREAM {
+                "stream"
+            } else if t == SocketType::DGRAM {
+                "datagram"
+            } else {
+                "other"
+            }
+        };
+        return Err((
+            format!("a {} socket, not a {} socket", name(actual), name(ty)),
+            None,
+        ));
+    }
+    if let Some(want) = listening {
+        match rustix::net::sockopt::socket_acceptconn(fd) {
+            Ok(is) if is != want => {
+                return Err((
+                    if want {
+                        "not listening"
+                    } else {
+                        "a listening socket"
+                    }
+                    .into(),
+                    None,
+                ))
+            }
+            Ok(_) => {}
+            Err(e) if e == rustix::io::Errno::NOPROTOOPT => {}
+            Err(e) => return Err(os("getsockopt(SO_ACCEPTCONN)", e)),
+        }
+    }
+    let local = rustix::net::getsockname(fd).map_err(|e| os("getsockname", e))?;
+    let family = local.address_family();
+    match key {
+        Key::TcpListener(want) | Key::Udp(want) => {
+            let have = inet(local).map_err(|_| ("not an IP socket".to_string(), None))?;
+            if !same_inet(&have, want) {
+                return Err((format!("bound to {have}, not {want}"), None));
+            }
+        }
+        Key::UnixListener(want) | Key::UnixDatagram(want) => {
+            let have = unix(local).map_err(|_| ("not a Unix socket".to_string(), None))?;
+            if have != *want {
+                return Err((format!("bound to {have}, not {want}"), None));
+            }
+        }
+        Key::TcpStream(_) => {
+            if family != AddressFamily::INET && family != AddressFamily::INET6 {
+                return Err(("not an IP socket".into(), None));
+            }
+        }
+        Key::UnixStream(_) => {
+            if family != AddressFamily::UNIX {
+                return Err(("not a Unix socket".into(), None));
+            }
+        }
+        Key::Ready | Key::Parent | Key::Fd(_) => {}
+    }
+    Ok(())
+}
+
+fn same_inet(a: &SocketAddr, b: &SocketAddr) -> bool {
+    match (a, b) {
+        (SocketAddr::V6(a), SocketAddr::V6(b)) => {
+            a.ip() == b.ip() && a.port() == b.port() && a.scope_id() == b.scope_id()
+        }
+        _ => a == b,
+    }
+}
+
+fn unix_matches(fd: BorrowedFd<'_>, path: &Path) -> bool {
+    rustix::net::getsockname(fd)
+        .ok()
+        .and_then(|a| unix(a).ok())
+        .is_some_and(|a| a == UnixAddr::Path(path.to_path_buf()))
+}
+
+fn inet(addr: SocketAddrAny) -> io::Result<SocketAddr> {
+    SocketAddr::try_from(addr).map_err(io::Error::from)
+}
+
+fn unix(addr: SocketAddrAny) -> io::Result<UnixAddr> {
+    let u = SocketAddrUnix::try_from(addr).map_err(io::Error::from)?;
+    if let Some(p) = u.path_bytes() {
+        return Ok(UnixAddr::Path(PathBuf::from(std::ffi::OsStr::from_bytes(
+            p,
+        ))));
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Some(name) = u.abstract_name() {
+        return Ok(UnixAddr::Abstract(name.to_vec()));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "unnamed Unix socket",
+    ))
+}
+
+fn local_inet(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
+    rustix::net::getsockname(fd).ok().and_then(|a| inet(a).ok())
+}
+
+fn resolve(addr: impl ToSocketAddrs) -> Result<Vec<SocketAddr>> {
+    let addrs: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| Error::Listen {
+            addr: "(unresolvable address)".into(),
+            source: e,
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(Error::Listen {
+            addr: "(empty address list)".into(),
+            source: io::ErrorKind::InvalidInput.into(),
+        });
+    }
+    Ok(addrs)
+}
+
+fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    // F_DUPFD_CLOEXEC: the copy is close-on-exec from birth.
+    fd.try_clone_to_owned()
+        .map_err(|e| Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(fd.as_raw_fd()), e))
+}
+
+fn new_socket(family: AddressFamily, ty: SocketType) -> io::Result<OwnedFd> {
+    #[cfg(not(target_vendor = "apple"))]
+    {
+        Ok(rustix::net::socket_with(
+            family,
+            ty,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )?)
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        let fd = rustix::net::socket(family, ty, None)?;
+        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
+        Ok(fd)
+    }
+}

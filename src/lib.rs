@@ -1,0 +1,112 @@
+//! Graceful, zero-downtime process upgrades.
+//!
+//! A running service replaces its own code and configuration without dropping a
+//! connection: it starts a new copy of its binary, hands it the listening sockets (and
+//! any other fds), waits until the new process says it is ready, and only then steps
+//! aside. This is a Rust port of Cloudflare's Go [`tableflip`]: synchronous, no runtime,
+//! no background threads, `libc` and `rustix` only.
+//!
+//! [`tableflip`]: https://github.com/cloudflare/tableflip
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::io::Write;
+//! use std::sync::Arc;
+//!
+//! fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let upg = Arc::new(tableflip::Upgrader::new(
+//!         tableflip::Options::new().pid_file("/tmp/myapp.pid"),
+//!     )?);
+//!
+//!     // Upgrade on SIGHUP, from a thread of our own (signal-hook, or any other way).
+//!     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
+//!     let u = Arc::clone(&upg);
+//!     std::thread::spawn(move || {
+//!         for _ in signals.forever() {
+//!             if let Err(e) = u.upgrade() {
+//!                 eprintln!("upgrade failed: {e}");
+//!             }
+//!         }
+//!     });
+//!
+//!     // Inherited from the previous generation, or bound now.
+//!     let listener = upg.fds().listen_tcp("127.0.0.1:8080")?;
+//!     listener.set_nonblocking(true)?; // see "Limitations" before doing this
+//!     upg.ready()?;
+//!
+//!     // Serve until the next generation is ready (or stop() is called): wait on the
+//!     // listener and on the exit fd together, accept without blocking.
+//!     use std::os::fd::AsRawFd;
+//!     loop {
+//!         let mut fds = [
+//!             libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+//!             libc::pollfd { fd: upg.exit_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
+//!         ];
+//!         // SAFETY: two valid pollfd structs.
+//!         unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+//!         if fds[1].revents != 0 {
+//!             break; // finish in-flight work, then return
+//!         }
+//!         while let Ok((mut conn, _)) = listener.accept() {
+//!             conn.set_nonblocking(false)?;
+//!             writeln!(conn, "hello from pid {}", std::process::id())?;
+//!         }
+//!     }
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Anatomy of an upgrade
+//!
+//! 1. [`Upgrader::upgrade`] resolves the executable (`argv[0]` against the initial
+//!    working directory and `$PATH`, at upgrade time), builds argv, envp and the fd
+//!    table, and starts the new process with a vfork-style `clone` (Linux) and
+//!    `execve`. Only the fds in the registry, plus two handshake pipes, cross over;
+//!    everything else the crate holds is close-on-exec.
+//! 2. The new process calls [`Upgrader::new`], which finds the fd table in
+//!    `$TABLEFLIP_FDS` (only if it is addressed to its own pid), then takes its sockets
+//!    from [`Upgrader::fds`] and calls [`Upgrader::ready`].
+//! 3. `ready()` writes one byte to the readiness pipe; the old process's `upgrade()`
+//!    returns `Ok`, its [exit fd](Upgrader::exit_fd) becomes readable, and it drains
+//!    and exits. If the new process exits, crashes or hangs instead, `upgrade()` returns
+//!    the reason, the old process keeps serving, and the next upgrade can be tried.
+//!
+//! # Limitations
+//!
+//! - **Threads.** An upgrade forks from the calling thread only. Other threads keep
+//!   running; nothing they do can leak an fd to the new process (the crate's fds are
+//!   close-on-exec), but fds *your* code opens without `O_CLOEXEC` do leak. Rust's std
+//!   opens everything close-on-exec.
+//! - **Signals.** The crate installs no signal handler: decide yourself what triggers
+//!   an upgrade (SIGHUP through `signal-hook`, a control socket, ...). The new process
+//!   starts with an empty signal mask and every disposition at its default. Do not
+//!   reap children with `waitpid(-1)` elsewhere in the process (or set `SIGCHLD` to
+//!   `SIG_IGN`) while an upgrade runs: the crate reaps its own child by pid.
+//! - **`O_NONBLOCK` is shared.** It is a flag of the open file description, which
+//!   both generations share: setting a passed listener non-blocking in one generation
+//!   sets it in the other. Pick one mode for every generation (the examples use
+//!   non-blocking accept behind `poll`). The crate never changes it.
+//! - **Stopping a blocked `accept`.** Closing a listener does not wake a thread blocked
+//!   in `accept()` on it, and `shutdown()` would shut the socket for the new generation
+//!   too. Wait on the listener and [`Upgrader::exit_fd`] together and accept only
+//!   when the listener is readable, as the example above does.
+//! - **systemd.** The pid changes at every upgrade. Use a pid file
+//!   ([`Options::pid_file`]) with `PIDFile=` and `ExecReload=/bin/kill -HUP $MAINPID`.
+//! - **One table variable.** Linux caps one environment string at 128 KiB, which bounds
+//!   the fd table to roughly 4000 sockets with short addresses.
+//! - **Other Unixes** build (with `fork` instead of a vfork-style clone, and without
+//!   abstract socket names) but only Linux is tested.
+
+mod child;
+mod error;
+mod fds;
+mod pidfile;
+mod spawn;
+mod upgrader;
+mod wire;
+
+pub use error::{Error, Result};
+pub use fds::Fds;
+pub use upgrader::{Options, Upgrader};
+pub use wire::UnixAddr;

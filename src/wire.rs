@@ -1,0 +1,456 @@
+//! The fd table's wire format: how the fds passed to a new generation are described in
+//! its environment.
+//!
+//! ```text
+//! TABLEFLIP_FDS=tableflip1;pid=0000012345;3,ready;4,parent;5,tcp,127.0.0.1:8080;6,unix,/run/app.sock
+//! ```
+//!
+//! * `tableflip1` names the format and its version; any other value is rejected.
+//! * `pid=` is followed by exactly ten decimal digits: the pid of the process the table is
+//!   for. The spawning code writes it into the child's copy of the variable between fork
+//!   and exec. A process whose pid differs (a grandchild that merely inherited the
+//!   variable) ignores the table and starts fresh, like systemd's `LISTEN_PID`.
+//! * Then one `;`-separated entry per fd: `FD,KIND[,KEY]`. `FD` is a decimal fd number
+//!   (3 or more, each at most once). `KIND` is one of `ready`, `parent` (the handshake
+//!   pipes, no key), `tcp`, `udp` (key: a socket address), `unix`, `unixgram` (key: a path,
+//!   or `@` and an abstract name), `tcpconn`, `unixconn`, `fd` (key: a name).
+//! * Keys are percent-encoded: every byte outside `A-Z a-z 0-9 - . _ ~ / : [ ]` is
+//!   written as `%XX`, so paths may hold `;`, `,`, `%`, `@` or non-UTF-8 bytes.
+//! * The same key may appear more than once (a group of sockets on one address); their
+//!   order is kept.
+
+use std::fmt::{self, Write as _};
+use std::net::SocketAddr;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::io::RawFd;
+use std::path::PathBuf;
+
+/// The environment variable that carries the fd table.
+pub(crate) const VAR: &str = "TABLEFLIP_FDS";
+const MAGIC: &str = "tableflip1";
+const PID_PREFIX: &str = ";pid=";
+/// How many digits the pid slot has.
+pub(crate) const PID_WIDTH: usize = 10;
+/// Where the pid slot starts in the variable's value.
+pub(crate) const PID_OFFSET: usize = MAGIC.len() + PID_PREFIX.len();
+/// The longest table accepted: Linux refuses a single environment string longer than
+/// 128 KiB (`MAX_ARG_STRLEN`).
+pub(crate) const MAX_LEN: usize = 128 * 1024 - VAR.len() - 2;
+
+/// The address of a Unix domain socket: a filesystem path or (Linux) an abstract name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum UnixAddr {
+    /// A path in the filesystem. Relative paths are relative to the working directory
+    /// at the time the socket is bound.
+    Path(PathBuf),
+    /// A Linux abstract socket name (without the leading NUL byte).
+    Abstract(Vec<u8>),
+}
+
+impl UnixAddr {
+    /// An abstract socket name (Linux only; binding fails elsewhere).
+    pub fn abstract_name(name: impl AsRef<[u8]>) -> Self {
+        UnixAddr::Abstract(name.as_ref().to_vec())
+    }
+}
+
+impl From<&std::path::Path> for UnixAddr {
+    fn from(path: &std::path::Path) -> Self {
+        UnixAddr::Path(path.to_path_buf())
+    }
+}
+
+impl From<PathBuf> for UnixAddr {
+    fn from(path: PathBuf) -> Self {
+        UnixAddr::Path(path)
+    }
+}
+
+impl From<&PathBuf> for UnixAddr {
+    fn from(path: &PathBuf) -> Self {
+        UnixAddr::Path(path.clone())
+    }
+}
+
+impl From<&str> for UnixAddr {
+    fn from(path: &str) -> Self {
+        UnixAddr::Path(PathBuf::from(path))
+    }
+}
+
+impl From<String> for UnixAddr {
+    fn from(path: String) -> Self {
+        UnixAddr::Path(PathBuf::from(path))
+    }
+}
+
+impl fmt::Display for UnixAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UnixAddr::Path(p) => write!(f, "{}", p.display()),
+            UnixAddr::Abstract(name) => write!(f, "@{}", String::from_utf8_lossy(name)),
+        }
+    }
+}
+
+/// What an fd in the table is, and the key it is found by.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Key {
+    /// The write end of the readiness pipe.
+    Ready,
+    /// The read end of the pipe that tells when the parent has exited.
+    Parent,
+    TcpListener(SocketAddr),
+    Udp(SocketAddr),
+    UnixListener(UnixAddr),
+    UnixDatagram(UnixAddr),
+    TcpStream(String),
+    UnixStream(String),
+    Fd(String),
+}
+
+impl Key {
+    pub(crate) fn tag(&self) -> &'static str {
+        match self {
+            Key::Ready => "ready",
+            Key::Parent => "parent",
+            Key::TcpListener(_) => "tcp",
+            Key::Udp(_) => "udp",
+            Key::UnixListener(_) => "unix",
+            Key::UnixDatagram(_) => "unixgram",
+            Key::TcpStream(_) => "tcpconn",
+            Key::UnixStream(_) => "unixconn",
+            Key::Fd(_) => "fd",
+        }
+    }
+
+    /// A human name for the kind, for error messages.
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match self {
+            Key::Ready => "readiness pipe",
+            Key::Parent => "parent pipe",
+            Key::TcpListener(_) => "TCP listener",
+            Key::Udp(_) => "UDP socket",
+            Key::UnixListener(_) => "Unix listener",
+            Key::UnixDatagram(_) => "Unix datagram socket",
+            Key::TcpStream(_) => "TCP connection",
+            Key::UnixStream(_) => "Unix connection",
+            Key::Fd(_) => "file descriptor",
+        }
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = self.kind_name();
+        match self {
+            Key::Ready | Key::Parent => f.write_str(kind),
+            Key::TcpListener(a) | Key::Udp(a) => write!(f, "{kind} {a}"),
+            Key::UnixListener(a) | Key::UnixDatagram(a) => write!(f, "{kind} {a}"),
+            Key::TcpStream(n) | Key::UnixStream(n) | Key::Fd(n) => write!(f, "{kind} {n:?}"),
+        }
+    }
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/' | b':' | b'[' | b']')
+}
+
+fn escape_into(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in bytes {
+        if unreserved(b) {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 15)] as char);
+        }
+    }
+}
+
+fn unescape(s: &str) -> Result<Vec<u8>, String> {
+    fn hex(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            _ => None,
+        }
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let hi = bytes.get(i + 1).copied().and_then(hex);
+            let lo = bytes.get(i + 2).copied().and_then(hex);
+            match (hi, lo) {
+                (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
+                _ => return Err(format!("bad percent escape at byte {i}")),
+            }
+            i += 3;
+        } else if unreserved(b) {
+            out.push(b);
+            i += 1;
+        } else {
+            return Err(format!("byte {b:#04x} at {i} must be percent-encoded"));
+        }
+    }
+    Ok(out)
+}
+
+/// Encodes a table. The pid slot holds zeros; the spawner fills it in.
+pub(crate) fn encode<'a>(entries: impl IntoIterator<Item = (RawFd, &'a Key)>) -> String {
+    let mut out = String::with_capacity(64);
+    out.push_str(MAGIC);
+    out.push_str(PID_PREFIX);
+    out.extend(std::iter::repeat('0').take(PID_WIDTH));
+    for (fd, key) in entries {
+        out.push(';');
+        let _ = write!(out, "{fd}");
+        out.push(',');
+        out.push_str(key.tag());
+        match key {
+            Key::Ready | Key::Parent => {}
+            Key::TcpListener(a) | Key::Udp(a) => {
+                out.push(',');
+                escape_into(&mut out, a.to_string().as_bytes());
+            }
+            Key::UnixListener(a) | Key::UnixDatagram(a) => {
+                out.push(',');
+                match a {
+                    UnixAddr::Path(p) => escape_into(&mut out, p.as_os_str().as_bytes()),
+                    UnixAddr::Abstract(name) => {
+                        out.push('@');
+                        escape_into(&mut out, name);
+                    }
+                }
+            }
+            Key::TcpStream(n) | Key::UnixStream(n) | Key::Fd(n) => {
+                out.push(',');
+                escape_into(&mut out, n.as_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// A decoded table.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Table {
+    pub(crate) pid: u32,
+    pub(crate) entries: Vec<(RawFd, Key)>,
+}
+
+/// Why a table was rejected: the entry at fault and the reason.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct DecodeError {
+    pub(crate) entry: String,
+    pub(crate) reason: String,
+}
+
+fn bad(entry: &str, reason: impl Into<String>) -> DecodeError {
+    // Keep error messages bounded even for a hostile, huge value.
+    let entry = if entry.len() > 200 {
+        let mut end = 200;
+        while !entry.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &entry[..end])
+    } else {
+        entry.to_string()
+    };
+    DecodeError {
+        entry,
+        reason: reason.into(),
+    }
+}
+
+/// Decodes a table. Returns `Ok(None)` when the table is addressed to another process.
+pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeError> {
+    let lossy = String::from_utf8_lossy(value);
+    if value.is_empty() {
+        return Err(bad("", "the variable is empty"));
+    }
+    if value.len() > MAX_LEN {
+        return Err(bad(
+            &lossy,
+            format!(
+                "{} bytes is longer than the limit of {MAX_LEN}",
+                value.len()
+            ),
+        ));
+    }
+    let value = std::str::from_utf8(value).map_err(|_| bad(&lossy, "not ASCII"))?;
+    let mut parts = value.split(';');
+    let magic = parts.next().unwrap_or_default();
+    if magic != MAGIC {
+        return Err(bad(magic, format!("unknown format (expected {MAGIC:?})")));
+    }
+    let pid_field = parts.next().unwrap_or_default();
+    let digits = pid_field
+        .strip_prefix("pid=")
+        .filter(|d| d.len() == PID_WIDTH && d.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| bad(pid_field, "expected pid= and ten digits"))?;
+    let pid: u32 = digits
+        .parse()
+        .map_err(|_| bad(pid_field, "pid out of range"))?;
+    if pid != my_pid {
+        return Ok(None);
+    }
+    let mut entries: Vec<(RawFd, Key)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for entry in parts {
+        let (fd, key) = decode_entry(entry)?;
+        if !seen.insert(fd) {
+            return Err(bad(entry, format!("fd {fd} appears more than once")));
+        }
+        if matches!(key, Key::Ready | Key::Parent) && entries.iter().any(|(_, k)| *k == key) {
+            return Err(bad(entry, format!("more than one {} entry", key.tag())));
+        }
+        entries.push((fd, key));
+    }
+    Ok(Some(Table { pid, entries }))
+}
+
+fn decode_entry(entry: &str) -> Result<(RawFd, Key), DecodeError> {
+    let mut fields = entry.splitn(3, ',');
+    let fd_s = fields.next().unwrap_or_default();
+    let tag = fields
+        .next()
+        .ok_or_else(|| bad(entry, "expected FD,KIND[,KEY]"))?;
+    let arg = fields.next();
+    if fd_s.is_empty() || fd_s.len() > 10 || !fd_s.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad(entry, "the fd is not a non-negative decimal number"));
+    }
+    let fd: RawFd = fd_s
+        .parse()
+        .map_err(|_| bad(entry, "the fd is out of range"))?;
+    if fd <= 2 {
+        return Err(bad(
+            entry,
+            format!("fd {fd} is standard input, output or error"),
+        ));
+    }
+    let need = |what: &str| -> Result<Vec<u8>, DecodeError> {
+        let arg = arg.ok_or_else(|| bad(entry, format!("{tag} needs {what}")))?;
+        let bytes = unescape(arg).map_err(|e| bad(entry, e))?;
+        if bytes.is_empty() {
+            return Err(bad(entry, format!("{tag} needs {what}")));
+        }
+        Ok(bytes)
+    };
+    let sockaddr = || -> Result<SocketAddr, DecodeError> {
+        let bytes = need("a socket address")?;
+        std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad(entry, "not a socket address"))
+    };
+    let unix = || -> Result<UnixAddr, DecodeError> {
+        let raw = arg.unwrap_or_default();
+        if let Some(name) = raw.strip_prefix('@') {
+            let name = unescape(name).map_err(|e| bad(entry, e))?;
+            return Ok(UnixAddr::Abstract(name));
+        }
+        let bytes = need("a path")?;
+        if bytes.contains(&0) {
+            return Err(bad(entry, "the path holds a NUL byte"));
+        }
+        Ok(UnixAddr::Path(PathBuf::from(std::ffi::OsString::from_vec(
+            bytes,
+        ))))
+    };
+    let name = || -> Result<String, DecodeError> {
+        String::from_utf8(need("a name")?).map_err(|_| bad(entry, "the name is not UTF-8"))
+    };
+    let no_arg = |key: Key| -> Result<Key, DecodeError> {
+        match arg {
+            None => Ok(key),
+            Some(_) => Err(bad(entry, format!("{tag} takes no key"))),
+        }
+    };
+    let key = match tag {
+        "ready" => no_arg(Key::Ready)?,
+        "parent" => no_arg(Key::Parent)?,
+        "tcp" => Key::TcpListener(sockaddr()?),
+        "udp" => Key::Udp(sockaddr()?),
+        "unix" => Key::UnixListener(unix()?),
+        "unixgram" => Key::UnixDatagram(unix()?),
+        "tcpconn" => Key::TcpStream(name()?),
+        "unixconn" => Key::UnixStream(name()?),
+        "fd" => Key::Fd(name()?),
+        _ => return Err(bad(entry, format!("unknown kind {tag:?}"))),
+    };
+    Ok((fd, key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_pid(mut s: String, pid: u32) -> String {
+        let p = format!("{pid:010}");
+        s.replace_range(PID_OFFSET..PID_OFFSET + PID_WIDTH, &p);
+        s
+    }
+
+    #[test]
+    fn round_trip() {
+        let keys = vec![
+            (3, Key::Ready),
+            (4, Key::Parent),
+            (5, Key::TcpListener("127.0.0.1:8080".parse().unwrap())),
+            (6, Key::TcpListener("[fe80::1%7]:80".parse().unwrap())),
+            (7, Key::Udp("[::1]:53".parse().unwrap())),
+            (
+                8,
+                Key::UnixListener(UnixAddr::Path(PathBuf::from(std::ffi::OsString::from_vec(
+                    b"/tmp/a;b,c%d@e\xff".to_vec(),
+                )))),
+            ),
+            (9, Key::UnixDatagram(UnixAddr::Abstract(b"x;y\0z".to_vec()))),
+            (
+                10,
+                Key::UnixListener(UnixAddr::Path("@not-abstract".into())),
+            ),
+            (11, Key::Fd("state file; with, separators".into())),
+            (12, Key::TcpStream("conn".into())),
+            (13, Key::UnixStream("ü".into())),
+        ];
+        let s = with_pid(encode(keys.iter().map(|(fd, k)| (*fd, k))), 42);
+        let t = decode(s.as_bytes(), 42).unwrap().unwrap();
+        assert_eq!(t.entries, keys);
+        assert_eq!(decode(s.as_bytes(), 43).unwrap(), None);
+    }
+
+    #[test]
+    fn rejects() {
+        let head = "tableflip1;pid=0000000042";
+        for (tail, why) in [
+            (";2,ready", "standard"),
+            (";-1,ready", "non-negative"),
+            (";99999999999,ready", "non-negative"),
+            (";4294967296,ready", "out of range"),
+            (";3,ready;3,parent", "more than once"),
+            (";3,bogus,x", "unknown kind"),
+            (";3,tcp,nonsense", "socket address"),
+            (";3,tcp", "needs"),
+            (";3,ready,x", "takes no key"),
+            (";", "expected FD"),
+            (";3,fd,a%zz", "percent"),
+            (";3,fd,a b", "percent-encoded"),
+            (";3,ready;4,ready", "more than one"),
+        ] {
+            let v = format!("{head}{tail}");
+            let err = decode(v.as_bytes(), 42).unwrap_err();
+            assert!(err.reason.contains(why), "{v}: {err:?}");
+        }
+        assert!(decode(b"", 1).is_err());
+        assert!(decode(b"tableflip2;pid=0000000001", 1).is_err());
+        assert!(decode(b"tableflip1;pid=1", 1).is_err());
+        assert!(decode(&vec![b'a'; MAX_LEN + 1], 1).is_err());
+    }
+}
