@@ -1,0 +1,378 @@
+//! A TCP server that upgrades itself on `SIGHUP` without refusing or dropping a
+//! connection.
+//!
+//! ```text
+//! tcp_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
+//! ```
+//!
+//! Defaults: `127.0.0.1:8080`, no pid file, 60 s. Every connection gets one line,
+//! `hello from pid=<pid>`, and is closed. Try it:
+//!
+//! ```text
+//! cargo run --example tcp_server -- --pid-file /tmp/tcp_server.pid &
+//! nc 127.0.0.1 8080                       # hello from pid=1234
+//! kill -HUP "$(cat /tmp/tcp_server.pid)"  # upgrade: a new process takes over
+//! nc 127.0.0.1 8080                       # hello from pid=1240
+//! kill -TERM "$(cat /tmp/tcp_server.pid)" # graceful stop
+//! ```
+//!
+//! - `SIGHUP` starts the next generation (same binary path and arguments) on a thread of
+//!   its own. If it fails, the reason is logged and this process keeps serving.
+//! - When the next generation is ready (or on `SIGTERM`/`SIGINT`) this process stops
+//!   accepting at once, finishes the connections it has accepted, and exits (after
+//!   [`DRAIN_TIMEOUT`] at the latest).
+//!
+//! The accept loop is the part to copy. The listening socket's `O_NONBLOCK` flag is
+//! shared by every generation (it lives on the open file description), and a thread
+//! blocked in `accept()` is not woken when another thread closes the socket. So every
+//! generation sets the listener non-blocking, waits with `poll(2)` on the listener *and*
+//! the upgrader's exit fd, and accepts until `WouldBlock`.
+
+use std::error::Error;
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tableflip::{Options, Upgrader};
+
+/// How long an exiting generation waits for its connections to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a single write to a client may block.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// After replying, how long to wait for the client to close (see [`handle`]).
+const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections accepted per wake-up before the exit fd is looked at again: under a flood
+/// the listener never runs dry, and the old generation must still stop promptly.
+const ACCEPT_BATCH: usize = 64;
+
+const USAGE: &str =
+    "usage: tcp_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]";
+
+/// Logs one line to stderr with this process's pid. A single `write` per line, so the
+/// lines of two generations sharing a log file do not interleave, and a closed stderr
+/// is ignored instead of panicking like `eprintln!`.
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        let line = format!("[tcp_server pid={}] {}\n", std::process::id(), format_args!($($arg)*));
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }};
+}
+
+struct Config {
+    listen: String,
+    pid_file: Option<PathBuf>,
+    upgrade_timeout: Duration,
+}
+
+fn main() -> ExitCode {
+    let config = match parse_args(std::env::args_os().skip(1)) {
+        Ok(Some(config)) => config,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(msg) => {
+            eprintln!("tcp_server: {msg}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log!("fatal: {}", error_chain(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `Ok(None)` for `--help`.
+fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, String> {
+    let mut config = Config {
+        listen: "127.0.0.1:8080".into(),
+        pid_file: None,
+        upgrade_timeout: Duration::from_secs(60),
+    };
+    let mut args = args;
+    while let Some(arg) = args.next() {
+        let flag = arg.to_string_lossy().into_owned();
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" => {
+                config.listen = value()?.into_string().map_err(|_| "--listen: not UTF-8")?
+            }
+            "--pid-file" => config.pid_file = Some(value()?.into()),
+            "--upgrade-timeout" => {
+                let v = value()?;
+                config.upgrade_timeout = v
+                    .to_str()
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| format!("--upgrade-timeout: bad number of seconds {v:?}"))?;
+            }
+            "-h" | "--help" => return Ok(None),
+            _ => return Err(format!("unknown argument {flag:?}")),
+        }
+    }
+    Ok(Some(config))
+}
+
+fn run(config: Config) -> Result<(), Box<dyn Error>> {
+    // First of all: a new generation starts with every signal at its default
+    // disposition, and the default for SIGHUP is to die.
+    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+
+    let mut options = Options::new().upgrade_timeout(config.upgrade_timeout);
+    if let Some(path) = &config.pid_file {
+        options = options.pid_file(path);
+    }
+    let upg = Arc::new(Upgrader::new(options)?);
+
+    // Inherited from the previous generation, or bound now.
+    let listener = upg.fds().listen_tcp(config.listen.as_str())?;
+    // The same mode in every generation: the flag is shared with the other generation.
+    listener.set_nonblocking(true)?;
+    log!(
+        "listening on {} ({})",
+        listener.local_addr()?,
+        if upg.has_parent() {
+            "inherited from the previous generation"
+        } else {
+            "new socket"
+        }
+    );
+
+    let signal_upg = Arc::clone(&upg);
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || handle_signals(signals, signal_upg))?;
+
+    // Writes the pid file, then tells the previous generation to step aside.
+    upg.ready()?;
+    log!("ready");
+
+    let conns = Arc::new(Connections::default());
+    serve(&listener, &upg, &conns);
+    // Stop accepting: the next generation (if any) has its own copy of the socket.
+    drop(listener);
+
+    log!(
+        "stopped accepting; draining {} connection(s)",
+        conns.active()
+    );
+    let left = conns.wait_idle(Instant::now() + DRAIN_TIMEOUT);
+    if left > 0 {
+        log!("drain timeout: exiting with {left} connection(s) still open");
+    }
+    log!("exit");
+    Ok(())
+}
+
+fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>) {
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            // upgrade() blocks until the new generation is ready or has failed: run it
+            // elsewhere so that SIGTERM is still handled meanwhile.
+            let upg = Arc::clone(&upg);
+            let spawned = thread::Builder::new()
+                .name("upgrade".into())
+                .spawn(move || {
+                    log!("SIGHUP: upgrading");
+                    match upg.upgrade() {
+                        Ok(()) => log!("upgrade succeeded: the new generation is ready"),
+                        Err(e) => log!("upgrade failed: {}", error_chain(&e)),
+                    }
+                });
+            if let Err(e) = spawned {
+                log!("upgrade failed: cannot start a thread: {e}");
+            }
+        } else {
+            let name = if signal == SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            log!("{name}: stopping");
+            upg.stop();
+        }
+    }
+}
+
+/// Accepts connections until the upgrader's exit fd becomes readable.
+fn serve(listener: &TcpListener, upg: &Upgrader, conns: &Arc<Connections>) {
+    let mut fds = [
+        pollin(listener.as_raw_fd()),
+        pollin(upg.exit_fd().as_raw_fd()),
+    ];
+    loop {
+        // SAFETY: `fds` is an array of initialised pollfd structs, valid for the call;
+        // both fds stay open for the whole loop.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                log!("poll failed: {err}");
+                thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        // Checked first: once told to exit, accept nothing more (the next generation
+        // accepts from the same queue).
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents != 0 {
+            accept_batch(listener, conns);
+        }
+    }
+}
+
+fn accept_batch(listener: &TcpListener, conns: &Arc<Connections>) {
+    for _ in 0..ACCEPT_BATCH {
+        match listener.accept() {
+            Ok((conn, _peer)) => spawn_handler(conn, conns),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            // The client gave up before we accepted: nothing was lost.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                ) => {}
+            Err(e) => {
+                log!("accept failed: {e}");
+                // Out of fds or memory: the connection stays queued; back off instead of
+                // spinning, since poll keeps reporting the listener readable.
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                ) {
+                    thread::sleep(Duration::from_millis(100));
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Runs [`handle`] on a thread of its own, counted in `conns` until it returns. If no
+/// thread can be started, the connection is served on this one: never dropped.
+fn spawn_handler(conn: TcpStream, conns: &Arc<Connections>) {
+    let slot = Arc::new(Mutex::new(Some(conn)));
+    let thread_slot = Arc::clone(&slot);
+    let guard = conns.start();
+    let spawned = thread::Builder::new().spawn(move || {
+        let _guard = guard;
+        let conn = thread_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(conn) = conn {
+            handle(conn);
+        }
+    });
+    if let Err(e) = spawned {
+        log!("cannot start a connection thread ({e}); serving inline");
+        let conn = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(conn) = conn {
+            handle(conn);
+        }
+    }
+}
+
+fn handle(mut conn: TcpStream) {
+    let result = (|| -> io::Result<()> {
+        // An accepted socket is a new open file description: its mode is ours alone (on
+        // Linux it starts blocking anyway; BSDs copy O_NONBLOCK from the listener).
+        conn.set_nonblocking(false)?;
+        conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
+        conn.write_all(format!("hello from pid={}\n", std::process::id()).as_bytes())?;
+        conn.shutdown(Shutdown::Write)?;
+        // Lingering close: closing a socket with unread input sends a reset, which can
+        // destroy the reply before the client has read it. Wait (briefly) for the
+        // client to close first, discarding whatever it sends.
+        conn.set_read_timeout(Some(LINGER_TIMEOUT))?;
+        let mut buf = [0u8; 1024];
+        let mut discarded = 0;
+        while discarded < 64 * 1024 {
+            match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => discarded += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        log!("connection error: {e}");
+    }
+}
+
+/// Counts the connections being handled, so that exiting can wait for them.
+#[derive(Default)]
+struct Connections {
+    active: Mutex<usize>,
+    changed: Condvar,
+}
+
+/// One connection being handled; dropping it ends it.
+struct ConnGuard(Arc<Connections>);
+
+impl Connections {
+    fn start(self: &Arc<Self>) -> ConnGuard {
+        *self.active.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        ConnGuard(Arc::clone(self))
+    }
+
+    fn active(&self) -> usize {
+        *self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until no connection is left or `deadline` passes; returns how many are left.
+    fn wait_idle(&self, deadline: Instant) -> usize {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if *active == 0 || left.is_zero() {
+                return *active;
+            }
+            active = self
+                .changed
+                .wait_timeout(active, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        *self.0.active.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.0.changed.notify_all();
+    }
+}
+
+fn pollin(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// An error and its chain of sources: "upgrade failed: cannot execute ...: No such file".
+fn error_chain(e: &dyn Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
