@@ -1,0 +1,615 @@
+//! A small HTTP/1.1 server (std only, keep-alive) that upgrades itself on `SIGHUP`
+//! without cutting off a request.
+//!
+//! ```text
+//! http_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
+//! ```
+//!
+//! Defaults: `127.0.0.1:8080`, no pid file, 60 s. `GET` (and `HEAD`) of any path answers
+//! `200` with the body `hello from pid=<pid>`; other methods get `405`.
+//!
+//! ```text
+//! cargo run --example http_server -- --pid-file /tmp/http_server.pid &
+//! curl http://127.0.0.1:8080/              # hello from pid=1234
+//! kill -HUP "$(cat /tmp/http_server.pid)"  # upgrade
+//! curl http://127.0.0.1:8080/              # hello from pid=1240
+//! kill -TERM "$(cat /tmp/http_server.pid)" # graceful stop
+//! ```
+//!
+//! When the next generation is ready (or on `SIGTERM`/`SIGINT`) this one:
+//!
+//! 1. stops accepting (the accept loop waits on the listener and the exit fd together,
+//!    as in the `tcp_server` example, which explains why);
+//! 2. closes keep-alive connections that are idle (their handlers wait for the next
+//!    request and the exit fd together);
+//! 3. answers requests already under way, with `Connection: close`;
+//! 4. exits once every connection is done, or after [`DRAIN_TIMEOUT`].
+//!
+//! Closing an idle keep-alive connection can race with a request the client is just
+//! sending; HTTP clients retry such requests on a new connection (RFC 9112, 9.3.1).
+//!
+//! One thread per connection keeps it short; a server with many idle keep-alive clients
+//! would use an event loop (epoll, mio, tokio with `AsyncFd` on the exit fd).
+
+use std::error::Error;
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tableflip::{Options, Upgrader};
+
+/// How long an exiting generation waits for its connections to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a keep-alive connection may sit idle between requests.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a read or write may block once a request has started.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// After the last response, how long to wait for the client to close (see [`linger`]).
+const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest request head (request line and headers) accepted.
+const MAX_HEAD: usize = 16 * 1024;
+/// Connections accepted per wake-up before the exit fd is looked at again.
+const ACCEPT_BATCH: usize = 64;
+
+const USAGE: &str =
+    "usage: http_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]";
+
+/// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        let line = format!("[http_server pid={}] {}\n", std::process::id(), format_args!($($arg)*));
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }};
+}
+
+struct Config {
+    listen: String,
+    pid_file: Option<PathBuf>,
+    upgrade_timeout: Duration,
+}
+
+fn main() -> ExitCode {
+    let config = match parse_args(std::env::args_os().skip(1)) {
+        Ok(Some(config)) => config,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(msg) => {
+            eprintln!("http_server: {msg}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log!("fatal: {}", error_chain(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `Ok(None)` for `--help`.
+fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>, String> {
+    let mut config = Config {
+        listen: "127.0.0.1:8080".into(),
+        pid_file: None,
+        upgrade_timeout: Duration::from_secs(60),
+    };
+    while let Some(arg) = args.next() {
+        let flag = arg.to_string_lossy().into_owned();
+        let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--listen" => {
+                config.listen = value()?.into_string().map_err(|_| "--listen: not UTF-8")?
+            }
+            "--pid-file" => config.pid_file = Some(value()?.into()),
+            "--upgrade-timeout" => {
+                let v = value()?;
+                config.upgrade_timeout = v
+                    .to_str()
+                    .and_then(|s| s.parse::<f64>().ok())
+                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                    .filter(|d| !d.is_zero())
+                    .ok_or_else(|| format!("--upgrade-timeout: bad number of seconds {v:?}"))?;
+            }
+            "-h" | "--help" => return Ok(None),
+            _ => return Err(format!("unknown argument {flag:?}")),
+        }
+    }
+    Ok(Some(config))
+}
+
+fn run(config: Config) -> Result<(), Box<dyn Error>> {
+    // Before anything else: a new generation starts with SIGHUP at its default (death).
+    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+
+    let mut options = Options::new().upgrade_timeout(config.upgrade_timeout);
+    if let Some(path) = &config.pid_file {
+        options = options.pid_file(path);
+    }
+    let upg = Arc::new(Upgrader::new(options)?);
+    let listener = upg.fds().listen_tcp(config.listen.as_str())?;
+    // The same mode in every generation: O_NONBLOCK is shared between them.
+    listener.set_nonblocking(true)?;
+    log!(
+        "listening on http://{} ({})",
+        listener.local_addr()?,
+        if upg.has_parent() {
+            "inherited from the previous generation"
+        } else {
+            "new socket"
+        }
+    );
+
+    let signal_upg = Arc::clone(&upg);
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || handle_signals(signals, signal_upg))?;
+
+    upg.ready()?;
+    log!("ready");
+
+    let conns = Arc::new(Connections::default());
+    serve(&listener, &upg, &conns);
+    drop(listener);
+
+    log!(
+        "stopped accepting; draining {} connection(s)",
+        conns.active()
+    );
+    let left = conns.wait_idle(Instant::now() + DRAIN_TIMEOUT);
+    if left > 0 {
+        log!("drain timeout: exiting with {left} connection(s) still open");
+    }
+    log!("exit");
+    Ok(())
+}
+
+fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>) {
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            // upgrade() blocks until the new generation is ready or has failed.
+            let upg = Arc::clone(&upg);
+            let spawned = thread::Builder::new()
+                .name("upgrade".into())
+                .spawn(move || {
+                    log!("SIGHUP: upgrading");
+                    match upg.upgrade() {
+                        Ok(()) => log!("upgrade succeeded: the new generation is ready"),
+                        Err(e) => log!("upgrade failed: {}", error_chain(&e)),
+                    }
+                });
+            if let Err(e) = spawned {
+                log!("upgrade failed: cannot start a thread: {e}");
+            }
+        } else {
+            let name = if signal == SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            log!("{name}: stopping");
+            upg.stop();
+        }
+    }
+}
+
+/// Accepts connections until the upgrader's exit fd becomes readable.
+fn serve(listener: &TcpListener, upg: &Arc<Upgrader>, conns: &Arc<Connections>) {
+    let mut fds = [
+        pollin(listener.as_raw_fd()),
+        pollin(upg.exit_fd().as_raw_fd()),
+    ];
+    loop {
+        // SAFETY: `fds` is an array of initialised pollfd structs, valid for the call;
+        // both fds stay open for the whole loop.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                log!("poll failed: {err}");
+                thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents == 0 {
+            continue;
+        }
+        for _ in 0..ACCEPT_BATCH {
+            match listener.accept() {
+                Ok((conn, _peer)) => spawn_handler(conn, upg, conns),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e) => {
+                    log!("accept failed: {e}");
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) {
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Runs [`handle`] on a thread of its own, counted in `conns` until it returns. If no
+/// thread can be started, the connection is served on this one: never dropped.
+fn spawn_handler(conn: TcpStream, upg: &Arc<Upgrader>, conns: &Arc<Connections>) {
+    let slot = Arc::new(Mutex::new(Some(conn)));
+    let thread_slot = Arc::clone(&slot);
+    let thread_upg = Arc::clone(upg);
+    let guard = conns.start();
+    let spawned = thread::Builder::new().spawn(move || {
+        let _guard = guard;
+        let conn = thread_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(conn) = conn {
+            handle(conn, &thread_upg);
+        }
+    });
+    if let Err(e) = spawned {
+        log!("cannot start a connection thread ({e}); serving inline");
+        let conn = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(conn) = conn {
+            handle(conn, upg);
+        }
+    }
+}
+
+fn handle(mut conn: TcpStream, upg: &Upgrader) {
+    if let Err(e) = serve_connection(&mut conn, upg) {
+        // Timeouts and resets by the client end up here; nothing more can be sent.
+        if e.kind() != io::ErrorKind::UnexpectedEof {
+            log!("connection error: {e}");
+        }
+    }
+}
+
+/// Serves requests on `conn` until the client closes it, keep-alive ends, or this
+/// process is told to exit while the connection is idle.
+fn serve_connection(conn: &mut TcpStream, upg: &Upgrader) -> io::Result<()> {
+    // An accepted socket is a new open file description: its mode is ours alone.
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(IO_TIMEOUT))?;
+    conn.set_write_timeout(Some(IO_TIMEOUT))?;
+    // Bytes read but not used yet: a partial request, or the next pipelined one.
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        if buf.is_empty() {
+            match wait_for_request(conn, upg)? {
+                Wake::Request => {}
+                // Idle: close now. Nothing is in flight, so nothing is cut off.
+                Wake::Exit | Wake::IdleTimeout => return Ok(()),
+            }
+        }
+        let Some(head_len) = read_head(conn, &mut buf)? else {
+            return Ok(()); // closed by the client between (or within) requests
+        };
+        let request = match parse_head(&buf[..head_len]) {
+            Ok(request) => request,
+            Err((status, why)) => {
+                respond(conn, status, &[], why, false, false)?;
+                return linger(conn);
+            }
+        };
+        buf.drain(..head_len);
+        discard_body(conn, &mut buf, request.content_length)?;
+
+        // Once this generation should exit, finish this request and end the connection.
+        let keep_alive = request.keep_alive && !upg.should_exit();
+        let head_only = request.method == "HEAD";
+        if request.method == "GET" || head_only {
+            let body = format!("hello from pid={}\n", std::process::id());
+            respond(conn, "200 OK", &[], &body, head_only, keep_alive)?;
+        } else {
+            let allow = ["Allow: GET, HEAD"];
+            respond(
+                conn,
+                "405 Method Not Allowed",
+                &allow,
+                "",
+                false,
+                keep_alive,
+            )?;
+        }
+        if !keep_alive {
+            return linger(conn);
+        }
+    }
+}
+
+enum Wake {
+    Request,
+    Exit,
+    IdleTimeout,
+}
+
+/// Waits for the next request to start, the exit notification, or the idle timeout.
+fn wait_for_request(conn: &TcpStream, upg: &Upgrader) -> io::Result<Wake> {
+    let deadline = Instant::now() + IDLE_TIMEOUT;
+    let mut fds = [pollin(conn.as_raw_fd()), pollin(upg.exit_fd().as_raw_fd())];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `fds` is an array of initialised pollfd structs, valid for the call;
+        // both fds stay open for the whole call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        // A request that has started arriving is served, even if exit was requested.
+        if fds[0].revents != 0 {
+            return Ok(Wake::Request);
+        }
+        if fds[1].revents != 0 {
+            return Ok(Wake::Exit);
+        }
+        if ms == 0 {
+            return Ok(Wake::IdleTimeout);
+        }
+    }
+}
+
+/// Reads until `buf` holds a whole request head; returns its length including the
+/// final `\r\n\r\n`, or `None` if the client closed the connection first.
+fn read_head(conn: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    let mut searched = 0;
+    loop {
+        if let Some(i) = find(&buf[searched..], b"\r\n\r\n") {
+            return Ok(Some(searched + i + 4));
+        }
+        searched = buf.len().saturating_sub(3);
+        if buf.len() > MAX_HEAD {
+            respond(
+                conn,
+                "431 Request Header Fields Too Large",
+                &[],
+                "",
+                false,
+                false,
+            )?;
+            linger(conn)?;
+            return Ok(None);
+        }
+        let mut chunk = [0u8; 4096];
+        match conn.read(&mut chunk) {
+            Ok(0) => return Ok(None),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+struct Request {
+    method: String,
+    content_length: u64,
+    keep_alive: bool,
+}
+
+/// Parses a request head. On error: the status to answer with (then close) and why.
+fn parse_head(head: &[u8]) -> Result<Request, (&'static str, &'static str)> {
+    const BAD: &str = "400 Bad Request";
+    let mut lines = head[..head.len() - 4].split(|&b| b == b'\n').map(|line| {
+        // Every line but the last ended in "\r\n"; the last had "\r\n\r\n" cut off.
+        line.strip_suffix(b"\r").unwrap_or(line)
+    });
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.split(|&b| b == b' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err((BAD, "malformed request line\n"));
+    };
+    if method.is_empty() || !method.iter().all(u8::is_ascii_alphabetic) || target.is_empty() {
+        return Err((BAD, "malformed request line\n"));
+    }
+    let http11 = match version {
+        b"HTTP/1.1" => true,
+        b"HTTP/1.0" => false,
+        _ => return Err(("505 HTTP Version Not Supported", "HTTP/1.0 or 1.1 only\n")),
+    };
+
+    let mut content_length = None;
+    let (mut close, mut keep_alive) = (false, false);
+    for line in lines {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return Err((BAD, "malformed header\n"));
+        };
+        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+        if name.is_empty() || name.iter().any(|b| b.is_ascii_whitespace()) {
+            return Err((BAD, "malformed header\n"));
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or((BAD, "bad Content-Length\n"))?;
+            if content_length.is_some_and(|old| old != n) {
+                return Err((BAD, "conflicting Content-Length\n"));
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // Without chunked decoding the end of the body is unknown: refuse, and close.
+            return Err(("501 Not Implemented", "Transfer-Encoding not supported\n"));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for token in value.split(|&b| b == b',').map(trim) {
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
+    }
+    Ok(Request {
+        method: String::from_utf8_lossy(method).into_owned(),
+        content_length: content_length.unwrap_or(0),
+        keep_alive: !close && (http11 || keep_alive),
+    })
+}
+
+/// Reads and drops a request body of `len` bytes, part of which may be in `buf`
+/// already; leaves in `buf` whatever follows it (a pipelined request).
+fn discard_body(conn: &mut TcpStream, buf: &mut Vec<u8>, len: u64) -> io::Result<()> {
+    let buffered = buf.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+    buf.drain(..buffered);
+    let mut left = len - buffered as u64;
+    let mut chunk = [0u8; 8192];
+    while left > 0 {
+        let want = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        match conn.read(&mut chunk[..want]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => left -= n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes a whole response in one go.
+fn respond(
+    conn: &mut TcpStream,
+    status: &str,
+    headers: &[&str],
+    body: &str,
+    head_only: bool,
+    keep_alive: bool,
+) -> io::Result<()> {
+    let mut out = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: {}\r\n",
+        body.len(),
+        if keep_alive { "keep-alive" } else { "close" }
+    );
+    for header in headers {
+        out.push_str(header);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    if !head_only {
+        out.push_str(body);
+    }
+    conn.write_all(out.as_bytes())
+}
+
+/// Ends a connection after its last response. Closing a socket that still has unread
+/// input sends a reset, which can destroy the response before the client has read it;
+/// so send FIN, and wait briefly for the client to close, discarding what it sends.
+fn linger(conn: &mut TcpStream) -> io::Result<()> {
+    conn.shutdown(Shutdown::Write)?;
+    conn.set_read_timeout(Some(LINGER_TIMEOUT))?;
+    let mut chunk = [0u8; 4096];
+    let mut discarded = 0;
+    while discarded < 256 * 1024 {
+        match conn.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => discarded += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+/// `s` without leading and trailing whitespace (`<[u8]>::trim_ascii` needs Rust 1.80).
+fn trim(s: &[u8]) -> &[u8] {
+    let start = s
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(s.len());
+    let end = s
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
+    &s[start..end]
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Counts the connections being handled, so that exiting can wait for them.
+#[derive(Default)]
+struct Connections {
+    active: Mutex<usize>,
+    changed: Condvar,
+}
+
+/// One connection being handled; dropping it ends it.
+struct ConnGuard(Arc<Connections>);
+
+impl Connections {
+    fn start(self: &Arc<Self>) -> ConnGuard {
+        *self.active.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        ConnGuard(Arc::clone(self))
+    }
+
+    fn active(&self) -> usize {
+        *self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until no connection is left or `deadline` passes; returns how many are left.
+    fn wait_idle(&self, deadline: Instant) -> usize {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if *active == 0 || left.is_zero() {
+                return *active;
+            }
+            active = self
+                .changed
+                .wait_timeout(active, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        *self.0.active.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.0.changed.notify_all();
+    }
+}
+
+fn pollin(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// An error and its chain of sources.
+fn error_chain(e: &dyn Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
