@@ -1,0 +1,244 @@
+//! A minimal daemon for systemd (or any supervisor that reads a pid file): reload with
+//! `SIGHUP` to replace the running binary without refusing a connection.
+//!
+//! ```text
+//! daemon --pid-file PATH [--listen HOST:PORT]
+//! ```
+//!
+//! It stays in the foreground (no double fork: systemd does the daemonizing), logs to
+//! stderr (the journal) with its pid, answers every TCP connection on `--listen`
+//! (default `127.0.0.1:8080`) with `hello from pid=<pid>`, upgrades on `SIGHUP` and
+//! stops gracefully on `SIGTERM` or `SIGINT`. The pid changes at every upgrade, so
+//! systemd must follow the pid file, which each generation rewrites when it is ready,
+//! before the previous one exits:
+//!
+//! ```ini
+//! # /etc/systemd/system/daemon.service
+//! [Unit]
+//! Description=tableflip example daemon
+//! After=network.target
+//!
+//! [Service]
+//! # Not Type=forking: the process started here is the first generation itself.
+//! RuntimeDirectory=daemon
+//! PIDFile=/run/daemon/daemon.pid
+//! ExecStart=/usr/local/bin/daemon --pid-file /run/daemon/daemon.pid --listen 0.0.0.0:8080
+//! # Upgrade: replace /usr/local/bin/daemon (by rename), then `systemctl reload daemon`.
+//! ExecReload=/bin/kill -HUP $MAINPID
+//! # Stopping sends SIGTERM; a generation drains for up to 10 s.
+//! TimeoutStopSec=30
+//! Restart=on-failure
+//!
+//! [Install]
+//! WantedBy=multi-user.target
+//! ```
+//!
+//! The serving loop is that of the `tcp_server` example, shortened; see there why it
+//! waits on the listener and the exit fd together and accepts without blocking.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use tableflip::{Options, Upgrader};
+
+/// How long an exiting generation waits for its connections to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+const USAGE: &str = "usage: daemon --pid-file PATH [--listen HOST:PORT]";
+
+/// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        let line = format!("[daemon pid={}] {}\n", std::process::id(), format_args!($($arg)*));
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }};
+}
+
+fn main() -> ExitCode {
+    let mut pid_file: Option<PathBuf> = None;
+    let mut listen = String::from("127.0.0.1:8080");
+    let mut args = std::env::args_os().skip(1);
+    while let Some(arg) = args.next() {
+        match (arg.to_str(), args.next()) {
+            (Some("--pid-file"), Some(v)) => pid_file = Some(v.into()),
+            (Some("--listen"), Some(v)) if v.to_str().is_some() => {
+                listen = v.to_string_lossy().into()
+            }
+            _ => {
+                eprintln!("daemon: bad argument {arg:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(pid_file) = pid_file else {
+        eprintln!("daemon: --pid-file is required\n{USAGE}");
+        return ExitCode::from(2);
+    };
+    match run(pid_file, &listen) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log!("fatal: {}", error_chain(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(pid_file: PathBuf, listen: &str) -> Result<(), Box<dyn std::error::Error>> {
+    // First: a new generation starts with SIGHUP at its default disposition (death).
+    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    let upg = Arc::new(Upgrader::new(Options::new().pid_file(&pid_file))?);
+
+    let listener = upg.fds().listen_tcp(listen)?;
+    listener.set_nonblocking(true)?; // in every generation alike: the flag is shared
+    log!("listening on {}", listener.local_addr()?);
+
+    let u = Arc::clone(&upg);
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || on_signals(signals, u))?;
+
+    upg.ready()?;
+    log!("ready; pid file {} updated", pid_file.display());
+    if upg.has_parent() {
+        let u = Arc::clone(&upg);
+        thread::spawn(move || {
+            if let Ok(true) = u.wait_for_parent(DRAIN_TIMEOUT * 2) {
+                log!("the previous generation has exited");
+            }
+        });
+    }
+
+    // Serve until told to exit.
+    let mut handlers: Vec<JoinHandle<()>> = Vec::new();
+    let mut fds = [listener.as_raw_fd(), upg.exit_fd().as_raw_fd()].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        // SAFETY: `fds` is an array of initialised pollfd structs, valid for the call;
+        // both fds stay open for the whole loop.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                thread::sleep(Duration::from_millis(100)); // ENOMEM: do not spin
+            }
+            continue;
+        }
+        if fds[1].revents != 0 {
+            break;
+        }
+        handlers.retain(|h| !h.is_finished());
+        // A bounded batch, so that a flood of connections cannot delay the exit check.
+        for _ in 0..64 {
+            let conn = match listener.accept() {
+                Ok((conn, _)) => conn,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    log!("accept failed: {e}");
+                    if e.raw_os_error() == Some(libc::EMFILE) {
+                        thread::sleep(Duration::from_millis(100)); // do not spin on EMFILE
+                    }
+                    break;
+                }
+            };
+            // Keep the connection reachable: if no thread can be started, serve it here.
+            let slot = Arc::new(Mutex::new(Some(conn)));
+            let theirs = Arc::clone(&slot);
+            let take =
+                |s: &Mutex<Option<TcpStream>>| s.lock().unwrap_or_else(|e| e.into_inner()).take();
+            match thread::Builder::new().spawn(move || take(&theirs).map_or((), answer)) {
+                Ok(handle) => handlers.push(handle),
+                Err(e) => {
+                    log!("cannot start a thread ({e}); serving inline");
+                    if let Some(conn) = take(&slot) {
+                        answer(conn);
+                    }
+                }
+            }
+        }
+    }
+    drop(listener);
+    handlers.retain(|h| !h.is_finished());
+
+    log!(
+        "stopped accepting; draining {} connection(s)",
+        handlers.len()
+    );
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while handlers.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
+    log!("exit");
+    Ok(())
+}
+
+/// Upgrades on `SIGHUP` (on a thread of its own: `upgrade()` blocks until the new
+/// generation is ready or has failed), stops on `SIGTERM` and `SIGINT`.
+fn on_signals(mut signals: Signals, upg: Arc<Upgrader>) {
+    for signal in signals.forever() {
+        if signal != SIGHUP {
+            let name = if signal == SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            log!("{name}: stopping");
+            upg.stop();
+            continue;
+        }
+        let upg = Arc::clone(&upg);
+        let spawned = thread::Builder::new()
+            .name("upgrade".into())
+            .spawn(move || {
+                log!("SIGHUP: starting a new generation");
+                match upg.upgrade() {
+                    Ok(()) => log!("upgrade succeeded; handing over"),
+                    Err(e) => log!("upgrade failed: {}", error_chain(&e)),
+                }
+            });
+        if let Err(e) = spawned {
+            log!("upgrade failed: cannot start a thread: {e}");
+        }
+    }
+}
+
+/// An error and its sources: "cannot execute new generation /x: No such file ...".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg = format!("{msg}: {s}");
+        source = s.source();
+    }
+    msg
+}
+
+/// Sends the greeting, then closes without a reset: FIN first, and wait (briefly) for
+/// the client to close before dropping the socket, discarding anything it sent.
+fn answer(mut conn: TcpStream) {
+    let result = (|| -> io::Result<()> {
+        conn.set_nonblocking(false)?; // a new file description: the mode is ours alone
+        conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(format!("hello from pid={}\n", std::process::id()).as_bytes())?;
+        conn.shutdown(Shutdown::Write)?;
+        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut sink = [0u8; 1024];
+        for _ in 0..64 {
+            if matches!(conn.read(&mut sink), Ok(0) | Err(_)) {
+                break;
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        log!("connection error: {e}");
+    }
+}
