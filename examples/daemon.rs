@@ -100,10 +100,13 @@ fn run(pid_file: PathBuf, listen: &str) -> Result<(), Box<dyn std::error::Error>
     listener.set_nonblocking(true)?; // in every generation alike: the flag is shared
     log!("listening on {}", listener.local_addr()?);
 
-    let u = Arc::clone(&upg);
+    // The threads running upgrade(): the last one is joined before exiting, so that
+    // its result is logged. Once the exit fd fires, they all return promptly.
+    let upgrades: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+    let (u, threads) = (Arc::clone(&upg), Arc::clone(&upgrades));
     thread::Builder::new()
         .name("signals".into())
-        .spawn(move || on_signals(signals, u))?;
+        .spawn(move || on_signals(signals, u, threads))?;
 
     upg.ready()?;
     log!("ready; pid file {} updated", pid_file.display());
@@ -166,6 +169,8 @@ fn run(pid_file: PathBuf, listen: &str) -> Result<(), Box<dyn std::error::Error>
         }
     }
     drop(listener);
+    let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
+    pending.into_iter().for_each(|t| drop(t.join()));
     handlers.retain(|h| !h.is_finished());
 
     log!(
@@ -182,7 +187,7 @@ fn run(pid_file: PathBuf, listen: &str) -> Result<(), Box<dyn std::error::Error>
 
 /// Upgrades on `SIGHUP` (on a thread of its own: `upgrade()` blocks until the new
 /// generation is ready or has failed), stops on `SIGTERM` and `SIGINT`.
-fn on_signals(mut signals: Signals, upg: Arc<Upgrader>) {
+fn on_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: Arc<Mutex<Vec<JoinHandle<()>>>>) {
     for signal in signals.forever() {
         if signal != SIGHUP {
             let name = if signal == SIGINT {
@@ -204,8 +209,13 @@ fn on_signals(mut signals: Signals, upg: Arc<Upgrader>) {
                     Err(e) => log!("upgrade failed: {}", error_chain(&e)),
                 }
             });
-        if let Err(e) = spawned {
-            log!("upgrade failed: cannot start a thread: {e}");
+        match spawned {
+            Ok(t) => {
+                let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
+                threads.retain(|t| !t.is_finished());
+                threads.push(t);
+            }
+            Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
         }
     }
 }

@@ -21,7 +21,7 @@
 //! 1. stops accepting (the accept loop waits on the listener and the exit fd together,
 //!    as in the `tcp_server` example, which explains why);
 //! 2. closes keep-alive connections that are idle (their handlers wait for the next
-//!    request and the exit fd together);
+//!    request and the exit fd together), but not new ones before their first request;
 //! 3. answers requests already under way, with `Connection: close`;
 //! 4. exits once every connection is done, or after [`DRAIN_TIMEOUT`].
 //!
@@ -39,7 +39,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -50,6 +50,9 @@ use tableflip::{Options, Upgrader};
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a keep-alive connection may sit idle between requests.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Once this process should exit, how long a new connection may take to send its first
+/// request (see [`wait_for_request`]).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(5);
 /// Longest a read or write may block once a request has started.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the last response, how long to wait for the client to close (see [`linger`]).
@@ -150,10 +153,11 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         }
     );
 
-    let signal_upg = Arc::clone(&upg);
+    let upgrades = UpgradeThreads::default();
+    let (signal_upg, signal_upgrades) = (Arc::clone(&upg), Arc::clone(&upgrades));
     thread::Builder::new()
         .name("signals".into())
-        .spawn(move || handle_signals(signals, signal_upg))?;
+        .spawn(move || handle_signals(signals, signal_upg, signal_upgrades))?;
 
     upg.ready()?;
     log!("ready");
@@ -161,6 +165,11 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     let conns = Arc::new(Connections::default());
     serve(&listener, &upg, &conns);
     drop(listener);
+    // The upgrade that ended this generation may still be logging its result.
+    let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
+    for upgrade in pending {
+        let _ = upgrade.join();
+    }
 
     log!(
         "stopped accepting; draining {} connection(s)",
@@ -174,7 +183,11 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>) {
+/// The threads running `upgrade()`, joined before exiting. They return promptly once
+/// the exit fd fires: the upgrade has succeeded, or `stop()` has cancelled it.
+type UpgradeThreads = Arc<Mutex<Vec<JoinHandle<()>>>>;
+
+fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThreads) {
     for signal in signals.forever() {
         if signal == SIGHUP {
             // upgrade() blocks until the new generation is ready or has failed.
@@ -188,8 +201,13 @@ fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>) {
                         Err(e) => log!("upgrade failed: {}", error_chain(&e)),
                     }
                 });
-            if let Err(e) = spawned {
-                log!("upgrade failed: cannot start a thread: {e}");
+            match spawned {
+                Ok(thread) => {
+                    let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
+                    threads.retain(|t| !t.is_finished());
+                    threads.push(thread);
+                }
+                Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
             }
         } else {
             let name = if signal == SIGINT {
@@ -292,9 +310,10 @@ fn serve_connection(conn: &mut TcpStream, upg: &Upgrader) -> io::Result<()> {
     conn.set_write_timeout(Some(IO_TIMEOUT))?;
     // Bytes read but not used yet: a partial request, or the next pipelined one.
     let mut buf = Vec::with_capacity(1024);
+    let mut first = true;
     loop {
         if buf.is_empty() {
-            match wait_for_request(conn, upg)? {
+            match wait_for_request(conn, upg, first)? {
                 Wake::Request => {}
                 // Idle: close now. Nothing is in flight, so nothing is cut off.
                 Wake::Exit | Wake::IdleTimeout => return Ok(()),
@@ -311,6 +330,7 @@ fn serve_connection(conn: &mut TcpStream, upg: &Upgrader) -> io::Result<()> {
             }
         };
         buf.drain(..head_len);
+        first = false;
         discard_body(conn, &mut buf, request.content_length)?;
 
         // Once this generation should exit, finish this request and end the connection.
@@ -343,15 +363,20 @@ enum Wake {
 }
 
 /// Waits for the next request to start, the exit notification, or the idle timeout.
-fn wait_for_request(conn: &TcpStream, upg: &Upgrader) -> io::Result<Wake> {
-    let deadline = Instant::now() + IDLE_TIMEOUT;
+///
+/// A new connection (`first`) is not idle: its client has just connected and its first
+/// request is on the way. It gets that request served even once this process should
+/// exit, unless nothing comes within [`FIRST_REQUEST_GRACE`] (as Go's `net/http` does).
+fn wait_for_request(conn: &TcpStream, upg: &Upgrader, first: bool) -> io::Result<Wake> {
+    let mut deadline = Instant::now() + IDLE_TIMEOUT;
     let mut fds = [pollin(conn.as_raw_fd()), pollin(upg.exit_fd().as_raw_fd())];
+    let mut nfds = fds.len();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: `fds` is an array of initialised pollfd structs, valid for the call;
-        // both fds stay open for the whole call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        // SAFETY: the first `nfds` entries of `fds` are initialised pollfd structs,
+        // valid for the call; both fds stay open for the whole call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), nfds as libc::nfds_t, ms) };
         if n < 0 {
             let err = io::Error::last_os_error();
             if err.kind() == io::ErrorKind::Interrupted {
@@ -363,8 +388,14 @@ fn wait_for_request(conn: &TcpStream, upg: &Upgrader) -> io::Result<Wake> {
         if fds[0].revents != 0 {
             return Ok(Wake::Request);
         }
-        if fds[1].revents != 0 {
-            return Ok(Wake::Exit);
+        if nfds == 2 && fds[1].revents != 0 {
+            if !first {
+                return Ok(Wake::Exit);
+            }
+            // Stop watching the exit fd (it stays readable), and shorten the wait.
+            nfds = 1;
+            deadline = deadline.min(Instant::now() + FIRST_REQUEST_GRACE);
+            continue;
         }
         if ms == 0 {
             return Ok(Wake::IdleTimeout);

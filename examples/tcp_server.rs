@@ -36,7 +36,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread;
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -150,10 +150,11 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         }
     );
 
-    let signal_upg = Arc::clone(&upg);
+    let upgrades = UpgradeThreads::default();
+    let (signal_upg, signal_upgrades) = (Arc::clone(&upg), Arc::clone(&upgrades));
     thread::Builder::new()
         .name("signals".into())
-        .spawn(move || handle_signals(signals, signal_upg))?;
+        .spawn(move || handle_signals(signals, signal_upg, signal_upgrades))?;
 
     // Writes the pid file, then tells the previous generation to step aside.
     upg.ready()?;
@@ -163,6 +164,11 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     serve(&listener, &upg, &conns);
     // Stop accepting: the next generation (if any) has its own copy of the socket.
     drop(listener);
+    // The upgrade that ended this generation may still be logging its result.
+    let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
+    for upgrade in pending {
+        let _ = upgrade.join();
+    }
 
     log!(
         "stopped accepting; draining {} connection(s)",
@@ -176,7 +182,11 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>) {
+/// The threads running `upgrade()`, joined before exiting. They return promptly once
+/// the exit fd fires: the upgrade has succeeded, or `stop()` has cancelled it.
+type UpgradeThreads = Arc<Mutex<Vec<JoinHandle<()>>>>;
+
+fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThreads) {
     for signal in signals.forever() {
         if signal == SIGHUP {
             // upgrade() blocks until the new generation is ready or has failed: run it
@@ -191,8 +201,13 @@ fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>) {
                         Err(e) => log!("upgrade failed: {}", error_chain(&e)),
                     }
                 });
-            if let Err(e) = spawned {
-                log!("upgrade failed: cannot start a thread: {e}");
+            match spawned {
+                Ok(thread) => {
+                    let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
+                    threads.retain(|t| !t.is_finished());
+                    threads.push(thread);
+                }
+                Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
             }
         } else {
             let name = if signal == SIGINT {
