@@ -1,0 +1,208 @@
+//! Runs the examples as real processes and upgrades them under load: every connection
+//! is answered, by a known generation, and every generation exits with status 0.
+#![cfg(target_os = "linux")]
+
+#[path = "util/examples.rs"]
+mod util;
+
+use std::io::{Read, Write};
+
+use util::*;
+
+/// How many upgrades each load test runs: 3, or `$TABLEFLIP_TEST_UPGRADES` (for a soak
+/// test by hand).
+fn upgrades() -> usize {
+    std::env::var("TABLEFLIP_TEST_UPGRADES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+/// Upgrades `binary` several times while clients hammer it, then stops it.
+fn upgrades_under_load(binary: &str, probe: Probe, clients: &[Client]) -> Stats {
+    let _lock = lock();
+    let mut server = Server::start(&example(binary), &[], probe);
+    let load = Load::start(server.addr, clients);
+    let upgrades = upgrades();
+    for _ in 0..upgrades {
+        // Traffic in every generation, then the switch.
+        load.wait_answered(&server, 300);
+        server.upgrade();
+    }
+    load.wait_answered(&server, 300);
+    let last = server.current;
+    let stats = load.finish();
+    eprintln!("{binary}: generations {:?}, {stats:?}", server.generations);
+    assert!(
+        stats.failures.is_empty(),
+        "{} failed requests: {:#?}",
+        stats.failures.len(),
+        stats.failures
+    );
+    assert!(stats.ok > 0, "no request succeeded");
+    for pid in &stats.pids {
+        assert!(
+            server.generations.contains(pid),
+            "answered by unknown pid {pid}"
+        );
+    }
+    let log = server.log();
+    assert!(!log.contains("upgrade failed"), "an upgrade failed:\n{log}");
+    assert_eq!(log.matches("] ready").count(), upgrades + 1, "{log}");
+    assert_eq!(server.current, last);
+    server.stop(libc::SIGTERM);
+    stats
+}
+
+#[test]
+fn tcp_server_upgrades_under_load() {
+    upgrades_under_load(
+        "tcp_server",
+        line_probe,
+        &[probing_client::<true> as Client; 4],
+    );
+}
+
+#[test]
+fn daemon_upgrades_under_load() {
+    upgrades_under_load("daemon", line_probe, &[probing_client::<true> as Client; 4]);
+}
+
+#[test]
+fn http_server_upgrades_under_load() {
+    let stats = upgrades_under_load(
+        "http_server",
+        http_probe,
+        &[probing_client::<false>, keep_alive_client],
+    );
+    // Keep-alive works, and the keep-alive client crossed the upgrades (each reconnect
+    // after a `Connection: close` or an idle close moves it on).
+    assert!(
+        stats.max_per_conn > 1,
+        "keep-alive never reused a connection"
+    );
+    assert!(stats.pids.len() > 1, "clients saw one generation only");
+}
+
+#[test]
+fn daemon_requires_pid_file() {
+    let _lock = lock();
+    let out = std::process::Command::new(example("daemon"))
+        .args(["--listen", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run daemon");
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--pid-file"), "{stderr}");
+}
+
+/// A failed upgrade is logged with its reason and the old generation keeps serving;
+/// the next upgrade works. SIGINT stops it like SIGTERM.
+#[test]
+fn tcp_server_survives_failed_upgrades() {
+    let _lock = lock();
+    // Run a copy, so that the binary can be swapped like a deployment would.
+    let dir = TempDir::new("bin");
+    let binary = dir.path().join("tcp_server");
+    let install = |from: &std::path::Path| {
+        let tmp = dir.path().join("tcp_server.new");
+        std::fs::copy(from, &tmp).expect("copy binary");
+        std::fs::rename(&tmp, &binary).expect("rename binary");
+    };
+    install(&example("tcp_server"));
+    let mut server = Server::start(&binary, &["--upgrade-timeout", "15"], line_probe);
+    let first = server.current;
+
+    // 1. The new binary exits before it is ready.
+    let script = dir.path().join("fail.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 3\n").unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    install(&script);
+    server.signal(first, libc::SIGHUP);
+    let line = server.wait_for("the failure to be logged", |s| {
+        s.log()
+            .lines()
+            .find(|l| l.contains("upgrade failed"))
+            .map(str::to_owned)
+    });
+    assert!(line.contains("exit status: 3"), "{line}");
+
+    // 2. The binary is missing: the reason includes the OS error (the error's source).
+    std::fs::remove_file(&binary).unwrap();
+    server.signal(first, libc::SIGHUP);
+    let line = server.wait_for("the second failure to be logged", |s| {
+        s.log()
+            .lines()
+            .filter(|l| l.contains("upgrade failed"))
+            .nth(1)
+            .map(str::to_owned)
+    });
+    assert!(line.contains("No such file or directory"), "{line}");
+
+    // Still serving, from the same process, and the pid file is unchanged.
+    assert_eq!(line_probe(server.addr).expect("still answering"), first);
+    server.assert_pid_file(first);
+
+    // 3. A good binary again: the upgrade goes through.
+    install(&example("tcp_server"));
+    let second = server.upgrade_quietly();
+    assert_ne!(second, first);
+    server.stop(libc::SIGINT);
+}
+
+/// An idle keep-alive connection to the old generation is closed when the upgrade
+/// completes; a request in flight across the upgrade gets its whole response, with
+/// `Connection: close`.
+#[test]
+fn http_server_finishes_requests_in_flight() {
+    let _lock = lock();
+    let mut server = Server::start(&example("http_server"), &[], http_probe);
+    let first = server.current;
+
+    let mut idle = connect(server.addr).unwrap();
+    let mut in_flight = connect(server.addr).unwrap();
+    let (mut idle_buf, mut flight_buf) = (Vec::new(), Vec::new());
+    for (conn, buf) in [
+        (&mut idle, &mut idle_buf),
+        (&mut in_flight, &mut flight_buf),
+    ] {
+        conn.write_all(GET).unwrap();
+        let resp = read_response(conn, buf).unwrap();
+        assert_eq!(parse_pid(&resp.body), Some(first), "{resp:?}");
+        assert!(!resp.close, "{resp:?}");
+    }
+    // Half a request: the old generation has started reading it.
+    in_flight
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: test\r\n")
+        .unwrap();
+
+    let old = server.current;
+    server.signal(old, libc::SIGHUP);
+    let new = server.wait_for("a new generation to answer", |s| {
+        http_probe(s.addr).ok().filter(|&pid| pid != old)
+    });
+    server.generations.push(new);
+    server.current = new;
+    server.assert_pid_file(new);
+
+    // The idle connection is closed without a response.
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest)
+        .expect("idle connection closed cleanly");
+    assert!(rest.is_empty(), "unexpected data: {rest:?}");
+
+    // The request in flight completes, answered by the old generation.
+    in_flight.write_all(b"\r\n").unwrap();
+    let resp = read_response(&mut in_flight, &mut flight_buf).expect("complete response");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    assert_eq!(parse_pid(&resp.body), Some(old), "{resp:?}");
+    assert!(resp.close, "no Connection: close: {resp:?}");
+    assert_eq!(in_flight.read(&mut [0u8; 16]).unwrap(), 0, "not closed");
+
+    let status = server.wait_exit(old);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    // Neither connection was cut off by the drain deadline.
+    server.assert_drained();
+    server.stop(libc::SIGTERM);
+}
