@@ -21,6 +21,8 @@
 //! [Service]
 //! # Not Type=forking: the process started here is the first generation itself.
 //! RuntimeDirectory=daemon
+//! # Essential: when the main process exits after an upgrade, systemd reads the new main
+//! # pid from here. Without it, it would take the exit for the end of the service.
 //! PIDFile=/run/daemon/daemon.pid
 //! ExecStart=/usr/local/bin/daemon --pid-file /run/daemon/daemon.pid --listen 0.0.0.0:8080
 //! # Upgrade: replace /usr/local/bin/daemon (by rename), then `systemctl reload daemon`.
@@ -200,6 +202,9 @@ fn on_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: Arc<Mutex<Vec<
             continue;
         }
         let upg = Arc::clone(&upg);
+        // Locked before the thread starts, so that the exiting main thread finds it.
+        let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
+        threads.retain(|t| !t.is_finished());
         let spawned = thread::Builder::new()
             .name("upgrade".into())
             .spawn(move || {
@@ -210,11 +215,7 @@ fn on_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: Arc<Mutex<Vec<
                 }
             });
         match spawned {
-            Ok(t) => {
-                let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
-                threads.retain(|t| !t.is_finished());
-                threads.push(t);
-            }
+            Ok(t) => threads.push(t),
             Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
         }
     }

@@ -192,6 +192,9 @@ fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThr
         if signal == SIGHUP {
             // upgrade() blocks until the new generation is ready or has failed.
             let upg = Arc::clone(&upg);
+            // Locked before the thread starts, so that the exiting main thread finds it.
+            let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
+            threads.retain(|t| !t.is_finished());
             let spawned = thread::Builder::new()
                 .name("upgrade".into())
                 .spawn(move || {
@@ -202,11 +205,7 @@ fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThr
                     }
                 });
             match spawned {
-                Ok(thread) => {
-                    let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
-                    threads.retain(|t| !t.is_finished());
-                    threads.push(thread);
-                }
+                Ok(thread) => threads.push(thread),
                 Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
             }
         } else {
@@ -331,6 +330,10 @@ fn serve_connection(conn: &mut TcpStream, upg: &Upgrader) -> io::Result<()> {
         };
         buf.drain(..head_len);
         first = false;
+        if request.expect_continue && request.content_length > 0 && buf.is_empty() {
+            // The client waits for this before it sends the body (curl does, for POSTs).
+            conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
         discard_body(conn, &mut buf, request.content_length)?;
 
         // Once this generation should exit, finish this request and end the connection.
@@ -438,6 +441,8 @@ struct Request {
     method: String,
     content_length: u64,
     keep_alive: bool,
+    /// `Expect: 100-continue`.
+    expect_continue: bool,
 }
 
 /// Parses a request head. On error: the status to answer with (then close) and why.
@@ -464,7 +469,7 @@ fn parse_head(head: &[u8]) -> Result<Request, (&'static str, &'static str)> {
     };
 
     let mut content_length = None;
-    let (mut close, mut keep_alive) = (false, false);
+    let (mut close, mut keep_alive, mut expect_continue) = (false, false, false);
     for line in lines {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             return Err((BAD, "malformed header\n"));
@@ -486,6 +491,8 @@ fn parse_head(head: &[u8]) -> Result<Request, (&'static str, &'static str)> {
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             // Without chunked decoding the end of the body is unknown: refuse, and close.
             return Err(("501 Not Implemented", "Transfer-Encoding not supported\n"));
+        } else if name.eq_ignore_ascii_case(b"expect") {
+            expect_continue = http11 && value.eq_ignore_ascii_case(b"100-continue");
         } else if name.eq_ignore_ascii_case(b"connection") {
             for token in value.split(|&b| b == b',').map(trim) {
                 close |= token.eq_ignore_ascii_case(b"close");
@@ -497,6 +504,7 @@ fn parse_head(head: &[u8]) -> Result<Request, (&'static str, &'static str)> {
         method: String::from_utf8_lossy(method).into_owned(),
         content_length: content_length.unwrap_or(0),
         keep_alive: !close && (http11 || keep_alive),
+        expect_continue,
     })
 }
 

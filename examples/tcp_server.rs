@@ -192,6 +192,9 @@ fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThr
             // upgrade() blocks until the new generation is ready or has failed: run it
             // elsewhere so that SIGTERM is still handled meanwhile.
             let upg = Arc::clone(&upg);
+            // Locked before the thread starts, so that the exiting main thread finds it.
+            let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
+            threads.retain(|t| !t.is_finished());
             let spawned = thread::Builder::new()
                 .name("upgrade".into())
                 .spawn(move || {
@@ -202,11 +205,7 @@ fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThr
                     }
                 });
             match spawned {
-                Ok(thread) => {
-                    let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
-                    threads.retain(|t| !t.is_finished());
-                    threads.push(thread);
-                }
+                Ok(thread) => threads.push(thread),
                 Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
             }
         } else {
