@@ -129,8 +129,10 @@ enum Phase {
 #[derive(Debug)]
 struct State {
     phase: Phase,
+    /// While an upgrade runs: the write end of its cancel pipe. Dropping it wakes the
+    /// upgrading thread, which kills and reaps the child.
+    cancel: Option<OwnedFd>,
     upgrading: bool,
-    stop_requested: bool,
 }
 
 /// The link to the previous generation, in an upgrade child.
@@ -166,6 +168,8 @@ pub struct Upgrader {
     changed: Condvar,
     exit_rd: OwnedFd,
     exit_wr: Mutex<Option<OwnedFd>>,
+    /// Whether an upgrade ever succeeded.
+    upgraded: AtomicBool,
 }
 
 impl fmt::Debug for Upgrader {
@@ -241,12 +245,13 @@ impl Upgrader {
             parent,
             state: Mutex::new(State {
                 phase: Phase::Starting,
+                cancel: None,
                 upgrading: false,
-                stop_requested: false,
             }),
             changed: Condvar::new(),
             exit_rd,
             exit_wr: Mutex::new(Some(exit_wr)),
+            upgraded: AtomicBool::new(false),
         })
     }
 
@@ -332,7 +337,7 @@ impl Upgrader {
     /// after a successful one, [`Error::Stopped`] after [`stop`](Upgrader::stop), and
     /// [`Error::ParentAlive`] while this generation's own parent has not exited.
     pub fn upgrade(&self) -> Result<()> {
-        {
+        let cancel = {
             let mut st = self.lock();
             match st.phase {
                 Phase::Starting => return Err(Error::NotReady),
@@ -350,13 +355,22 @@ impl Upgrader {
                     return Err(Error::ParentAlive { pid: p.pid });
                 }
             }
+            let (cancel_rd, cancel_wr) =
+                pipe_with(PipeFlags::CLOEXEC).map_err(|e| Error::io("pipe2", None, e))?;
+            st.cancel = Some(cancel_wr);
             st.upgrading = true;
-        }
-        let result = self.run_upgrade();
+            drop(st);
+            cancel_rd
+        };
+        let result = self.run_upgrade(cancel.as_fd());
         let mut st = self.lock();
         st.upgrading = false;
+        st.cancel = None;
         if result.is_ok() {
-            st.phase = Phase::Upgraded;
+            if st.phase != Phase::Stopped {
+                st.phase = Phase::Upgraded;
+            }
+            self.upgraded.store(true, Ordering::SeqCst);
             self.fds.drop_all();
             self.fire_exit();
         }
@@ -364,7 +378,7 @@ impl Upgrader {
         result
     }
 
-    fn run_upgrade(&self) -> Result<()> {
+    fn run_upgrade(&self, cancel: BorrowedFd<'_>) -> Result<()> {
         let exe = spawn::resolve_executable(self.executable.as_deref(), &self.argv0, &self.cwd)?;
         let pipe = || pipe_with(PipeFlags::CLOEXEC).map_err(|e| Error::io("pipe2", None, e));
         let (ready_rd, ready_wr) = pipe()?;
@@ -395,7 +409,7 @@ impl Upgrader {
         drop(ready_wr);
         drop(life_rd);
         let child = Child::new(pid);
-        match self.wait_ready(&child, ready_rd.as_fd()) {
+        match self.wait_ready(&child, ready_rd.as_fd(), cancel) {
             Ok(()) => {
                 // The new generation watches this pipe to learn when we have exited: keep
                 // its write end open until the process ends.
@@ -407,7 +421,12 @@ impl Upgrader {
     }
 
     /// Waits for the readiness byte, the child's death, `stop()` or the timeout.
-    fn wait_ready(&self, child: &Child, ready: BorrowedFd<'_>) -> Result<()> {
+    fn wait_ready(
+        &self,
+        child: &Child,
+        ready: BorrowedFd<'_>,
+        cancel: BorrowedFd<'_>,
+    ) -> Result<()> {
         let deadline = Instant::now().checked_add(self.timeout);
         loop {
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
@@ -418,7 +437,7 @@ impl Upgrader {
                     timeout: self.timeout,
                 });
             }
-            let mut pfds = vec![pollfd(ready), pollfd(self.exit_rd.as_fd())];
+            let mut pfds = vec![pollfd(ready), pollfd(cancel)];
             if let Some(pidfd) = &child.pidfd {
                 pfds.push(pollfd(pidfd.as_fd()));
             }
@@ -463,24 +482,28 @@ impl Upgrader {
         }
     }
 
-    /// Stops upgrading: no upgrade starts after this, one in progress is cancelled (its
-    /// child killed and reaped) before `stop` returns, and the exit notification fires.
-    /// If no upgrade ever succeeded, the socket files of the Unix sockets this process
-    /// listened on are removed. Calling it again does nothing.
+    /// Stops upgrading: no upgrade starts after this, and one in progress is cancelled
+    /// (its child killed and reaped, its `upgrade()` returning [`Error::Stopped`]) before
+    /// the exit notification fires and `stop` returns. If no upgrade ever succeeded, the
+    /// socket files of the Unix sockets this process listened on are removed. Calling
+    /// it again does nothing.
     pub fn stop(&self) {
         let mut st = self.lock();
         if st.phase == Phase::Stopped {
             return;
         }
-        st.stop_requested = true;
-        self.fire_exit();
+        let upgraded = st.phase == Phase::Upgraded;
+        st.phase = Phase::Stopped;
+        drop(st.cancel.take());
         while st.upgrading {
             st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        if st.phase != Phase::Upgraded {
+        // An upgrade that completed while we waited counts.
+        if !upgraded && !self.upgraded.load(Ordering::SeqCst) {
             self.fds.unlink_socket_files();
         }
-        st.phase = Phase::Stopped;
+        drop(st);
+        self.fire_exit();
     }
 
     /// Blocks until this process should exit: an upgrade succeeded or [`stop`](Upgrader::stop)
