@@ -1,0 +1,441 @@
+//! The upgrade lifecycle with real processes, real sockets on loopback and real signals.
+
+mod util;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+
+use util::{ask, exists, signal, wait_gone, Run};
+
+/// Not a test: the body of every scenario process (see `util::scenario`).
+#[test]
+#[ignore = "entry point of the processes the other tests start"]
+fn scenario_entry() {
+    if let Ok(name) = std::env::var("TF_SCENARIO") {
+        util::scenario(&name);
+    }
+}
+
+fn tcp_env() -> Vec<(&'static str, String)> {
+    vec![("TF_TCP", "127.0.0.1:0".to_string())]
+}
+
+/// Upgrades once with SIGHUP and returns the new generation's pid after checking that
+/// the old one exited.
+#[track_caller]
+fn upgrade_ok(run: &mut Run, old: u32) -> u32 {
+    signal(old, libc::SIGHUP);
+    run.expect_from("upgrade-ok", old);
+    let ready = run.expect_not_from("ready", old);
+    wait_gone_or_zombie_of_test(run, old);
+    ready.pid
+}
+
+/// The first generation is the test's own child and becomes a zombie until the test
+/// reaps it; later ones are reaped by init.
+#[track_caller]
+fn wait_gone_or_zombie_of_test(run: &mut Run, pid: u32) {
+    if pid == run.first_pid() {
+        assert!(run.wait_first().success());
+    } else {
+        wait_gone(pid);
+    }
+}
+
+#[test]
+fn api_misuse_is_refused() {
+    let mut run = Run::start("api", &[]);
+    assert!(run
+        .expect("second-new")
+        .rest
+        .contains("kind=AlreadyCreated"));
+    assert!(run
+        .expect("upgrade-before-ready")
+        .rest
+        .contains("kind=NotReady"));
+    assert_eq!(run.expect("ready-again").field("ok"), Some("true"));
+    assert_eq!(
+        run.expect("should-exit").field("before-stop"),
+        Some("false")
+    );
+    assert_eq!(run.expect("should-exit").field("after-stop"), Some("true"));
+    assert!(run
+        .expect("upgrade-after-stop")
+        .rest
+        .contains("kind=Stopped"));
+    assert_eq!(run.expect("ready-after-stop").field("ok"), Some("false"));
+    run.expect("exit");
+    run.expect_all_exited();
+}
+
+#[test]
+fn listener_survives_three_generations_and_argv_is_identical() {
+    let mut run = Run::start("chain", &tcp_env());
+    let start = run.expect("start");
+    let args = start.field("args").unwrap().to_string();
+    let addr: SocketAddr = run.expect("tcp").field("addr").unwrap().parse().unwrap();
+    let mut pid = run.expect("ready").pid;
+    assert_eq!(ask(addr).unwrap(), pid);
+    for _ in 0..3 {
+        let new = upgrade_ok(&mut run, pid);
+        // The new generation found the port-0 listener under the port it got.
+        let tcp = run.expect_from("tcp", new);
+        assert_eq!(
+            tcp.field("addr").unwrap().parse::<SocketAddr>().unwrap(),
+            addr
+        );
+        let start = run.expect_from("start", new);
+        assert_eq!(start.field("args").unwrap(), args, "argv changed");
+        assert_eq!(
+            run.expect_from("new", new).field("has_parent"),
+            Some("true")
+        );
+        assert_eq!(ask(addr).unwrap(), new);
+        pid = new;
+    }
+    signal(pid, libc::SIGTERM);
+    run.expect("exit");
+    run.expect_all_exited();
+}
+
+#[test]
+fn concurrent_upgrade_is_refused() {
+    let mut run = Run::start("concurrent", &tcp_env());
+    let pid = run.expect("ready").pid;
+    run.next("hang");
+    signal(pid, libc::SIGHUP);
+    let child = run.expect_not_from("start", pid);
+    signal(pid, libc::SIGHUP);
+    let err = run.expect("upgrade-error");
+    assert!(err.rest.contains("kind=UpgradeInProgress"), "{err:?}");
+    // Cancel the hanging one.
+    signal(pid, libc::SIGTERM);
+    let err = run.expect("upgrade-error");
+    assert!(err.rest.contains("kind=Stopped"), "{err:?}");
+    run.expect("exit");
+    run.expect_all_exited();
+    assert!(!exists(child.pid), "the cancelled child was not reaped");
+}
+
+/// A child that fails before ready: the old generation keeps serving with the same fds,
+/// leaves no zombie, and the next upgrade works.
+#[track_caller]
+fn failing_child(mode: &str, expect: &[&str]) {
+    let mut run = Run::start(
+        "failing",
+        &[
+            ("TF_TCP", "127.0.0.1:0".into()),
+            ("TF_TIMEOUT_MS", "1500".into()),
+        ],
+    );
+    let addr: SocketAddr = run.expect("tcp").field("addr").unwrap().parse().unwrap();
+    let ready = run.expect("ready");
+    let pid = ready.pid;
+    run.next(mode);
+    signal(pid, libc::SIGHUP);
+    let child = run.expect_not_from("start", pid);
+    let err = run.expect("upgrade-error");
+    for want in expect {
+        assert!(err.rest.contains(want), "{mode}: {err:?} lacks {want}");
+    }
+    assert!(
+        err.rest.contains(&format!("pid_{}", child.pid)),
+        "{mode}: the error does not name the child's pid: {err:?}"
+    );
+    assert_eq!(err.field("children"), Some("0"), "{mode}: zombie left");
+    assert!(!exists(child.pid), "{mode}: child {} not reaped", child.pid);
+    assert_eq!(
+        ask(addr).unwrap(),
+        pid,
+        "{mode}: old generation stopped serving"
+    );
+    run.next("");
+    let new = upgrade_ok(&mut run, pid);
+    assert_eq!(ask(addr).unwrap(), new);
+    signal(new, libc::SIGTERM);
+    run.expect_all_exited();
+}
+
+#[test]
+fn child_exiting_cleanly_before_ready() {
+    failing_child("exit 0", &["kind=ChildExited", "exit_status:_0"]);
+}
+
+#[test]
+fn child_exiting_with_error_before_ready() {
+    failing_child("exit 3", &["kind=ChildExited", "exit_status:_3"]);
+}
+
+#[test]
+fn child_killed_by_signal_before_ready() {
+    failing_child("abort", &["kind=ChildExited", "signal:_6"]);
+}
+
+#[test]
+fn hanging_child_is_killed_and_reaped_after_timeout() {
+    failing_child("hang", &["kind=Timeout", "1.5s"]);
+}
+
+#[test]
+fn stop_cancels_an_upgrade() {
+    let mut run = Run::start("stop-cancel", &tcp_env());
+    let pid = run.expect("ready").pid;
+    run.next("hang");
+    signal(pid, libc::SIGHUP);
+    let child = run.expect_not_from("start", pid);
+    signal(pid, libc::SIGTERM);
+    assert!(run.expect("upgrade-error").rest.contains("kind=Stopped"));
+    run.expect("stopped");
+    run.expect("exit");
+    run.expect_all_exited();
+    assert!(!exists(child.pid));
+}
+
+#[test]
+fn missing_and_non_executable_binaries_fail_cleanly() {
+    let exe_dir = util::scratch_dir("exe");
+    let exe = exe_dir.join("server");
+    let mut run = Run::start(
+        "bad-binary",
+        &[
+            ("TF_TCP", "127.0.0.1:0".into()),
+            ("TF_EXE", exe.display().to_string()),
+        ],
+    );
+    let addr: SocketAddr = run.expect("tcp").field("addr").unwrap().parse().unwrap();
+    let pid = run.expect("ready").pid;
+
+    // Missing.
+    signal(pid, libc::SIGHUP);
+    let err = run.expect("upgrade-error");
+    assert!(err.rest.contains("kind=Exec"), "{err:?}");
+    assert!(err.rest.contains("No_such_file"), "{err:?}");
+    assert!(
+        err.rest.contains("server"),
+        "the error names the path: {err:?}"
+    );
+    assert_eq!(ask(addr).unwrap(), pid);
+
+    // Not executable.
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o644)).unwrap();
+    signal(pid, libc::SIGHUP);
+    let err = run.expect("upgrade-error");
+    assert!(err.rest.contains("kind=Exec"), "{err:?}");
+    assert!(err.rest.contains("Permission_denied"), "{err:?}");
+    assert_eq!(err.field("children"), Some("0"));
+    assert_eq!(ask(addr).unwrap(), pid);
+
+    // Fixed: the next upgrade works.
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let new = upgrade_ok(&mut run, pid);
+    assert_eq!(ask(addr).unwrap(), new);
+    signal(new, libc::SIGTERM);
+    run.expect_all_exited();
+    let _ = std::fs::remove_dir_all(exe_dir);
+}
+
+#[test]
+fn ready_writes_the_pid_file_absolute_and_relative() {
+    for relative in [false, true] {
+        let pid_dir = util::scratch_dir("pidfile");
+        let abs = pid_dir.join("app.pid");
+        // The relative path resolves against the initial working directory (the run's
+        // directory), even after the process changed directory.
+        let mut run = Run::start(
+            "pidfile",
+            &[(
+                "TF_PIDFILE",
+                if relative {
+                    "app.pid".into()
+                } else {
+                    abs.display().to_string()
+                },
+            )],
+        );
+        let path = if relative {
+            run.path("app.pid")
+        } else {
+            abs.clone()
+        };
+        let pid = run.expect("ready").pid;
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{pid}\n"));
+        run.next("chdir");
+        let new = upgrade_ok(&mut run, pid);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{new}\n"));
+        let leftovers: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+        signal(new, libc::SIGTERM);
+        run.expect_all_exited();
+        let _ = std::fs::remove_dir_all(pid_dir);
+    }
+}
+
+#[test]
+fn unused_inherited_fds_are_closed_and_unix_paths_unlinked_on_ready() {
+    let dir = util::scratch_dir("unused");
+    let sock = dir.join("s.sock");
+    let mut run = Run::start(
+        "unused",
+        &[
+            ("TF_TCP", "127.0.0.1:0".into()),
+            ("TF_UNIX", sock.display().to_string()),
+        ],
+    );
+    let addr: SocketAddr = run.expect("tcp").field("addr").unwrap().parse().unwrap();
+    run.expect("unix");
+    let pid = run.expect("ready").pid;
+    assert!(sock.exists());
+    run.next("noreq");
+    let new = upgrade_ok(&mut run, pid);
+    // Nobody took them: the socket file is gone and the TCP port is closed.
+    assert!(!sock.exists(), "unused Unix socket path not unlinked");
+    assert!(UnixStream::connect(&sock).is_err());
+    assert_eq!(
+        ask(addr).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "unused inherited listener still open"
+    );
+    signal(new, libc::SIGTERM);
+    run.expect_all_exited();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn used_unix_path_is_unlinked_on_stop_without_upgrade() {
+    let dir = util::scratch_dir("unixstop");
+    let sock = dir.join("s.sock");
+    let mut run = Run::start("unixstop", &[("TF_UNIX", sock.display().to_string())]);
+    run.expect("unix");
+    let pid = run.expect("ready").pid;
+    assert!(sock.exists());
+    signal(pid, libc::SIGTERM);
+    run.expect("exit");
+    run.expect_all_exited();
+    assert!(!sock.exists(), "socket file left behind by stop()");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn unix_path_survives_an_upgrade_and_wrong_kind_leaves_it_in_place() {
+    let dir = util::scratch_dir("unixkind");
+    let sock = dir.join("s.sock");
+    let mut run = Run::start("unixkind", &[("TF_UNIX", sock.display().to_string())]);
+    run.expect("unix");
+    let pid = run.expect("ready").pid;
+    run.next("wrongkind");
+    signal(pid, libc::SIGHUP);
+    let wrong = run.expect_not_from("wrongkind", pid);
+    assert!(wrong.rest.contains("kind=WrongKind"), "{wrong:?}");
+    assert_eq!(run.expect("unix-lookup").field("found"), Some("true"));
+    run.expect("upgrade-ok");
+    let new = run.expect_not_from("ready", pid).pid;
+    assert!(sock.exists(), "the path of a passed socket was unlinked");
+    wait_gone_or_zombie_of_test(&mut run, pid);
+    assert!(
+        sock.exists(),
+        "the old generation unlinked a passed socket's path"
+    );
+    signal(new, libc::SIGTERM);
+    run.expect_all_exited();
+    assert!(!sock.exists());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn abstract_names_are_never_unlinked() {
+    let name = format!("tf-abstract-{}", std::process::id());
+    let mut run = Run::start("abstract", &[("TF_ABSTRACT", name.clone())]);
+    // A file with the same name in the working directory must survive everything.
+    let decoy = run.path(&name);
+    std::fs::write(&decoy, "decoy").unwrap();
+    let decoy_at = run.path(&format!("@{name}"));
+    std::fs::write(&decoy_at, "decoy").unwrap();
+    run.expect("unix");
+    let pid = run.expect("ready").pid;
+    run.next("noreq");
+    let new = upgrade_ok(&mut run, pid);
+    signal(new, libc::SIGTERM);
+    run.expect_all_exited();
+    assert!(decoy.exists() && decoy_at.exists(), "a file was unlinked");
+}
+
+#[test]
+fn abstract_listener_passes_to_the_next_generation() {
+    let name = format!("tf-abstract-pass-{}", std::process::id());
+    let mut run = Run::start("abstract-pass", &[("TF_ABSTRACT", name.clone())]);
+    run.expect("unix");
+    let pid = run.expect("ready").pid;
+    let new = upgrade_ok(&mut run, pid);
+    run.expect_from("unix", new);
+    signal(new, libc::SIGTERM);
+    run.expect_all_exited();
+}
+
+#[test]
+fn fd_count_is_stable_over_50_generations() {
+    let mut run = Run::start("fdcount", &tcp_env());
+    let mut pid = run.expect("ready").pid;
+    let addr: SocketAddr = run.expect("tcp").field("addr").unwrap().parse().unwrap();
+    // The first generation has no parent; every later one holds one more fd (the pipe
+    // that tells it when its parent has exited). Compare them all to the second.
+    signal(pid, libc::SIGHUP);
+    run.expect("upgrade-ok");
+    let second = run.expect_not_from("ready", pid);
+    let fds = second.field("fds").unwrap().to_string();
+    run.wait_first();
+    pid = second.pid;
+    for i in 0..50 {
+        signal(pid, libc::SIGHUP);
+        run.expect_from("upgrade-ok", pid);
+        let ready = run.expect_not_from("ready", pid);
+        assert_eq!(ready.field("fds").unwrap(), fds, "generation {}", i + 3);
+        // A generation refuses to upgrade until its parent has exited.
+        wait_gone(pid);
+        pid = ready.pid;
+    }
+    assert_eq!(ask(addr).unwrap(), pid);
+    signal(pid, libc::SIGTERM);
+    run.expect_all_exited();
+}
+
+#[test]
+fn fd_count_is_stable_over_50_failed_upgrades() {
+    // The first generation runs normally; the children it starts read `exit 1`.
+    let mut run = Run::start(
+        "fails",
+        &[("TF_TCP", "127.0.0.1:0".into()), ("TF_FAILS", "50".into())],
+    );
+    let fails = run.expect("fails");
+    assert_eq!(fails.field("before"), fails.field("after"), "{fails:?}");
+    assert_eq!(fails.field("kinds"), Some("ChildExited"));
+    assert_eq!(fails.field("children"), Some("0"));
+    signal(fails.pid, libc::SIGTERM);
+    run.expect_all_exited();
+}
+
+#[test]
+fn upgrade_is_refused_while_the_parent_is_alive() {
+    let mut run = Run::start("parent-alive", &tcp_env());
+    let pid = run.expect("ready").pid;
+    // The old generation lingers for a while after handing over.
+    std::fs::write(run.path("linger"), "3000").unwrap();
+    signal(pid, libc::SIGHUP);
+    run.expect("upgrade-ok");
+    let new = run.expect_not_from("ready", pid).pid;
+    std::fs::remove_file(run.path("linger")).unwrap();
+    signal(new, libc::SIGHUP);
+    let err = run.expect("upgrade-error");
+    assert!(err.rest.contains("kind=ParentAlive"), "{err:?}");
+    assert!(err.rest.contains(&format!("pid_{pid}")), "{err:?}");
+    run.wait_first();
+    let newer = upgrade_ok(&mut run, new);
+    signal(newer, libc::SIGTERM);
+    run.expect_all_exited();
+}

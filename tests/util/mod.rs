@@ -1,0 +1,628 @@
+//! Shared helpers for the multi-process tests.
+//!
+//! A test starts its own test binary again (running only the ignored `scenario_entry`
+//! test) with `TF_SCENARIO` set: that process, and every generation it upgrades to, runs
+//! [`scenario`]. Generations report what happens as lines `@@ <pid> <event> ...` on the
+//! stdout pipe they all share; the test reads them with a deadline. Behaviour of the next
+//! generation is chosen by writing a file `next` in the run's directory before sending
+//! SIGHUP.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tableflip::{Error, Options, UnixAddr, Upgrader};
+
+/// Tests that start processes hold this lock until their processes are gone, so that
+/// parallel tests never see (or reap) each other's children.
+static FORK_LOCK: Mutex<()> = Mutex::new(());
+
+/// How long any single expected event may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+pub fn fork_lock() -> MutexGuard<'static, ()> {
+    FORK_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A unique scratch directory, removed on drop of the [`Run`].
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("tf-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// One event line: `@@ <pid> <event> <rest>`.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub pid: u32,
+    pub name: String,
+    pub rest: String,
+}
+
+impl Event {
+    /// The value of `key=value` in the rest of the line.
+    pub fn field(&self, key: &str) -> Option<&str> {
+        self.rest
+            .split(' ')
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    }
+}
+
+/// A running scenario: the first generation and the event stream of all of them.
+pub struct Run {
+    pub dir: PathBuf,
+    first: Child,
+    events: Receiver<String>,
+    backlog: VecDeque<Event>,
+    history: Vec<String>,
+    pids: Vec<u32>,
+    _lock: MutexGuard<'static, ()>,
+}
+
+/// The argv the scenario processes run with (argv[0] is added by the caller). The odd
+/// filter argument checks that argv travels byte for byte.
+pub fn scenario_args() -> Vec<OsString> {
+    [
+        "scenario_entry",
+        "--exact",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+        "odd arg;x=%41 é",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect()
+}
+
+impl Run {
+    pub fn start(scenario: &str, env: &[(&str, String)]) -> Run {
+        Run::start_with(scenario, env, None, |_| {})
+    }
+
+    /// Starts with `mode` already in the `next` file, for the first generation.
+    pub fn start_mode(scenario: &str, env: &[(&str, String)], mode: &str) -> Run {
+        Run::start_with(scenario, env, Some(mode), |_| {})
+    }
+
+    pub fn start_with(
+        scenario: &str,
+        env: &[(&str, String)],
+        mode: Option<&str>,
+        configure: impl FnOnce(&mut Command),
+    ) -> Run {
+        let lock = fork_lock();
+        let dir = scratch_dir(scenario);
+        if let Some(mode) = mode {
+            std::fs::write(dir.join("next"), mode).unwrap();
+        }
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = Command::new(&exe);
+        cmd.args(scenario_args())
+            .env("TF_SCENARIO", scenario)
+            .env("TF_DIR", &dir)
+            .env_remove("TABLEFLIP_FDS")
+            .env_remove("RUST_TEST_THREADS")
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        configure(&mut cmd);
+        let mut first = cmd.spawn().expect("spawn scenario");
+        let stdout = first.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let pid = first.id();
+        Run {
+            dir,
+            first,
+            events: rx,
+            backlog: VecDeque::new(),
+            history: Vec::new(),
+            pids: vec![pid],
+            _lock: lock,
+        }
+    }
+
+    /// The next event named `name` (earlier events of other names are kept for later).
+    #[track_caller]
+    pub fn expect(&mut self, name: &str) -> Event {
+        self.expect_where(name, |_| true)
+    }
+
+    /// The next event named `name` from a process other than `pid`.
+    #[track_caller]
+    pub fn expect_not_from(&mut self, name: &str, pid: u32) -> Event {
+        self.expect_where(name, |e| e.pid != pid)
+    }
+
+    /// The next event named `name` from process `pid`.
+    #[track_caller]
+    pub fn expect_from(&mut self, name: &str, pid: u32) -> Event {
+        self.expect_where(name, |e| e.pid == pid)
+    }
+
+    #[track_caller]
+    fn expect_where(&mut self, name: &str, pred: impl Fn(&Event) -> bool) -> Event {
+        if let Some(i) = self.backlog.iter().position(|e| e.name == name && pred(e)) {
+            return self.backlog.remove(i).unwrap();
+        }
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(line) => {
+                    self.history.push(line.clone());
+                    let Some(ev) = parse(&line) else { continue };
+                    if !self.pids.contains(&ev.pid) {
+                        self.pids.push(ev.pid);
+                    }
+                    if ev.name == name && pred(&ev) {
+                        return ev;
+                    }
+                    self.backlog.push_back(ev);
+                }
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no {name:?} event within {DEADLINE:?}; output so far:\n{}",
+                    self.history.join("\n")
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "every process exited before a {name:?} event; output:\n{}",
+                    self.history.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits until every process of the run has closed stdout (they have all exited).
+    #[track_caller]
+    pub fn expect_all_exited(&mut self) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(line) => self.history.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "processes still running after {DEADLINE:?}; output:\n{}",
+                    self.history.join("\n")
+                ),
+            }
+        }
+        let _ = self.first.wait();
+    }
+
+    /// Events seen so far (backlog), for assertions that something did *not* happen.
+    pub fn seen(&self, name: &str) -> bool {
+        self.backlog.iter().any(|e| e.name == name)
+    }
+
+    /// Chooses what the next generation does (see [`scenario`]).
+    pub fn next(&self, mode: &str) {
+        std::fs::write(self.dir.join("next"), mode).unwrap();
+    }
+
+    pub fn first_pid(&self) -> u32 {
+        self.first.id()
+    }
+
+    pub fn wait_first(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(st) = self.first.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "first generation did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            signal(pid, libc::SIGKILL);
+        }
+        let _ = self.first.kill();
+        let _ = self.first.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn parse(line: &str) -> Option<Event> {
+    let rest = line.strip_prefix("@@ ")?;
+    let mut it = rest.splitn(3, ' ');
+    let pid = it.next()?.parse().ok()?;
+    let name = it.next()?.to_string();
+    let rest = it.next().unwrap_or("").to_string();
+    Some(Event { pid, name, rest })
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+/// Whether a process exists at all (a zombie counts: it has not been reaped).
+pub fn exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether `pid` has exited: gone, or a zombie waiting for its reaper (an old
+/// generation is reparented to PID 1, which may take its time to reap it). Every
+/// thread counts: a main thread shows as a zombie while the others still run.
+pub fn exited(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).map_or(true, |stat| {
+            // The state follows the parenthesised command name.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "Z" || state == "X")
+        })
+    })
+}
+
+/// Polls until `pid` has exited (see [`exited`]); every one of its threads is done then.
+#[track_caller]
+pub fn wait_gone(pid: u32) {
+    let deadline = Instant::now() + DEADLINE;
+    while !exited(pid) {
+        assert!(Instant::now() < deadline, "process {pid} still exists");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Connects and reads the reply; returns the pid that answered.
+pub fn ask(addr: SocketAddr) -> std::io::Result<u32> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    reply
+        .trim()
+        .strip_prefix("pid=")
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad reply {reply:?}")))
+}
+
+/// Children of `pid` (all threads), from /proc.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------------------
+// The scenario program: what every generation runs.
+// ---------------------------------------------------------------------------------------
+
+fn say(msg: impl AsRef<str>) {
+    let line = format!("\n@@ {} {}\n", std::process::id(), msg.as_ref());
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.flush();
+}
+
+/// A short name for an error variant, for the test to match on.
+pub fn kind(e: &Error) -> &'static str {
+    match e {
+        Error::AlreadyCreated => "AlreadyCreated",
+        Error::FdTable { .. } => "FdTable",
+        Error::WrongKind { .. } => "WrongKind",
+        Error::Listen { .. } => "Listen",
+        Error::NotReady => "NotReady",
+        Error::UpgradeInProgress => "UpgradeInProgress",
+        Error::AlreadyUpgraded => "AlreadyUpgraded",
+        Error::Stopped => "Stopped",
+        Error::ParentAlive { .. } => "ParentAlive",
+        Error::Exec { .. } => "Exec",
+        Error::ChildExited { .. } => "ChildExited",
+        Error::Timeout { .. } => "Timeout",
+        Error::PidFile { .. } => "PidFile",
+        Error::Io { .. } => "Io",
+        _ => "Other",
+    }
+}
+
+fn describe(e: &Error) -> String {
+    let mut s = format!("kind={} msg={}", kind(e), e.to_string().replace(' ', "_"));
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(&format!(" cause={}", inner.to_string().replace(' ', "_")));
+        src = inner.source();
+    }
+    s
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// Entry point of every scenario process. Never returns.
+///
+/// Environment: `TF_DIR` (scratch dir, also the initial working directory), `TF_TCP`
+/// (comma-separated addresses to listen on), `TF_UNIX` (a path), `TF_ABSTRACT` (a name),
+/// `TF_PIDFILE`, `TF_EXE`, `TF_TIMEOUT_MS`, `TF_FAILS` (run that many upgrades in a row
+/// right after ready and report fd counts).
+///
+/// The file `$TF_DIR/next` holds space-separated words for the generation that reads it
+/// at start-up: `exit N` (exit before `Upgrader::new`), `abort` (die by SIGABRT),
+/// `hang` (never become ready), `noreq` (take no fds), `wrongkind` (ask for the Unix
+/// listener as a datagram socket first), `chdir` (change directory after `new`),
+/// (A file `linger` holding milliseconds makes a generation linger after exit fires.)
+pub fn scenario(name: &str) -> ! {
+    // Watchdog: a scenario process never outlives a minute.
+    // SAFETY: alarm(2) only arms a timer.
+    unsafe { libc::alarm(60) };
+    let dir = PathBuf::from(env("TF_DIR").expect("TF_DIR"));
+    let mode = std::fs::read_to_string(dir.join("next")).unwrap_or_default();
+    let words: Vec<&str> = mode.split_whitespace().collect();
+    let arg = |w: &str| -> Option<u64> {
+        let i = words.iter().position(|x| *x == w)?;
+        words.get(i + 1)?.parse().ok()
+    };
+    let has = |w: &str| words.contains(&w);
+    let args: Vec<String> = std::env::args_os()
+        .map(|a| format!("{a:?}").replace(' ', "_"))
+        .collect();
+    say(format!(
+        "start mode={} args={}",
+        words.join("+"),
+        args.join("|")
+    ));
+
+    if let Some(code) = arg("exit") {
+        std::process::exit(code as i32);
+    }
+    if has("abort") {
+        std::process::abort();
+    }
+    if has("hang") {
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+
+    let mut opts = Options::new();
+    if let Some(ms) = env("TF_TIMEOUT_MS") {
+        opts = opts.upgrade_timeout(Duration::from_millis(ms.parse().unwrap()));
+    }
+    if let Some(p) = env("TF_PIDFILE") {
+        opts = opts.pid_file(p);
+    }
+    if let Some(p) = env("TF_EXE") {
+        opts = opts.executable(p);
+    }
+    let upg = match Upgrader::new(opts) {
+        Ok(u) => Arc::new(u),
+        Err(e) => {
+            say(format!("new-error {}", describe(&e)));
+            std::process::exit(2);
+        }
+    };
+    say(format!("new has_parent={}", upg.has_parent()));
+
+    if name == "api" {
+        api_checks(&upg);
+    }
+    if has("chdir") {
+        std::env::set_current_dir("/").unwrap();
+    }
+
+    let mut listeners = Vec::new();
+    if !has("noreq") {
+        for addr in env("TF_TCP")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|a| !a.is_empty())
+        {
+            match upg.fds().listen_tcp(addr) {
+                Ok(ln) => {
+                    say(format!("tcp addr={}", ln.local_addr().unwrap()));
+                    listeners.push(ln);
+                }
+                Err(e) => say(format!("listen-error {}", describe(&e))),
+            }
+        }
+        let unix = env("TF_UNIX")
+            .map(|p| UnixAddr::Path(p.into()))
+            .or_else(|| env("TF_ABSTRACT").map(UnixAddr::abstract_name));
+        if let Some(addr) = unix {
+            if has("wrongkind") {
+                match upg.fds().listen_unix_datagram(addr.clone()) {
+                    Ok(_) => say("wrongkind result=accepted"),
+                    Err(e) => say(format!("wrongkind {}", describe(&e))),
+                }
+                match upg.fds().unix_listener(addr.clone()) {
+                    Ok(found) => say(format!("unix-lookup found={}", found.is_some())),
+                    Err(e) => say(format!("unix-lookup {}", describe(&e))),
+                }
+            }
+            match upg.fds().listen_unix(addr) {
+                Ok(ln) => {
+                    say("unix ok");
+                    std::mem::forget(ln);
+                }
+                Err(e) => say(format!("listen-error {}", describe(&e))),
+            }
+        }
+    }
+    // Signals: SIGHUP upgrades (each on its own thread, so two can overlap), SIGTERM stops.
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGHUP, libc::SIGTERM]).unwrap();
+    let u = Arc::clone(&upg);
+    static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            let u = Arc::clone(&u);
+            if sig == libc::SIGTERM {
+                u.stop();
+                say("stopped");
+                continue;
+            }
+            IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                match u.upgrade() {
+                    Ok(()) => say("upgrade-ok"),
+                    Err(e) => say(format!(
+                        "upgrade-error {} children={}",
+                        describe(&e),
+                        children_of(std::process::id()).len()
+                    )),
+                }
+                IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+
+    if let Err(e) = upg.ready() {
+        say(format!("ready-error {}", describe(&e)));
+        std::process::exit(3);
+    }
+    say(format!("ready fds={}", fd_count()));
+
+    if let Some(n) = env("TF_FAILS") {
+        std::fs::write(dir.join("next"), "exit 1").unwrap();
+        let before = fd_count();
+        let mut kinds = Vec::new();
+        for _ in 0..n.parse::<usize>().unwrap() {
+            kinds.push(upg.upgrade().map(|_| "Ok").unwrap_or_else(|e| kind(&e)));
+        }
+        kinds.dedup();
+        say(format!(
+            "fails before={before} after={} kinds={} children={}",
+            fd_count(),
+            kinds.join(","),
+            children_of(std::process::id()).len()
+        ));
+    }
+
+    serve(&upg, &listeners);
+    // Let the upgrade threads report before exiting.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while IN_FLIGHT.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // `$TF_DIR/linger` (read at exit time): keep running that many ms after being told
+    // to exit, like a generation draining long connections.
+    if let Some(ms) = std::fs::read_to_string(dir.join("linger"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+    {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    say("exit");
+    std::process::exit(0);
+}
+
+/// Accepts on every listener until the exit fd fires, answering `pid=<pid>`.
+fn serve(upg: &Upgrader, listeners: &[std::net::TcpListener]) {
+    for ln in listeners {
+        ln.set_nonblocking(true).unwrap();
+    }
+    loop {
+        let mut pfds: Vec<libc::pollfd> = listeners
+            .iter()
+            .map(|l| l.as_raw_fd())
+            .chain([upg.exit_fd().as_raw_fd()])
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: a valid, exclusively borrowed array of pollfd.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as _, -1) };
+        if rc < 0 {
+            continue;
+        }
+        if pfds.last().unwrap().revents != 0 {
+            return;
+        }
+        for ln in listeners {
+            while let Ok((mut conn, _)) = ln.accept() {
+                let _ = conn.set_nonblocking(false);
+                let _ = writeln!(conn, "pid={}", std::process::id());
+            }
+        }
+    }
+}
+
+fn api_checks(upg: &Upgrader) {
+    let second = Upgrader::new(Options::new());
+    say(format!(
+        "second-new {}",
+        second
+            .err()
+            .map(|e| describe(&e))
+            .unwrap_or("kind=Ok".into())
+    ));
+    let r = upg.upgrade();
+    say(format!(
+        "upgrade-before-ready {}",
+        r.err().map(|e| describe(&e)).unwrap_or("kind=Ok".into())
+    ));
+    upg.ready().unwrap();
+    let again = upg.ready();
+    say(format!("ready-again ok={}", again.is_ok()));
+    say(format!("should-exit before-stop={}", upg.should_exit()));
+    upg.stop();
+    say(format!("should-exit after-stop={}", upg.should_exit()));
+    upg.wait_for_exit();
+    let r = upg.upgrade();
+    say(format!(
+        "upgrade-after-stop {}",
+        r.err().map(|e| describe(&e)).unwrap_or("kind=Ok".into())
+    ));
+    say(format!("ready-after-stop ok={}", upg.ready().is_ok()));
+    say("exit");
+    std::process::exit(0);
+}
+
+/// Reads a whole stream with a deadline (for Unix sockets).
+pub fn read_all(mut r: impl Read) -> String {
+    let mut s = String::new();
+    let _ = r.read_to_string(&mut s);
+    s
+}
