@@ -48,14 +48,28 @@
 //!         if fds[1].revents != 0 {
 //!             break; // finish in-flight work, then return
 //!         }
-//!         while let Ok((mut conn, _)) = listener.accept() {
-//!             conn.set_nonblocking(false)?;
-//!             writeln!(conn, "hello from pid {}", std::process::id())?;
+//!         // Accept a bounded batch, so a flood cannot starve the exit check.
+//!         for _ in 0..64 {
+//!             match listener.accept() {
+//!                 Ok((mut conn, _)) => {
+//!                     conn.set_nonblocking(false)?; // a new description: not shared
+//!                     let _ = writeln!(conn, "hello from pid {}", std::process::id());
+//!                 }
+//!                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+//!                 Err(e) => {
+//!                     eprintln!("accept: {e}"); // EMFILE and friends: back off
+//!                     std::thread::sleep(std::time::Duration::from_millis(10));
+//!                     break;
+//!                 }
+//!             }
 //!         }
 //!     }
 //!     Ok(())
 //! }
 //! ```
+//!
+//! `examples/tcp_server.rs` is the complete version, with connection threads and a
+//! drain before exit.
 //!
 //! # Anatomy of an upgrade
 //!

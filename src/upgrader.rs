@@ -451,10 +451,11 @@ impl Upgrader {
                     _ => {
                         let status = child.wait_exit(deadline);
                         return match status {
-                            Some(status) => Err(Error::ChildExited {
+                            Some(Ok(status)) => Err(Error::ChildExited {
                                 pid: child.pid as u32,
                                 status,
                             }),
+                            Some(Err(e)) => Err(e),
                             None => {
                                 child.kill_and_reap();
                                 Err(Error::Timeout {
@@ -471,12 +472,15 @@ impl Upgrader {
                 return Err(Error::Stopped);
             }
             if pfds.get(2).is_some_and(|p| p.revents != 0) {
-                let status = child.wait_exit(deadline);
-                if let Some(status) = status {
-                    return Err(Error::ChildExited {
-                        pid: child.pid as u32,
-                        status,
-                    });
+                match child.wait_exit(deadline) {
+                    Some(Ok(status)) => {
+                        return Err(Error::ChildExited {
+                            pid: child.pid as u32,
+                            status,
+                        })
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => {}
                 }
             }
         }
@@ -509,7 +513,14 @@ impl Upgrader {
     /// Blocks until this process should exit: an upgrade succeeded or [`stop`](Upgrader::stop)
     /// was called.
     pub fn wait_for_exit(&self) {
-        while !matches!(poll_readable(self.exit_rd.as_fd(), None), Ok(true)) {}
+        loop {
+            match poll_readable(self.exit_rd.as_fd(), None) {
+                Ok(true) => return,
+                Ok(false) => {}
+                // poll on a valid fd fails only for lack of memory: back off, retry.
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
     }
 
     /// An fd that becomes readable (and stays readable) when this process should exit,
@@ -518,6 +529,12 @@ impl Upgrader {
     /// from it or change its flags.
     pub fn exit_fd(&self) -> BorrowedFd<'_> {
         self.exit_rd.as_fd()
+    }
+
+    /// Whether an upgrade succeeded: the exit notification fired because a new
+    /// generation took over (rather than because of [`stop`](Upgrader::stop)).
+    pub fn upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::SeqCst)
     }
 
     /// Whether this process should exit now (the exit fd is readable).
@@ -623,10 +640,12 @@ impl Child {
     }
 
     /// Waits for the child to exit until `deadline`, and reaps it. `None` on timeout.
-    fn wait_exit(&self, deadline: Option<Instant>) -> Option<ExitStatus> {
+    fn wait_exit(&self, deadline: Option<Instant>) -> Option<Result<ExitStatus>> {
         loop {
-            if let Some(raw) = try_reap(self.pid) {
-                return Some(ExitStatus::from_raw(raw));
+            match try_reap(self.pid) {
+                Ok(Some(raw)) => return Some(Ok(ExitStatus::from_raw(raw))),
+                Ok(None) => {}
+                Err(e) => return Some(Err(e)),
             }
             let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             if remaining == Some(Duration::ZERO) {
@@ -644,19 +663,28 @@ impl Child {
     }
 }
 
-/// Reaps `pid` without blocking. `Some(raw status)` if it had exited (or is not ours
-/// to wait for any more).
-fn try_reap(pid: libc::pid_t) -> Option<i32> {
+/// Reaps `pid` without blocking: `Ok(Some(raw status))` once it has exited. An error
+/// (`ECHILD`) means somebody else reaped it: `SIGCHLD` ignored, or a `waitpid(-1)`
+/// elsewhere in the process.
+fn try_reap(pid: libc::pid_t) -> Result<Option<i32>> {
     let mut status = 0;
     loop {
         // SAFETY: waitpid on our own child with a valid status pointer.
         let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
         match rc {
-            0 => return None,
-            -1 if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => continue,
-            // ECHILD: someone else reaped it (SIGCHLD ignored, say). Report it as gone.
-            -1 => return Some(0),
-            _ => return Some(status),
+            0 => return Ok(None),
+            -1 => {
+                let err = io::Error::last_os_error();
+                if err.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::io(
+                    "waitpid for the new generation (reaped elsewhere? SIGCHLD ignored?)",
+                    None,
+                    err,
+                ));
+            }
+            _ => return Ok(Some(status)),
         }
     }
 }
