@@ -124,3 +124,19 @@ pub use error::{Error, Result};
 pub use fds::Fds;
 pub use upgrader::{Options, Upgrader};
 pub use wire::UnixAddr;
+
+/// Not public API: entry points for the fuzzer and benchmarks. No stability promise.
+#[doc(hidden)]
+pub mod __private {
+    /// Decodes an fd table value as [`Upgrader::new`](crate::Upgrader::new) would in a
+    /// process with pid `pid`, touching no fd. `Ok(None)`: addressed to another process;
+    /// `Ok(Some(n))`: `n` entries; `Err`: the entry at fault and the reason.
+    pub fn decode_fd_table(value: &[u8], pid: u32) -> Result<Option<usize>, (String, String)> {
+        crate::wire::decode(value, pid)
+            .map(|t| t.map(|t| t.entries.len()))
+            .map_err(|e| (e.entry, e.reason))
+    }
+
+    /// The name of the environment variable that carries the fd table.
+    pub const FD_TABLE_VAR: &str = crate::wire::VAR;
+}
