@@ -160,6 +160,53 @@ impl Fds {
             .map(TcpListener::from)
     }
 
+    /// A group of `n` TCP listeners on one address, for `SO_REUSEPORT` (one listener per
+    /// thread, the kernel spreading connections across them). Every socket of the group
+    /// travels to the next generation, in order, so no accept queue is thrown away.
+    ///
+    /// The next generation asking for the same `n` gets the same sockets back. Asking for
+    /// more takes every inherited socket and binds the missing ones (with `SO_REUSEPORT`,
+    /// which this method sets on new sockets before the
+    /// [`before_bind`](crate::Options::before_bind) hook runs). Asking for fewer takes the
+    /// first `n`; the others are closed by [`ready`](crate::Upgrader::ready), and
+    /// connections queued on them when the old generation stops accepting are lost
+    /// (closing one socket of a `SO_REUSEPORT` group drops its queue): keep `n` stable,
+    /// or shrink a group only when traffic allows.
+    ///
+    /// `addr` must resolve to one address; port 0 works as for
+    /// [`listen_tcp`](Fds::listen_tcp), all sockets sharing the port the first one got.
+    pub fn listen_tcp_group(&self, addr: impl ToSocketAddrs, n: usize) -> Result<Vec<TcpListener>> {
+        let addr = resolve_one(addr)?;
+        Ok(self
+            .listen_group(addr, n, Key::TcpListener, SocketType::STREAM)?
+            .into_iter()
+            .map(TcpListener::from)
+            .collect())
+    }
+
+    /// Every inherited TCP listener on `addr` not yet taken, in the order the previous
+    /// generation passed them (empty if there are none).
+    pub fn tcp_listener_group(&self, addr: impl ToSocketAddrs) -> Result<Vec<TcpListener>> {
+        let addr = resolve_one(addr)?;
+        let mut reg = self.lock();
+        let mut out = Vec::new();
+        while let Some(fd) = reg.take(&Key::TcpListener(addr))? {
+            out.push(TcpListener::from(fd));
+        }
+        Ok(out)
+    }
+
+    /// A group of `n` UDP sockets bound to one address with `SO_REUSEPORT`; see
+    /// [`listen_tcp_group`](Fds::listen_tcp_group).
+    pub fn listen_udp_group(&self, addr: impl ToSocketAddrs, n: usize) -> Result<Vec<UdpSocket>> {
+        let addr = resolve_one(addr)?;
+        Ok(self
+            .listen_group(addr, n, Key::Udp, SocketType::DGRAM)?
+            .into_iter()
+            .map(UdpSocket::from)
+            .collect())
+    }
+
     /// The inherited TCP listener on `addr`, if there is one not yet taken.
     pub fn tcp_listener(&self, addr: impl ToSocketAddrs) -> Result<Option<TcpListener>> {
         let addrs = resolve(addr)?;
@@ -323,7 +370,53 @@ impl Fds {
         }))
     }
 
+    fn listen_group(
+        &self,
+        addr: SocketAddr,
+        n: usize,
+        make_key: fn(SocketAddr) -> Key,
+        ty: SocketType,
+    ) -> Result<Vec<OwnedFd>> {
+        let mut reg = self.lock();
+        let mut key = make_key(addr);
+        // Sockets this process already registered under the key come first...
+        let mut out: Vec<OwnedFd> = Vec::with_capacity(n);
+        for u in reg.used.iter().filter(|u| u.key == key).take(n) {
+            out.push(dup(u.fd.as_fd())?);
+        }
+        // ...then inherited ones, in order (port 0 matches the inherited port)...
+        while out.len() < n {
+            let Some(i) = reg.find_inherited(&key)? else {
+                break;
+            };
+            key = reg.inherited[i].key.clone();
+            let Some(fd) = reg.take(&key)? else { break };
+            out.push(fd);
+        }
+        // ...then new ones, all on the port the first one got.
+        while out.len() < n {
+            let target = match &key {
+                Key::TcpListener(a) | Key::Udp(a) => *a,
+                _ => addr,
+            };
+            let fd = self.bind_inet_with(target, ty, true)?;
+            let local = local_inet(fd.as_fd()).unwrap_or(target);
+            key = make_key(local);
+            reg.used.push(Used {
+                key: key.clone(),
+                fd: dup(fd.as_fd())?,
+                socket_file: None,
+            });
+            out.push(fd);
+        }
+        Ok(out)
+    }
+
     fn bind_inet(&self, addr: SocketAddr, ty: SocketType) -> Result<OwnedFd> {
+        self.bind_inet_with(addr, ty, false)
+    }
+
+    fn bind_inet_with(&self, addr: SocketAddr, ty: SocketType, reuseport: bool) -> Result<OwnedFd> {
         let family = match addr {
             SocketAddr::V4(_) => AddressFamily::INET,
             SocketAddr::V6(_) => AddressFamily::INET6,
@@ -336,6 +429,9 @@ impl Fds {
         let fd = new_socket(family, ty).map_err(fail)?;
         if listen {
             rustix::net::sockopt::set_socket_reuseaddr(&fd, true).map_err(|e| fail(e.into()))?;
+        }
+        if reuseport {
+            rustix::net::sockopt::set_socket_reuseport(&fd, true).map_err(|e| fail(e.into()))?;
         }
         if let Some(hook) = &self.before_bind {
             hook(fd.as_fd()).map_err(fail)?;
@@ -733,6 +829,20 @@ fn resolve(addr: impl ToSocketAddrs) -> Result<Vec<SocketAddr>> {
         });
     }
     Ok(addrs)
+}
+
+fn resolve_one(addr: impl ToSocketAddrs) -> Result<SocketAddr> {
+    let addrs = resolve(addr)?;
+    match addrs.as_slice() {
+        [one] => Ok(*one),
+        _ => Err(Error::Listen {
+            addr: format!("{addrs:?}"),
+            source: io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a socket group needs an address that resolves to exactly one address",
+            ),
+        }),
+    }
 }
 
 fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd> {

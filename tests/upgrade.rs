@@ -25,11 +25,17 @@ fn tcp_env() -> Vec<(&'static str, String)> {
 /// the old one exited.
 #[track_caller]
 fn upgrade_ok(run: &mut Run, old: u32) -> u32 {
+    upgrade_ok_event(run, old).pid
+}
+
+/// As [`upgrade_ok`], returning the new generation's `ready` event.
+#[track_caller]
+fn upgrade_ok_event(run: &mut Run, old: u32) -> util::Event {
     signal(old, libc::SIGHUP);
     run.expect_from("upgrade-ok", old);
     let ready = run.expect_not_from("ready", old);
     wait_gone_or_zombie_of_test(run, old);
-    ready.pid
+    ready
 }
 
 /// The first generation is the test's own child and becomes a zombie until the test
@@ -437,5 +443,62 @@ fn upgrade_is_refused_while_the_parent_is_alive() {
     run.wait_first();
     let newer = upgrade_ok(&mut run, new);
     signal(newer, libc::SIGTERM);
+    run.expect_all_exited();
+}
+
+/// A SO_REUSEPORT group travels whole and in order; asking for more binds the missing
+/// sockets on the same port; asking for fewer closes the extras once ready.
+#[test]
+fn socket_groups_pass_in_order_and_resize() {
+    let mut run = Run::start_mode("group", &[("TF_GROUP", "127.0.0.1:0".into())], "group 3");
+    let g1 = run.expect("group");
+    let port = g1.field("port").unwrap().to_string();
+    let inodes1: Vec<String> = g1
+        .field("inodes")
+        .unwrap()
+        .split(',')
+        .map(String::from)
+        .collect();
+    assert_eq!(inodes1.len(), 3);
+    let pid = run.expect("ready").pid;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(ask(addr).unwrap(), pid);
+
+    // Same size: the same sockets, in the same order.
+    let pid2 = upgrade_ok(&mut run, pid);
+    let g2 = run.expect_from("group", pid2);
+    assert_eq!(g2.field("port").unwrap(), port);
+    assert_eq!(g2.field("inodes").unwrap(), inodes1.join(","));
+
+    // More: the three inherited ones first, then a new one on the same port.
+    run.next("group 4");
+    let pid3 = upgrade_ok(&mut run, pid2);
+    let g3 = run.expect_from("group", pid3);
+    let inodes3: Vec<&str> = g3.field("inodes").unwrap().split(',').collect();
+    assert_eq!(g3.field("port").unwrap(), port);
+    assert_eq!(inodes3.len(), 4);
+    assert_eq!(inodes3[..3].join(","), inodes1.join(","));
+    assert!(!inodes1.iter().any(|i| i == inodes3[3]));
+    for _ in 0..20 {
+        assert_eq!(ask(addr).unwrap(), pid3);
+    }
+
+    // Fewer: the first two are kept, the other two closed by ready().
+    run.next("group 2");
+    let ready4 = upgrade_ok_event(&mut run, pid3);
+    let pid4 = ready4.pid;
+    let g4 = run.expect_from("group", pid4);
+    assert_eq!(g4.field("inodes").unwrap(), inodes3[..2].join(","));
+    let open: Vec<&str> = ready4.field("sockets").unwrap().split(',').collect();
+    for closed in &inodes3[2..] {
+        assert!(
+            !open.contains(closed),
+            "socket {closed} still open in {open:?}"
+        );
+    }
+    for _ in 0..20 {
+        assert_eq!(ask(addr).unwrap(), pid4);
+    }
+    signal(pid4, libc::SIGTERM);
     run.expect_all_exited();
 }

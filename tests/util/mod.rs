@@ -328,6 +328,39 @@ pub fn children_of(pid: u32) -> Vec<u32> {
     out
 }
 
+/// The inode of a socket fd, as `/proc/self/fd` shows it (`socket:[123]` → `123`).
+pub fn socket_inode(fd: i32) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map(|p| {
+            p.to_string_lossy()
+                .trim_start_matches("socket:[")
+                .trim_end_matches(']')
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// The inodes of every socket this process has open, sorted.
+pub fn open_socket_inodes() -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|p| p.to_string_lossy().into_owned())
+                .filter_map(|p| {
+                    Some(
+                        p.strip_prefix("socket:[")?
+                            .trim_end_matches(']')
+                            .to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
 pub fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
@@ -516,11 +549,32 @@ pub fn scenario(name: &str) -> ! {
         }
     });
 
+    // `TF_GROUP=ADDR` with the word `group N` in `next` (default 2): a SO_REUSEPORT group.
+    if let Some(addr) = env("TF_GROUP") {
+        let n = arg("group").unwrap_or(2) as usize;
+        match upg.fds().listen_tcp_group(addr.as_str(), n) {
+            Ok(group) => {
+                let inodes: Vec<String> =
+                    group.iter().map(|l| socket_inode(l.as_raw_fd())).collect();
+                say(format!(
+                    "group port={} inodes={}",
+                    group[0].local_addr().unwrap().port(),
+                    inodes.join(",")
+                ));
+                listeners.extend(group);
+            }
+            Err(e) => say(format!("listen-error {}", describe(&e))),
+        }
+    }
     if let Err(e) = upg.ready() {
         say(format!("ready-error {}", describe(&e)));
         std::process::exit(3);
     }
-    say(format!("ready fds={}", fd_count()));
+    say(format!(
+        "ready fds={} sockets={}",
+        fd_count(),
+        open_socket_inodes().join(",")
+    ));
 
     if let Some(n) = env("TF_FAILS") {
         std::fs::write(dir.join("next"), "exit 1").unwrap();
