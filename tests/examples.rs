@@ -20,8 +20,17 @@ fn upgrades() -> usize {
 
 /// Upgrades `binary` several times while clients hammer it, then stops it.
 fn upgrades_under_load(binary: &str, probe: Probe, clients: &[Client]) -> Stats {
+    upgrades_under_load_with(binary, &[], probe, clients)
+}
+
+fn upgrades_under_load_with(
+    binary: &str,
+    args: &[&str],
+    probe: Probe,
+    clients: &[Client],
+) -> Stats {
     let _lock = lock();
-    let mut server = Server::start(&example(binary), &[], probe);
+    let mut server = Server::start(&example(binary), args, probe);
     let load = Load::start(server.addr, clients);
     let upgrades = upgrades();
     for _ in 0..upgrades {
@@ -61,6 +70,18 @@ fn tcp_server_upgrades_under_load() {
         line_probe,
         &[probing_client::<true> as Client; 4],
     );
+}
+
+#[test]
+fn thread_per_core_upgrades_under_load() {
+    // Three SO_REUSEPORT listeners, on two cores: the group travels whole.
+    let stats = upgrades_under_load_with(
+        "thread_per_core",
+        &["--workers", "3"],
+        line_probe,
+        &[probing_client::<true> as Client; 4],
+    );
+    assert!(stats.ok > 0);
 }
 
 #[test]
