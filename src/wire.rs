@@ -251,14 +251,19 @@ pub(crate) struct DecodeError {
     pub(crate) reason: String,
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary.
+fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 fn bad(entry: &str, reason: impl Into<String>) -> DecodeError {
     // Keep error messages bounded even for a hostile, huge value.
     let entry = if entry.len() > 200 {
-        let mut end = 200;
-        while !entry.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{}...", &entry[..end])
+        format!("{}...", clip(entry, 200))
     } else {
         entry.to_string()
     };
@@ -363,8 +368,11 @@ fn decode_entry(entry: &str) -> Result<(RawFd, Key), DecodeError> {
             bytes,
         ))))
     };
+    // A name may be empty (`add_fd("", ..)` is allowed), but the `,` before it is needed.
     let name = || -> Result<String, DecodeError> {
-        String::from_utf8(need("a name")?).map_err(|_| bad(entry, "the name is not UTF-8"))
+        let arg = arg.ok_or_else(|| bad(entry, format!("{tag} needs a name")))?;
+        let bytes = unescape(arg).map_err(|e| bad(entry, e))?;
+        String::from_utf8(bytes).map_err(|_| bad(entry, "the name is not UTF-8"))
     };
     let no_arg = |key: Key| -> Result<Key, DecodeError> {
         match arg {
@@ -382,7 +390,8 @@ fn decode_entry(entry: &str) -> Result<(RawFd, Key), DecodeError> {
         "tcpconn" => Key::TcpStream(name()?),
         "unixconn" => Key::UnixStream(name()?),
         "fd" => Key::Fd(name()?),
-        _ => return Err(bad(entry, format!("unknown kind {tag:?}"))),
+        // The kind is quoted in the reason: only its start, so the reason stays short.
+        _ => return Err(bad(entry, format!("unknown kind {:?}", clip(tag, 16)))),
     };
     Ok((fd, key))
 }
@@ -424,6 +433,179 @@ mod tests {
         let t = decode(s.as_bytes(), 42).unwrap().unwrap();
         assert_eq!(t.entries, keys);
         assert_eq!(decode(s.as_bytes(), 43).unwrap(), None);
+    }
+
+    /// xorshift64*: a small deterministic generator, so a failure replays exactly.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        fn chance(&mut self, one_in: u64) -> bool {
+            self.below(one_in) == 0
+        }
+
+        /// Bytes drawn mostly from the separators and escapes of the format, plus any.
+        fn bytes(&mut self, max_len: u64) -> Vec<u8> {
+            const TRICKY: &[u8] = b";,%@:[]/.\\0 \xff\x80\n";
+            (0..self.below(max_len + 1))
+                .map(|_| match self.below(3) {
+                    0 => TRICKY[self.below(TRICKY.len() as u64) as usize],
+                    1 => b'a' + self.below(26) as u8,
+                    _ => self.next() as u8,
+                })
+                .collect()
+        }
+
+        fn string(&mut self, max_len: u64) -> String {
+            (0..self.below(max_len + 1))
+                .map(|_| match self.below(4) {
+                    0 => char::from(b";,%@ \0"[self.below(6) as usize]),
+                    1 => char::from(b'a' + self.below(26) as u8),
+                    _ => char::from_u32(self.below(0x11_0000) as u32).unwrap_or('\u{fffd}'),
+                })
+                .collect()
+        }
+
+        fn inet(&mut self) -> SocketAddr {
+            let port = self.next() as u16;
+            if self.chance(2) {
+                SocketAddr::from((std::net::Ipv4Addr::from(self.next() as u32), port))
+            } else {
+                let ip = std::net::Ipv6Addr::from(
+                    u128::from(self.next()) << 64 | u128::from(self.next()),
+                );
+                // The text form carries the scope id but not the flow label: flow labels are
+                // not part of a bound address (getsockname reports 0).
+                let scope = if self.chance(2) {
+                    0
+                } else {
+                    self.next() as u32
+                };
+                SocketAddr::V6(std::net::SocketAddrV6::new(ip, port, 0, scope))
+            }
+        }
+
+        fn unix(&mut self) -> UnixAddr {
+            if self.chance(2) {
+                // Any bytes, NUL and empty included.
+                UnixAddr::Abstract(self.bytes(40))
+            } else {
+                // A path is never empty and never holds NUL: no socket can be bound at such
+                // a path, and the decoder rejects both.
+                let mut p: Vec<u8> = self.bytes(60).into_iter().filter(|&b| b != 0).collect();
+                if p.is_empty() {
+                    p.push(b'@');
+                }
+                UnixAddr::Path(PathBuf::from(std::ffi::OsString::from_vec(p)))
+            }
+        }
+
+        fn fd(&mut self) -> RawFd {
+            match self.below(3) {
+                0 => 3 + self.below(10) as RawFd,
+                1 => 3 + self.below(100_000) as RawFd,
+                _ => 3 + self.below(RawFd::MAX as u64 - 2) as RawFd,
+            }
+        }
+
+        fn key(&mut self) -> Key {
+            match self.below(9) {
+                0 => Key::Ready,
+                1 => Key::Parent,
+                2 => Key::TcpListener(self.inet()),
+                3 => Key::Udp(self.inet()),
+                4 => Key::UnixListener(self.unix()),
+                5 => Key::UnixDatagram(self.unix()),
+                6 => Key::TcpStream(self.string(20)),
+                7 => Key::UnixStream(self.string(20)),
+                _ => Key::Fd(self.string(20)),
+            }
+        }
+
+        /// A valid table: distinct fds, at most one `ready` and one `parent`.
+        fn table(&mut self) -> Vec<(RawFd, Key)> {
+            let mut entries: Vec<(RawFd, Key)> = Vec::new();
+            for _ in 0..self.below(12) {
+                let fd = self.fd();
+                let key = self.key();
+                let dup_fd = entries.iter().any(|(f, _)| *f == fd);
+                let dup_pipe = matches!(key, Key::Ready | Key::Parent)
+                    && entries.iter().any(|(_, k)| *k == key);
+                if !dup_fd && !dup_pipe {
+                    entries.push((fd, key));
+                }
+            }
+            entries
+        }
+    }
+
+    /// Path equality in std ignores repeated and trailing slashes: compare the bytes.
+    fn exact(key: &Key) -> Vec<u8> {
+        match key {
+            Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) => {
+                p.as_os_str().as_bytes().to_vec()
+            }
+            other => format!("{other:?}").into_bytes(),
+        }
+    }
+
+    #[test]
+    fn any_table_round_trips() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for case in 0..5000 {
+            let entries = rng.table();
+            let pid = rng.next() as u32;
+            let encoded = encode(entries.iter().map(|(fd, k)| (*fd, k)));
+            assert!(encoded.is_ascii(), "case {case}: {encoded:?}");
+            let value = with_pid(encoded, pid);
+            let table = match decode(value.as_bytes(), pid) {
+                Ok(Some(t)) => t,
+                other => panic!("case {case}: {value:?} decoded to {other:?}"),
+            };
+            assert_eq!(table.pid, pid, "case {case}");
+            assert_eq!(table.entries, entries, "case {case}: {value:?}");
+            let bytes =
+                |e: &[(RawFd, Key)]| e.iter().map(|(f, k)| (*f, exact(k))).collect::<Vec<_>>();
+            assert_eq!(
+                bytes(&table.entries),
+                bytes(&entries),
+                "case {case}: {value:?}"
+            );
+            // And a process with another pid ignores it.
+            assert_eq!(
+                decode(value.as_bytes(), pid ^ 1).unwrap(),
+                None,
+                "case {case}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_keys() {
+        // An empty abstract name is a name: `@` alone.
+        let k = Key::UnixListener(UnixAddr::Abstract(Vec::new()));
+        let s = with_pid(encode([(3, &k)]), 7);
+        assert!(s.ends_with(";3,unix,@"), "{s}");
+        assert_eq!(decode(s.as_bytes(), 7).unwrap().unwrap().entries, [(3, k)]);
+        // An empty name is a name too (`add_fd("", ..)` is accepted), but a missing one is not.
+        let k = Key::Fd(String::new());
+        let s = with_pid(encode([(3, &k)]), 7);
+        assert_eq!(decode(s.as_bytes(), 7).unwrap().unwrap().entries, [(3, k)]);
+        let err = decode(b"tableflip1;pid=0000000007;3,fd", 7).unwrap_err();
+        assert!(err.reason.contains("needs a name"), "{err:?}");
+        // An empty path is no path.
+        let err = decode(b"tableflip1;pid=0000000007;3,unix,", 7).unwrap_err();
+        assert!(err.reason.contains("needs a path"), "{err:?}");
     }
 
     #[test]
