@@ -655,7 +655,7 @@ impl Registry {
 /// Adopts the fds of a decoded table: each must be open and must have been inherited
 /// through `execve` (close-on-exec clear; an fd this process opened itself would have it
 /// set, since Rust opens everything close-on-exec). Each is made close-on-exec again.
-pub(crate) fn adopt(entries: Vec<(RawFd, Key)>) -> Result<Vec<(OwnedFd, Key)>> {
+pub(crate) fn adopt(var: &'static str, entries: Vec<(RawFd, Key)>) -> Result<Vec<(OwnedFd, Key)>> {
     use rustix::io::FdFlags;
     for (fd, key) in &entries {
         let entry = || format!("{fd},{}", key.tag());
@@ -665,7 +665,7 @@ pub(crate) fn adopt(entries: Vec<(RawFd, Key)>) -> Result<Vec<(OwnedFd, Key)>> {
         match rustix::io::fcntl_getfd(borrowed) {
             Ok(flags) if flags.contains(FdFlags::CLOEXEC) => {
                 return Err(Error::FdTable {
-                    var: VAR,
+                    var,
                     entry: entry(),
                     reason: format!(
                         "fd {fd} is close-on-exec, so it was not inherited from the previous generation"
@@ -676,7 +676,7 @@ pub(crate) fn adopt(entries: Vec<(RawFd, Key)>) -> Result<Vec<(OwnedFd, Key)>> {
             Ok(_) => {}
             Err(e) => {
                 return Err(Error::FdTable {
-                    var: VAR,
+                    var,
                     entry: entry(),
                     reason: format!("fd {fd} is not open"),
                     source: Some(e.into()),
@@ -791,6 +791,11 @@ fn unix_matches(fd: BorrowedFd<'_>, path: &Path) -> bool {
 
 fn inet(addr: SocketAddrAny) -> io::Result<SocketAddr> {
     SocketAddr::try_from(addr).map_err(io::Error::from)
+}
+
+/// The Unix address of a socket address from `getsockname`.
+pub(crate) fn unix_addr(addr: SocketAddrAny) -> io::Result<UnixAddr> {
+    unix(addr)
 }
 
 fn unix(addr: SocketAddrAny) -> io::Result<UnixAddr> {

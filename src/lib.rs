@@ -105,8 +105,12 @@
 //!   in `accept()` on it, and `shutdown()` would shut the socket for the new generation
 //!   too. Wait on the listener and [`Upgrader::exit_fd`] together and accept only
 //!   when the listener is readable, as the example above does.
-//! - **systemd.** The pid changes at every upgrade. Use a pid file
-//!   ([`Options::pid_file`]) with `PIDFile=` and `ExecReload=/bin/kill -HUP $MAINPID`.
+//! - **systemd.** The pid changes at every upgrade. When `$NOTIFY_SOCKET` is set the crate
+//!   speaks the notify protocol (`MAINPID=`, `READY=1`, `RELOADING=1`, `STOPPING=1`), so
+//!   `Type=notify` with `NotifyAccess=all`, or `Type=notify-reload`, follows the new pid;
+//!   otherwise use a pid file ([`Options::pid_file`]) with `PIDFile=` and
+//!   `ExecReload=/bin/kill -HUP $MAINPID`. Sockets from socket activation (`$LISTEN_FDS`)
+//!   are adopted on a first start. See the README for unit files.
 //! - **One table variable.** Linux caps one environment string at 128 KiB, which bounds
 //!   the fd table to roughly 4000 sockets with short addresses.
 //! - **Other Unixes** build (with `fork` instead of a vfork-style clone, and without
@@ -117,6 +121,7 @@ mod error;
 mod fds;
 mod pidfile;
 mod spawn;
+mod systemd;
 mod upgrader;
 mod wire;
 

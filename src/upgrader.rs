@@ -170,6 +170,8 @@ pub struct Upgrader {
     exit_wr: Mutex<Option<OwnedFd>>,
     /// Whether an upgrade ever succeeded.
     upgraded: AtomicBool,
+    /// systemd's notify socket, if `$NOTIFY_SOCKET` was set at start.
+    notify: Option<crate::systemd::Notifier>,
 }
 
 impl fmt::Debug for Upgrader {
@@ -226,8 +228,13 @@ impl Upgrader {
         let (inherited, parent) = if TABLE_READ.swap(true, Ordering::SeqCst) {
             (Vec::new(), None)
         } else {
-            read_table()?
+            match read_table()? {
+                // A first start: adopt what systemd passed (socket activation), if anything.
+                (_, None) => (crate::systemd::activated()?, None),
+                from_parent => from_parent,
+            }
         };
+        let notify = crate::systemd::Notifier::from_env();
 
         let (exit_rd, exit_wr) =
             pipe_with(PipeFlags::CLOEXEC).map_err(|e| Error::io("pipe2", None, e))?;
@@ -252,6 +259,7 @@ impl Upgrader {
             exit_rd,
             exit_wr: Mutex::new(Some(exit_wr)),
             upgraded: AtomicBool::new(false),
+            notify,
         })
     }
 
@@ -297,6 +305,10 @@ impl Upgrader {
                 path: path.clone(),
                 source,
             })?;
+        }
+        // systemd first: it must know the new main pid before the old one exits.
+        if let Some(n) = &self.notify {
+            n.ready();
         }
         if let Some(parent) = &self.parent {
             let ready = parent
@@ -362,7 +374,13 @@ impl Upgrader {
             drop(st);
             cancel_rd
         };
+        if let Some(n) = &self.notify {
+            n.reloading();
+        }
         let result = self.run_upgrade(cancel.as_fd());
+        if let (Some(n), Err(e)) = (&self.notify, &result) {
+            n.upgrade_failed(e);
+        }
         let mut st = self.lock();
         st.upgrading = false;
         st.cancel = None;
@@ -505,6 +523,9 @@ impl Upgrader {
         // An upgrade that completed while we waited counts.
         if !upgraded && !self.upgraded.load(Ordering::SeqCst) {
             self.fds.unlink_socket_files();
+            if let Some(n) = &self.notify {
+                n.stopping();
+            }
         }
         drop(st);
         self.fire_exit();
@@ -593,7 +614,7 @@ fn read_table() -> Result<Inheritance> {
             ));
         }
     }
-    let adopted = fds::adopt(table.entries)?;
+    let adopted = fds::adopt(wire::VAR, table.entries)?;
     let mut ready = None;
     let mut lifeline = None;
     let mut rest = Vec::with_capacity(adopted.len());
