@@ -103,13 +103,41 @@ impl Run {
         mode: Option<&str>,
         configure: impl FnOnce(&mut Command),
     ) -> Run {
+        Run::start_inner(scenario, env, mode, None, configure)
+    }
+
+    /// Starts the scenario through `sh -c SCRIPT`, which must end with `exec "$@"`
+    /// (the test binary and its arguments follow).
+    pub fn start_via_shell(
+        scenario: &str,
+        env: &[(&str, String)],
+        script: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> Run {
+        Run::start_inner(scenario, env, None, Some(script), configure)
+    }
+
+    fn start_inner(
+        scenario: &str,
+        env: &[(&str, String)],
+        mode: Option<&str>,
+        script: Option<&str>,
+        configure: impl FnOnce(&mut Command),
+    ) -> Run {
         let lock = fork_lock();
         let dir = scratch_dir(scenario);
         if let Some(mode) = mode {
             std::fs::write(dir.join("next"), mode).unwrap();
         }
         let exe = std::env::current_exe().unwrap();
-        let mut cmd = Command::new(&exe);
+        let mut cmd = match script {
+            None => Command::new(&exe),
+            Some(script) => {
+                let mut c = Command::new("/bin/sh");
+                c.arg("-c").arg(script).arg(&exe);
+                c
+            }
+        };
         cmd.args(scenario_args())
             .env("TF_SCENARIO", scenario)
             .env("TF_DIR", &dir)

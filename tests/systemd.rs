@@ -1,0 +1,205 @@
+//! systemd integration: a real unixgram socket plays systemd's side of the notify
+//! protocol, and socket activation passes pre-bound sockets at fd 3.
+#![cfg(target_os = "linux")]
+
+mod util;
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr as UnixSocketAddr, UnixDatagram};
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use util::{ask, signal, Run};
+
+#[test]
+#[ignore = "entry point of the processes the other tests start"]
+fn scenario_entry() {
+    if let Ok(name) = std::env::var("TF_SCENARIO") {
+        util::scenario(&name);
+    }
+}
+
+/// Receives the next datagram, or panics after the deadline.
+#[track_caller]
+fn recv(sock: &UnixDatagram) -> String {
+    sock.set_read_timeout(Some(util::DEADLINE)).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock
+        .recv(&mut buf)
+        .expect("no notification within the deadline");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// Every datagram that arrives within `quiet` of the previous one.
+fn drain(sock: &UnixDatagram, quiet: Duration) -> Vec<String> {
+    sock.set_read_timeout(Some(quiet)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = sock.recv(&mut buf) {
+        out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    out
+}
+
+fn check_reloading(msg: &str) {
+    let mut lines = msg.lines();
+    assert_eq!(lines.next(), Some("RELOADING=1"), "{msg:?}");
+    let usec: u64 = lines
+        .next()
+        .and_then(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {msg:?}"));
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let now_usec = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1000;
+    assert!(
+        usec <= now_usec && now_usec - usec < 60_000_000,
+        "{usec} vs {now_usec}"
+    );
+}
+
+/// The exact notifications through ready, a successful upgrade, a failed upgrade and a
+/// stop, with systemd's socket at `target` (`/path` or `@abstract`).
+fn notify_protocol(sock: UnixDatagram, target: String) {
+    let mut run = Run::start(
+        "notify",
+        &[("TF_TCP", "127.0.0.1:0".into()), ("NOTIFY_SOCKET", target)],
+    );
+    let pid1 = run.expect("ready").pid;
+    assert_eq!(recv(&sock), format!("MAINPID={pid1}\nREADY=1"));
+
+    // A successful upgrade: RELOADING from the old generation, then the new one names
+    // itself as the main pid. The old one never says STOPPING.
+    signal(pid1, libc::SIGHUP);
+    check_reloading(&recv(&sock));
+    run.expect_from("upgrade-ok", pid1);
+    let pid2 = run.expect_not_from("ready", pid1).pid;
+    assert_eq!(recv(&sock), format!("MAINPID={pid2}\nREADY=1"));
+    run.wait_first();
+
+    // A failed upgrade: RELOADING, then READY=1 again from the old generation with why.
+    run.next("exit 3");
+    signal(pid2, libc::SIGHUP);
+    check_reloading(&recv(&sock));
+    let failed = recv(&sock);
+    assert!(
+        failed.starts_with("READY=1\nSTATUS=upgrade failed: "),
+        "{failed:?}"
+    );
+    assert!(failed.contains("exit status: 3"), "{failed:?}");
+    assert_eq!(
+        failed.lines().count(),
+        2,
+        "STATUS= must be one line: {failed:?}"
+    );
+    run.expect("upgrade-error");
+
+    // A real stop.
+    signal(pid2, libc::SIGTERM);
+    assert_eq!(recv(&sock), "STOPPING=1");
+    run.expect_all_exited();
+    assert!(drain(&sock, Duration::from_millis(200)).is_empty());
+}
+
+#[test]
+fn notify_protocol_on_a_path() {
+    let dir = util::scratch_dir("notify");
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    notify_protocol(sock, path.display().to_string());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn notify_protocol_on_an_abstract_name() {
+    let name = format!("tf-notify-{}", std::process::id());
+    let addr = UnixSocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let sock = UnixDatagram::bind_addr(&addr).unwrap();
+    notify_protocol(sock, format!("@{name}"));
+}
+
+/// Starts the scenario with `listener` at fd 3 through `sh -c 'LISTEN_PID=... exec'`.
+fn activated(listener: &TcpListener, listen_pid: &str, names: &str) -> Run {
+    let fd = listener.as_raw_fd();
+    let script =
+        format!("LISTEN_PID={listen_pid} LISTEN_FDS=1 LISTEN_FDNAMES={names} exec \"$0\" \"$@\"");
+    let addr = listener.local_addr().unwrap().to_string();
+    Run::start_via_shell("activation", &[("TF_TCP", addr)], &script, move |cmd| {
+        // SAFETY: dup2 is async-signal-safe; it places the socket at fd 3 without
+        // FD_CLOEXEC for the shell, which passes it on to the test binary.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 3) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    })
+}
+
+#[test]
+fn socket_activation_is_adopted_and_passed_on() {
+    // Bound and listening, as systemd's .socket unit would; no SO_REUSEPORT, so the
+    // server could not bind the port itself while this socket exists.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let inode = util::socket_inode(listener.as_raw_fd());
+    let mut run = activated(&listener, "$$", "web");
+    let tcp = run.expect("tcp");
+    assert_eq!(
+        tcp.field("addr").unwrap().parse::<SocketAddr>().unwrap(),
+        addr
+    );
+    let ready = run.expect("ready");
+    assert!(
+        ready
+            .field("sockets")
+            .unwrap()
+            .split(',')
+            .any(|s| s == inode),
+        "the activated socket is not in use: {ready:?}"
+    );
+    let pid = ready.pid;
+    drop(listener);
+    assert_eq!(ask(addr).unwrap(), pid);
+
+    // The next generation gets it through tableflip's own table, and no LISTEN_*.
+    signal(pid, libc::SIGHUP);
+    run.expect_from("upgrade-ok", pid);
+    let ready2 = run.expect_not_from("ready", pid);
+    assert!(ready2
+        .field("sockets")
+        .unwrap()
+        .split(',')
+        .any(|s| s == inode));
+    let environ = std::fs::read(format!("/proc/{}/environ", ready2.pid)).unwrap();
+    for var in environ.split(|b| *b == 0) {
+        assert!(
+            !var.starts_with(b"LISTEN_"),
+            "{}",
+            String::from_utf8_lossy(var)
+        );
+    }
+    run.wait_first();
+    let deadline = Instant::now() + util::DEADLINE;
+    while ask(addr).unwrap() != ready2.pid {
+        assert!(Instant::now() < deadline);
+    }
+    signal(ready2.pid, libc::SIGTERM);
+    run.expect_all_exited();
+}
+
+#[test]
+fn socket_activation_for_another_pid_is_ignored() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut run = activated(&listener, "1", "web");
+    // Not adopted: the server tries to bind the port itself, which is taken.
+    let err = run.expect("listen-error");
+    assert!(err.rest.contains("kind=Listen"), "{err:?}");
+    assert!(err.rest.contains("Address_already_in_use"), "{err:?}");
+    let pid = run.expect("ready").pid;
+    signal(pid, libc::SIGTERM);
+    run.expect_all_exited();
+}
