@@ -51,6 +51,8 @@ const ROLE: &str = "TABLEFLIP_BENCH_ROLE";
 const LAUNCHER: &str = "TABLEFLIP_BENCH_LAUNCHER";
 /// Name of the pipe on which an upgrade child reports its own timings.
 const REPORT: &str = "bench-report";
+/// The same, asking the child to take every inherited fd before `ready()`.
+const REPORT_TAKE: &str = "bench-report-take";
 /// The byte a floor child writes.
 const FLOOR_BYTE: u8 = b'F';
 
@@ -112,9 +114,29 @@ fn measure_or_child() -> Res<()> {
 }
 
 fn upgrade_child(upg: Upgrader, new_time: Duration) -> Res<()> {
-    let mut report = upg.fds().fd(REPORT)?.map(File::from);
+    let (mut report, take_all) = match upg.fds().fd(REPORT)? {
+        Some(fd) => (Some(File::from(fd)), false),
+        None => (upg.fds().fd(REPORT_TAKE)?.map(File::from), true),
+    };
+    let mut taken = Vec::new();
     if let Some(r) = &mut report {
-        r.write_all(&nanos(new_time).to_ne_bytes())?;
+        // How much of new() is decoding the table (timed again, now warm).
+        let table = std::env::var_os(tableflip::__private::FD_TABLE_VAR).unwrap_or_default();
+        let t = Instant::now();
+        let decoded = tableflip::__private::decode_fd_table(table.as_bytes(), std::process::id());
+        let decode_time = t.elapsed();
+        let _ = std::hint::black_box(decoded);
+        // A server takes its sockets before ready(): f0, f1, ... until one is missing.
+        let t = Instant::now();
+        if take_all {
+            while let Some(fd) = upg.fds().fd(&format!("f{}", taken.len()))? {
+                taken.push(fd);
+            }
+        }
+        let take_time = t.elapsed();
+        for d in [new_time, decode_time, take_time] {
+            r.write_all(&nanos(d).to_ne_bytes())?;
+        }
     }
     let t = Instant::now();
     upg.ready()?;
@@ -133,6 +155,7 @@ struct Config {
     rounds: usize,
     sizes: [usize; 3],
     child_runs: usize,
+    take_runs: usize,
     mem_runs: usize,
     big_heap_mib: usize,
 }
@@ -148,6 +171,7 @@ fn measure() -> Res<()> {
             rounds: env_usize("TABLEFLIP_BENCH_ROUNDS", 150)?,
             sizes: [4, 400, 4000],
             child_runs: 50,
+            take_runs: 10,
             mem_runs: 100,
             big_heap_mib: env_usize("TABLEFLIP_BENCH_BIG_HEAP_MIB", 4096)?,
         }
@@ -157,6 +181,7 @@ fn measure() -> Res<()> {
             rounds: 3,
             sizes: [4, 40, 400],
             child_runs: 2,
+            take_runs: 1,
             mem_runs: 2,
             big_heap_mib: 0,
         }
@@ -207,6 +232,15 @@ fn measure() -> Res<()> {
     println!("load average at start: {load_start}");
     println!();
 
+    if let Some(n) = std::env::var_os("TABLEFLIP_BENCH_ONLY_FDS") {
+        let n: usize = n
+            .to_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or("TABLEFLIP_BENCH_ONLY_FDS: not a number")?;
+        let take = std::env::var_os("TABLEFLIP_BENCH_CHILD").is_some_and(|v| v == "take");
+        return profile(n, cfg.rounds, take);
+    }
+
     let args: Vec<CString> = std::env::args_os()
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<_, _>>()?;
@@ -225,14 +259,14 @@ fn measure() -> Res<()> {
     // Warm-up: page cache, dynamic loader, CPU frequency.
     for _ in 0..3 {
         spawner.spawn()?;
-        upgrade_once(cfg.sizes[0], false)?;
+        upgrade_once(cfg.sizes[0], ChildDoes::Nothing)?;
     }
     let t_main = Instant::now();
     for _ in 0..cfg.rounds {
         floor.push(spawner.spawn()?);
         floor_cmd.push(floor_command(&exe)?);
         for (i, &n) in cfg.sizes.iter().enumerate() {
-            let r = upgrade_once(n, false)?;
+            let r = upgrade_once(n, ChildDoes::Nothing)?;
             up[i].push(r.upgrade);
             if i == 2 {
                 register.push(r.register);
@@ -244,14 +278,24 @@ fn measure() -> Res<()> {
     // Child start-up with the largest table: the child reports its own timings.
     let big = cfg.sizes[2];
     let mut child_new = Samples::new(&format!("child Upgrader::new(), {big} inherited fds"));
+    let mut child_decode = Samples::new(&format!("  of which: decode the table, {big} entries"));
     let mut child_ready = Samples::new(&format!("child ready(), {big} inherited fds unused"));
     let mut up_report = Samples::new(&format!("  (same runs) upgrade(), {big} fds"));
     for _ in 0..cfg.child_runs {
-        let r = upgrade_once(big, true)?;
-        let (new, ready) = r.child.ok_or("no report from the child")?;
-        child_new.push(new);
-        child_ready.push(ready);
+        let r = upgrade_once(big, ChildDoes::Report)?;
+        let c = r.child.ok_or("no report from the child")?;
+        child_new.push(c.new);
+        child_decode.push(c.decode);
+        child_ready.push(c.ready);
         up_report.push(r.upgrade);
+    }
+    // A child that takes every fd before ready(), as a server does with its sockets.
+    let mut up_take = Samples::new(&format!("upgrade(), {big} fds, child takes all"));
+    let mut child_take = Samples::new(&format!("  child takes {big} fds (fds().fd(..))"));
+    for _ in 0..cfg.take_runs {
+        let r = upgrade_once(big, ChildDoes::TakeAll)?;
+        child_take.push(r.child.ok_or("no report from the child")?.take);
+        up_take.push(r.upgrade);
     }
 
     // Parent memory: the same 4-fd upgrade with a small and a large touched heap.
@@ -269,7 +313,7 @@ fn measure() -> Res<()> {
         let mut u = Samples::new(&format!("upgrade(), 4 fds, {mib} MiB heap"));
         for _ in 0..cfg.mem_runs {
             f.push(spawner.spawn()?);
-            u.push(upgrade_once(4, false)?.upgrade);
+            u.push(upgrade_once(4, ChildDoes::Nothing)?.upgrade);
         }
         // Keep the heap alive (and resident) until here.
         std::hint::black_box(&heap);
@@ -280,15 +324,20 @@ fn measure() -> Res<()> {
 
     // ---- Report ----
     println!();
-    println!(
-        "{:<46} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
-        "case (µs)", "runs", "median", "p10", "p90", "min", "max", "×floor"
-    );
+    print_header();
     let fl = floor.median();
     let rows: Vec<&Samples> = [&floor, &floor_cmd]
         .into_iter()
         .chain(up.iter())
-        .chain([&register, &child_new, &child_ready, &up_report])
+        .chain([
+            &register,
+            &child_new,
+            &child_decode,
+            &child_ready,
+            &up_report,
+            &up_take,
+            &child_take,
+        ])
         .chain(mem.iter().flat_map(|(_, f, u)| [f, u]))
         .collect();
     for s in rows {
@@ -352,6 +401,42 @@ fn measure() -> Res<()> {
     Ok(())
 }
 
+/// `TABLEFLIP_BENCH_ONLY_FDS=n`: only upgrades with `n` fds, for `strace -c -f` or `perf`.
+fn profile(n: usize, rounds: usize, take: bool) -> Res<()> {
+    let mut up = Samples::new(&format!("upgrade(), {n} fds"));
+    let mut new = Samples::new("child Upgrader::new()");
+    let mut decode = Samples::new("  of which: decode the table");
+    let mut taking = Samples::new("child takes every fd");
+    let mut ready = Samples::new("child ready()");
+    let does = if take {
+        ChildDoes::TakeAll
+    } else {
+        ChildDoes::Report
+    };
+    for _ in 0..rounds {
+        let r = upgrade_once(n.max(1), does)?;
+        let c = r.child.ok_or("no report from the child")?;
+        up.push(r.upgrade);
+        new.push(c.new);
+        decode.push(c.decode);
+        taking.push(c.take);
+        ready.push(c.ready);
+    }
+    print_header();
+    let base = up.median();
+    for s in [&up, &new, &decode, &taking, &ready] {
+        s.print_row(base);
+    }
+    Ok(())
+}
+
+fn print_header() {
+    println!(
+        "{:<46} {:>5} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "case (µs)", "runs", "median", "p10", "p90", "min", "max", "ratio"
+    );
+}
+
 fn target(what: &str, value: f64, limit: f64, unit: &str) {
     let verdict = if value <= limit {
         "met".to_string()
@@ -361,19 +446,43 @@ fn target(what: &str, value: f64, limit: f64, unit: &str) {
     println!("  {what:<52} {value:>9.3}{unit} (target ≤ {limit}{unit}): {verdict}");
 }
 
+/// What the upgrade child does between `Upgrader::new()` and `ready()`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ChildDoes {
+    /// Nothing: `ready()` closes every inherited fd.
+    Nothing,
+    /// Reports its timings on one of the passed fds (a pipe).
+    Report,
+    /// Takes every inherited fd, then reports its timings.
+    TakeAll,
+}
+
 struct UpgradeRun {
     /// `add_fd` for every fd, before the timed part.
     register: Duration,
     /// `upgrade()` until it returned `Ok`.
     upgrade: Duration,
-    /// The child's own `Upgrader::new()` and `ready()` times, when asked for.
-    child: Option<(Duration, Duration)>,
+    /// The child's own timings, when asked for.
+    child: Option<ChildTimes>,
+}
+
+/// What an upgrade child measures in itself.
+struct ChildTimes {
+    /// `Upgrader::new()`.
+    new: Duration,
+    /// Decoding the fd table alone (part of `new()`).
+    decode: Duration,
+    /// Taking every inherited fd from the registry (when asked to).
+    take: Duration,
+    /// `ready()`: closes the inherited fds nobody took, writes the readiness byte.
+    ready: Duration,
 }
 
 /// One upgrade of a fresh first-generation `Upgrader` passing `n` fds (eventfds, each
 /// under its own name), then reaps the child. With `report`, one of the `n` fds is a
 /// pipe on which the child reports its own timings.
-fn upgrade_once(n: usize, report: bool) -> Res<UpgradeRun> {
+fn upgrade_once(n: usize, child: ChildDoes) -> Res<UpgradeRun> {
+    let report = child != ChildDoes::Nothing;
     let events = (0..n - usize::from(report))
         .map(|_| eventfd(0, EventfdFlags::CLOEXEC))
         .collect::<Result<Vec<OwnedFd>, _>>()?;
@@ -388,7 +497,11 @@ fn upgrade_once(n: usize, report: bool) -> Res<UpgradeRun> {
         upg.fds().add_fd(&format!("f{i}"), fd)?;
     }
     if let Some((_, wr)) = &pipe {
-        upg.fds().add_fd(REPORT, wr)?;
+        let name = match child {
+            ChildDoes::TakeAll => REPORT_TAKE,
+            _ => REPORT,
+        };
+        upg.fds().add_fd(name, wr)?;
     }
     let register = t.elapsed();
     upg.ready()?;
@@ -401,10 +514,14 @@ fn upgrade_once(n: usize, report: bool) -> Res<UpgradeRun> {
     let child = match pipe {
         Some((rd, wr)) => {
             drop(wr);
-            let mut buf = [0u8; 16];
+            let mut buf = [0u8; 32];
             File::from(rd).read_exact(&mut buf)?;
-            let (a, b) = buf.split_at(8);
-            Some((from_nanos(a)?, from_nanos(b)?))
+            Some(ChildTimes {
+                new: from_nanos(&buf[..8])?,
+                decode: from_nanos(&buf[8..16])?,
+                take: from_nanos(&buf[16..24])?,
+                ready: from_nanos(&buf[24..])?,
+            })
         }
         None => None,
     };
