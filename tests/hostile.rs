@@ -1,0 +1,1093 @@
+//! Hostile input. The fd table arrives through the environment, which whoever starts the
+//! process controls; the pid file and Unix socket paths live in directories others may
+//! write to. None of that may crash the process, make it adopt the wrong fd, or make it
+//! write or delete the wrong file.
+//!
+//! The fd-table tests start this test binary again (only the ignored `hostile_entry`
+//! test, see [`child_main`]) with real fds placed at fixed numbers and a table in
+//! `$TABLEFLIP_FDS`. A table addressed to the child itself needs the child's pid before
+//! it exists: a shell writes it (`$$` is the pid that `exec` keeps). The child reports
+//! what happened as lines `@@ <key> <value>` on stdout.
+
+mod util;
+
+use std::ffi::OsString;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::Instant;
+
+use tableflip::__private::{decode_fd_table, FD_TABLE_VAR};
+use tableflip::{Error, Options, Upgrader};
+
+/// The longest value Linux passes through `execve`: one environment string, `NAME=value`
+/// and its NUL, is at most 128 KiB (`MAX_ARG_STRLEN`).
+const MAX_VALUE: usize = 128 * 1024 - FD_TABLE_VAR.len() - 2;
+
+/// Not a test: the body of the processes the other tests start.
+#[test]
+#[ignore = "entry point of the processes the other tests start"]
+fn hostile_entry() {
+    if std::env::var_os("TF_HOSTILE").is_some() {
+        child_main();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The child: creates an Upgrader from the table it was given, and reports.
+// ---------------------------------------------------------------------------------------
+
+fn say(key: &str, value: impl std::fmt::Display) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "\n@@ {key} {value}");
+    let _ = out.flush();
+}
+
+/// `inherited` (open, close-on-exec clear: untouched since exec), `cloexec` or `closed`.
+fn fd_state(fd: RawFd) -> &'static str {
+    // SAFETY: F_GETFD reads the flags of an fd number and touches no memory; a number
+    // that is not open gives EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        "closed"
+    } else if flags & libc::FD_CLOEXEC != 0 {
+        "cloexec"
+    } else {
+        "inherited"
+    }
+}
+
+fn report_fds(when: &str, fds: &[RawFd]) {
+    let states: Vec<String> = fds
+        .iter()
+        .map(|&fd| format!("{fd}={}", fd_state(fd)))
+        .collect();
+    say(&format!("fds-{when}"), states.join(","));
+}
+
+fn report_error(what: &str, e: &Error) {
+    say(&format!("{what}-error"), util::kind(e));
+    say(
+        &format!("{what}-debug"),
+        format!("{e:?}").replace('\n', " "),
+    );
+    say(&format!("{what}-message"), e);
+    match e {
+        Error::FdTable {
+            var, entry, reason, ..
+        } => {
+            say(&format!("{what}-var"), var);
+            say(&format!("{what}-entry"), format!("{entry:?}"));
+            say(&format!("{what}-reason"), format!("{reason:?}"));
+        }
+        Error::PidFile { path, .. } => say(&format!("{what}-path"), path.display()),
+        _ => {}
+    }
+    if let Some(source) = std::error::Error::source(e) {
+        say(&format!("{what}-source"), source);
+    }
+}
+
+/// `TF_TAKE`: `KIND ADDR`. The listen-or-inherit kinds (`listen-tcp`) and the inherit-only
+/// ones (`tcp`, `udp`, `unix`).
+fn take(upg: &Upgrader, what: &str) -> tableflip::Result<Option<OwnedFd>> {
+    let (kind, addr) = what.split_once(' ').expect("TF_TAKE is KIND ADDR");
+    let fds = upg.fds();
+    match kind {
+        "listen-tcp" => fds.listen_tcp(addr).map(|l| Some(l.into())),
+        "tcp" => fds.tcp_listener(addr).map(|l| l.map(Into::into)),
+        "udp" => fds.udp_socket(addr).map(|s| s.map(Into::into)),
+        "unix" => fds.unix_listener(addr).map(|l| l.map(Into::into)),
+        _ => panic!("unknown TF_TAKE kind {kind}"),
+    }
+}
+
+/// Environment: `TF_WATCH` (fds to report the state of), `TF_TAKE` (a socket to take
+/// after `new`, then to look up again), `TF_PIDFILE`, `TF_UMASK` (octal), `TF_NOBODY`
+/// (drop to uid/gid 65534 when root), `TF_PLANT` (`symlink:VICTIM` or `dir`: planted at
+/// the pid file's temporary name before `ready`), `TF_READY`.
+fn child_main() -> ! {
+    // Watchdog: a child never outlives half a minute.
+    // SAFETY: alarm(2) only arms a timer.
+    unsafe { libc::alarm(30) };
+    say("pid", std::process::id());
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let watch: Vec<RawFd> = var("TF_WATCH")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    report_fds("before", &watch);
+
+    if let Some(mask) = var("TF_UMASK") {
+        let mask = libc::mode_t::from_str_radix(&mask, 8).unwrap();
+        // SAFETY: umask(2) only sets the process's file mode mask.
+        unsafe { libc::umask(mask) };
+    }
+    // SAFETY: geteuid(2) has no preconditions.
+    if var("TF_NOBODY").is_some() && unsafe { libc::geteuid() } == 0 {
+        // SAFETY: setgroups with an empty list reads no memory; setgid and setuid take
+        // integers. Each result is checked.
+        unsafe {
+            assert_eq!(libc::setgroups(0, std::ptr::null()), 0, "setgroups");
+            assert_eq!(libc::setgid(65534), 0, "setgid");
+            assert_eq!(libc::setuid(65534), 0, "setuid");
+        }
+    }
+    let pid_file = var("TF_PIDFILE").map(PathBuf::from);
+    let mut opts = Options::new();
+    if let Some(p) = &pid_file {
+        opts = opts.pid_file(p);
+    }
+
+    let upg = match Upgrader::new(opts) {
+        Ok(u) => u,
+        Err(e) => {
+            report_error("new", &e);
+            report_fds("after", &watch);
+            std::process::exit(0);
+        }
+    };
+    say("new", format!("has_parent={}", upg.has_parent()));
+
+    if let Some(what) = var("TF_TAKE") {
+        match take(&upg, &what) {
+            Ok(found) => say("take", format!("found={}", found.is_some())),
+            Err(e) => report_error("take", &e),
+        }
+        // Asked again, the inherit-only lookup: a rejected fd is not handed out later.
+        let again = what.replace("listen-", "");
+        match take(&upg, &again) {
+            Ok(found) => say("retake", format!("found={}", found.is_some())),
+            Err(e) => report_error("retake", &e),
+        }
+        say("registry", format!("{:?}", upg.fds()).replace(' ', ""));
+    }
+
+    if let (Some(plant), Some(path)) = (var("TF_PLANT"), &pid_file) {
+        let name = path.file_name().unwrap().to_str().unwrap();
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        match plant.strip_prefix("symlink:") {
+            Some(victim) => std::os::unix::fs::symlink(victim, &tmp).unwrap(),
+            None => std::fs::create_dir(&tmp).unwrap(),
+        }
+        say("planted", tmp.display());
+    }
+
+    if var("TF_READY").is_some() {
+        match upg.ready() {
+            Ok(_) => say("ready", "ok"),
+            Err(e) => report_error("ready", &e),
+        }
+    }
+    report_fds("after", &watch);
+    std::process::exit(0);
+}
+
+// ---------------------------------------------------------------------------------------
+// The parent side.
+// ---------------------------------------------------------------------------------------
+
+/// What `$TABLEFLIP_FDS` holds in the child.
+enum Table {
+    /// `HEAD`, the child's own pid in ten digits, then `TAIL` (written by a shell).
+    Own { head: String, tail: String },
+    /// Exactly this value.
+    Raw(OsString),
+    /// No variable at all.
+    Unset,
+}
+
+/// A child to start: its table, the fds it gets, and what it should do.
+struct Spec {
+    table: Table,
+    /// `(fd in this process, fd number in the child)`.
+    pass: Vec<(RawFd, RawFd)>,
+    /// Fd numbers that must not be open in the child.
+    closed: Vec<RawFd>,
+    watch: Vec<RawFd>,
+    env: Vec<(&'static str, OsString)>,
+    dir: Option<PathBuf>,
+}
+
+impl Spec {
+    /// A table for the child itself: `tableflip1;pid=<its pid>` followed by `tail`.
+    fn own(tail: impl Into<String>) -> Spec {
+        Spec::with(Table::Own {
+            head: "tableflip1;pid=".into(),
+            tail: tail.into(),
+        })
+    }
+
+    fn with(table: Table) -> Spec {
+        Spec {
+            table,
+            pass: Vec::new(),
+            closed: Vec::new(),
+            watch: Vec::new(),
+            env: Vec::new(),
+            dir: None,
+        }
+    }
+
+    fn pass(mut self, fd: &impl AsFd, at: RawFd) -> Spec {
+        self.pass.push((fd.as_fd().as_raw_fd(), at));
+        self.watch.push(at);
+        self
+    }
+
+    fn closed(mut self, at: RawFd) -> Spec {
+        self.closed.push(at);
+        self.watch.push(at);
+        self
+    }
+
+    fn env(mut self, key: &'static str, value: impl Into<OsString>) -> Spec {
+        self.env.push((key, value.into()));
+        self
+    }
+
+    fn take(self, what: impl Into<OsString>) -> Spec {
+        self.env("TF_TAKE", what)
+    }
+
+    /// Starts the child and collects its report; the child must exit within the deadline.
+    #[track_caller]
+    fn run(self) -> Outcome {
+        let _lock = util::fork_lock();
+        let exe = std::env::current_exe().unwrap();
+        let args = ["hostile_entry", "--exact", "--ignored", "--nocapture"];
+        let mut cmd = match &self.table {
+            Table::Own { .. } => {
+                let mut c = Command::new("/bin/sh");
+                c.arg("-c")
+                    .arg(
+                        r#"TABLEFLIP_FDS="$TF_HEAD$(printf %010d $$)$TF_TAIL"; export TABLEFLIP_FDS; unset TF_HEAD TF_TAIL; exec "$0" "$@""#,
+                    )
+                    .arg(&exe);
+                c
+            }
+            _ => Command::new(&exe),
+        };
+        cmd.args(args)
+            .env_remove(FD_TABLE_VAR)
+            .env_remove("RUST_TEST_THREADS")
+            .env("TF_HOSTILE", "1")
+            .env(
+                "TF_WATCH",
+                self.watch
+                    .iter()
+                    .map(|f| f.to_string())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        match &self.table {
+            Table::Own { head, tail } => {
+                cmd.env("TF_HEAD", head).env("TF_TAIL", tail);
+            }
+            Table::Raw(v) => {
+                cmd.env(FD_TABLE_VAR, v);
+            }
+            Table::Unset => {}
+        }
+        if let Some(dir) = &self.dir {
+            cmd.current_dir(dir);
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        // Place the fds at their numbers in the child, close-on-exec clear, as an
+        // upgrading parent would. Two steps, so that a source number that is also a
+        // target is not overwritten before it is copied.
+        let pairs = self.pass.clone();
+        let closed = self.closed.clone();
+        let mut tmp: Vec<RawFd> = vec![-1; pairs.len()];
+        let place = move || -> std::io::Result<()> {
+            for (i, &(src, _)) in pairs.iter().enumerate() {
+                // SAFETY: fcntl(F_DUPFD_CLOEXEC) on an fd number is async-signal-safe and
+                // touches no memory; the copy lands at 100 or above, clear of the targets.
+                tmp[i] = unsafe { libc::fcntl(src, libc::F_DUPFD_CLOEXEC, 100) };
+                if tmp[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, &(_, dst)) in pairs.iter().enumerate() {
+                // SAFETY: dup2 is async-signal-safe; it replaces `dst` (clearing its
+                // close-on-exec flag) in this child only.
+                if unsafe { libc::dup2(tmp[i], dst) } < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for &fd in &closed {
+                // SAFETY: closes a number in this child only; EBADF (not open) is fine.
+                unsafe { libc::close(fd) };
+            }
+            Ok(())
+        };
+        // SAFETY: the hook runs between fork and exec and only calls fcntl, dup2 and
+        // close on numbers prepared above: no allocation, no lock.
+        unsafe { cmd.pre_exec(place) };
+
+        let mut child = Reaper(cmd.spawn().expect("spawn the child"));
+        let stdout = child.0.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + util::DEADLINE;
+        let mut transcript = Vec::new();
+        loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) => transcript.push(line),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "the child did not finish within {:?}:\n{}",
+                    util::DEADLINE,
+                    transcript.join("\n")
+                ),
+            }
+        }
+        let status = loop {
+            if let Some(st) = child.0.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "the child did not exit");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        };
+        let lines = transcript
+            .iter()
+            .filter_map(|l| l.strip_prefix("@@ ")?.split_once(' '))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let out = Outcome {
+            lines,
+            transcript: transcript.join("\n"),
+        };
+        assert!(
+            status.success(),
+            "the child failed ({status}):\n{}",
+            out.transcript
+        );
+        out
+    }
+}
+
+/// Kills and reaps the child if the test panics before it has exited.
+struct Reaper(std::process::Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// What a child reported.
+struct Outcome {
+    lines: Vec<(String, String)>,
+    transcript: String,
+}
+
+impl Outcome {
+    #[track_caller]
+    fn get(&self, key: &str) -> &str {
+        self.lines
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("no {key:?} in the child's report:\n{}", self.transcript))
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.lines.iter().any(|(k, _)| k == key)
+    }
+
+    /// `what` failed with `Error::FdTable` naming the variable, an entry containing
+    /// `entry` and a reason containing `reason`.
+    #[track_caller]
+    fn table_error(&self, what: &str, entry: &str, reason: &str) {
+        let t = &self.transcript;
+        assert_eq!(self.get(&format!("{what}-error")), "FdTable", "{t}");
+        assert_eq!(self.get(&format!("{what}-var")), "TABLEFLIP_FDS", "{t}");
+        let got = self.get(&format!("{what}-entry"));
+        assert!(got.contains(entry), "entry {got} lacks {entry:?}:\n{t}");
+        let got = self.get(&format!("{what}-reason"));
+        assert!(got.contains(reason), "reason {got} lacks {reason:?}:\n{t}");
+        let msg = self.get(&format!("{what}-message"));
+        assert!(msg.contains("$TABLEFLIP_FDS"), "{msg}");
+    }
+
+    /// `Upgrader::new` refused the table, and left every passed fd as it was.
+    #[track_caller]
+    fn refused(&self, entry: &str, reason: &str) {
+        self.table_error("new", entry, reason);
+        assert!(
+            !self.has("new"),
+            "an Upgrader was made:\n{}",
+            self.transcript
+        );
+        self.untouched();
+    }
+
+    /// The watched fds are in the same state after as before (nothing adopted or closed).
+    #[track_caller]
+    fn untouched(&self) {
+        assert_eq!(
+            self.get("fds-after"),
+            self.get("fds-before"),
+            "{}",
+            self.transcript
+        );
+    }
+
+    /// `Upgrader::new` accepted the table (this is an upgrade child), taking the socket
+    /// failed with `Error::FdTable`, and the socket was not handed out or registered.
+    #[track_caller]
+    fn take_refused(&self, entry: &str, reason: &str) {
+        assert_eq!(self.get("new"), "has_parent=true", "{}", self.transcript);
+        self.table_error("take", entry, reason);
+        assert_eq!(self.get("retake"), "found=false", "{}", self.transcript);
+        assert_eq!(
+            self.get("registry"),
+            "Fds{inherited:0,used:0}",
+            "{}",
+            self.transcript
+        );
+    }
+}
+
+/// The two handshake pipes of an upgrade: (ready write end, parent read end) for the
+/// child, and the other ends, kept open by the test.
+fn handshake() -> [OwnedFd; 4] {
+    let (ready_rd, ready_wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+    let (life_rd, life_wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+    [ready_wr, life_rd, ready_rd, life_wr]
+}
+
+/// A spec for a table `3,ready;4,parent` + `rest`, with real pipes at 3 and 4.
+fn upgrade_child(pipes: &[OwnedFd; 4], rest: &str) -> Spec {
+    Spec::own(format!(";3,ready;4,parent{rest}"))
+        .pass(&pipes[0], 3)
+        .pass(&pipes[1], 4)
+}
+
+fn tcp_listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+// ---------------------------------------------------------------------------------------
+// Tables that `Upgrader::new` refuses.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn standard_fds_are_refused() {
+    let pipes = handshake();
+    for (fd, kind) in [(0, "tcp,127.0.0.1:80"), (1, "fd,out"), (2, "unix,/tmp/x")] {
+        let entry = format!("{fd},{kind}");
+        let out = upgrade_child(&pipes, &format!(";{entry}")).run();
+        out.refused(&entry, "standard input, output or error");
+    }
+}
+
+#[test]
+fn negative_and_huge_fds_are_refused() {
+    let pipes = handshake();
+    for (entry, reason) in [
+        ("-1,tcp,127.0.0.1:80", "not a non-negative decimal number"),
+        ("+5,fd,x", "not a non-negative decimal number"),
+        ("99999999999,fd,x", "not a non-negative decimal number"),
+        ("2147483648,fd,x", "out of range"),
+        // A valid number that is not open: refused when adopting.
+        ("2147483647,fd,x", "fd 2147483647 is not open"),
+    ] {
+        let out = upgrade_child(&pipes, &format!(";{entry}")).run();
+        out.refused(entry.split(',').next().unwrap(), reason);
+    }
+}
+
+#[test]
+fn the_same_fd_twice_is_refused() {
+    let pipes = handshake();
+    let (l, a) = tcp_listener();
+    let out = upgrade_child(&pipes, &format!(";5,tcp,{a};5,udp,{a}"))
+        .pass(&l, 5)
+        .run();
+    out.refused("5,udp", "fd 5 appears more than once");
+    let out = upgrade_child(&pipes, ";4,ready").run();
+    out.refused("4,ready", "more than once");
+    let out = upgrade_child(&pipes, &format!(";5,tcp,{a};6,ready"))
+        .pass(&l, 5)
+        .run();
+    out.refused("6,ready", "more than one ready entry");
+}
+
+/// The closed fd comes last: the fds before it are not adopted either.
+#[test]
+fn a_closed_fd_is_refused_and_nothing_is_adopted() {
+    let pipes = handshake();
+    let (l, a) = tcp_listener();
+    let out = upgrade_child(&pipes, &format!(";5,tcp,{a};60,fd,gone"))
+        .pass(&l, 5)
+        .closed(60)
+        .run();
+    assert_eq!(
+        out.get("fds-before"),
+        "3=inherited,4=inherited,5=inherited,60=closed"
+    );
+    out.refused("60,fd", "fd 60 is not open");
+    assert!(out.get("new-source").contains("Bad file descriptor"));
+}
+
+#[test]
+fn an_unknown_version_is_refused() {
+    let pipes = handshake();
+    for head in [
+        "tableflip2;pid=",
+        "TABLEFLIP1;pid=",
+        "tableflip;pid=",
+        " tableflip1;pid=",
+    ] {
+        let magic = head.split(';').next().unwrap();
+        let out = Spec::with(Table::Own {
+            head: head.into(),
+            tail: ";3,ready;4,parent".into(),
+        })
+        .pass(&pipes[0], 3)
+        .pass(&pipes[1], 4)
+        .run();
+        out.refused(&format!("{magic:?}"), "unknown format");
+    }
+}
+
+#[test]
+fn a_truncated_value_is_refused() {
+    let pipes = handshake();
+    for (value, entry, reason) in [
+        ("tableflip1;pid=00000", "pid=00000", "ten digits"),
+        ("tableflip1;pid", "pid", "ten digits"),
+        ("tableflip1", "", "ten digits"),
+        ("tablefl", "tablefl", "unknown format"),
+    ] {
+        let out = Spec::with(Table::Raw(value.into()))
+            .pass(&pipes[0], 3)
+            .pass(&pipes[1], 4)
+            .run();
+        out.refused(entry, reason);
+    }
+    for (tail, entry, reason) in [
+        (
+            ";3,ready;4,parent;5,tcp,127.0.",
+            "5,tcp,127.0.",
+            "not a socket address",
+        ),
+        (
+            ";3,ready;4,parent;5,tcp,",
+            "5,tcp,",
+            "tcp needs a socket address",
+        ),
+        (";3,ready;4,parent;5,tc", "5,tc", "unknown kind"),
+        (";3,ready;4,parent;5", "5", "expected FD,KIND"),
+        (";3,ready;4,par", "4,par", "unknown kind"),
+        (
+            ";3,ready;4,parent;5,unix,/tmp/a%2",
+            "%2",
+            "bad percent escape",
+        ),
+        (";3,ready;4,parent;", "", "expected FD,KIND"),
+    ] {
+        let out = Spec::own(tail).pass(&pipes[0], 3).pass(&pipes[1], 4).run();
+        out.refused(entry, reason);
+    }
+}
+
+/// Linux refuses to exec with a longer value, so an oversized table can only come from
+/// the process itself; the decoder refuses it, and a value of the largest size that does
+/// get through is refused with a short message.
+#[test]
+fn an_oversized_value_is_refused() {
+    let mut big = format!("tableflip1;pid={:010};3,ready;4,parent;5,fd,", 42).into_bytes();
+    big.resize(MAX_VALUE + 1, b'a');
+    let (entry, reason) = decode_fd_table(&big, 42).unwrap_err();
+    assert!(reason.contains("longer than the limit"), "{reason}");
+    assert!(entry.len() <= 203 && entry.ends_with("..."), "{entry}");
+    big.pop();
+    assert_eq!(decode_fd_table(&big, 42), Ok(Some(3)));
+
+    let mut over = Vec::with_capacity(MAX_VALUE + 1);
+    over.resize(MAX_VALUE + 1, b'a');
+    let err = {
+        let _lock = util::fork_lock();
+        Command::new("/bin/true")
+            .env(
+                FD_TABLE_VAR,
+                std::ffi::OsStr::new(std::str::from_utf8(&over).unwrap()),
+            )
+            .status()
+            .unwrap_err()
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::E2BIG), "{err}");
+
+    // The largest value exec passes, for the child itself, with one huge unknown kind.
+    let pipes = handshake();
+    let head = "tableflip1;pid=0000000000;3,ready;4,parent;5,";
+    let out = Spec::own(format!(
+        ";3,ready;4,parent;5,{}",
+        "x".repeat(MAX_VALUE - head.len())
+    ))
+    .pass(&pipes[0], 3)
+    .pass(&pipes[1], 4)
+    .run();
+    // The reason is reported Debug-quoted: the kind's first 16 bytes, quoted.
+    out.refused("5,xxxx", r#"unknown kind \"xxxxxxxxxxxxxxxx\""#);
+    assert!(out.get("new-entry").len() < 250);
+    assert!(out.get("new-message").len() < 400);
+}
+
+#[test]
+fn an_empty_variable_is_refused() {
+    let pipes = handshake();
+    let out = Spec::with(Table::Raw(OsString::new()))
+        .pass(&pipes[0], 3)
+        .pass(&pipes[1], 4)
+        .run();
+    out.refused("\"\"", "the variable is empty");
+}
+
+#[test]
+fn a_value_that_is_not_utf8_is_refused() {
+    use std::os::unix::ffi::OsStringExt;
+    let out = Spec::with(Table::Raw(OsString::from_vec(
+        b"tableflip1;pid=0000000001;3,unix,/tmp/\xff".to_vec(),
+    )))
+    .run();
+    out.refused("tableflip1", "not ASCII");
+}
+
+#[test]
+fn a_table_without_its_handshake_entries_is_refused() {
+    let pipes = handshake();
+    let (l, a) = tcp_listener();
+    for (tail, reason) in [
+        (format!(";5,tcp,{a}"), "no ready entry"),
+        (format!(";3,ready;5,tcp,{a}"), "no parent entry"),
+        (format!(";4,parent;5,tcp,{a}"), "no ready entry"),
+        (String::new(), "no ready entry"),
+    ] {
+        let out = Spec::own(tail)
+            .pass(&pipes[0], 3)
+            .pass(&pipes[1], 4)
+            .pass(&l, 5)
+            .run();
+        // There is no entry to name: the table as a whole is at fault.
+        out.refused("\"\"", reason);
+    }
+}
+
+#[test]
+fn a_table_for_another_process_is_ignored() {
+    let pipes = handshake();
+    let (l, a) = tcp_listener();
+    // Addressed to this test process: the child merely inherited it.
+    let value = format!(
+        "tableflip1;pid={:010};3,ready;4,parent;5,tcp,{a}",
+        std::process::id()
+    );
+    let out = Spec::with(Table::Raw(value.into()))
+        .pass(&pipes[0], 3)
+        .pass(&pipes[1], 4)
+        .pass(&l, 5)
+        .take(format!("tcp {a}"))
+        .run();
+    assert_eq!(out.get("new"), "has_parent=false", "{}", out.transcript);
+    assert_eq!(out.get("take"), "found=false");
+    out.untouched();
+    assert_eq!(out.get("fds-after"), "3=inherited,4=inherited,5=inherited");
+}
+
+// ---------------------------------------------------------------------------------------
+// Tables that `Upgrader::new` accepts, with fds that are not what they claim: refused
+// when taken.
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_regular_file_declared_as_a_socket() {
+    let pipes = handshake();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let out = upgrade_child(&pipes, ";5,tcp,127.0.0.1:9")
+        .pass(&null, 5)
+        .take("tcp 127.0.0.1:9")
+        .run();
+    out.take_refused(
+        "5,tcp",
+        "fd 5 is not the TCP listener 127.0.0.1:9 it was declared as: not a socket",
+    );
+    // Not closed: whatever it is, it is not ours to close.
+    assert!(
+        out.get("fds-after").contains("5=cloexec"),
+        "{}",
+        out.transcript
+    );
+}
+
+#[test]
+fn a_stream_socket_declared_as_datagram() {
+    let pipes = handshake();
+    let (l, a) = tcp_listener();
+    let out = upgrade_child(&pipes, &format!(";5,udp,{a}"))
+        .pass(&l, 5)
+        .take(format!("udp {a}"))
+        .run();
+    out.take_refused("5,udp", "a stream socket, not a datagram socket");
+}
+
+#[test]
+fn a_bound_socket_that_does_not_listen_declared_as_a_listener() {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let pipes = handshake();
+    let sock = rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    rustix::net::bind(&sock, &any).unwrap();
+    let a = SocketAddr::try_from(rustix::net::getsockname(&sock).unwrap()).unwrap();
+    // listen_tcp, not only the inherit-only lookup, refuses it rather than binding anew.
+    let out = upgrade_child(&pipes, &format!(";5,tcp,{a}"))
+        .pass(&sock, 5)
+        .take(format!("listen-tcp {a}"))
+        .run();
+    out.take_refused("5,tcp", "not listening");
+}
+
+#[test]
+fn an_address_that_getsockname_contradicts() {
+    let pipes = handshake();
+    let (l, a) = tcp_listener();
+    let mut claimed = a;
+    claimed.set_port(if a.port() == u16::MAX {
+        a.port() - 1
+    } else {
+        a.port() + 1
+    });
+    let out = upgrade_child(&pipes, &format!(";5,tcp,{claimed}"))
+        .pass(&l, 5)
+        .take(format!("tcp {claimed}"))
+        .run();
+    out.take_refused("5,tcp", &format!("bound to {a}, not {claimed}"));
+
+    let dir = util::scratch_dir("hostile-addr");
+    let real = dir.join("real.sock");
+    let claimed = dir.join("claimed.sock");
+    let u = UnixListener::bind(&real).unwrap();
+    let out = upgrade_child(&pipes, &format!(";5,unix,{}", claimed.display()))
+        .pass(&u, 5)
+        .take(format!("unix {}", claimed.display()))
+        .run();
+    out.take_refused(
+        "5,unix",
+        &format!("bound to {}, not {}", real.display(), claimed.display()),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An unused inherited Unix socket's file is removed by `ready()` (as in Go tableflip),
+/// but only when the fd really is bound at the path the table names.
+#[test]
+fn ready_removes_only_the_socket_file_of_the_declared_fd() {
+    let pipes = handshake();
+    let dir = util::scratch_dir("hostile-ready");
+    let victim = dir.join("victim.sock");
+    let other = dir.join("other.sock");
+    let _victim_listener = UnixListener::bind(&victim).unwrap();
+    let other_listener = UnixListener::bind(&other).unwrap();
+    // The fd is bound at other.sock, the table claims victim.sock.
+    let out = upgrade_child(&pipes, &format!(";5,unix,{}", victim.display()))
+        .pass(&other_listener, 5)
+        .env("TF_READY", "1")
+        .run();
+    assert_eq!(out.get("ready"), "ok", "{}", out.transcript);
+    assert!(
+        is_socket(&victim),
+        "ready() removed a socket file it did not own"
+    );
+    assert!(is_socket(&other));
+    // The control: declared truthfully and left unused, it is removed.
+    let out = upgrade_child(&pipes, &format!(";5,unix,{}", other.display()))
+        .pass(&other_listener, 5)
+        .env("TF_READY", "1")
+        .run();
+    assert_eq!(out.get("ready"), "ok", "{}", out.transcript);
+    assert!(
+        !other.exists(),
+        "the unused inherited socket file was not removed"
+    );
+    assert!(is_socket(&victim));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------
+// Regressions found by the fuzzer (`fuzz/`).
+// ---------------------------------------------------------------------------------------
+
+/// An unknown kind was quoted whole in the reason (and Debug-escaped, so a 108-byte
+/// kind made a 670-byte reason): the reason now quotes its first 16 bytes.
+#[test]
+fn fuzz_unknown_kind_reason_is_bounded() {
+    let mut value = b"tableflip1;pid=0000000042;3,read".to_vec();
+    value.extend_from_slice(&[0x1c; 108]);
+    value.extend_from_slice(b"y@4,parent;5,tcp,:[::1]:80");
+    let (entry, reason) = decode_fd_table(&value, 42).unwrap_err();
+    assert!(reason.starts_with("unknown kind"), "{reason}");
+    assert!(reason.len() <= 256, "{} bytes: {reason}", reason.len());
+    assert!(entry.len() <= 203, "{} bytes: {entry}", entry.len());
+}
+
+// ---------------------------------------------------------------------------------------
+// The pid file.
+// ---------------------------------------------------------------------------------------
+
+fn is_socket(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+}
+
+/// Names in `dir`, sorted.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A child that writes `dir/app.pid` in `ready()`.
+fn pid_file_child(dir: &Path) -> Spec {
+    let mut spec = Spec::with(Table::Unset)
+        .env("TF_PIDFILE", dir.join("app.pid"))
+        .env("TF_READY", "1");
+    spec.dir = Some(dir.to_path_buf());
+    spec
+}
+
+#[test]
+fn pid_file_is_world_readable_whatever_the_umask() {
+    let dir = util::scratch_dir("hostile-pid");
+    let out = pid_file_child(&dir).env("TF_UMASK", "077").run();
+    assert_eq!(out.get("ready"), "ok", "{}", out.transcript);
+    let pid_file = dir.join("app.pid");
+    let content = std::fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(content, format!("{}\n", out.get("pid")));
+    let meta = std::fs::symlink_metadata(&pid_file).unwrap();
+    assert!(meta.file_type().is_file());
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o644);
+    assert_eq!(
+        listing(&dir),
+        ["app.pid"],
+        "a temporary file was left behind"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A symlink planted at the temporary name is not followed: the file it points to is
+/// neither written nor truncated, and the link itself is gone.
+#[test]
+fn pid_file_temp_name_symlink_is_not_followed() {
+    let dir = util::scratch_dir("hostile-pid-link");
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = pid_file_child(&dir)
+        .env("TF_PLANT", format!("symlink:{}", victim.display()))
+        .run();
+    assert!(out
+        .get("planted")
+        .ends_with(&format!(".app.pid.{}.tmp", out.get("pid"))));
+    assert_eq!(out.get("ready"), "ok", "{}", out.transcript);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    let vm = std::fs::metadata(&victim).unwrap();
+    assert_eq!(vm.permissions().mode() & 0o7777, 0o600);
+    let pid_file = dir.join("app.pid");
+    assert!(std::fs::symlink_metadata(&pid_file)
+        .unwrap()
+        .file_type()
+        .is_file());
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap(),
+        format!("{}\n", out.get("pid"))
+    );
+    assert_eq!(listing(&dir), ["app.pid", "victim"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A pid file path that is a symlink is replaced by a file; its target is untouched.
+#[test]
+fn pid_file_that_is_a_symlink_is_replaced_not_followed() {
+    let dir = util::scratch_dir("hostile-pid-target");
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("app.pid")).unwrap();
+    let victim_ino = std::fs::metadata(&victim).unwrap().ino();
+    let out = pid_file_child(&dir).run();
+    assert_eq!(out.get("ready"), "ok", "{}", out.transcript);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert_eq!(std::fs::metadata(&victim).unwrap().ino(), victim_ino);
+    let meta = std::fs::symlink_metadata(dir.join("app.pid")).unwrap();
+    assert!(meta.file_type().is_file());
+    assert_eq!(listing(&dir), ["app.pid", "victim"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[track_caller]
+fn pid_file_error(out: &Outcome, dir: &Path) {
+    assert_eq!(out.get("ready-error"), "PidFile", "{}", out.transcript);
+    assert_eq!(Path::new(out.get("ready-path")), dir.join("app.pid"));
+    assert!(out
+        .get("ready-message")
+        .contains(&dir.join("app.pid").display().to_string()));
+}
+
+#[test]
+fn pid_file_over_a_directory_fails_and_leaves_no_temp_file() {
+    let dir = util::scratch_dir("hostile-pid-dir");
+    std::fs::create_dir(dir.join("app.pid")).unwrap();
+    std::fs::write(dir.join("app.pid").join("keep"), "").unwrap();
+    let out = pid_file_child(&dir).run();
+    pid_file_error(&out, &dir);
+    assert_eq!(
+        listing(&dir),
+        ["app.pid"],
+        "a temporary file was left behind"
+    );
+    assert_eq!(listing(&dir.join("app.pid")), ["keep"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A directory planted at the temporary name is an error, and is not removed.
+#[test]
+fn pid_file_temp_name_directory_is_left_alone() {
+    let dir = util::scratch_dir("hostile-pid-tmpdir");
+    let out = pid_file_child(&dir).env("TF_PLANT", "dir").run();
+    pid_file_error(&out, &dir);
+    assert!(
+        out.get("ready-source").contains("exists"),
+        "{}",
+        out.transcript
+    );
+    let planted = PathBuf::from(out.get("planted"));
+    assert!(planted.is_dir());
+    assert_eq!(listing(&dir).len(), 1, "{:?}", listing(&dir));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The child runs as `nobody` when the tests run as root (root may write anywhere).
+#[test]
+fn pid_file_in_an_unwritable_directory_fails_cleanly() {
+    let dir = util::scratch_dir("hostile-pid-ro");
+    let target = dir.join("ro");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o555)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = pid_file_child(&target).env("TF_NOBODY", "1").run();
+    pid_file_error(&out, &target);
+    assert!(
+        out.get("ready-source").contains("ermission denied"),
+        "{}",
+        out.transcript
+    );
+    assert!(listing(&target).is_empty());
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------
+// Unix socket files: removed by stop() only while they are still the socket bound.
+// In-process: one Upgrader at a time, so each test holds the process-wide lock and
+// drops its Upgrader before releasing it.
+// ---------------------------------------------------------------------------------------
+
+/// Binds a Unix listener at `dir/s.sock` through a fresh Upgrader, lets `replace` do
+/// its worst to the path, then stops the Upgrader.
+fn bind_replace_stop(tag: &str, replace: impl FnOnce(&Path)) -> PathBuf {
+    let _lock = util::fork_lock();
+    let dir = util::scratch_dir(tag);
+    let path = dir.join("s.sock");
+    let upg = Upgrader::new(Options::new()).unwrap();
+    let listener = upg.fds().listen_unix(&path).unwrap();
+    assert!(is_socket(&path));
+    replace(&path);
+    upg.stop();
+    drop(listener);
+    drop(upg);
+    path
+}
+
+#[test]
+fn stop_removes_its_own_socket_file() {
+    let path = bind_replace_stop("hostile-sock-own", |_| {});
+    assert!(!path.exists(), "stop() left its socket file");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn stop_leaves_a_regular_file_at_the_socket_path_alone() {
+    let path = bind_replace_stop("hostile-sock-file", |p| {
+        std::fs::remove_file(p).unwrap();
+        std::fs::write(p, "not a socket\n").unwrap();
+    });
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "not a socket\n");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn stop_leaves_another_socket_at_the_socket_path_alone() {
+    let mut other = None;
+    let path = bind_replace_stop("hostile-sock-other", |p| {
+        std::fs::remove_file(p).unwrap();
+        let l = UnixListener::bind(p).unwrap();
+        other = Some((l, std::fs::symlink_metadata(p).unwrap().ino()));
+    });
+    let (other, ino) = other.unwrap();
+    assert!(is_socket(&path), "stop() removed a socket it had not bound");
+    assert_eq!(std::fs::symlink_metadata(&path).unwrap().ino(), ino);
+    drop(other);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn stop_leaves_a_symlink_at_the_socket_path_alone() {
+    let mut target = PathBuf::new();
+    let path = bind_replace_stop("hostile-sock-link", |p| {
+        // The link points at the very socket file we bound, moved aside.
+        target = p.with_file_name("moved.sock");
+        std::fs::rename(p, &target).unwrap();
+        std::os::unix::fs::symlink(&target, p).unwrap();
+    });
+    assert!(std::fs::symlink_metadata(&path)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(is_socket(&target));
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
