@@ -72,6 +72,24 @@ pub enum Error {
         /// How it ended (exit code or signal).
         status: ExitStatus,
     },
+    /// The new generation gave up with [`Upgrader::fail`](crate::Upgrader::fail): the
+    /// reason is its own.
+    ChildFailed {
+        /// Its pid.
+        pid: u32,
+        /// What it said.
+        reason: String,
+        /// How it ended, once reaped.
+        status: ExitStatus,
+    },
+    /// The state given to [`Upgrader::set_state`](crate::Upgrader::set_state), or found by
+    /// [`Upgrader::take_state`](crate::Upgrader::take_state), is larger than the bound.
+    StateTooLarge {
+        /// Its size in bytes.
+        size: u64,
+        /// The bound, [`MAX_STATE_SIZE`](crate::MAX_STATE_SIZE).
+        max: u64,
+    },
     /// The new generation did not become ready within the upgrade timeout; it was killed
     /// and reaped.
     Timeout {
@@ -132,6 +150,15 @@ impl fmt::Display for Error {
             Error::ChildExited { pid, status } => write!(
                 f,
                 "new generation (pid {pid}) exited before it was ready: {status}"
+            ),
+            Error::ChildFailed {
+                pid,
+                reason,
+                status,
+            } => write!(f, "new generation (pid {pid}) gave up: {reason} ({status})"),
+            Error::StateTooLarge { size, max } => write!(
+                f,
+                "state of {size} bytes is larger than the limit of {max} bytes"
             ),
             Error::Timeout { pid, timeout } => write!(
                 f,

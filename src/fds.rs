@@ -51,6 +51,61 @@ impl fmt::Debug for Fds {
     }
 }
 
+/// An inherited fd, as [`Adoption`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InheritedFd {
+    /// The fd number in this process.
+    pub fd: RawFd,
+    /// What it was passed as: `"TCP listener"`, `"Unix listener"`, `"file descriptor"`, ...
+    pub kind: &'static str,
+    /// Its address, path or name.
+    pub key: String,
+}
+
+impl InheritedFd {
+    fn new(fd: RawFd, key: &Key) -> InheritedFd {
+        InheritedFd {
+            fd,
+            kind: key.kind_name(),
+            key: key.key_text(),
+        }
+    }
+}
+
+impl fmt::Display for InheritedFd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} (fd {})", self.kind, self.key, self.fd)
+    }
+}
+
+/// What [`Upgrader::ready`](crate::Upgrader::ready) did with the fds inherited from the
+/// previous generation: which were taken, and which were closed because nobody asked
+/// for them. Log it: a listener dropped by a configuration change shows up in `closed`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Adoption {
+    /// Inherited fds this generation took (and will pass on).
+    pub taken: Vec<InheritedFd>,
+    /// Inherited fds nobody asked for: closed, their Unix socket files removed.
+    pub closed: Vec<InheritedFd>,
+}
+
+impl fmt::Display for Adoption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |f: &mut fmt::Formatter<'_>, v: &[InheritedFd]| -> fmt::Result {
+            for (i, fd) in v.iter().enumerate() {
+                write!(f, "{}{fd}", if i == 0 { ": " } else { ", " })?;
+            }
+            Ok(())
+        };
+        write!(f, "took {} inherited fd(s)", self.taken.len())?;
+        list(f, &self.taken)?;
+        write!(f, "; closed {} unused", self.closed.len())?;
+        list(f, &self.closed)
+    }
+}
+
 #[derive(Debug)]
 struct Inherited {
     fd: OwnedFd,
@@ -114,6 +169,8 @@ struct Registry {
     inherited: Vec<Inherited>,
     /// Taken, created or added: passed to the next generation.
     used: Vec<Used>,
+    /// The inherited fds taken so far, for the adoption report.
+    taken: Vec<InheritedFd>,
 }
 
 impl Fds {
@@ -129,6 +186,7 @@ impl Fds {
                     .map(|(fd, key)| Inherited { fd, key })
                     .collect(),
                 used: Vec::new(),
+                taken: Vec::new(),
             }),
             before_bind,
             backlog,
@@ -523,10 +581,19 @@ impl Fds {
         f(&list)
     }
 
-    /// Closes inherited fds nobody took, removing their socket files. Called by `ready()`.
-    pub(crate) fn close_unused(&self) {
-        let unused = std::mem::take(&mut self.lock().inherited);
+    /// Closes inherited fds nobody took, removing their socket files, and reports what
+    /// was taken and what was closed. Called by `ready()`.
+    pub(crate) fn close_unused(&self) -> Adoption {
+        let (unused, taken) = {
+            let mut reg = self.lock();
+            (
+                std::mem::take(&mut reg.inherited),
+                std::mem::take(&mut reg.taken),
+            )
+        };
+        let mut closed = Vec::with_capacity(unused.len());
         for Inherited { fd, key } in unused {
+            closed.push(InheritedFd::new(fd.as_raw_fd(), &key));
             if let Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) =
                 &key
             {
@@ -539,6 +606,7 @@ impl Fds {
             }
             drop(fd);
         }
+        Adoption { taken, closed }
     }
 
     /// Drops every fd: after a successful upgrade the new generation owns them.
@@ -591,6 +659,7 @@ impl Registry {
             });
         }
         let copy = dup(fd)?;
+        self.taken.push(InheritedFd::new(raw, &found));
         let entry = self.inherited.remove(i);
         let socket_file = match &found {
             Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) => {
@@ -701,7 +770,7 @@ fn check(fd: BorrowedFd<'_>, key: &Key) -> std::result::Result<(), (String, Opti
     let os = |what: &str, e: rustix::io::Errno| (format!("{what} failed"), Some(e.into()));
     let st = rustix::fs::fstat(fd).map_err(|e| os("fstat", e))?;
     let (ty, listening) = match key {
-        Key::Ready | Key::Parent | Key::Fd(_) => return Ok(()),
+        Key::Ready | Key::Parent | Key::State | Key::Fd(_) => return Ok(()),
         Key::TcpListener(_) | Key::UnixListener(_) => (SocketType::STREAM, Some(true)),
         Key::TcpStream(_) | Key::UnixStream(_) => (SocketType::STREAM, Some(false)),
         Key::Udp(_) | Key::UnixDatagram(_) => (SocketType::DGRAM, None),
@@ -768,7 +837,7 @@ fn check(fd: BorrowedFd<'_>, key: &Key) -> std::result::Result<(), (String, Opti
                 return Err(("not a Unix socket".into(), None));
             }
         }
-        Key::Ready | Key::Parent | Key::Fd(_) => {}
+        Key::Ready | Key::Parent | Key::State | Key::Fd(_) => {}
     }
     Ok(())
 }

@@ -121,13 +121,14 @@ mod error;
 mod fds;
 mod pidfile;
 mod spawn;
+mod state;
 mod systemd;
 mod upgrader;
 mod wire;
 
 pub use error::{Error, Result};
-pub use fds::Fds;
-pub use upgrader::{Options, Upgrader};
+pub use fds::{Adoption, Fds, InheritedFd};
+pub use upgrader::{Options, Upgrader, MAX_STATE_SIZE};
 pub use wire::UnixAddr;
 
 /// Not public API: entry points for the fuzzer and benchmarks. No stability promise.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rustix::pipe::{pipe_with, PipeFlags};
 
 use crate::error::{Error, Result};
-use crate::fds::{self, BeforeBind, Fds};
+use crate::fds::{self, Adoption, BeforeBind, Fds};
 use crate::spawn;
 use crate::wire::{self, Key};
 
@@ -24,8 +24,15 @@ static ALIVE: AtomicBool = AtomicBool::new(false);
 /// The inherited fd table is read by the first `Upgrader` only.
 static TABLE_READ: AtomicBool = AtomicBool::new(false);
 
-/// The byte the new generation writes to the readiness pipe.
+/// The byte the new generation writes to the readiness pipe when it is ready.
 const READY_BYTE: u8 = b'R';
+/// The byte that starts a failure message on the readiness pipe (`Upgrader::fail`).
+const FAIL_BYTE: u8 = b'F';
+/// The longest failure reason passed to the parent, in bytes.
+const MAX_REASON: usize = 4096;
+
+/// The largest state [`Upgrader::set_state`] accepts: 64 MiB.
+pub const MAX_STATE_SIZE: u64 = 64 << 20;
 
 /// Settings for an [`Upgrader`], built with chained calls:
 ///
@@ -42,6 +49,7 @@ pub struct Options {
     executable: Option<PathBuf>,
     before_bind: Option<BeforeBind>,
     backlog: i32,
+    upgrade_during_drain: bool,
 }
 
 impl Default for Options {
@@ -52,6 +60,7 @@ impl Default for Options {
             executable: None,
             before_bind: None,
             backlog: libc::SOMAXCONN,
+            upgrade_during_drain: false,
         }
     }
 }
@@ -64,6 +73,7 @@ impl fmt::Debug for Options {
             .field("executable", &self.executable)
             .field("before_bind", &self.before_bind.as_ref().map(|_| "Fn"))
             .field("backlog", &self.backlog)
+            .field("upgrade_during_drain", &self.upgrade_during_drain)
             .finish()
     }
 }
@@ -105,6 +115,21 @@ impl Options {
         f: impl Fn(BorrowedFd<'_>) -> io::Result<()> + Send + Sync + 'static,
     ) -> Self {
         self.before_bind = Some(Arc::new(f));
+        self
+    }
+
+    /// Allows [`Upgrader::upgrade`] while the previous generation is still draining.
+    ///
+    /// By default a generation refuses to upgrade until its parent has exited
+    /// ([`Error::ParentAlive`]), so there are never more than two generations, and at most
+    /// one of them not ready. A drain that waits on long-lived connections then blocks
+    /// every deploy for as long as they last. With this option the upgrade goes ahead:
+    /// the draining generation has already handed over its listeners, so a third process
+    /// costs only its memory, and each old generation keeps draining and exits on its own.
+    /// The price: three (or more) generations can run at once, and a chain of quick
+    /// upgrades can pile up old ones. Bound your drain time.
+    pub fn upgrade_during_drain(mut self, allow: bool) -> Self {
+        self.upgrade_during_drain = allow;
         self
     }
 
@@ -172,6 +197,11 @@ pub struct Upgrader {
     upgraded: AtomicBool,
     /// systemd's notify socket, if `$NOTIFY_SOCKET` was set at start.
     notify: Option<crate::systemd::Notifier>,
+    upgrade_during_drain: bool,
+    /// The state to hand to the next generation (`set_state`).
+    state_out: Mutex<Option<OwnedFd>>,
+    /// The state handed over by the previous generation, until `take_state` or `ready`.
+    state_in: Mutex<Option<OwnedFd>>,
 }
 
 impl fmt::Debug for Upgrader {
@@ -225,12 +255,12 @@ impl Upgrader {
             .filter_map(|a| CString::new(a.as_bytes()).ok())
             .collect();
 
-        let (inherited, parent) = if TABLE_READ.swap(true, Ordering::SeqCst) {
-            (Vec::new(), None)
+        let (inherited, parent, state_in) = if TABLE_READ.swap(true, Ordering::SeqCst) {
+            (Vec::new(), None, None)
         } else {
             match read_table()? {
                 // A first start: adopt what systemd passed (socket activation), if anything.
-                (_, None) => (crate::systemd::activated()?, None),
+                (_, None, _) => (crate::systemd::activated()?, None, None),
                 from_parent => from_parent,
             }
         };
@@ -260,6 +290,9 @@ impl Upgrader {
             exit_wr: Mutex::new(Some(exit_wr)),
             upgraded: AtomicBool::new(false),
             notify,
+            upgrade_during_drain: options.upgrade_during_drain,
+            state_out: Mutex::new(None),
+            state_in: Mutex::new(state_in),
         })
     }
 
@@ -290,16 +323,27 @@ impl Upgrader {
     /// inherited fds nobody took (removing their Unix socket files) and writing the pid
     /// file. The previous generation then steps aside.
     ///
+    /// Returns the [adoption report](Adoption): which inherited fds were taken and which
+    /// were closed because nobody asked for them. State handed over with
+    /// [`set_state`](Upgrader::set_state) and not read by now is discarded.
+    ///
     /// If the previous generation has died meanwhile this still succeeds: this process
-    /// is simply the only generation now. Calling it again does nothing.
-    pub fn ready(&self) -> Result<()> {
+    /// is simply the only generation now. Calling it again does nothing (and reports
+    /// nothing).
+    pub fn ready(&self) -> Result<Adoption> {
         let mut st = self.lock();
         match st.phase {
             Phase::Starting => {}
-            Phase::Ready | Phase::Upgraded => return Ok(()),
+            Phase::Ready | Phase::Upgraded => return Ok(Adoption::default()),
             Phase::Stopped => return Err(Error::Stopped),
         }
-        self.fds.close_unused();
+        let adoption = self.fds.close_unused();
+        drop(
+            self.state_in
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         if let Some(path) = &self.pid_file {
             crate::pidfile::write(path, std::process::id()).map_err(|source| Error::PidFile {
                 path: path.clone(),
@@ -332,7 +376,72 @@ impl Upgrader {
             }
         }
         st.phase = Phase::Ready;
+        Ok(adoption)
+    }
+
+    /// Gives up instead of becoming ready: reports `reason` to the previous generation,
+    /// whose [`upgrade`](Upgrader::upgrade) fails with [`Error::ChildFailed`] carrying
+    /// it, and exits with status 1. For a new generation that cannot take over (a bad
+    /// configuration, a port it cannot get), so that whoever asked for the upgrade sees
+    /// why. The reason is also written to stderr; at most 4 KiB of it reaches the parent.
+    pub fn fail(&self, reason: impl fmt::Display) -> ! {
+        let reason = reason.to_string();
+        let line = format!("tableflip: new generation gives up: {reason}\n");
+        let _ = io::Write::write_all(&mut io::stderr().lock(), line.as_bytes());
+        if let Some(parent) = &self.parent {
+            let ready = parent
+                .ready
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(fd) = ready {
+                let mut msg = Vec::with_capacity(1 + reason.len().min(MAX_REASON));
+                msg.push(FAIL_BYTE);
+                let mut end = reason.len().min(MAX_REASON);
+                while !reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                msg.extend_from_slice(&reason.as_bytes()[..end]);
+                let _ = write_all(fd.as_fd(), &msg);
+            }
+        }
+        std::process::exit(1)
+    }
+
+    /// Sets the state to hand to the next generation: an opaque blob (TLS session-ticket
+    /// keys, counters, a configuration digest) of at most [`MAX_STATE_SIZE`] bytes. Call
+    /// it before [`upgrade`](Upgrader::upgrade); calling it again replaces it.
+    ///
+    /// The bytes are copied now into a sealed memory file (`memfd`, Linux) or an unlinked
+    /// temporary file (elsewhere), which travels in the fd table: the next generation
+    /// finds the whole blob as soon as it starts, so a parent that dies meanwhile cannot
+    /// leave it half-written.
+    pub fn set_state(&self, state: &[u8]) -> Result<()> {
+        let size = state.len() as u64;
+        if size > MAX_STATE_SIZE {
+            return Err(Error::StateTooLarge {
+                size,
+                max: MAX_STATE_SIZE,
+            });
+        }
+        let fd = crate::state::store(state)?;
+        *self.state_out.lock().unwrap_or_else(|e| e.into_inner()) = Some(fd);
         Ok(())
+    }
+
+    /// Takes the state the previous generation handed over with
+    /// [`set_state`](Upgrader::set_state): `Ok(None)` if there is none, or it was taken
+    /// already, or [`ready`](Upgrader::ready) has discarded it.
+    pub fn take_state(&self) -> Result<Option<Vec<u8>>> {
+        let fd = self
+            .state_in
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match fd {
+            None => Ok(None),
+            Some(fd) => crate::state::load(fd.as_fd()).map(Some),
+        }
     }
 
     /// Starts the next generation and blocks until it is ready (`Ok`) or has failed.
@@ -360,7 +469,7 @@ impl Upgrader {
             if st.upgrading {
                 return Err(Error::UpgradeInProgress);
             }
-            if let Some(p) = &self.parent {
+            if let Some(p) = self.parent.as_ref().filter(|_| !self.upgrade_during_drain) {
                 let gone = poll_readable(p.lifeline.as_fd(), Some(Duration::ZERO))
                     .map_err(|e| Error::io("poll", Some(p.lifeline.as_raw_fd()), e))?;
                 if !gone {
@@ -401,10 +510,21 @@ impl Upgrader {
         let pipe = || pipe_with(PipeFlags::CLOEXEC).map_err(|e| Error::io("pipe2", None, e));
         let (ready_rd, ready_wr) = pipe()?;
         let (life_rd, life_wr) = pipe()?;
+        // A handle of our own, so that set_state() during the spawn cannot close it.
+        let state = match &*self.state_out.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(fd) => Some(
+                fd.try_clone()
+                    .map_err(|e| Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(fd.as_raw_fd()), e))?,
+            ),
+            None => None,
+        };
         let pid = self.fds.with_passed(|passed| {
             let mut entries: Vec<(RawFd, &Key)> = Vec::with_capacity(passed.len() + 2);
             entries.push((ready_wr.as_raw_fd(), &Key::Ready));
             entries.push((life_rd.as_raw_fd(), &Key::Parent));
+            if let Some(state) = &state {
+                entries.push((state.as_raw_fd(), &Key::State));
+            }
             entries.extend_from_slice(passed);
             let table = wire::encode(entries.iter().copied());
             if table.len() > wire::MAX_LEN {
@@ -465,6 +585,25 @@ impl Upgrader {
                 let mut byte = [0u8; 1];
                 match read_some(ready, &mut byte) {
                     Ok(1) if byte[0] == READY_BYTE => return Ok(()),
+                    Ok(1) if byte[0] == FAIL_BYTE => {
+                        let reason = read_reason(ready, deadline);
+                        return match child.wait_exit(deadline) {
+                            Some(Ok(status)) => Err(Error::ChildFailed {
+                                pid: child.pid as u32,
+                                reason,
+                                status,
+                            }),
+                            Some(Err(e)) => Err(e),
+                            None => {
+                                let status = child.kill_and_reap();
+                                Err(Error::ChildFailed {
+                                    pid: child.pid as u32,
+                                    reason,
+                                    status,
+                                })
+                            }
+                        };
+                    }
                     // EOF (or garbage): the child closed the pipe without being ready.
                     _ => {
                         let status = child.wait_exit(deadline);
@@ -588,12 +727,12 @@ impl Drop for Upgrader {
     }
 }
 
-/// What a process inherits: the registry's fds and the link to its parent.
-type Inheritance = (Vec<(OwnedFd, Key)>, Option<Parent>);
+/// What a process inherits: the registry's fds, the link to its parent, the state.
+type Inheritance = (Vec<(OwnedFd, Key)>, Option<Parent>, Option<OwnedFd>);
 
 fn read_table() -> Result<Inheritance> {
     let Some(value) = std::env::var_os(wire::VAR) else {
-        return Ok((Vec::new(), None));
+        return Ok((Vec::new(), None, None));
     };
     let table_err = |entry: String, reason: String| Error::FdTable {
         var: wire::VAR,
@@ -603,7 +742,7 @@ fn read_table() -> Result<Inheritance> {
     };
     let table = match wire::decode(value.as_bytes(), std::process::id()) {
         Ok(Some(t)) => t,
-        Ok(None) => return Ok((Vec::new(), None)),
+        Ok(None) => return Ok((Vec::new(), None, None)),
         Err(e) => return Err(table_err(e.entry, e.reason)),
     };
     for needed in [Key::Ready, Key::Parent] {
@@ -617,11 +756,13 @@ fn read_table() -> Result<Inheritance> {
     let adopted = fds::adopt(wire::VAR, table.entries)?;
     let mut ready = None;
     let mut lifeline = None;
+    let mut state = None;
     let mut rest = Vec::with_capacity(adopted.len());
     for (fd, key) in adopted {
         match key {
             Key::Ready => ready = Some(fd),
             Key::Parent => lifeline = Some(fd),
+            Key::State => state = Some(fd),
             _ => rest.push((fd, key)),
         }
     }
@@ -633,7 +774,7 @@ fn read_table() -> Result<Inheritance> {
         }),
         _ => None,
     };
-    Ok((rest, parent))
+    Ok((rest, parent, state))
 }
 
 /// A child process we started and have not reaped.
@@ -654,10 +795,10 @@ impl Child {
         Child { pid, pidfd }
     }
 
-    fn kill_and_reap(&self) {
+    fn kill_and_reap(&self) -> ExitStatus {
         // SAFETY: `pid` is our unreaped child, so the pid cannot have been reused.
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        reap(self.pid);
+        ExitStatus::from_raw(reap(self.pid))
     }
 
     /// Waits for the child to exit until `deadline`, and reaps it. `None` on timeout.
@@ -760,6 +901,24 @@ fn poll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize
 fn poll_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> io::Result<bool> {
     let mut pfd = [pollfd(fd)];
     Ok(poll(&mut pfd, timeout)? > 0 && pfd[0].revents != 0)
+}
+
+/// Reads a failure reason (after its first byte) until EOF, `MAX_REASON` bytes or the
+/// deadline.
+fn read_reason(fd: BorrowedFd<'_>, deadline: Option<Instant>) -> String {
+    let mut buf = vec![0u8; MAX_REASON];
+    let mut len = 0;
+    while len < buf.len() {
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if remaining == Some(Duration::ZERO) || !matches!(poll_readable(fd, remaining), Ok(true)) {
+            break;
+        }
+        match read_some(fd, &mut buf[len..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => len += n,
+        }
+    }
+    String::from_utf8_lossy(&buf[..len]).into_owned()
 }
 
 fn read_some(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {

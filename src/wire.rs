@@ -12,7 +12,7 @@
 //!   variable) ignores the table and starts fresh, like systemd's `LISTEN_PID`.
 //! * Then one `;`-separated entry per fd: `FD,KIND[,KEY]`. `FD` is a decimal fd number
 //!   (3 or more, each at most once). `KIND` is one of `ready`, `parent` (the handshake
-//!   pipes, no key), `tcp`, `udp` (key: a socket address), `unix`, `unixgram` (key: a path,
+//!   pipes, no key), `state` (the handed-over state, no key), `tcp`, `udp` (key: a socket address), `unix`, `unixgram` (key: a path,
 //!   or `@` and an abstract name), `tcpconn`, `unixconn`, `fd` (key: a name).
 //! * Keys are percent-encoded: every byte outside `A-Z a-z 0-9 - . _ ~ / : [ ]` is
 //!   written as `%XX`, so paths may hold `;`, `,`, `%`, `@` or non-UTF-8 bytes.
@@ -100,6 +100,8 @@ pub(crate) enum Key {
     Ready,
     /// The read end of the pipe that tells when the parent has exited.
     Parent,
+    /// A sealed memfd (or unlinked file) holding the state handed over by the parent.
+    State,
     TcpListener(SocketAddr),
     Udp(SocketAddr),
     UnixListener(UnixAddr),
@@ -114,6 +116,7 @@ impl Key {
         match self {
             Key::Ready => "ready",
             Key::Parent => "parent",
+            Key::State => "state",
             Key::TcpListener(_) => "tcp",
             Key::Udp(_) => "udp",
             Key::UnixListener(_) => "unix",
@@ -129,6 +132,7 @@ impl Key {
         match self {
             Key::Ready => "readiness pipe",
             Key::Parent => "parent pipe",
+            Key::State => "state handoff",
             Key::TcpListener(_) => "TCP listener",
             Key::Udp(_) => "UDP socket",
             Key::UnixListener(_) => "Unix listener",
@@ -140,11 +144,23 @@ impl Key {
     }
 }
 
+impl Key {
+    /// The address, path or name alone (empty for the handshake entries).
+    pub(crate) fn key_text(&self) -> String {
+        match self {
+            Key::Ready | Key::Parent | Key::State => String::new(),
+            Key::TcpListener(a) | Key::Udp(a) => a.to_string(),
+            Key::UnixListener(a) | Key::UnixDatagram(a) => a.to_string(),
+            Key::TcpStream(n) | Key::UnixStream(n) | Key::Fd(n) => n.clone(),
+        }
+    }
+}
+
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = self.kind_name();
         match self {
-            Key::Ready | Key::Parent => f.write_str(kind),
+            Key::Ready | Key::Parent | Key::State => f.write_str(kind),
             Key::TcpListener(a) | Key::Udp(a) => write!(f, "{kind} {a}"),
             Key::UnixListener(a) | Key::UnixDatagram(a) => write!(f, "{kind} {a}"),
             Key::TcpStream(n) | Key::UnixStream(n) | Key::Fd(n) => write!(f, "{kind} {n:?}"),
@@ -213,7 +229,7 @@ pub(crate) fn encode<'a>(entries: impl IntoIterator<Item = (RawFd, &'a Key)>) ->
         out.push(',');
         out.push_str(key.tag());
         match key {
-            Key::Ready | Key::Parent => {}
+            Key::Ready | Key::Parent | Key::State => {}
             Key::TcpListener(a) | Key::Udp(a) => {
                 out.push(',');
                 escape_into(&mut out, a.to_string().as_bytes());
@@ -312,7 +328,9 @@ pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeE
         if !seen.insert(fd) {
             return Err(bad(entry, format!("fd {fd} appears more than once")));
         }
-        if matches!(key, Key::Ready | Key::Parent) && entries.iter().any(|(_, k)| *k == key) {
+        if matches!(key, Key::Ready | Key::Parent | Key::State)
+            && entries.iter().any(|(_, k)| *k == key)
+        {
             return Err(bad(entry, format!("more than one {} entry", key.tag())));
         }
         entries.push((fd, key));
@@ -383,6 +401,7 @@ fn decode_entry(entry: &str) -> Result<(RawFd, Key), DecodeError> {
     let key = match tag {
         "ready" => no_arg(Key::Ready)?,
         "parent" => no_arg(Key::Parent)?,
+        "state" => no_arg(Key::State)?,
         "tcp" => Key::TcpListener(sockaddr()?),
         "udp" => Key::Udp(sockaddr()?),
         "unix" => Key::UnixListener(unix()?),
