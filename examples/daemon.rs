@@ -110,8 +110,8 @@ fn run(pid_file: PathBuf, listen: &str) -> Result<(), Box<dyn std::error::Error>
         .name("signals".into())
         .spawn(move || on_signals(signals, u, threads))?;
 
-    upg.ready()?;
-    log!("ready; pid file {} updated", pid_file.display());
+    let adoption = upg.ready()?;
+    log!("ready; pid file {} updated; {adoption}", pid_file.display());
     if upg.has_parent() {
         let u = Arc::clone(&upg);
         thread::spawn(move || {

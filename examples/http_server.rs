@@ -159,8 +159,10 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         .name("signals".into())
         .spawn(move || handle_signals(signals, signal_upg, signal_upgrades))?;
 
-    upg.ready()?;
-    log!("ready");
+    // Which inherited fds were taken, and which were closed because nobody asked for
+    // them: a listener dropped by a configuration change shows up here.
+    let adoption = upg.ready()?;
+    log!("ready; {adoption}");
 
     let conns = Arc::new(Connections::default());
     serve(&listener, &upg, &conns);

@@ -157,8 +157,10 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         .spawn(move || handle_signals(signals, signal_upg, signal_upgrades))?;
 
     // Writes the pid file, then tells the previous generation to step aside.
-    upg.ready()?;
-    log!("ready");
+    // Which inherited fds were taken, and which were closed because nobody asked for
+    // them: a listener dropped by a configuration change shows up here.
+    let adoption = upg.ready()?;
+    log!("ready; {adoption}");
 
     let conns = Arc::new(Connections::default());
     serve(&listener, &upg, &conns);

@@ -139,8 +139,10 @@ fn run(
 
     // Writes the pid file and tells the previous generation to step aside. Connections
     // arriving before the workers start wait in the (shared) accept queues.
-    upg.ready()?;
-    log!("ready");
+    // Which inherited fds were taken, and which were closed because nobody asked for
+    // them: a listener dropped by a configuration change shows up here.
+    let adoption = upg.ready()?;
+    log!("ready; {adoption}");
 
     let handles: Vec<_> = listeners
         .into_iter()

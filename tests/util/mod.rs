@@ -389,6 +389,20 @@ pub fn open_socket_inodes() -> Vec<String> {
     out
 }
 
+/// The state a process with `pid` hands over: `n` bytes that depend on the pid.
+pub fn state_bytes(pid: u32, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u32).wrapping_mul(31).wrapping_add(pid) as u8)
+        .collect()
+}
+
+/// FNV-1a, to compare blobs through one event line.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
 pub fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
@@ -421,6 +435,8 @@ pub fn kind(e: &Error) -> &'static str {
         Error::Exec { .. } => "Exec",
         Error::ChildExited { .. } => "ChildExited",
         Error::Timeout { .. } => "Timeout",
+        Error::ChildFailed { .. } => "ChildFailed",
+        Error::StateTooLarge { .. } => "StateTooLarge",
         Error::PidFile { .. } => "PidFile",
         Error::Io { .. } => "Io",
         _ => "Other",
@@ -496,6 +512,9 @@ pub fn scenario(name: &str) -> ! {
     if let Some(p) = env("TF_EXE") {
         opts = opts.executable(p);
     }
+    if env("TF_OVERLAP").is_some() {
+        opts = opts.upgrade_during_drain(true);
+    }
     let upg = match Upgrader::new(opts) {
         Ok(u) => Arc::new(u),
         Err(e) => {
@@ -504,6 +523,26 @@ pub fn scenario(name: &str) -> ! {
         }
     };
     say(format!("new has_parent={}", upg.has_parent()));
+
+    if has("fail") {
+        upg.fail("config line 12: unknown key");
+    }
+    // `TF_STATE_BYTES=N`: report the state handed over (unless `nostate`), then hand
+    // over N bytes of our own (see `state_bytes`).
+    if let Some(n) = env("TF_STATE_BYTES") {
+        if !has("nostate") {
+            match upg.take_state() {
+                Ok(Some(b)) => say(format!("state len={} sum={}", b.len(), checksum(&b))),
+                Ok(None) => say("state none"),
+                Err(e) => say(format!("state-error {}", describe(&e))),
+            }
+        }
+        let bytes = state_bytes(std::process::id(), n.parse().unwrap());
+        match upg.set_state(&bytes) {
+            Ok(()) => say("state-set ok"),
+            Err(e) => say(format!("state-set {}", describe(&e))),
+        }
+    }
 
     if name == "api" {
         api_checks(&upg);
@@ -594,14 +633,20 @@ pub fn scenario(name: &str) -> ! {
             Err(e) => say(format!("listen-error {}", describe(&e))),
         }
     }
-    if let Err(e) = upg.ready() {
-        say(format!("ready-error {}", describe(&e)));
-        std::process::exit(3);
-    }
+    let adoption = match upg.ready() {
+        Ok(a) => Some(a),
+        Err(e) => {
+            say(format!("ready-error {}", describe(&e)));
+            std::process::exit(3);
+        }
+    };
+    let adoption = adoption.expect("ready");
     say(format!(
-        "ready fds={} sockets={}",
+        "ready fds={} sockets={} taken={} closed={}",
         fd_count(),
-        open_socket_inodes().join(",")
+        open_socket_inodes().join(","),
+        adoption.taken.len(),
+        adoption.closed.len()
     ));
 
     if let Some(n) = env("TF_FAILS") {
