@@ -119,6 +119,8 @@ struct Used {
     /// For Unix sockets with a path: where the socket file is, and which file it was,
     /// so that it is removed only while it is still ours.
     socket_file: Option<SocketFile>,
+    /// Inherited from the previous generation (rather than made or added here).
+    inherited: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -464,6 +466,7 @@ impl Fds {
                 key: key.clone(),
                 fd: dup(fd.as_fd())?,
                 socket_file: None,
+                inherited: false,
             });
             out.push(fd);
         }
@@ -617,10 +620,15 @@ impl Fds {
     }
 
     /// Removes the socket files of the Unix sockets in use. Called by `stop()` when no
-    /// upgrade succeeded.
-    pub(crate) fn unlink_socket_files(&self) {
+    /// upgrade succeeded. Inherited sockets are included only if this generation became
+    /// ready: before that, the previous generation is the one serving on them.
+    pub(crate) fn unlink_socket_files(&self, include_inherited: bool) {
         let reg = self.lock();
-        for u in &reg.used {
+        for u in reg
+            .used
+            .iter()
+            .filter(|u| include_inherited || !u.inherited)
+        {
             if let Some(file) = &u.socket_file {
                 file.unlink();
             }
@@ -671,6 +679,7 @@ impl Registry {
             key: found,
             fd: entry.fd,
             socket_file,
+            inherited: true,
         });
         Ok(Some(copy))
     }
@@ -717,6 +726,7 @@ impl Registry {
             key,
             fd,
             socket_file,
+            inherited: false,
         });
     }
 }

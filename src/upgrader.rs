@@ -646,14 +646,18 @@ impl Upgrader {
     /// Stops upgrading: no upgrade starts after this, and one in progress is cancelled
     /// (its child killed and reaped, its `upgrade()` returning [`Error::Stopped`]) before
     /// the exit notification fires and `stop` returns. If no upgrade ever succeeded, the
-    /// socket files of the Unix sockets this process listened on are removed. Calling
-    /// it again does nothing.
+    /// socket files of the Unix sockets this process listened on are removed, except,
+    /// in a new generation that never became ready, those it inherited (the previous
+    /// generation still serves on them). Calling it again does nothing.
     pub fn stop(&self) {
         let mut st = self.lock();
         if st.phase == Phase::Stopped {
             return;
         }
         let upgraded = st.phase == Phase::Upgraded;
+        // A generation that never became ready was not serving: the previous one (if
+        // any) still is, on the same sockets, and systemd must not hear STOPPING.
+        let was_ready = st.phase != Phase::Starting;
         st.phase = Phase::Stopped;
         drop(st.cancel.take());
         while st.upgrading {
@@ -661,8 +665,9 @@ impl Upgrader {
         }
         // An upgrade that completed while we waited counts.
         if !upgraded && !self.upgraded.load(Ordering::SeqCst) {
-            self.fds.unlink_socket_files();
-            if let Some(n) = &self.notify {
+            self.fds
+                .unlink_socket_files(was_ready || self.parent.is_none());
+            if let Some(n) = self.notify.as_ref().filter(|_| was_ready) {
                 n.stopping();
             }
         }

@@ -502,3 +502,50 @@ fn socket_groups_pass_in_order_and_resize() {
     signal(pid4, libc::SIGTERM);
     run.expect_all_exited();
 }
+
+/// A new generation that takes the inherited sockets and then gives up by dropping its
+/// Upgrader (an error returned from main) must not unlink the socket files the old
+/// generation still serves on, nor tell systemd it is stopping.
+#[test]
+fn a_child_dropping_its_upgrader_before_ready_changes_nothing() {
+    let dir = util::scratch_dir("dropfail");
+    let sock = dir.join("s.sock");
+    let notify_path = dir.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    let mut run = Run::start(
+        "dropfail",
+        &[
+            ("TF_UNIX", sock.display().to_string()),
+            ("NOTIFY_SOCKET", notify_path.display().to_string()),
+        ],
+    );
+    run.expect("unix");
+    let pid = run.expect("ready").pid;
+    run.next("dropfail");
+    signal(pid, libc::SIGHUP);
+    run.expect_not_from("dropped", pid);
+    let err = run.expect_from("upgrade-error", pid);
+    assert!(err.rest.contains("exit_status:_4"), "{err:?}");
+    assert!(
+        sock.exists(),
+        "the failed child unlinked the old generation's socket"
+    );
+    let mut conn = UnixStream::connect(&sock).expect("old generation no longer reachable");
+    drop(conn.set_read_timeout(None));
+    let mut buf = [0u8; 512];
+    let mut seen = Vec::new();
+    while let Ok(n) = notify.recv(&mut buf) {
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    assert!(
+        !seen.iter().any(|m| m.contains("STOPPING")),
+        "a child that never became ready said STOPPING=1: {seen:?}"
+    );
+    signal(pid, libc::SIGTERM);
+    run.expect_all_exited();
+    assert!(!sock.exists());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -589,6 +589,15 @@ pub fn scenario(name: &str) -> ! {
             }
         }
     }
+    // `dropfail`: give up before ready by returning an error, dropping the Upgrader
+    // (unlike `exit N`, which never runs destructors).
+    if has("dropfail") {
+        drop(listeners);
+        // The only reference: this runs Upgrader's destructor (stop()).
+        drop(Arc::into_inner(upg).expect("one reference"));
+        say("dropped");
+        std::process::exit(4);
+    }
     // Signals: SIGHUP upgrades (each on its own thread, so two can overlap), SIGTERM stops.
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGHUP, libc::SIGTERM]).unwrap();
     let u = Arc::clone(&upg);
