@@ -935,7 +935,8 @@ fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
         .map_err(|e| Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(fd.as_raw_fd()), e))
 }
 
-fn new_socket(family: AddressFamily, ty: SocketType) -> io::Result<OwnedFd> {
+/// A new close-on-exec socket.
+pub(crate) fn new_socket(family: AddressFamily, ty: SocketType) -> io::Result<OwnedFd> {
     #[cfg(not(target_vendor = "apple"))]
     {
         Ok(rustix::net::socket_with(

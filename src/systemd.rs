@@ -42,7 +42,7 @@ impl Notifier {
             b'@' => SocketAddrUnix::new_abstract_name(&bytes[1..]).ok()?,
             _ => return None,
         };
-        let socket = new_dgram_socket().ok()?;
+        let socket = fds::new_socket(AddressFamily::UNIX, SocketType::DGRAM).ok()?;
         Some(Notifier {
             socket,
             addr,
@@ -79,24 +79,6 @@ impl Notifier {
     /// A real stop (never sent after a handoff).
     pub(crate) fn stopping(&self) {
         self.send("STOPPING=1");
-    }
-}
-
-fn new_dgram_socket() -> std::io::Result<OwnedFd> {
-    #[cfg(not(target_vendor = "apple"))]
-    {
-        Ok(rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::DGRAM,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        )?)
-    }
-    #[cfg(target_vendor = "apple")]
-    {
-        let fd = rustix::net::socket(AddressFamily::UNIX, SocketType::DGRAM, None)?;
-        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
-        Ok(fd)
     }
 }
 

@@ -354,25 +354,18 @@ impl Upgrader {
         if let Some(n) = &self.notify {
             n.ready();
         }
-        if let Some(parent) = &self.parent {
-            let ready = parent
-                .ready
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            if let Some(fd) = ready {
-                match write_all(fd.as_fd(), &[READY_BYTE]) {
-                    // The parent is gone: we are the only generation now.
-                    Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {}
-                    Err(e) => {
-                        return Err(Error::io(
-                            "write to readiness pipe",
-                            Some(fd.as_raw_fd()),
-                            e,
-                        ))
-                    }
-                    Ok(()) => {}
+        if let Some(fd) = self.take_ready_pipe() {
+            match write_all(fd.as_fd(), &[READY_BYTE]) {
+                // The parent is gone: we are the only generation now.
+                Err(e) if e.raw_os_error() == Some(libc::EPIPE) => {}
+                Err(e) => {
+                    return Err(Error::io(
+                        "write to readiness pipe",
+                        Some(fd.as_raw_fd()),
+                        e,
+                    ))
                 }
+                Ok(()) => {}
             }
         }
         st.phase = Phase::Ready;
@@ -388,22 +381,15 @@ impl Upgrader {
         let reason = reason.to_string();
         let line = format!("tableflip: new generation gives up: {reason}\n");
         let _ = io::Write::write_all(&mut io::stderr().lock(), line.as_bytes());
-        if let Some(parent) = &self.parent {
-            let ready = parent
-                .ready
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take();
-            if let Some(fd) = ready {
-                let mut msg = Vec::with_capacity(1 + reason.len().min(MAX_REASON));
-                msg.push(FAIL_BYTE);
-                let mut end = reason.len().min(MAX_REASON);
-                while !reason.is_char_boundary(end) {
-                    end -= 1;
-                }
-                msg.extend_from_slice(&reason.as_bytes()[..end]);
-                let _ = write_all(fd.as_fd(), &msg);
+        if let Some(fd) = self.take_ready_pipe() {
+            let mut end = reason.len().min(MAX_REASON);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
             }
+            let mut msg = Vec::with_capacity(1 + end);
+            msg.push(FAIL_BYTE);
+            msg.extend_from_slice(&reason.as_bytes()[..end]);
+            let _ = write_all(fd.as_fd(), &msg);
         }
         std::process::exit(1)
     }
@@ -708,6 +694,13 @@ impl Upgrader {
             poll_readable(self.exit_rd.as_fd(), Some(Duration::ZERO)),
             Ok(true)
         )
+    }
+
+    /// The write end of the readiness pipe, once: `ready()` or `fail()` uses it up.
+    fn take_ready_pipe(&self) -> Option<OwnedFd> {
+        let parent = self.parent.as_ref()?;
+        let mut ready = parent.ready.lock().unwrap_or_else(|e| e.into_inner());
+        ready.take()
     }
 
     fn fire_exit(&self) {
