@@ -538,9 +538,10 @@ mod tests {
         }
 
         fn key(&mut self) -> Key {
-            match self.below(9) {
+            match self.below(10) {
                 0 => Key::Ready,
                 1 => Key::Parent,
+                9 => Key::State,
                 2 => Key::TcpListener(self.inet()),
                 3 => Key::Udp(self.inet()),
                 4 => Key::UnixListener(self.unix()),
@@ -551,14 +552,14 @@ mod tests {
             }
         }
 
-        /// A valid table: distinct fds, at most one `ready` and one `parent`.
+        /// A valid table: distinct fds, at most one `ready`, `parent` and `state`.
         fn table(&mut self) -> Vec<(RawFd, Key)> {
             let mut entries: Vec<(RawFd, Key)> = Vec::new();
             for _ in 0..self.below(12) {
                 let fd = self.fd();
                 let key = self.key();
                 let dup_fd = entries.iter().any(|(f, _)| *f == fd);
-                let dup_pipe = matches!(key, Key::Ready | Key::Parent)
+                let dup_pipe = matches!(key, Key::Ready | Key::Parent | Key::State)
                     && entries.iter().any(|(_, k)| *k == key);
                 if !dup_fd && !dup_pipe {
                     entries.push((fd, key));
