@@ -261,7 +261,7 @@ fn upgrades_under_load(
                 ));
                 phase.upgrades.push(upgrade);
                 // Traffic in every generation before the next switch.
-                load.wait_answers(&server, 20)?;
+                load.wait_answers(&server, 200)?;
             }
             Ok(())
         })();
@@ -521,6 +521,8 @@ struct Upgrade {
     overlap: Duration,
     /// Until every thread of the old generation had exited.
     old_exit: Duration,
+    /// Connections answered from the SIGHUP until the old generation had exited.
+    answered: u64,
     /// The new generation's fd count, idle.
     fds: usize,
 }
@@ -611,6 +613,7 @@ impl Server {
     fn upgrade(&mut self, load: &Load) -> Res<Upgrade> {
         let old = self.current;
         let logged_before = self.failure_lines().len();
+        let answered_before = load.shared.answered.load(SeqCst);
         let sent = now_us();
         signal(old, libc::SIGHUP)?;
 
@@ -648,6 +651,7 @@ impl Server {
             || Ok(exited(old).then_some(())),
         )?;
         let exited_at = now_us();
+        let answered = load.shared.answered.load(SeqCst) - answered_before;
         let status = wait_reaped(old)?;
         if status.is_some_and(|s| !(libc::WIFEXITED(s) && libc::WEXITSTATUS(s) == 0)) {
             return Err(format!(
@@ -673,6 +677,7 @@ impl Server {
             ready: micros(ready_at - sent),
             overlap: micros(last_old.saturating_sub(ready_ref)),
             old_exit: micros(exited_at - sent),
+            answered,
             fds,
         })
     }
@@ -1499,6 +1504,14 @@ impl Report {
                 &mut out,
                 "SIGHUP -> old generation exited",
                 dist(|u| u.old_exit),
+            );
+            row(
+                &mut out,
+                "answered during the upgrades",
+                format!(
+                    "{} (from SIGHUP until the old generation exited)",
+                    ups.iter().map(|u| u.answered).sum::<u64>()
+                ),
             );
             row(
                 &mut out,
