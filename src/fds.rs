@@ -13,7 +13,7 @@ use rustix::fs::FileType;
 use rustix::net::{AddressFamily, SocketAddrAny, SocketAddrUnix, SocketType};
 
 use crate::error::{Error, Result};
-use crate::wire::{Key, UnixAddr, VAR};
+use crate::wire::{FileId, Key, UnixAddr, VAR};
 
 /// Called on every socket the registry creates, after `socket()` and before `bind()`.
 pub(crate) type BeforeBind = Arc<dyn Fn(BorrowedFd<'_>) -> io::Result<()> + Send + Sync>;
@@ -110,6 +110,8 @@ impl fmt::Display for Adoption {
 struct Inherited {
     fd: OwnedFd,
     key: Key,
+    /// The socket file's identity, as the previous generation recorded it.
+    file: Option<FileId>,
 }
 
 #[derive(Debug)]
@@ -140,6 +142,16 @@ impl SocketFile {
             path,
             dev: st.st_dev as u64,
             ino: st.st_ino as u64,
+        })
+    }
+
+    /// The socket file at `path` with an identity recorded elsewhere.
+    fn recorded(path: &Path, id: Option<FileId>) -> Option<SocketFile> {
+        let (dev, ino) = id?;
+        Some(SocketFile {
+            path: absolute(path)?,
+            dev,
+            ino,
         })
     }
 
@@ -177,7 +189,7 @@ struct Registry {
 
 impl Fds {
     pub(crate) fn new(
-        inherited: Vec<(OwnedFd, Key)>,
+        inherited: Vec<(OwnedFd, Key, Option<FileId>)>,
         before_bind: Option<BeforeBind>,
         backlog: i32,
     ) -> Fds {
@@ -185,7 +197,7 @@ impl Fds {
             inner: Mutex::new(Registry {
                 inherited: inherited
                     .into_iter()
-                    .map(|(fd, key)| Inherited { fd, key })
+                    .map(|(fd, key, file)| Inherited { fd, key, file })
                     .collect(),
                 used: Vec::new(),
                 taken: Vec::new(),
@@ -573,13 +585,20 @@ impl Fds {
         Ok(())
     }
 
-    /// Calls `f` with the fds to pass on, holding the registry lock.
-    pub(crate) fn with_passed<R>(&self, f: impl FnOnce(&[(RawFd, &Key)]) -> R) -> R {
+    /// Calls `f` with the fds to pass on (and the identity of their socket files),
+    /// holding the registry lock.
+    pub(crate) fn with_passed<R>(
+        &self,
+        f: impl FnOnce(&[(RawFd, &Key, Option<FileId>)]) -> R,
+    ) -> R {
         let reg = self.lock();
-        let list: Vec<(RawFd, &Key)> = reg
+        let list: Vec<(RawFd, &Key, Option<FileId>)> = reg
             .used
             .iter()
-            .map(|u| (u.fd.as_raw_fd(), &u.key))
+            .map(|u| {
+                let id = u.socket_file.as_ref().map(|f| (f.dev, f.ino));
+                (u.fd.as_raw_fd(), &u.key, id)
+            })
             .collect();
         f(&list)
     }
@@ -595,16 +614,18 @@ impl Fds {
             )
         };
         let mut closed = Vec::with_capacity(unused.len());
-        for Inherited { fd, key } in unused {
+        for Inherited { fd, key, file } in unused {
             closed.push(InheritedFd::new(fd.as_raw_fd(), &key));
             if let Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) =
                 &key
             {
-                // Only remove the file if the fd really is the socket bound there.
-                if unix_matches(fd.as_fd(), p) {
-                    if let Some(file) = SocketFile::of(p) {
-                        file.unlink();
-                    }
+                // Only remove the file if the fd is bound there and the file is the one the
+                // previous generation recorded (none is recorded for sockets from systemd,
+                // whose files belong to systemd).
+                if let (Some(file), true) =
+                    (SocketFile::recorded(p, file), unix_matches(fd.as_fd(), p))
+                {
+                    file.unlink();
                 }
             }
             drop(fd);
@@ -669,9 +690,11 @@ impl Registry {
         let copy = dup(fd)?;
         self.taken.push(InheritedFd::new(raw, &found));
         let entry = self.inherited.remove(i);
+        // The identity recorded by the previous generation, not the file there now: a file
+        // swapped in meanwhile is somebody else's.
         let socket_file = match &found {
             Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) => {
-                SocketFile::of(p)
+                SocketFile::recorded(p, entry.file)
             }
             _ => None,
         };

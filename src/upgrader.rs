@@ -260,7 +260,11 @@ impl Upgrader {
         } else {
             match read_table()? {
                 // A first start: adopt what systemd passed (socket activation), if anything.
-                (_, None, _) => (crate::systemd::activated()?, None, None),
+                (_, None, _) => {
+                    let activated = crate::systemd::activated()?;
+                    let fds = activated.into_iter().map(|(fd, key)| (fd, key, None));
+                    (fds.collect(), None, None)
+                }
                 from_parent => from_parent,
             }
         };
@@ -505,14 +509,15 @@ impl Upgrader {
             None => None,
         };
         let pid = self.fds.with_passed(|passed| {
-            let mut entries: Vec<(RawFd, &Key)> = Vec::with_capacity(passed.len() + 2);
-            entries.push((ready_wr.as_raw_fd(), &Key::Ready));
-            entries.push((life_rd.as_raw_fd(), &Key::Parent));
+            let mut entries: Vec<(RawFd, &Key, Option<wire::FileId>)> =
+                Vec::with_capacity(passed.len() + 3);
+            entries.push((ready_wr.as_raw_fd(), &Key::Ready, None));
+            entries.push((life_rd.as_raw_fd(), &Key::Parent, None));
             if let Some(state) = &state {
-                entries.push((state.as_raw_fd(), &Key::State));
+                entries.push((state.as_raw_fd(), &Key::State, None));
             }
             entries.extend_from_slice(passed);
-            let table = wire::encode(entries.iter().copied());
+            let table = wire::encode_with_ids(entries.iter().copied());
             if table.len() > wire::MAX_LEN {
                 return Err(Error::Exec {
                     path: exe.clone(),
@@ -527,7 +532,7 @@ impl Upgrader {
                     ),
                 });
             }
-            let fds: Vec<RawFd> = entries.iter().map(|(fd, _)| *fd).collect();
+            let fds: Vec<RawFd> = entries.iter().map(|(fd, _, _)| *fd).collect();
             spawn::spawn(&exe, &self.argv, &self.cwd_c, &table, &fds)
         })?;
         drop(ready_wr);
@@ -725,8 +730,13 @@ impl Drop for Upgrader {
     }
 }
 
-/// What a process inherits: the registry's fds, the link to its parent, the state.
-type Inheritance = (Vec<(OwnedFd, Key)>, Option<Parent>, Option<OwnedFd>);
+/// What a process inherits: the registry's fds (with their socket files' identity), the
+/// link to its parent, the state.
+type Inheritance = (
+    Vec<(OwnedFd, Key, Option<wire::FileId>)>,
+    Option<Parent>,
+    Option<OwnedFd>,
+);
 
 fn read_table() -> Result<Inheritance> {
     let Some(value) = std::env::var_os(wire::VAR) else {
@@ -745,12 +755,20 @@ fn read_table() -> Result<Inheritance> {
     };
     for needed in [Key::Ready, Key::Parent] {
         if !table.entries.iter().any(|(_, k)| *k == needed) {
-            return Err(table_err(
-                String::new(),
-                format!("no {} entry", needed.tag()),
-            ));
+            // No entry is at fault: name the whole value (bounded).
+            let mut whole = value.to_string_lossy().into_owned();
+            if whole.len() > 200 {
+                let mut end = 200;
+                while !whole.is_char_boundary(end) {
+                    end -= 1;
+                }
+                whole.truncate(end);
+                whole.push_str("...");
+            }
+            return Err(table_err(whole, format!("no {} entry", needed.tag())));
         }
     }
+    let file_ids = table.file_ids;
     let adopted = fds::adopt(wire::VAR, table.entries)?;
     let mut ready = None;
     let mut lifeline = None;
@@ -761,7 +779,10 @@ fn read_table() -> Result<Inheritance> {
             Key::Ready => ready = Some(fd),
             Key::Parent => lifeline = Some(fd),
             Key::State => state = Some(fd),
-            _ => rest.push((fd, key)),
+            _ => {
+                let id = file_ids.get(&fd.as_raw_fd()).copied();
+                rest.push((fd, key, id));
+            }
         }
     }
     let parent = match (ready, lifeline) {

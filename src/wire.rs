@@ -14,6 +14,9 @@
 //!   (3 or more, each at most once). `KIND` is one of `ready`, `parent` (the handshake
 //!   pipes, no key), `state` (the handed-over state, no key), `tcp`, `udp` (key: a socket address), `unix`, `unixgram` (key: a path,
 //!   or `@` and an abstract name), `tcpconn`, `unixconn`, `fd` (key: a name).
+//! * A `unix` or `unixgram` entry with a path may carry a fourth field, `DEV:INO`: the
+//!   device and inode of the socket file the previous generation bound or checked. Only
+//!   a file with that identity is ever unlinked.
 //! * Keys are percent-encoded: every byte outside `A-Z a-z 0-9 - . _ ~ / : [ ]` is
 //!   written as `%XX`, so paths may hold `;`, `,`, `%`, `@` or non-UTF-8 bytes.
 //! * The same key may appear more than once (a group of sockets on one address); their
@@ -217,13 +220,25 @@ fn unescape(s: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
+/// Identity of a socket file: device and inode, as `lstat` reports them.
+pub(crate) type FileId = (u64, u64);
+
 /// Encodes a table. The pid slot holds zeros; the spawner fills it in.
+#[cfg(test)]
 pub(crate) fn encode<'a>(entries: impl IntoIterator<Item = (RawFd, &'a Key)>) -> String {
+    encode_with_ids(entries.into_iter().map(|(fd, key)| (fd, key, None)))
+}
+
+/// Encodes a table, with the identity of the socket file of Unix sockets bound to a path
+/// where it is known. The pid slot holds zeros; the spawner fills it in.
+pub(crate) fn encode_with_ids<'a>(
+    entries: impl IntoIterator<Item = (RawFd, &'a Key, Option<FileId>)>,
+) -> String {
     let mut out = String::with_capacity(64);
     out.push_str(MAGIC);
     out.push_str(PID_PREFIX);
     out.extend(std::iter::repeat('0').take(PID_WIDTH));
-    for (fd, key) in entries {
+    for (fd, key, id) in entries {
         out.push(';');
         let _ = write!(out, "{fd}");
         out.push(',');
@@ -237,7 +252,12 @@ pub(crate) fn encode<'a>(entries: impl IntoIterator<Item = (RawFd, &'a Key)>) ->
             Key::UnixListener(a) | Key::UnixDatagram(a) => {
                 out.push(',');
                 match a {
-                    UnixAddr::Path(p) => escape_into(&mut out, p.as_os_str().as_bytes()),
+                    UnixAddr::Path(p) => {
+                        escape_into(&mut out, p.as_os_str().as_bytes());
+                        if let Some((dev, ino)) = id {
+                            let _ = write!(out, ",{dev}:{ino}");
+                        }
+                    }
                     UnixAddr::Abstract(name) => {
                         out.push('@');
                         escape_into(&mut out, name);
@@ -258,6 +278,8 @@ pub(crate) fn encode<'a>(entries: impl IntoIterator<Item = (RawFd, &'a Key)>) ->
 pub(crate) struct Table {
     pub(crate) pid: u32,
     pub(crate) entries: Vec<(RawFd, Key)>,
+    /// The socket-file identity given for Unix sockets bound to a path, by fd.
+    pub(crate) file_ids: std::collections::HashMap<RawFd, FileId>,
 }
 
 /// Why a table was rejected: the entry at fault and the reason.
@@ -322,9 +344,13 @@ pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeE
         return Ok(None);
     }
     let mut entries: Vec<(RawFd, Key)> = Vec::new();
+    let mut file_ids = std::collections::HashMap::new();
     let mut seen = std::collections::HashSet::new();
     for entry in parts {
-        let (fd, key) = decode_entry(entry)?;
+        let (fd, key, id) = decode_entry(entry)?;
+        if let Some(id) = id {
+            file_ids.insert(fd, id);
+        }
         if !seen.insert(fd) {
             return Err(bad(entry, format!("fd {fd} appears more than once")));
         }
@@ -335,16 +361,22 @@ pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeE
         }
         entries.push((fd, key));
     }
-    Ok(Some(Table { pid, entries }))
+    Ok(Some(Table {
+        pid,
+        entries,
+        file_ids,
+    }))
 }
 
-fn decode_entry(entry: &str) -> Result<(RawFd, Key), DecodeError> {
-    let mut fields = entry.splitn(3, ',');
+fn decode_entry(entry: &str) -> Result<(RawFd, Key, Option<FileId>), DecodeError> {
+    // Keys are percent-encoded, so a raw `,` only ever separates fields.
+    let mut fields = entry.splitn(4, ',');
     let fd_s = fields.next().unwrap_or_default();
     let tag = fields
         .next()
         .ok_or_else(|| bad(entry, "expected FD,KIND[,KEY]"))?;
     let arg = fields.next();
+    let extra = fields.next();
     if fd_s.is_empty() || fd_s.len() > 10 || !fd_s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad(entry, "the fd is not a non-negative decimal number"));
     }
@@ -412,12 +444,61 @@ fn decode_entry(entry: &str) -> Result<(RawFd, Key), DecodeError> {
         // The kind is quoted in the reason: only its start, so the reason stays short.
         _ => return Err(bad(entry, format!("unknown kind {:?}", clip(tag, 16)))),
     };
-    Ok((fd, key))
+    let id = match (extra, &key) {
+        (None, _) => None,
+        (
+            Some(extra),
+            Key::UnixListener(UnixAddr::Path(_)) | Key::UnixDatagram(UnixAddr::Path(_)),
+        ) => Some(file_id(extra).ok_or_else(|| bad(entry, "expected the socket file as DEV:INO"))?),
+        (Some(_), _) => return Err(bad(entry, format!("{tag} takes no fourth field"))),
+    };
+    Ok((fd, key, id))
+}
+
+fn file_id(s: &str) -> Option<FileId> {
+    let (dev, ino) = s.split_once(':')?;
+    let num = |v: &str| -> Option<u64> {
+        if v.is_empty() || v.len() > 20 || !v.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        v.parse().ok()
+    };
+    Some((num(dev)?, num(ino)?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_file_identity_travels() {
+        let path = Key::UnixListener(UnixAddr::Path("/run/a,b.sock".into()));
+        let tcp = Key::TcpListener("127.0.0.1:1".parse().unwrap());
+        let s = encode_with_ids([(3, &path, Some((64769, 1234))), (4, &tcp, Some((1, 2)))]);
+        assert!(
+            s.ends_with(";3,unix,/run/a%2Cb.sock,64769:1234;4,tcp,127.0.0.1:1"),
+            "{s}"
+        );
+        let s = s.replace("pid=0000000000", "pid=0000000009");
+        let t = decode(s.as_bytes(), 9).unwrap().unwrap();
+        assert_eq!(t.file_ids.get(&3), Some(&(64769, 1234)));
+        assert_eq!(t.file_ids.len(), 1);
+        for bad in [
+            ",1:",
+            ",:1",
+            ",1",
+            ",a:b",
+            ",1:2:3",
+            ",123456789012345678901:1",
+        ] {
+            let v = format!("tableflip1;pid=0000000009;3,unix,/x{bad}");
+            assert!(decode(v.as_bytes(), 9).is_err(), "{v}");
+        }
+        let v = "tableflip1;pid=0000000009;3,tcp,127.0.0.1:1,1:2";
+        assert!(decode(v.as_bytes(), 9).is_err());
+        let v = "tableflip1;pid=0000000009;3,unix,@abstract,1:2";
+        assert!(decode(v.as_bytes(), 9).is_err());
+    }
 
     fn with_pid(mut s: String, pid: u32) -> String {
         let p = format!("{pid:010}");

@@ -697,8 +697,8 @@ fn a_table_without_its_handshake_entries_is_refused() {
             .pass(&pipes[1], 4)
             .pass(&l, 5)
             .run();
-        // There is no entry to name: the table as a whole is at fault.
-        out.refused("\"\"", reason);
+        // There is no entry to name: the table as a whole is at fault, and named.
+        out.refused("tableflip1;pid=", reason);
     }
 }
 
@@ -812,8 +812,16 @@ fn an_address_that_getsockname_contradicts() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// An unused inherited Unix socket's file is removed by `ready()` (as in Go tableflip),
-/// but only when the fd really is bound at the path the table names.
+/// The `DEV:INO` field for a socket file, as the previous generation records it.
+fn file_id(path: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path).unwrap();
+    format!("{}:{}", m.dev(), m.ino())
+}
+
+/// An unused inherited Unix socket's file is removed by `ready()`, but only when the fd
+/// really is bound at the path the table names and the file there is the one the
+/// previous generation recorded (`DEV:INO`).
 #[test]
 fn ready_removes_only_the_socket_file_of_the_declared_fd() {
     let pipes = handshake();
@@ -822,28 +830,66 @@ fn ready_removes_only_the_socket_file_of_the_declared_fd() {
     let other = dir.join("other.sock");
     let _victim_listener = UnixListener::bind(&victim).unwrap();
     let other_listener = UnixListener::bind(&other).unwrap();
-    // The fd is bound at other.sock, the table claims victim.sock.
-    let out = upgrade_child(&pipes, &format!(";5,unix,{}", victim.display()))
-        .pass(&other_listener, 5)
-        .env("TF_READY", "1")
-        .run();
+    // The fd is bound at other.sock, the table claims victim.sock (with its identity).
+    let out = upgrade_child(
+        &pipes,
+        &format!(";5,unix,{},{}", victim.display(), file_id(&victim)),
+    )
+    .pass(&other_listener, 5)
+    .env("TF_READY", "1")
+    .run();
     assert_eq!(out.get("ready"), "ok", "{}", out.transcript);
     assert!(
         is_socket(&victim),
         "ready() removed a socket file it did not own"
     );
     assert!(is_socket(&other));
-    // The control: declared truthfully and left unused, it is removed.
+    // Declared truthfully but without the file's identity (as systemd's sockets are):
+    // left alone.
     let out = upgrade_child(&pipes, &format!(";5,unix,{}", other.display()))
         .pass(&other_listener, 5)
         .env("TF_READY", "1")
         .run();
+    assert_eq!(out.get("ready"), "ok", "{}", out.transcript);
+    assert!(is_socket(&other), "a file of unknown identity was removed");
+    // The control: declared truthfully with its identity and left unused, it is removed.
+    let out = upgrade_child(
+        &pipes,
+        &format!(";5,unix,{},{}", other.display(), file_id(&other)),
+    )
+    .pass(&other_listener, 5)
+    .env("TF_READY", "1")
+    .run();
     assert_eq!(out.get("ready"), "ok", "{}", out.transcript);
     assert!(
         !other.exists(),
         "the unused inherited socket file was not removed"
     );
     assert!(is_socket(&victim));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The socket's file was unlinked and somebody else bound a socket at the same path:
+/// the name still matches, but the file is not the recorded one, so it stays.
+#[test]
+fn ready_leaves_a_socket_file_swapped_in_by_someone_else() {
+    let pipes = handshake();
+    let dir = util::scratch_dir("hostile-swap");
+    let path = dir.join("s.sock");
+    let ours = UnixListener::bind(&path).unwrap();
+    let recorded = file_id(&path);
+    std::fs::remove_file(&path).unwrap();
+    let _theirs = UnixListener::bind(&path).unwrap();
+    assert_ne!(file_id(&path), recorded);
+    let out = upgrade_child(&pipes, &format!(";5,unix,{},{recorded}", path.display()))
+        .pass(&ours, 5)
+        .env("TF_READY", "1")
+        .run();
+    assert_eq!(out.get("ready"), "ok", "{}", out.transcript);
+    assert!(
+        is_socket(&path),
+        "ready() removed somebody else's socket file"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
