@@ -126,11 +126,17 @@ fn activated(listener: &TcpListener, listen_pid: &str, names: &str) -> Run {
         format!("LISTEN_PID={listen_pid} LISTEN_FDS=1 LISTEN_FDNAMES={names} exec \"$0\" \"$@\"");
     let addr = listener.local_addr().unwrap().to_string();
     Run::start_via_shell("activation", &[("TF_TCP", addr)], &script, move |cmd| {
-        // SAFETY: dup2 is async-signal-safe; it places the socket at fd 3 without
-        // FD_CLOEXEC for the shell, which passes it on to the test binary.
+        // SAFETY: dup2 and fcntl are async-signal-safe; they place the socket at fd 3
+        // without FD_CLOEXEC for the shell, which passes it on to the test binary.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(fd, 3) == -1 {
+                // dup2(3, 3) would leave FD_CLOEXEC set: clear it by hand then.
+                let rc = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if rc == -1 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

@@ -435,11 +435,13 @@ fn upgrade_is_refused_while_the_parent_is_alive() {
     signal(pid, libc::SIGHUP);
     run.expect("upgrade-ok");
     let new = run.expect_not_from("ready", pid).pid;
-    std::fs::remove_file(run.path("linger")).unwrap();
     signal(new, libc::SIGHUP);
     let err = run.expect("upgrade-error");
     assert!(err.rest.contains("kind=ParentAlive"), "{err:?}");
     assert!(err.rest.contains(&format!("pid_{pid}")), "{err:?}");
+    // Only now: the old generation reads the file when it is told to exit, which may be
+    // after the new one is ready.
+    std::fs::remove_file(run.path("linger")).unwrap();
     run.wait_first();
     let newer = upgrade_ok(&mut run, new);
     signal(newer, libc::SIGTERM);
