@@ -441,7 +441,8 @@ impl Upgrader {
     /// copies of the passed fds. On failure nothing changed: this generation keeps its
     /// fds and keeps serving, the child (if any) was reaped, and another upgrade may
     /// be tried. The error says what happened: [`Error::Exec`], [`Error::ChildExited`],
-    /// [`Error::Timeout`] (the child was killed), or [`Error::Stopped`].
+    /// [`Error::ChildFailed`] (with the child's own reason), [`Error::Timeout`] (the child
+    /// was killed), or [`Error::Stopped`].
     ///
     /// Refused with [`Error::NotReady`] before [`ready`](Upgrader::ready),
     /// [`Error::UpgradeInProgress`] while another upgrade runs, [`Error::AlreadyUpgraded`]
@@ -538,15 +539,11 @@ impl Upgrader {
         drop(ready_wr);
         drop(life_rd);
         let child = Child::new(pid);
-        match self.wait_ready(&child, ready_rd.as_fd(), cancel) {
-            Ok(()) => {
-                // The new generation watches this pipe to learn when we have exited: keep
-                // its write end open until the process ends.
-                std::mem::forget(life_wr);
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        self.wait_ready(&child, ready_rd.as_fd(), cancel)?;
+        // The new generation watches this pipe to learn when we have exited: keep its
+        // write end open until the process ends.
+        std::mem::forget(life_wr);
+        Ok(())
     }
 
     /// Waits for the readiness byte, the child's death, `stop()` or the timeout.
