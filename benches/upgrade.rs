@@ -57,6 +57,8 @@ const REPORT_TAKE: &str = "bench-report-take";
 const FLOOR_BYTE: u8 = b'F';
 
 const MIB: usize = 1024 * 1024;
+/// Untimed spawns before each timed one (see [`FloorSpawner::prime`]).
+const PRIMERS: usize = 2;
 
 fn main() {
     let role = std::env::var_os(ROLE);
@@ -232,19 +234,19 @@ fn measure() -> Res<()> {
     println!("load average at start: {load_start}");
     println!();
 
+    let args: Vec<CString> = std::env::args_os()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<_, _>>()?;
+    let spawner = FloorSpawner::new(&exe, &args)?;
+
     if let Some(n) = std::env::var_os("TABLEFLIP_BENCH_ONLY_FDS") {
         let n: usize = n
             .to_str()
             .and_then(|s| s.parse().ok())
             .ok_or("TABLEFLIP_BENCH_ONLY_FDS: not a number")?;
         let take = std::env::var_os("TABLEFLIP_BENCH_CHILD").is_some_and(|v| v == "take");
-        return profile(n, cfg.rounds, take);
+        return profile(n, cfg.rounds, take, &spawner);
     }
-
-    let args: Vec<CString> = std::env::args_os()
-        .map(|a| CString::new(a.as_bytes()))
-        .collect::<Result<_, _>>()?;
-    let spawner = FloorSpawner::new(&exe, &args)?;
 
     // Main comparison, interleaved so that every case sees the same machine load and
     // the same number of open fds in this process.
@@ -259,17 +261,29 @@ fn measure() -> Res<()> {
     // Warm-up: page cache, dynamic loader, CPU frequency.
     for _ in 0..3 {
         spawner.spawn()?;
-        upgrade_once(cfg.sizes[0], ChildDoes::Nothing)?;
+        upgrade_once(cfg.sizes[0], ChildDoes::Nothing, &spawner)?;
     }
     let t_main = Instant::now();
-    for _ in 0..cfg.rounds {
-        floor.push(spawner.spawn()?);
-        floor_cmd.push(floor_command(&exe)?);
-        for (i, &n) in cfg.sizes.iter().enumerate() {
-            let r = upgrade_once(n, ChildDoes::Nothing)?;
-            up[i].push(r.upgrade);
-            if i == 2 {
-                register.push(r.register);
+    // The order rotates from round to round, and every timed operation is primed
+    // (see FloorSpawner::prime).
+    for round in 0..cfg.rounds {
+        for case in (0..5).map(|c| (c + round) % 5) {
+            match case {
+                0 => {
+                    spawner.prime()?;
+                    floor.push(spawner.spawn()?);
+                }
+                1 => {
+                    spawner.prime()?;
+                    floor_cmd.push(floor_command(&exe)?);
+                }
+                i => {
+                    let r = upgrade_once(cfg.sizes[i - 2], ChildDoes::Nothing, &spawner)?;
+                    up[i - 2].push(r.upgrade);
+                    if i == 4 {
+                        register.push(r.register);
+                    }
+                }
             }
         }
     }
@@ -280,20 +294,18 @@ fn measure() -> Res<()> {
     let mut child_new = Samples::new(&format!("child Upgrader::new(), {big} inherited fds"));
     let mut child_decode = Samples::new(&format!("  of which: decode the table, {big} entries"));
     let mut child_ready = Samples::new(&format!("child ready(), {big} inherited fds unused"));
-    let mut up_report = Samples::new(&format!("  (same runs) upgrade(), {big} fds"));
     for _ in 0..cfg.child_runs {
-        let r = upgrade_once(big, ChildDoes::Report)?;
+        let r = upgrade_once(big, ChildDoes::Report, &spawner)?;
         let c = r.child.ok_or("no report from the child")?;
         child_new.push(c.new);
         child_decode.push(c.decode);
         child_ready.push(c.ready);
-        up_report.push(r.upgrade);
     }
     // A child that takes every fd before ready(), as a server does with its sockets.
     let mut up_take = Samples::new(&format!("upgrade(), {big} fds, child takes all"));
     let mut child_take = Samples::new(&format!("  child takes {big} fds (fds().fd(..))"));
     for _ in 0..cfg.take_runs {
-        let r = upgrade_once(big, ChildDoes::TakeAll)?;
+        let r = upgrade_once(big, ChildDoes::TakeAll, &spawner)?;
         child_take.push(r.child.ok_or("no report from the child")?.take);
         up_take.push(r.upgrade);
     }
@@ -312,8 +324,9 @@ fn measure() -> Res<()> {
         let mut f = Samples::new(&format!("floor: vfork-style, {mib} MiB heap"));
         let mut u = Samples::new(&format!("upgrade(), 4 fds, {mib} MiB heap"));
         for _ in 0..cfg.mem_runs {
+            spawner.prime()?;
             f.push(spawner.spawn()?);
-            u.push(upgrade_once(4, ChildDoes::Nothing)?.upgrade);
+            u.push(upgrade_once(4, ChildDoes::Nothing, &spawner)?.upgrade);
         }
         // Keep the heap alive (and resident) until here.
         std::hint::black_box(&heap);
@@ -334,7 +347,6 @@ fn measure() -> Res<()> {
             &child_new,
             &child_decode,
             &child_ready,
-            &up_report,
             &up_take,
             &child_take,
         ])
@@ -402,7 +414,7 @@ fn measure() -> Res<()> {
 }
 
 /// `TABLEFLIP_BENCH_ONLY_FDS=n`: only upgrades with `n` fds, for `strace -c -f` or `perf`.
-fn profile(n: usize, rounds: usize, take: bool) -> Res<()> {
+fn profile(n: usize, rounds: usize, take: bool, spawner: &FloorSpawner) -> Res<()> {
     let mut up = Samples::new(&format!("upgrade(), {n} fds"));
     let mut new = Samples::new("child Upgrader::new()");
     let mut decode = Samples::new("  of which: decode the table");
@@ -414,7 +426,7 @@ fn profile(n: usize, rounds: usize, take: bool) -> Res<()> {
         ChildDoes::Report
     };
     for _ in 0..rounds {
-        let r = upgrade_once(n.max(1), does)?;
+        let r = upgrade_once(n.max(1), does, spawner)?;
         let c = r.child.ok_or("no report from the child")?;
         up.push(r.upgrade);
         new.push(c.new);
@@ -481,7 +493,7 @@ struct ChildTimes {
 /// One upgrade of a fresh first-generation `Upgrader` passing `n` fds (eventfds, each
 /// under its own name), then reaps the child. With `report`, one of the `n` fds is a
 /// pipe on which the child reports its own timings.
-fn upgrade_once(n: usize, child: ChildDoes) -> Res<UpgradeRun> {
+fn upgrade_once(n: usize, child: ChildDoes, primer: &FloorSpawner) -> Res<UpgradeRun> {
     let report = child != ChildDoes::Nothing;
     let events = (0..n - usize::from(report))
         .map(|_| eventfd(0, EventfdFlags::CLOEXEC))
@@ -506,6 +518,7 @@ fn upgrade_once(n: usize, child: ChildDoes) -> Res<UpgradeRun> {
     let register = t.elapsed();
     upg.ready()?;
 
+    primer.prime()?;
     let t = Instant::now();
     upg.upgrade()?;
     let upgrade = t.elapsed();
@@ -610,6 +623,16 @@ impl FloorSpawner {
             path: CString::new(exe.as_os_str().as_bytes())?,
             argv: argv.to_vec(),
         })
+    }
+
+    /// Untimed floor runs before each timed operation, so that every case is measured
+    /// in the same state: the first spawn after idle time or a long computation costs
+    /// ~40% more on a VM (the other vCPU has to wake up).
+    fn prime(&self) -> Res<()> {
+        for _ in 0..PRIMERS {
+            self.spawn()?;
+        }
+        Ok(())
     }
 
     /// One floor run: from the start of the spawn until the child's byte has arrived.
