@@ -98,11 +98,13 @@ fn floor_child() -> Res<()> {
 }
 
 fn measure_or_child() -> Res<()> {
+    let faults = minor_faults();
     let t = Instant::now();
     let upg = Upgrader::new(Options::new())?;
     let new_time = t.elapsed();
+    let new_faults = minor_faults().saturating_sub(faults);
     if upg.has_parent() {
-        return upgrade_child(upg, new_time);
+        return upgrade_child(upg, new_time, new_faults);
     }
     let launcher = std::env::var(LAUNCHER).unwrap_or_default();
     if launcher != std::os::unix::process::parent_id().to_string() {
@@ -115,7 +117,7 @@ fn measure_or_child() -> Res<()> {
     measure()
 }
 
-fn upgrade_child(upg: Upgrader, new_time: Duration) -> Res<()> {
+fn upgrade_child(upg: Upgrader, new_time: Duration, new_faults: u64) -> Res<()> {
     let (mut report, take_all) = match upg.fds().fd(REPORT)? {
         Some(fd) => (Some(File::from(fd)), false),
         None => (upg.fds().fd(REPORT_TAKE)?.map(File::from), true),
@@ -136,8 +138,13 @@ fn upgrade_child(upg: Upgrader, new_time: Duration) -> Res<()> {
             }
         }
         let take_time = t.elapsed();
-        for d in [new_time, decode_time, take_time] {
-            r.write_all(&nanos(d).to_ne_bytes())?;
+        for v in [
+            nanos(new_time),
+            new_faults,
+            nanos(decode_time),
+            nanos(take_time),
+        ] {
+            r.write_all(&v.to_ne_bytes())?;
         }
     }
     let t = Instant::now();
@@ -292,12 +299,14 @@ fn measure() -> Res<()> {
     // Child start-up with the largest table: the child reports its own timings.
     let big = cfg.sizes[2];
     let mut child_new = Samples::new(&format!("child Upgrader::new(), {big} inherited fds"));
+    let mut child_faults: Vec<u64> = Vec::new();
     let mut child_decode = Samples::new(&format!("  of which: decode the table, {big} entries"));
     let mut child_ready = Samples::new(&format!("child ready(), {big} inherited fds unused"));
     for _ in 0..cfg.child_runs {
         let r = upgrade_once(big, ChildDoes::Report, &spawner)?;
         let c = r.child.ok_or("no report from the child")?;
         child_new.push(c.new);
+        child_faults.push(c.new_faults);
         child_decode.push(c.decode);
         child_ready.push(c.ready);
     }
@@ -363,6 +372,14 @@ fn measure() -> Res<()> {
         _ => None,
     };
     let new_big = child_new.median();
+    child_faults.sort_unstable();
+    println!(
+        "child Upgrader::new() with {big} fds: {} minor page faults (median)",
+        child_faults
+            .get(child_faults.len() / 2)
+            .copied()
+            .unwrap_or(0)
+    );
     println!("main comparison: {} rounds in {main_secs:.1} s", cfg.rounds);
     println!("load average at end: {load_end}");
     if !cfg.full {
@@ -417,6 +434,7 @@ fn measure() -> Res<()> {
 fn profile(n: usize, rounds: usize, take: bool, spawner: &FloorSpawner) -> Res<()> {
     let mut up = Samples::new(&format!("upgrade(), {n} fds"));
     let mut new = Samples::new("child Upgrader::new()");
+    let mut faults: Vec<u64> = Vec::new();
     let mut decode = Samples::new("  of which: decode the table");
     let mut taking = Samples::new("child takes every fd");
     let mut ready = Samples::new("child ready()");
@@ -430,6 +448,7 @@ fn profile(n: usize, rounds: usize, take: bool, spawner: &FloorSpawner) -> Res<(
         let c = r.child.ok_or("no report from the child")?;
         up.push(r.upgrade);
         new.push(c.new);
+        faults.push(c.new_faults);
         decode.push(c.decode);
         taking.push(c.take);
         ready.push(c.ready);
@@ -439,6 +458,11 @@ fn profile(n: usize, rounds: usize, take: bool, spawner: &FloorSpawner) -> Res<(
     for s in [&up, &new, &decode, &taking, &ready] {
         s.print_row(base);
     }
+    faults.sort_unstable();
+    println!(
+        "child Upgrader::new(): {} minor page faults (median)",
+        faults.get(faults.len() / 2).copied().unwrap_or(0)
+    );
     Ok(())
 }
 
@@ -482,6 +506,8 @@ struct UpgradeRun {
 struct ChildTimes {
     /// `Upgrader::new()`.
     new: Duration,
+    /// Minor page faults during `Upgrader::new()` (fresh heap pages).
+    new_faults: u64,
     /// Decoding the fd table alone (part of `new()`).
     decode: Duration,
     /// Taking every inherited fd from the registry (when asked to).
@@ -527,13 +553,14 @@ fn upgrade_once(n: usize, child: ChildDoes, primer: &FloorSpawner) -> Res<Upgrad
     let child = match pipe {
         Some((rd, wr)) => {
             drop(wr);
-            let mut buf = [0u8; 32];
+            let mut buf = [0u8; 40];
             File::from(rd).read_exact(&mut buf)?;
             Some(ChildTimes {
                 new: from_nanos(&buf[..8])?,
-                decode: from_nanos(&buf[8..16])?,
-                take: from_nanos(&buf[16..24])?,
-                ready: from_nanos(&buf[24..])?,
+                new_faults: u64::from_ne_bytes(buf[8..16].try_into()?),
+                decode: from_nanos(&buf[16..24])?,
+                take: from_nanos(&buf[24..32])?,
+                ready: from_nanos(&buf[32..])?,
             })
         }
         None => None,
@@ -806,6 +833,15 @@ fn raise_nofile() -> Res<(u64, u64, u64)> {
 /// `bytes` of heap, every page written (4 KiB pages unless THP is set to `always`).
 fn touched_heap(bytes: usize) -> Vec<u8> {
     vec![1u8; bytes]
+}
+
+/// Minor page faults of this process so far.
+fn minor_faults() -> u64 {
+    // SAFETY: a zeroed rusage is valid; getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid rusage pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    u64::try_from(ru.ru_minflt).unwrap_or(0)
 }
 
 fn env_usize(name: &str, default: usize) -> Res<usize> {
