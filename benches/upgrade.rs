@@ -16,15 +16,25 @@
 //!   launcher): runs every measurement. `upgrade()` re-executes `argv[0]` with this
 //!   environment, so its children see `ROLE=measure` too.
 //! - **upgrade child** (`ROLE=measure`, `Upgrader::has_parent()`): `Upgrader::new()`,
-//!   `ready()`, exit. If the registry holds a [`REPORT`] fd, it first writes how long
-//!   `new()` and `ready()` took to it.
+//!   `ready()`, exit. When the last entry of its fd table is a [`REPORT`] (or
+//!   [`REPORT_TAKE`]) pipe, it writes its own timings there: `new()`, its page faults,
+//!   decoding the table alone, taking every fd (`REPORT_TAKE` only), and `ready()`.
 //! - **floor child** (`ROLE=floor`): writes one byte to its stdout (a pipe) and exits.
+//!
+//! # Method
+//!
+//! Cases are interleaved, in an order that rotates every round, and every timed
+//! operation comes right after two untimed floor spawns ([`FloorSpawner::prime`]).
+//! Upgrade children are reaped (`waitpid`) before the next run.
 //!
 //! # Settings (environment)
 //!
 //! - `TABLEFLIP_BENCH_ROUNDS`: rounds of the main comparison (default 150).
 //! - `TABLEFLIP_BENCH_BIG_HEAP_MIB`: the large heap of the memory case (default 4096,
 //!   `0` skips it). It is lowered automatically when `MemAvailable` is short.
+//! - `TABLEFLIP_BENCH_ONLY_FDS=n`: only upgrades with `n` fds, with the child's own
+//!   timings, for `strace -c -f` or `perf`; `TABLEFLIP_BENCH_CHILD=take` makes the child
+//!   take every fd first.
 //!
 //! Figures only: nothing here asserts a time.
 
@@ -118,14 +128,20 @@ fn measure_or_child() -> Res<()> {
 }
 
 fn upgrade_child(upg: Upgrader, new_time: Duration, new_faults: u64) -> Res<()> {
-    let (mut report, take_all) = match upg.fds().fd(REPORT)? {
-        Some(fd) => (Some(File::from(fd)), false),
-        None => (upg.fds().fd(REPORT_TAKE)?.map(File::from), true),
+    // The parent registers the report pipe last, so its entry ends the table: look there
+    // rather than search the registry, which would add to the timed upgrade.
+    let table = std::env::var_os(tableflip::__private::FD_TABLE_VAR).unwrap_or_default();
+    let last_is = |name: &str| table.as_bytes().ends_with(format!(",fd,{name}").as_bytes());
+    let (mut report, take_all) = if last_is(REPORT) {
+        (upg.fds().fd(REPORT)?.map(File::from), false)
+    } else if last_is(REPORT_TAKE) {
+        (upg.fds().fd(REPORT_TAKE)?.map(File::from), true)
+    } else {
+        (None, false)
     };
     let mut taken = Vec::new();
     if let Some(r) = &mut report {
         // How much of new() is decoding the table (timed again, now warm).
-        let table = std::env::var_os(tableflip::__private::FD_TABLE_VAR).unwrap_or_default();
         let t = Instant::now();
         let decoded = tableflip::__private::decode_fd_table(table.as_bytes(), std::process::id());
         let decode_time = t.elapsed();
