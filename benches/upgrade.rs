@@ -212,8 +212,10 @@ fn measure() -> Res<()> {
         }
     };
     // Each passed fd is open twice in the parent (ours and the registry's copy), and
-    // every upgrade leaves one pipe end open (see the README): keep room for both.
-    let room = (soft as usize).saturating_sub(64 + 2 * cfg.rounds + cfg.child_runs) / 2;
+    // every successful upgrade leaves one fd open for good (the write end of the pipe
+    // that tells the new generation when this process has exited): keep room for both.
+    let upgrades = 3 + 3 * cfg.rounds + cfg.child_runs + cfg.take_runs + 2 * cfg.mem_runs;
+    let room = (soft as usize).saturating_sub(64 + upgrades) / 2;
     if cfg.sizes[2] > room {
         println!(
             "note: RLIMIT_NOFILE {soft} allows {room} passed fds, not {}",
