@@ -1,5 +1,6 @@
 //! The fd registry: the sockets and files that travel to the next generation.
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
@@ -177,10 +178,75 @@ fn absolute(path: &Path) -> Option<PathBuf> {
     }
 }
 
+/// The inherited fds not yet taken, in table order, indexed by key: taking thousands of
+/// them one by one must not be quadratic.
+#[derive(Debug, Default)]
+struct InheritedSet {
+    /// `None` once taken (or given up).
+    slots: Vec<Option<Inherited>>,
+    /// Slots by key, in table order.
+    index: HashMap<Key, VecDeque<usize>>,
+    live: usize,
+}
+
+impl InheritedSet {
+    fn new(all: Vec<Inherited>) -> InheritedSet {
+        let mut index: HashMap<Key, VecDeque<usize>> = HashMap::with_capacity(all.len());
+        for (i, e) in all.iter().enumerate() {
+            index.entry(e.key.clone()).or_default().push_back(i);
+        }
+        InheritedSet {
+            live: all.len(),
+            slots: all.into_iter().map(Some).collect(),
+            index,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.live
+    }
+
+    /// The first slot with exactly this key.
+    fn find(&self, key: &Key) -> Option<usize> {
+        self.index.get(key)?.front().copied()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (usize, &Inherited)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| Some((i, e.as_ref()?)))
+    }
+
+    fn get(&self, i: usize) -> &Inherited {
+        self.slots[i].as_ref().expect("a live slot")
+    }
+
+    fn remove(&mut self, i: usize) -> Inherited {
+        let e = self.slots[i].take().expect("a live slot");
+        if let Some(q) = self.index.get_mut(&e.key) {
+            q.retain(|&j| j != i);
+            if q.is_empty() {
+                self.index.remove(&e.key);
+            }
+        }
+        self.live -= 1;
+        e
+    }
+
+    /// Everything left, in table order.
+    fn take_all(&mut self) -> Vec<Inherited> {
+        let all = std::mem::take(self);
+        all.slots.into_iter().flatten().collect()
+    }
+}
+
 #[derive(Debug, Default)]
 struct Registry {
     /// Inherited, not yet taken. Dropped (closed) by `ready()`.
-    inherited: Vec<Inherited>,
+    inherited: InheritedSet,
+    /// How many entries of `used` have each key (most have none: no scan needed).
+    used_keys: HashMap<Key, usize>,
     /// Taken, created or added: passed to the next generation.
     used: Vec<Used>,
     /// The inherited fds taken so far, for the adoption report.
@@ -195,10 +261,13 @@ impl Fds {
     ) -> Fds {
         Fds {
             inner: Mutex::new(Registry {
-                inherited: inherited
-                    .into_iter()
-                    .map(|(fd, key, file)| Inherited { fd, key, file })
-                    .collect(),
+                inherited: InheritedSet::new(
+                    inherited
+                        .into_iter()
+                        .map(|(fd, key, file)| Inherited { fd, key, file })
+                        .collect(),
+                ),
+                used_keys: HashMap::new(),
                 used: Vec::new(),
                 taken: Vec::new(),
             }),
@@ -461,7 +530,7 @@ impl Fds {
             let Some(i) = reg.find_inherited(&key)? else {
                 break;
             };
-            key = reg.inherited[i].key.clone();
+            key = reg.inherited.get(i).key.clone();
             let Some(fd) = reg.take(&key)? else { break };
             out.push(fd);
         }
@@ -474,9 +543,10 @@ impl Fds {
             let fd = self.bind_inet_with(target, ty, true)?;
             let local = local_inet(fd.as_fd()).unwrap_or(target);
             key = make_key(local);
-            reg.used.push(Used {
+            let copy = dup(fd.as_fd())?;
+            reg.push_used(Used {
                 key: key.clone(),
-                fd: dup(fd.as_fd())?,
+                fd: copy,
                 socket_file: None,
                 inherited: false,
             });
@@ -608,12 +678,10 @@ impl Fds {
     pub(crate) fn close_unused(&self) -> Adoption {
         let (unused, taken) = {
             let mut reg = self.lock();
-            (
-                std::mem::take(&mut reg.inherited),
-                std::mem::take(&mut reg.taken),
-            )
+            (reg.inherited.take_all(), std::mem::take(&mut reg.taken))
         };
         let mut closed = Vec::with_capacity(unused.len());
+        let mut to_close = Vec::with_capacity(unused.len());
         for Inherited { fd, key, file } in unused {
             closed.push(InheritedFd::new(fd.as_raw_fd(), &key));
             if let Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) =
@@ -628,16 +696,24 @@ impl Fds {
                     file.unlink();
                 }
             }
-            drop(fd);
+            to_close.push(fd);
         }
+        crate::batch::close_all(to_close);
         Adoption { taken, closed }
     }
 
     /// Drops every fd: after a successful upgrade the new generation owns them.
     pub(crate) fn drop_all(&self) {
-        let mut reg = self.lock();
-        reg.used.clear();
-        reg.inherited.clear();
+        let (used, inherited) = {
+            let mut reg = self.lock();
+            reg.used_keys.clear();
+            (std::mem::take(&mut reg.used), reg.inherited.take_all())
+        };
+        crate::batch::close_all(
+            used.into_iter()
+                .map(|u| u.fd)
+                .chain(inherited.into_iter().map(|i| i.fd)),
+        );
     }
 
     /// Removes the socket files of the Unix sockets in use. Called by `stop()` when no
@@ -660,10 +736,17 @@ impl Fds {
 impl Registry {
     /// The socket already in use under `key`, or the inherited one, as a new handle.
     fn existing(&mut self, key: &Key) -> Result<Option<OwnedFd>> {
-        if let Some(u) = self.used.iter().find(|u| u.key == *key) {
-            return dup(u.fd.as_fd()).map(Some);
+        if self.used_keys.contains_key(key) {
+            if let Some(u) = self.used.iter().find(|u| u.key == *key) {
+                return dup(u.fd.as_fd()).map(Some);
+            }
         }
         self.take(key)
+    }
+
+    fn push_used(&mut self, used: Used) {
+        *self.used_keys.entry(used.key.clone()).or_insert(0) += 1;
+        self.used.push(used);
     }
 
     /// Takes the inherited fd under `key`: checks it, moves it to `used` and returns a
@@ -672,9 +755,9 @@ impl Registry {
         let Some(i) = self.find_inherited(key)? else {
             return Ok(None);
         };
-        let fd = self.inherited[i].fd.as_fd();
+        let fd = self.inherited.get(i).fd.as_fd();
         let raw = fd.as_raw_fd();
-        let found = self.inherited[i].key.clone();
+        let found = self.inherited.get(i).key.clone();
         if let Err((reason, source)) = check(fd, &found) {
             // Not what the table said: forget it without closing it (it may be somebody
             // else's fd), and adopt nothing.
@@ -698,7 +781,7 @@ impl Registry {
             }
             _ => None,
         };
-        self.used.push(Used {
+        self.push_used(Used {
             key: found,
             fd: entry.fd,
             socket_file,
@@ -708,13 +791,13 @@ impl Registry {
     }
 
     fn find_inherited(&self, key: &Key) -> Result<Option<usize>> {
-        if let Some(i) = self.inherited.iter().position(|e| e.key == *key) {
+        if let Some(i) = self.inherited.find(key) {
             return Ok(Some(i));
         }
         // Port 0: any port on the same IP.
         let port0 =
             |want: &SocketAddr, have: &SocketAddr| want.port() == 0 && want.ip() == have.ip();
-        if let Some(i) = self.inherited.iter().position(|e| match (&e.key, key) {
+        if let Some((i, _)) = self.inherited.iter().find(|(_, e)| match (&e.key, key) {
             (Key::TcpListener(have), Key::TcpListener(want)) | (Key::Udp(have), Key::Udp(want)) => {
                 port0(want, have)
             }
@@ -723,7 +806,7 @@ impl Registry {
             return Ok(Some(i));
         }
         // Same name or path under another kind: an error, and the fd stays.
-        let clash = self.inherited.iter().find(|e| match (&e.key, key) {
+        let clash = self.inherited.iter().find(|(_, e)| match (&e.key, key) {
             (
                 Key::UnixListener(a) | Key::UnixDatagram(a),
                 Key::UnixListener(b) | Key::UnixDatagram(b),
@@ -735,7 +818,7 @@ impl Registry {
             _ => false,
         });
         match clash {
-            Some(e) => Err(Error::WrongKind {
+            Some((_, e)) => Err(Error::WrongKind {
                 key: key.to_string(),
                 passed_as: e.key.kind_name(),
             }),
@@ -744,8 +827,10 @@ impl Registry {
     }
 
     fn insert(&mut self, key: Key, fd: OwnedFd, socket_file: Option<SocketFile>) {
-        self.used.retain(|u| u.key != key);
-        self.used.push(Used {
+        if self.used_keys.remove(&key).is_some() {
+            self.used.retain(|u| u.key != key);
+        }
+        self.push_used(Used {
             key,
             fd,
             socket_file,
@@ -786,16 +871,16 @@ pub(crate) fn adopt(var: &'static str, entries: Vec<(RawFd, Key)>) -> Result<Vec
             }
         }
     }
-    let mut out = Vec::with_capacity(entries.len());
-    for (fd, key) in entries {
+    let (fds, keys): (Vec<OwnedFd>, Vec<Key>) = entries
+        .into_iter()
         // SAFETY: the fd is open, was inherited across exec (checked above), is named
         // exactly once in the table, and nothing else in this process claims it.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        rustix::io::fcntl_setfd(&owned, FdFlags::CLOEXEC)
-            .map_err(|e| Error::io("fcntl(F_SETFD, FD_CLOEXEC)", Some(fd), e))?;
-        out.push((owned, key));
-    }
-    Ok(out)
+        .map(|(fd, key)| (unsafe { OwnedFd::from_raw_fd(fd) }, key))
+        .unzip();
+    // Close-on-exec again, in one close_range per run of consecutive fds.
+    crate::batch::set_cloexec(&fds)
+        .map_err(|e| Error::io("fcntl(F_SETFD, FD_CLOEXEC)", None, e))?;
+    Ok(fds.into_iter().zip(keys).collect())
 }
 
 /// Checks that `fd` is what `key` says. On failure: the reason, and the OS error if any.

@@ -116,6 +116,7 @@
 //! - **Other Unixes** build (with `fork` instead of a vfork-style clone, and without
 //!   abstract socket names) but only Linux is tested.
 
+mod batch;
 mod child;
 mod error;
 mod fds;

@@ -313,20 +313,21 @@ fn bad(entry: &str, reason: impl Into<String>) -> DecodeError {
 
 /// Decodes a table. Returns `Ok(None)` when the table is addressed to another process.
 pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeError> {
-    let lossy = String::from_utf8_lossy(value);
+    // Only built for an error message.
+    let lossy = || String::from_utf8_lossy(value);
     if value.is_empty() {
         return Err(bad("", "the variable is empty"));
     }
     if value.len() > MAX_LEN {
         return Err(bad(
-            &lossy,
+            &lossy(),
             format!(
                 "{} bytes is longer than the limit of {MAX_LEN}",
                 value.len()
             ),
         ));
     }
-    let value = std::str::from_utf8(value).map_err(|_| bad(&lossy, "not ASCII"))?;
+    let value = std::str::from_utf8(value).map_err(|_| bad(&lossy(), "not ASCII"))?;
     let mut parts = value.split(';');
     let magic = parts.next().unwrap_or_default();
     if magic != MAGIC {
@@ -343,9 +344,10 @@ pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeE
     if pid != my_pid {
         return Ok(None);
     }
-    let mut entries: Vec<(RawFd, Key)> = Vec::new();
+    let n = value.bytes().filter(|&b| b == b';').count();
+    let mut entries: Vec<(RawFd, Key)> = Vec::with_capacity(n);
     let mut file_ids = std::collections::HashMap::new();
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = std::collections::HashSet::with_capacity(n);
     for entry in parts {
         let (fd, key, id) = decode_entry(entry)?;
         if let Some(id) = id {
