@@ -179,26 +179,23 @@ fn absolute(path: &Path) -> Option<PathBuf> {
 }
 
 /// The inherited fds not yet taken, in table order, indexed by key: taking thousands of
-/// them one by one must not be quadratic.
+/// them one by one must not be quadratic. The index is built at the first lookup, so a
+/// generation that takes nothing does not pay for it.
 #[derive(Debug, Default)]
 struct InheritedSet {
     /// `None` once taken (or given up).
     slots: Vec<Option<Inherited>>,
-    /// Slots by key, in table order.
-    index: HashMap<Key, VecDeque<usize>>,
+    /// Live slots by key, in table order; built on first use.
+    index: Option<HashMap<Key, VecDeque<usize>>>,
     live: usize,
 }
 
 impl InheritedSet {
     fn new(all: Vec<Inherited>) -> InheritedSet {
-        let mut index: HashMap<Key, VecDeque<usize>> = HashMap::with_capacity(all.len());
-        for (i, e) in all.iter().enumerate() {
-            index.entry(e.key.clone()).or_default().push_back(i);
-        }
         InheritedSet {
             live: all.len(),
             slots: all.into_iter().map(Some).collect(),
-            index,
+            index: None,
         }
     }
 
@@ -206,9 +203,25 @@ impl InheritedSet {
         self.live
     }
 
-    /// The first slot with exactly this key.
-    fn find(&self, key: &Key) -> Option<usize> {
-        self.index.get(key)?.front().copied()
+    fn index(&mut self) -> &mut HashMap<Key, VecDeque<usize>> {
+        let slots = &self.slots;
+        self.index.get_or_insert_with(|| {
+            let mut index: HashMap<Key, VecDeque<usize>> = HashMap::new();
+            for (i, e) in slots.iter().enumerate() {
+                if let Some(e) = e {
+                    index.entry(e.key.clone()).or_default().push_back(i);
+                }
+            }
+            index
+        })
+    }
+
+    /// The first live slot with exactly this key.
+    fn find(&mut self, key: &Key) -> Option<usize> {
+        if self.live == 0 {
+            return None;
+        }
+        self.index().get(key)?.front().copied()
     }
 
     fn iter(&self) -> impl Iterator<Item = (usize, &Inherited)> {
@@ -224,10 +237,12 @@ impl InheritedSet {
 
     fn remove(&mut self, i: usize) -> Inherited {
         let e = self.slots[i].take().expect("a live slot");
-        if let Some(q) = self.index.get_mut(&e.key) {
-            q.retain(|&j| j != i);
-            if q.is_empty() {
-                self.index.remove(&e.key);
+        if let Some(index) = self.index.as_mut() {
+            if let Some(q) = index.get_mut(&e.key) {
+                q.retain(|&j| j != i);
+                if q.is_empty() {
+                    index.remove(&e.key);
+                }
             }
         }
         self.live -= 1;
@@ -790,7 +805,7 @@ impl Registry {
         Ok(Some(copy))
     }
 
-    fn find_inherited(&self, key: &Key) -> Result<Option<usize>> {
+    fn find_inherited(&mut self, key: &Key) -> Result<Option<usize>> {
         if let Some(i) = self.inherited.find(key) {
             return Ok(Some(i));
         }
