@@ -3,46 +3,19 @@
 //! The full measurement (100 upgrades, release build) is in the README.
 #![cfg(target_os = "linux")]
 
+// The examples' harness: `lock()` and `example()` (which builds the examples once).
+#[allow(dead_code)]
+#[path = "util/examples.rs"]
+mod util;
+
 use std::io::{ErrorKind, Read};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Mutex, MutexGuard, OnceLock};
+use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
 /// A run that takes longer than this is killed, and the test fails.
 const WATCHDOG: Duration = Duration::from_secs(240);
-
-/// Serialises the tests of this binary that start processes.
-fn lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The directory of the example binaries, after building every example once (cargo
-/// does not build examples for `cargo test` by itself).
-fn examples_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
-        let out = Command::new(cargo)
-            .args(["build", "--examples"])
-            .current_dir(manifest)
-            .stdin(Stdio::null())
-            .output()
-            .expect("cannot run cargo build --examples");
-        assert!(
-            out.status.success(),
-            "cargo build --examples failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(|t| manifest.join(t))
-            .unwrap_or_else(|| manifest.join("target"));
-        target.join("debug").join("examples")
-    })
-}
 
 /// A process started in a new process group (which every process it starts joins),
 /// killed as a group on drop or when the watchdog fires.
@@ -114,11 +87,10 @@ fn kill_group(pgid: i32) {
 
 #[test]
 fn tcp_server_upgrades_with_zero_downtime() {
-    let _lock = lock();
-    let dir = examples_dir();
-    let mut cmd = Command::new(dir.join("upgrade_check"));
+    let _lock = util::lock();
+    let mut cmd = Command::new(util::example("upgrade_check"));
     cmd.arg("--server")
-        .arg(dir.join("tcp_server"))
+        .arg(util::example("tcp_server"))
         .args(["--upgrades", "20", "--clients", "4", "--faults"])
         .args(["--time-limit", "200"])
         .stdin(Stdio::null())
