@@ -996,11 +996,7 @@ fn inet(addr: SocketAddrAny) -> io::Result<SocketAddr> {
 }
 
 /// The Unix address of a socket address from `getsockname`.
-pub(crate) fn unix_addr(addr: SocketAddrAny) -> io::Result<UnixAddr> {
-    unix(addr)
-}
-
-fn unix(addr: SocketAddrAny) -> io::Result<UnixAddr> {
+pub(crate) fn unix(addr: SocketAddrAny) -> io::Result<UnixAddr> {
     let u = SocketAddrUnix::try_from(addr).map_err(io::Error::from)?;
     if let Some(p) = u.path_bytes() {
         return Ok(UnixAddr::Path(PathBuf::from(std::ffi::OsStr::from_bytes(

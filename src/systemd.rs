@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::{BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd, RawFd};
 
 use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketType};
 
@@ -133,15 +133,10 @@ pub(crate) fn activated() -> Result<Vec<(OwnedFd, Key)>> {
                 Key::Fd(name) => name,
                 other => other.to_string(),
             };
-            let key = classify(fd_ref(&fd)).unwrap_or(Key::Fd(name));
+            let key = classify(fd.as_fd()).unwrap_or(Key::Fd(name));
             (fd, key)
         })
         .collect())
-}
-
-fn fd_ref(fd: &OwnedFd) -> BorrowedFd<'_> {
-    use std::os::unix::io::AsFd;
-    fd.as_fd()
 }
 
 /// The registry key of a socket from what the kernel says about it: a listening stream
@@ -166,7 +161,7 @@ fn classify(fd: BorrowedFd<'_>) -> Option<Key> {
             }
         }
         AddressFamily::UNIX => {
-            let addr = fds::unix_addr(local).ok()?;
+            let addr = fds::unix(local).ok()?;
             if ty == SocketType::STREAM && listening {
                 Some(Key::UnixListener(addr))
             } else if ty == SocketType::DGRAM {
