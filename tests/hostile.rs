@@ -12,7 +12,6 @@
 mod util;
 
 use std::ffi::OsString;
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
@@ -20,7 +19,7 @@ use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Instant;
 
 use tableflip::__private::{decode_fd_table, FD_TABLE_VAR};
@@ -339,16 +338,7 @@ impl Spec {
         unsafe { cmd.pre_exec(place) };
 
         let mut child = Reaper(cmd.spawn().expect("spawn the child"));
-        let stdout = child.0.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = util::lines(child.0.stdout.take().unwrap());
         let deadline = Instant::now() + util::DEADLINE;
         let mut transcript = Vec::new();
         loop {

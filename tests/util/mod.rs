@@ -152,16 +152,7 @@ impl Run {
         }
         configure(&mut cmd);
         let mut first = cmd.spawn().expect("spawn scenario");
-        let stdout = first.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines(first.stdout.take().unwrap());
         let pid = first.id();
         Run {
             dir,
@@ -281,6 +272,20 @@ impl Drop for Run {
         let _ = self.first.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The lines of `out`, read on a thread of their own, as they arrive.
+pub fn lines(out: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 fn parse(line: &str) -> Option<Event> {
