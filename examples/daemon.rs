@@ -210,7 +210,7 @@ fn on_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: Arc<Mutex<Vec<
             .spawn(move || {
                 log!("SIGHUP: starting a new generation");
                 match upg.upgrade() {
-                    Ok(()) => log!("upgrade succeeded; handing over"),
+                    Ok(pid) => log!("upgrade succeeded: pid {pid} took over; handing over"),
                     Err(e) => log!("upgrade failed: {}", error_chain(&e)),
                 }
             });

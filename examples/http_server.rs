@@ -202,7 +202,9 @@ fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThr
                 .spawn(move || {
                     log!("SIGHUP: upgrading");
                     match upg.upgrade() {
-                        Ok(()) => log!("upgrade succeeded: the new generation is ready"),
+                        Ok(pid) => {
+                            log!("upgrade succeeded: the new generation (pid {pid}) is ready")
+                        }
                         Err(e) => log!("upgrade failed: {}", error_chain(&e)),
                     }
                 });

@@ -127,7 +127,7 @@ fn run(
                 let u = Arc::clone(&u);
                 // upgrade() blocks until the next generation is ready or has failed.
                 thread::spawn(move || match u.upgrade() {
-                    Ok(()) => log!("upgrade succeeded: handing over"),
+                    Ok(pid) => log!("upgrade succeeded: pid {pid} took over; handing over"),
                     Err(e) => log!("upgrade failed, still serving: {e}"),
                 });
             } else {

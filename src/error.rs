@@ -82,6 +82,27 @@ pub enum Error {
         /// How it ended, once reaped.
         status: ExitStatus,
     },
+    /// The new generation died after it had reported ready, before the upgrade was
+    /// committed: during the probation ([`Options::probation`](crate::Options::probation)),
+    /// or before it confirmed the commit. The upgrade was rolled back: this generation
+    /// serves on, and systemd's main pid and the pid file name it again.
+    ChildDiedAfterReady {
+        /// Its pid.
+        pid: u32,
+        /// How it ended (exit code or signal).
+        status: ExitStatus,
+        /// How long after reporting ready it died.
+        after: Duration,
+    },
+    /// systemd's notify socket did not take the message that commits an upgrade
+    /// (`MAINPID=<new>`) in time: its queue is full. The upgrade was abandoned, since
+    /// systemd would otherwise lose track of the service.
+    Notify {
+        /// `$NOTIFY_SOCKET`.
+        target: String,
+        /// The OS error.
+        source: io::Error,
+    },
     /// The state given to [`Upgrader::set_state`](crate::Upgrader::set_state), or found by
     /// [`Upgrader::take_state`](crate::Upgrader::take_state), is larger than the bound.
     StateTooLarge {
@@ -156,6 +177,14 @@ impl fmt::Display for Error {
                 reason,
                 status,
             } => write!(f, "new generation (pid {pid}) gave up: {reason} ({status})"),
+            Error::ChildDiedAfterReady { pid, status, after } => write!(
+                f,
+                "new generation (pid {pid}) died {after:.1?} after it became ready: {status}; the upgrade was rolled back"
+            ),
+            Error::Notify { target, .. } => write!(
+                f,
+                "systemd's notify socket {target} did not take the commit message; the upgrade was abandoned"
+            ),
             Error::StateTooLarge { size, max } => write!(
                 f,
                 "state of {size} bytes is larger than the limit of {max} bytes"
@@ -185,6 +214,7 @@ impl std::error::Error for Error {
             | Error::Listen { source, .. }
             | Error::Exec { source, .. }
             | Error::PidFile { source, .. }
+            | Error::Notify { source, .. }
             | Error::Io { source, .. } => Some(source),
             _ => None,
         }
@@ -197,6 +227,7 @@ impl From<Error> for io::Error {
             Error::Listen { source, .. }
             | Error::Exec { source, .. }
             | Error::PidFile { source, .. }
+            | Error::Notify { source, .. }
             | Error::Io { source, .. } => source.kind(),
             Error::Timeout { .. } => io::ErrorKind::TimedOut,
             Error::FdTable { .. } | Error::WrongKind { .. } => io::ErrorKind::InvalidData,
@@ -206,5 +237,28 @@ impl From<Error> for io::Error {
     }
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary: every bounded message in
+/// the crate (table entries in errors, failure reasons) is cut here.
+pub(crate) fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Shorthand for `Result<T, tableflip::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clip_cuts_at_a_char_boundary() {
+        assert_eq!(clip("héllo", 2), "h");
+        assert_eq!(clip("héllo", 3), "hé");
+        assert_eq!(clip("abc", 10), "abc");
+        assert_eq!(clip("", 0), "");
+    }
+}

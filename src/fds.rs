@@ -1,23 +1,19 @@
 //! The fd registry: the sockets and files that travel to the next generation.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
-use rustix::fs::FileType;
-use rustix::net::{AddressFamily, SocketAddrAny, SocketAddrUnix, SocketType};
+use rustix::net::{SocketAddrAny, SocketType};
 
 use crate::error::{Error, Result};
+use crate::inherit::{Adoption, Inherited, InheritedFd, InheritedSet};
+use crate::socket::{self, inet, local_inet, unix, BeforeBind, Setup, SocketFile};
 use crate::wire::{FileId, Key, UnixAddr, VAR};
-
-/// Called on every socket the registry creates, after `socket()` and before `bind()`.
-pub(crate) type BeforeBind = Arc<dyn Fn(BorrowedFd<'_>) -> io::Result<()> + Send + Sync>;
 
 /// The fds this generation passes on: Go tableflip's `Fds`.
 ///
@@ -52,69 +48,6 @@ impl fmt::Debug for Fds {
     }
 }
 
-/// An inherited fd, as [`Adoption`] lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct InheritedFd {
-    /// The fd number in this process.
-    pub fd: RawFd,
-    /// What it was passed as: `"TCP listener"`, `"Unix listener"`, `"file descriptor"`, ...
-    pub kind: &'static str,
-    /// Its address, path or name.
-    pub key: String,
-}
-
-impl InheritedFd {
-    fn new(fd: RawFd, key: &Key) -> InheritedFd {
-        InheritedFd {
-            fd,
-            kind: key.kind_name(),
-            key: key.key_text(),
-        }
-    }
-}
-
-impl fmt::Display for InheritedFd {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {} (fd {})", self.kind, self.key, self.fd)
-    }
-}
-
-/// What [`Upgrader::ready`](crate::Upgrader::ready) did with the fds inherited from the
-/// previous generation: which were taken, and which were closed because nobody asked
-/// for them. Log it: a listener dropped by a configuration change shows up in `closed`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Adoption {
-    /// Inherited fds this generation took (and will pass on).
-    pub taken: Vec<InheritedFd>,
-    /// Inherited fds nobody asked for: closed, their Unix socket files removed.
-    pub closed: Vec<InheritedFd>,
-}
-
-impl fmt::Display for Adoption {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let list = |f: &mut fmt::Formatter<'_>, v: &[InheritedFd]| -> fmt::Result {
-            for (i, fd) in v.iter().enumerate() {
-                write!(f, "{}{fd}", if i == 0 { ": " } else { ", " })?;
-            }
-            Ok(())
-        };
-        write!(f, "took {} inherited fd(s)", self.taken.len())?;
-        list(f, &self.taken)?;
-        write!(f, "; closed {} unused", self.closed.len())?;
-        list(f, &self.closed)
-    }
-}
-
-#[derive(Debug)]
-struct Inherited {
-    fd: OwnedFd,
-    key: Key,
-    /// The socket file's identity, as the previous generation recorded it.
-    file: Option<FileId>,
-}
-
 #[derive(Debug)]
 struct Used {
     key: Key,
@@ -124,136 +57,6 @@ struct Used {
     socket_file: Option<SocketFile>,
     /// Inherited from the previous generation (rather than made or added here).
     inherited: bool,
-}
-
-#[derive(Debug, Clone)]
-pub(crate) struct SocketFile {
-    path: PathBuf,
-    dev: u64,
-    ino: u64,
-}
-
-// `st_dev` and `st_ino` have platform-dependent types; u64 holds all of them.
-#[allow(clippy::unnecessary_cast)]
-impl SocketFile {
-    fn of(path: &Path) -> Option<SocketFile> {
-        let path = absolute(path)?;
-        let st = rustix::fs::lstat(&path).ok()?;
-        (FileType::from_raw_mode(st.st_mode) == FileType::Socket).then_some(SocketFile {
-            path,
-            dev: st.st_dev as u64,
-            ino: st.st_ino as u64,
-        })
-    }
-
-    /// The socket file at `path` with an identity recorded elsewhere.
-    fn recorded(path: &Path, id: Option<FileId>) -> Option<SocketFile> {
-        let (dev, ino) = id?;
-        Some(SocketFile {
-            path: absolute(path)?,
-            dev,
-            ino,
-        })
-    }
-
-    /// Removes the socket file if it is still the one recorded.
-    fn unlink(&self) {
-        let Ok(st) = rustix::fs::lstat(&self.path) else {
-            return;
-        };
-        if FileType::from_raw_mode(st.st_mode) == FileType::Socket
-            && st.st_dev as u64 == self.dev
-            && st.st_ino as u64 == self.ino
-        {
-            let _ = std::fs::remove_file(&self.path);
-        }
-    }
-}
-
-fn absolute(path: &Path) -> Option<PathBuf> {
-    if path.is_absolute() {
-        Some(path.to_path_buf())
-    } else {
-        std::env::current_dir().ok().map(|d| d.join(path))
-    }
-}
-
-/// The inherited fds not yet taken, in table order, indexed by key: taking thousands of
-/// them one by one must not be quadratic. The index is built at the first lookup, so a
-/// generation that takes nothing does not pay for it.
-#[derive(Debug, Default)]
-struct InheritedSet {
-    /// `None` once taken (or given up).
-    slots: Vec<Option<Inherited>>,
-    /// Live slots by key, in table order; built on first use.
-    index: Option<HashMap<Key, VecDeque<usize>>>,
-    live: usize,
-}
-
-impl InheritedSet {
-    fn new(all: Vec<Inherited>) -> InheritedSet {
-        InheritedSet {
-            live: all.len(),
-            slots: all.into_iter().map(Some).collect(),
-            index: None,
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.live
-    }
-
-    fn index(&mut self) -> &mut HashMap<Key, VecDeque<usize>> {
-        let slots = &self.slots;
-        self.index.get_or_insert_with(|| {
-            let mut index: HashMap<Key, VecDeque<usize>> = HashMap::new();
-            for (i, e) in slots.iter().enumerate() {
-                if let Some(e) = e {
-                    index.entry(e.key.clone()).or_default().push_back(i);
-                }
-            }
-            index
-        })
-    }
-
-    /// The first live slot with exactly this key.
-    fn find(&mut self, key: &Key) -> Option<usize> {
-        if self.live == 0 {
-            return None;
-        }
-        self.index().get(key)?.front().copied()
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (usize, &Inherited)> {
-        self.slots
-            .iter()
-            .enumerate()
-            .filter_map(|(i, e)| Some((i, e.as_ref()?)))
-    }
-
-    fn get(&self, i: usize) -> &Inherited {
-        self.slots[i].as_ref().expect("a live slot")
-    }
-
-    fn remove(&mut self, i: usize) -> Inherited {
-        let e = self.slots[i].take().expect("a live slot");
-        if let Some(index) = self.index.as_mut() {
-            if let Some(q) = index.get_mut(&e.key) {
-                q.retain(|&j| j != i);
-                if q.is_empty() {
-                    index.remove(&e.key);
-                }
-            }
-        }
-        self.live -= 1;
-        e
-    }
-
-    /// Everything left, in table order.
-    fn take_all(&mut self) -> Vec<Inherited> {
-        let all = std::mem::take(self);
-        all.slots.into_iter().flatten().collect()
-    }
 }
 
 #[derive(Debug, Default)]
@@ -270,18 +73,13 @@ struct Registry {
 
 impl Fds {
     pub(crate) fn new(
-        inherited: Vec<(OwnedFd, Key, Option<FileId>)>,
+        inherited: Vec<Inherited>,
         before_bind: Option<BeforeBind>,
         backlog: i32,
     ) -> Fds {
         Fds {
             inner: Mutex::new(Registry {
-                inherited: InheritedSet::new(
-                    inherited
-                        .into_iter()
-                        .map(|(fd, key, file)| Inherited { fd, key, file })
-                        .collect(),
-                ),
+                inherited: InheritedSet::new(inherited),
                 used_keys: HashMap::new(),
                 used: Vec::new(),
                 taken: Vec::new(),
@@ -510,7 +308,7 @@ impl Fds {
         }
         let mut last = None;
         for a in addrs {
-            match self.bind_inet(*a, ty) {
+            match self.bind_inet(*a, ty, false) {
                 Ok(fd) => {
                     let local = local_inet(fd.as_fd()).unwrap_or(*a);
                     let copy = dup(fd.as_fd())?;
@@ -542,10 +340,14 @@ impl Fds {
         }
         // ...then inherited ones, in order (port 0 matches the inherited port)...
         while out.len() < n {
-            let Some(i) = reg.find_inherited(&key)? else {
+            let Some(found) = reg
+                .find_inherited(&key)?
+                .and_then(|i| reg.inherited.get(i))
+                .map(|e| e.key.clone())
+            else {
                 break;
             };
-            key = reg.inherited.get(i).key.clone();
+            key = found;
             let Some(fd) = reg.take(&key)? else { break };
             out.push(fd);
         }
@@ -555,7 +357,7 @@ impl Fds {
                 Key::TcpListener(a) | Key::Udp(a) => *a,
                 _ => addr,
             };
-            let fd = self.bind_inet_with(target, ty, true)?;
+            let fd = self.bind_inet(target, ty, true)?;
             let local = local_inet(fd.as_fd()).unwrap_or(target);
             key = make_key(local);
             let copy = dup(fd.as_fd())?;
@@ -570,35 +372,19 @@ impl Fds {
         Ok(out)
     }
 
-    fn bind_inet(&self, addr: SocketAddr, ty: SocketType) -> Result<OwnedFd> {
-        self.bind_inet_with(addr, ty, false)
+    /// How new sockets are made: the `before_bind` hook and the backlog.
+    fn setup(&self) -> Setup<'_> {
+        Setup {
+            before_bind: self.before_bind.as_deref(),
+            backlog: self.backlog,
+        }
     }
 
-    fn bind_inet_with(&self, addr: SocketAddr, ty: SocketType, reuseport: bool) -> Result<OwnedFd> {
-        let family = match addr {
-            SocketAddr::V4(_) => AddressFamily::INET,
-            SocketAddr::V6(_) => AddressFamily::INET6,
-        };
-        let listen = ty == SocketType::STREAM;
-        let fail = |source: io::Error| Error::Listen {
+    fn bind_inet(&self, addr: SocketAddr, ty: SocketType, reuseport: bool) -> Result<OwnedFd> {
+        socket::bind_inet(addr, ty, reuseport, &self.setup()).map_err(|source| Error::Listen {
             addr: addr.to_string(),
             source,
-        };
-        let fd = new_socket(family, ty).map_err(fail)?;
-        if listen {
-            rustix::net::sockopt::set_socket_reuseaddr(&fd, true).map_err(|e| fail(e.into()))?;
-        }
-        if reuseport {
-            rustix::net::sockopt::set_socket_reuseport(&fd, true).map_err(|e| fail(e.into()))?;
-        }
-        if let Some(hook) = &self.before_bind {
-            hook(fd.as_fd()).map_err(fail)?;
-        }
-        rustix::net::bind(&fd, &addr).map_err(|e| fail(e.into()))?;
-        if listen {
-            rustix::net::listen(&fd, self.backlog).map_err(|e| fail(e.into()))?;
-        }
-        Ok(fd)
+        })
     }
 
     fn listen_unix_kind(
@@ -612,35 +398,11 @@ impl Fds {
         if let Some(fd) = reg.existing(&key)? {
             return Ok(fd);
         }
-        let fail = |source: io::Error| Error::Listen {
-            addr: addr.to_string(),
-            source,
-        };
-        let sockaddr = match &addr {
-            UnixAddr::Path(p) => SocketAddrUnix::new(p.as_path()),
-            #[cfg(any(target_os = "linux", target_os = "android"))]
-            UnixAddr::Abstract(name) => SocketAddrUnix::new_abstract_name(name),
-            #[cfg(not(any(target_os = "linux", target_os = "android")))]
-            UnixAddr::Abstract(_) => Err(rustix::io::Errno::AFNOSUPPORT),
-        }
-        .map_err(|e| fail(e.into()))?;
-        let fd = new_socket(AddressFamily::UNIX, ty).map_err(fail)?;
-        if let Some(hook) = &self.before_bind {
-            hook(fd.as_fd()).map_err(fail)?;
-        }
-        rustix::net::bind(&fd, &sockaddr).map_err(|e| fail(e.into()))?;
-        let socket_file = match &addr {
-            UnixAddr::Path(p) => SocketFile::of(p),
-            UnixAddr::Abstract(_) => None,
-        };
-        if ty == SocketType::STREAM {
-            if let Err(e) = rustix::net::listen(&fd, self.backlog) {
-                if let Some(file) = &socket_file {
-                    file.unlink();
-                }
-                return Err(fail(e.into()));
-            }
-        }
+        let (fd, socket_file) =
+            socket::bind_unix(&addr, ty, &self.setup()).map_err(|source| Error::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
         let copy = dup(fd.as_fd())?;
         reg.insert(key, copy, socket_file);
         Ok(fd)
@@ -655,9 +417,11 @@ impl Fds {
         let local =
             rustix::net::getsockname(fd).map_err(|e| Error::io("getsockname", Some(raw), e))?;
         let key = make_key(local).map_err(|e| Error::io("getsockname", Some(raw), e))?;
-        check(fd, &key).map_err(|(reason, source)| Error::Listen {
-            addr: format!("{key} (fd {raw}): {reason}"),
-            source: source.unwrap_or_else(|| io::ErrorKind::InvalidInput.into()),
+        socket::check(fd, &key).map_err(|m| Error::Listen {
+            addr: format!("{key} (fd {raw}): {}", m.reason),
+            source: m
+                .source
+                .unwrap_or_else(|| io::ErrorKind::InvalidInput.into()),
         })?;
         let socket_file = match &key {
             Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) => {
@@ -681,7 +445,7 @@ impl Fds {
             .used
             .iter()
             .map(|u| {
-                let id = u.socket_file.as_ref().map(|f| (f.dev, f.ino));
+                let id = u.socket_file.as_ref().map(SocketFile::id);
                 (u.fd.as_raw_fd(), &u.key, id)
             })
             .collect();
@@ -705,9 +469,10 @@ impl Fds {
                 // Only remove the file if the fd is bound there and the file is the one the
                 // previous generation recorded (none is recorded for sockets from systemd,
                 // whose files belong to systemd).
-                if let (Some(file), true) =
-                    (SocketFile::recorded(p, file), unix_matches(fd.as_fd(), p))
-                {
+                if let (Some(file), true) = (
+                    SocketFile::recorded(p, file),
+                    socket::bound_to(fd.as_fd(), p),
+                ) {
                     file.unlink();
                 }
             }
@@ -770,34 +535,37 @@ impl Registry {
         let Some(i) = self.find_inherited(key)? else {
             return Ok(None);
         };
-        let fd = self.inherited.get(i).fd.as_fd();
-        let raw = fd.as_raw_fd();
-        let found = self.inherited.get(i).key.clone();
-        if let Err((reason, source)) = check(fd, &found) {
+        let Some(entry) = self.inherited.remove(i) else {
+            return Ok(None);
+        };
+        let raw = entry.fd.as_raw_fd();
+        if let Err(m) = socket::check(entry.fd.as_fd(), &entry.key) {
             // Not what the table said: forget it without closing it (it may be somebody
             // else's fd), and adopt nothing.
-            let bad = self.inherited.remove(i);
-            std::mem::forget(bad.fd);
+            let Inherited { fd, key: found, .. } = entry;
+            std::mem::forget(fd);
             return Err(Error::FdTable {
                 var: VAR,
                 entry: format!("{raw},{}", found.tag()),
-                reason: format!("fd {raw} is not the {found} it was declared as: {reason}"),
-                source,
+                reason: format!(
+                    "fd {raw} is not the {found} it was declared as: {}",
+                    m.reason
+                ),
+                source: m.source,
             });
         }
-        let copy = dup(fd)?;
-        self.taken.push(InheritedFd::new(raw, &found));
-        let entry = self.inherited.remove(i);
+        let copy = dup(entry.fd.as_fd())?;
+        self.taken.push(InheritedFd::new(raw, &entry.key));
         // The identity recorded by the previous generation, not the file there now: a file
         // swapped in meanwhile is somebody else's.
-        let socket_file = match &found {
+        let socket_file = match &entry.key {
             Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) => {
                 SocketFile::recorded(p, entry.file)
             }
             _ => None,
         };
         self.push_used(Used {
-            key: found,
+            key: entry.key,
             fd: entry.fd,
             socket_file,
             inherited: true,
@@ -854,169 +622,6 @@ impl Registry {
     }
 }
 
-/// Adopts the fds of a decoded table: each must be open and must have been inherited
-/// through `execve` (close-on-exec clear; an fd this process opened itself would have it
-/// set, since Rust opens everything close-on-exec). Each is made close-on-exec again.
-pub(crate) fn adopt(var: &'static str, entries: Vec<(RawFd, Key)>) -> Result<Vec<(OwnedFd, Key)>> {
-    use rustix::io::FdFlags;
-    for (fd, key) in &entries {
-        let entry = || format!("{fd},{}", key.tag());
-        // SAFETY: only used for the duration of these two fcntl calls; an fd that is not
-        // open yields EBADF, which is reported.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(*fd) };
-        match rustix::io::fcntl_getfd(borrowed) {
-            Ok(flags) if flags.contains(FdFlags::CLOEXEC) => {
-                return Err(Error::FdTable {
-                    var,
-                    entry: entry(),
-                    reason: format!(
-                        "fd {fd} is close-on-exec, so it was not inherited from the previous generation"
-                    ),
-                    source: None,
-                })
-            }
-            Ok(_) => {}
-            Err(e) => {
-                return Err(Error::FdTable {
-                    var,
-                    entry: entry(),
-                    reason: format!("fd {fd} is not open"),
-                    source: Some(e.into()),
-                })
-            }
-        }
-    }
-    let (fds, keys): (Vec<OwnedFd>, Vec<Key>) = entries
-        .into_iter()
-        // SAFETY: the fd is open, was inherited across exec (checked above), is named
-        // exactly once in the table, and nothing else in this process claims it.
-        .map(|(fd, key)| (unsafe { OwnedFd::from_raw_fd(fd) }, key))
-        .unzip();
-    // Close-on-exec again, in one close_range per run of consecutive fds.
-    crate::batch::set_cloexec(&fds)
-        .map_err(|e| Error::io("fcntl(F_SETFD, FD_CLOEXEC)", None, e))?;
-    Ok(fds.into_iter().zip(keys).collect())
-}
-
-/// Checks that `fd` is what `key` says. On failure: the reason, and the OS error if any.
-fn check(fd: BorrowedFd<'_>, key: &Key) -> std::result::Result<(), (String, Option<io::Error>)> {
-    let os = |what: &str, e: rustix::io::Errno| (format!("{what} failed"), Some(e.into()));
-    let st = rustix::fs::fstat(fd).map_err(|e| os("fstat", e))?;
-    let (ty, listening) = match key {
-        Key::Ready | Key::Parent | Key::State | Key::Fd(_) => return Ok(()),
-        Key::TcpListener(_) | Key::UnixListener(_) => (SocketType::STREAM, Some(true)),
-        Key::TcpStream(_) | Key::UnixStream(_) => (SocketType::STREAM, Some(false)),
-        Key::Udp(_) | Key::UnixDatagram(_) => (SocketType::DGRAM, None),
-    };
-    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
-        return Err(("not a socket".into(), None));
-    }
-    let actual = rustix::net::sockopt::socket_type(fd).map_err(|e| os("getsockopt(SO_TYPE)", e))?;
-    if actual != ty {
-        let name = |t: SocketType| {
-            if t == SocketType::STREAM {
-                "stream"
-            } else if t == SocketType::DGRAM {
-                "datagram"
-            } else {
-                "other"
-            }
-        };
-        return Err((
-            format!("a {} socket, not a {} socket", name(actual), name(ty)),
-            None,
-        ));
-    }
-    if let Some(want) = listening {
-        match rustix::net::sockopt::socket_acceptconn(fd) {
-            Ok(is) if is != want => {
-                return Err((
-                    if want {
-                        "not listening"
-                    } else {
-                        "a listening socket"
-                    }
-                    .into(),
-                    None,
-                ))
-            }
-            Ok(_) => {}
-            Err(e) if e == rustix::io::Errno::NOPROTOOPT => {}
-            Err(e) => return Err(os("getsockopt(SO_ACCEPTCONN)", e)),
-        }
-    }
-    let local = rustix::net::getsockname(fd).map_err(|e| os("getsockname", e))?;
-    let family = local.address_family();
-    match key {
-        Key::TcpListener(want) | Key::Udp(want) => {
-            let have = inet(local).map_err(|_| ("not an IP socket".to_string(), None))?;
-            if !same_inet(&have, want) {
-                return Err((format!("bound to {have}, not {want}"), None));
-            }
-        }
-        Key::UnixListener(want) | Key::UnixDatagram(want) => {
-            let have = unix(local).map_err(|_| ("not a Unix socket".to_string(), None))?;
-            if have != *want {
-                return Err((format!("bound to {have}, not {want}"), None));
-            }
-        }
-        Key::TcpStream(_) => {
-            if family != AddressFamily::INET && family != AddressFamily::INET6 {
-                return Err(("not an IP socket".into(), None));
-            }
-        }
-        Key::UnixStream(_) => {
-            if family != AddressFamily::UNIX {
-                return Err(("not a Unix socket".into(), None));
-            }
-        }
-        Key::Ready | Key::Parent | Key::State | Key::Fd(_) => {}
-    }
-    Ok(())
-}
-
-fn same_inet(a: &SocketAddr, b: &SocketAddr) -> bool {
-    match (a, b) {
-        (SocketAddr::V6(a), SocketAddr::V6(b)) => {
-            a.ip() == b.ip() && a.port() == b.port() && a.scope_id() == b.scope_id()
-        }
-        _ => a == b,
-    }
-}
-
-fn unix_matches(fd: BorrowedFd<'_>, path: &Path) -> bool {
-    rustix::net::getsockname(fd)
-        .ok()
-        .and_then(|a| unix(a).ok())
-        .is_some_and(|a| a == UnixAddr::Path(path.to_path_buf()))
-}
-
-fn inet(addr: SocketAddrAny) -> io::Result<SocketAddr> {
-    SocketAddr::try_from(addr).map_err(io::Error::from)
-}
-
-/// The Unix address of a socket address from `getsockname`.
-pub(crate) fn unix(addr: SocketAddrAny) -> io::Result<UnixAddr> {
-    let u = SocketAddrUnix::try_from(addr).map_err(io::Error::from)?;
-    if let Some(p) = u.path_bytes() {
-        return Ok(UnixAddr::Path(PathBuf::from(std::ffi::OsStr::from_bytes(
-            p,
-        ))));
-    }
-    #[cfg(any(target_os = "linux", target_os = "android"))]
-    if let Some(name) = u.abstract_name() {
-        return Ok(UnixAddr::Abstract(name.to_vec()));
-    }
-    Err(io::Error::new(
-        io::ErrorKind::InvalidInput,
-        "unnamed Unix socket",
-    ))
-}
-
-fn local_inet(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
-    rustix::net::getsockname(fd).ok().and_then(|a| inet(a).ok())
-}
-
 fn resolve(addr: impl ToSocketAddrs) -> Result<Vec<SocketAddr>> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
@@ -1052,23 +657,4 @@ fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
     // F_DUPFD_CLOEXEC: the copy is close-on-exec from birth.
     fd.try_clone_to_owned()
         .map_err(|e| Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(fd.as_raw_fd()), e))
-}
-
-/// A new close-on-exec socket.
-pub(crate) fn new_socket(family: AddressFamily, ty: SocketType) -> io::Result<OwnedFd> {
-    #[cfg(not(target_vendor = "apple"))]
-    {
-        Ok(rustix::net::socket_with(
-            family,
-            ty,
-            rustix::net::SocketFlags::CLOEXEC,
-            None,
-        )?)
-    }
-    #[cfg(target_vendor = "apple")]
-    {
-        let fd = rustix::net::socket(family, ty, None)?;
-        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
-        Ok(fd)
-    }
 }

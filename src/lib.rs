@@ -120,7 +120,13 @@ mod batch;
 mod child;
 mod error;
 mod fds;
+mod handshake;
+mod inherit;
+mod options;
+mod os;
 mod pidfile;
+mod process;
+mod socket;
 mod spawn;
 mod state;
 mod systemd;
@@ -128,8 +134,11 @@ mod upgrader;
 mod wire;
 
 pub use error::{Error, Result};
-pub use fds::{Adoption, Fds, InheritedFd};
-pub use upgrader::{Options, Upgrader, MAX_STATE_SIZE};
+pub use fds::Fds;
+pub use inherit::{Adoption, InheritedFd};
+pub use options::Options;
+pub use state::MAX_STATE_SIZE;
+pub use upgrader::Upgrader;
 pub use wire::UnixAddr;
 
 /// Not public API: entry points for the fuzzer and benchmarks. No stability promise.

@@ -5,10 +5,19 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, BorrowedFd, OwnedFd};
 
 use crate::error::{Error, Result};
-use crate::upgrader::MAX_STATE_SIZE;
+
+/// The largest state [`Upgrader::set_state`](crate::Upgrader::set_state) accepts: 64 MiB.
+pub const MAX_STATE_SIZE: u64 = 64 << 20;
 
 /// Copies `bytes` into a new close-on-exec file that is only ever read afterwards.
 pub(crate) fn store(bytes: &[u8]) -> Result<OwnedFd> {
+    let size = bytes.len() as u64;
+    if size > MAX_STATE_SIZE {
+        return Err(Error::StateTooLarge {
+            size,
+            max: MAX_STATE_SIZE,
+        });
+    }
     let fd = create().map_err(|e| Error::io("create the state file", None, e))?;
     let file = std::fs::File::from(fd);
     let raw = file.as_raw_fd();

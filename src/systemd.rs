@@ -6,20 +6,34 @@
 //! - [sd_listen_fds(3)](https://www.freedesktop.org/software/systemd/man/latest/sd_listen_fds.html)
 
 use std::fmt;
+use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use rustix::io::Errno;
 use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketType};
 
 use crate::error::{Error, Result};
-use crate::fds;
+use crate::inherit;
+use crate::socket;
 use crate::wire::Key;
 
+/// The longest the commit message may wait for room in systemd's queue.
+const COMMIT_WAIT: Duration = Duration::from_secs(1);
+
 /// Where and how to send notifications: read once from `$NOTIFY_SOCKET`.
+///
+/// Sending never blocks, but for the one message that commits an upgrade (`MAINPID=` of
+/// the new generation), which waits at most [`COMMIT_WAIT`] for room in systemd's
+/// queue: losing it would make systemd take the exiting generation for the service.
 pub(crate) struct Notifier {
     socket: OwnedFd,
     addr: SocketAddrUnix,
     target: String,
+    /// Whether this generation has set a `STATUS=` that the next success must clear.
+    status_set: AtomicBool,
 }
 
 impl fmt::Debug for Notifier {
@@ -42,44 +56,120 @@ impl Notifier {
             b'@' => SocketAddrUnix::new_abstract_name(&bytes[1..]).ok()?,
             _ => return None,
         };
-        let socket = fds::new_socket(AddressFamily::UNIX, SocketType::DGRAM).ok()?;
+        let socket = socket::new_socket(AddressFamily::UNIX, SocketType::DGRAM).ok()?;
+        rustix::net::sockopt::set_socket_timeout(
+            &socket,
+            rustix::net::sockopt::Timeout::Send,
+            Some(COMMIT_WAIT),
+        )
+        .ok()?;
         Some(Notifier {
             socket,
             addr,
             target: target.to_string_lossy().into_owned(),
+            status_set: AtomicBool::new(false),
         })
     }
 
-    /// Sends one notification. Best effort: a supervisor that went away must not take the
-    /// service down with it.
-    pub(crate) fn send(&self, msg: &str) {
-        let _ = rustix::net::sendto(&self.socket, msg.as_bytes(), SendFlags::empty(), &self.addr);
+    /// Sends one notification; `wait` lets it wait (up to [`COMMIT_WAIT`]) for room in
+    /// systemd's queue, otherwise it is dropped when the queue is full.
+    fn send(&self, msg: &str, wait: bool) -> io::Result<()> {
+        let flags = if wait {
+            SendFlags::empty()
+        } else {
+            SendFlags::DONTWAIT
+        };
+        loop {
+            match rustix::net::sendto(self.socket.as_fd(), msg.as_bytes(), flags, &self.addr) {
+                Ok(_) => return Ok(()),
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
-    /// `READY=1` from a process: with `MAINPID=`, so that systemd follows the new pid.
-    pub(crate) fn ready(&self) {
-        self.send(&format!("MAINPID={}\nREADY=1", std::process::id()));
+    /// Best effort: a supervisor that went away must not take the service down with it.
+    fn tell(&self, msg: &str) {
+        let _ = self.send(msg, false);
+    }
+
+    /// `READY=1` from a generation that serves alone (a first start, or a new one whose
+    /// parent died before it committed): with `MAINPID=`, so systemd follows this pid.
+    pub(crate) fn ready_alone(&self) {
+        self.tell(&format!("MAINPID={}\nREADY=1", std::process::id()));
     }
 
     /// An upgrade starts (what `Type=notify-reload` waits for after its SIGHUP).
     pub(crate) fn reloading(&self) {
-        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-        let usec = (now.tv_sec as u64)
-            .saturating_mul(1_000_000)
-            .saturating_add(now.tv_nsec as u64 / 1000);
-        self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
+        self.tell(&reloading_message());
     }
 
-    /// An upgrade failed: this generation is still the one serving.
+    /// Commits an upgrade to the new generation `pid`: from this process, still the main
+    /// one, so that `NotifyAccess=main` takes it. Fails only when systemd is there but
+    /// does not take the message in time.
+    pub(crate) fn commit(&self, pid: u32) -> Result<()> {
+        let mut msg = format!("MAINPID={pid}\nREADY=1");
+        if self.status_set.load(Ordering::SeqCst) {
+            msg.push_str("\nSTATUS=");
+        }
+        match self.send(&msg, true) {
+            Ok(()) => {
+                self.status_set.store(false, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.raw_os_error() == Some(libc::ENOBUFS) =>
+            {
+                Err(Error::Notify {
+                    target: self.target.clone(),
+                    source: e,
+                })
+            }
+            // Nobody listens there (ECONNREFUSED, ENOENT): nobody to tell.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// An upgrade failed: this generation is (again) the main one, and serves.
     pub(crate) fn upgrade_failed(&self, why: &Error) {
-        let status = format!("upgrade failed: {why}").replace('\n', " ");
-        self.send(&format!("READY=1\nSTATUS={status}"));
+        self.status_set.store(true, Ordering::SeqCst);
+        self.tell(&format!(
+            "MAINPID={}\nREADY=1\nSTATUS={}",
+            std::process::id(),
+            status_text("upgrade failed", why)
+        ));
+    }
+
+    /// An upgrade was refused before it started: answer a reload that systemd may be
+    /// waiting for (`Type=notify-reload`), so it does not wait for its timeout.
+    pub(crate) fn refused(&self, why: &Error) {
+        self.status_set.store(true, Ordering::SeqCst);
+        self.tell(&reloading_message());
+        self.tell(&format!(
+            "READY=1\nSTATUS={}",
+            status_text("upgrade refused", why)
+        ));
     }
 
     /// A real stop (never sent after a handoff).
     pub(crate) fn stopping(&self) {
-        self.send("STOPPING=1");
+        self.tell("STOPPING=1");
     }
+}
+
+/// `RELOADING=1` with the `MONOTONIC_USEC=` that systemd 253+ expects next to it.
+fn reloading_message() -> String {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let usec = (now.tv_sec as u64)
+        .saturating_mul(1_000_000)
+        .saturating_add(now.tv_nsec as u64 / 1000);
+    format!("RELOADING=1\nMONOTONIC_USEC={usec}")
+}
+
+/// A one-line `STATUS=` text.
+fn status_text(what: &str, why: &Error) -> String {
+    format!("{what}: {why}").replace('\n', " ")
 }
 
 /// The first fd systemd passes.
@@ -125,7 +215,7 @@ pub(crate) fn activated() -> Result<Vec<(OwnedFd, Key)>> {
             (LISTEN_FDS_START + i, Key::Fd(name))
         })
         .collect();
-    let adopted = fds::adopt("LISTEN_FDS", entries)?;
+    let adopted = inherit::adopt("LISTEN_FDS", entries)?;
     Ok(adopted
         .into_iter()
         .map(|(fd, key)| {
@@ -133,43 +223,11 @@ pub(crate) fn activated() -> Result<Vec<(OwnedFd, Key)>> {
                 Key::Fd(name) => name,
                 other => other.to_string(),
             };
-            let key = classify(fd.as_fd()).unwrap_or(Key::Fd(name));
+            let key = socket::probe(fd.as_fd())
+                .ok()
+                .and_then(|p| p.key())
+                .unwrap_or(Key::Fd(name));
             (fd, key)
         })
         .collect())
-}
-
-/// The registry key of a socket from what the kernel says about it: a listening stream
-/// socket or a bound datagram socket, IP or Unix. `None` for anything else.
-fn classify(fd: BorrowedFd<'_>) -> Option<Key> {
-    let st = rustix::fs::fstat(fd).ok()?;
-    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::Socket {
-        return None;
-    }
-    let ty = rustix::net::sockopt::socket_type(fd).ok()?;
-    let local = rustix::net::getsockname(fd).ok()?;
-    let listening = rustix::net::sockopt::socket_acceptconn(fd).unwrap_or(false);
-    match local.address_family() {
-        AddressFamily::INET | AddressFamily::INET6 => {
-            let addr = std::net::SocketAddr::try_from(local).ok()?;
-            if ty == SocketType::STREAM && listening {
-                Some(Key::TcpListener(addr))
-            } else if ty == SocketType::DGRAM {
-                Some(Key::Udp(addr))
-            } else {
-                None
-            }
-        }
-        AddressFamily::UNIX => {
-            let addr = fds::unix(local).ok()?;
-            if ty == SocketType::STREAM && listening {
-                Some(Key::UnixListener(addr))
-            } else if ty == SocketType::DGRAM {
-                Some(Key::UnixDatagram(addr))
-            } else {
-                None
-            }
-        }
-        _ => None,
-    }
 }

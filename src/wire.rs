@@ -11,8 +11,8 @@
 //!   and exec. A process whose pid differs (a grandchild that merely inherited the
 //!   variable) ignores the table and starts fresh, like systemd's `LISTEN_PID`.
 //! * Then one `;`-separated entry per fd: `FD,KIND[,KEY]`. `FD` is a decimal fd number
-//!   (3 or more, each at most once). `KIND` is one of `ready`, `parent` (the handshake
-//!   pipes, no key), `state` (the handed-over state, no key), `tcp`, `udp` (key: a socket address), `unix`, `unixgram` (key: a path,
+//!   (3 or more, each at most once). `KIND` is one of `ready`, `parent`, `commit` (the
+//!   handshake pipes, no key), `state` (the handed-over state, no key), `tcp`, `udp` (key: a socket address), `unix`, `unixgram` (key: a path,
 //!   or `@` and an abstract name), `tcpconn`, `unixconn`, `fd` (key: a name).
 //! * A `unix` or `unixgram` entry with a path may carry a fourth field, `DEV:INO`: the
 //!   device and inode of the socket file the previous generation bound or checked. Only
@@ -27,6 +27,8 @@ use std::net::SocketAddr;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
+
+use crate::error::clip;
 
 /// The environment variable that carries the fd table.
 pub(crate) const VAR: &str = "TABLEFLIP_FDS";
@@ -103,6 +105,8 @@ pub(crate) enum Key {
     Ready,
     /// The read end of the pipe that tells when the parent has exited.
     Parent,
+    /// The read end of the pipe on which the parent commits the handoff.
+    Commit,
     /// A sealed memfd (or unlinked file) holding the state handed over by the parent.
     State,
     TcpListener(SocketAddr),
@@ -119,6 +123,7 @@ impl Key {
         match self {
             Key::Ready => "ready",
             Key::Parent => "parent",
+            Key::Commit => "commit",
             Key::State => "state",
             Key::TcpListener(_) => "tcp",
             Key::Udp(_) => "udp",
@@ -135,6 +140,7 @@ impl Key {
         match self {
             Key::Ready => "readiness pipe",
             Key::Parent => "parent pipe",
+            Key::Commit => "commit pipe",
             Key::State => "state handoff",
             Key::TcpListener(_) => "TCP listener",
             Key::Udp(_) => "UDP socket",
@@ -151,7 +157,7 @@ impl Key {
     /// The address, path or name alone (empty for the handshake entries).
     pub(crate) fn key_text(&self) -> String {
         match self {
-            Key::Ready | Key::Parent | Key::State => String::new(),
+            Key::Ready | Key::Parent | Key::Commit | Key::State => String::new(),
             Key::TcpListener(a) | Key::Udp(a) => a.to_string(),
             Key::UnixListener(a) | Key::UnixDatagram(a) => a.to_string(),
             Key::TcpStream(n) | Key::UnixStream(n) | Key::Fd(n) => n.clone(),
@@ -163,7 +169,7 @@ impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = self.kind_name();
         match self {
-            Key::Ready | Key::Parent | Key::State => f.write_str(kind),
+            Key::Ready | Key::Parent | Key::Commit | Key::State => f.write_str(kind),
             Key::TcpListener(a) | Key::Udp(a) => write!(f, "{kind} {a}"),
             Key::UnixListener(a) | Key::UnixDatagram(a) => write!(f, "{kind} {a}"),
             Key::TcpStream(n) | Key::UnixStream(n) | Key::Fd(n) => write!(f, "{kind} {n:?}"),
@@ -244,7 +250,7 @@ pub(crate) fn encode_with_ids<'a>(
         out.push(',');
         out.push_str(key.tag());
         match key {
-            Key::Ready | Key::Parent | Key::State => {}
+            Key::Ready | Key::Parent | Key::Commit | Key::State => {}
             Key::TcpListener(a) | Key::Udp(a) => {
                 out.push(',');
                 escape_into(&mut out, a.to_string().as_bytes());
@@ -287,15 +293,6 @@ pub(crate) struct Table {
 pub(crate) struct DecodeError {
     pub(crate) entry: String,
     pub(crate) reason: String,
-}
-
-/// At most `max` bytes of `s`, cut at a character boundary.
-fn clip(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 fn bad(entry: &str, reason: impl Into<String>) -> DecodeError {
@@ -356,7 +353,7 @@ pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeE
         if !seen.insert(fd) {
             return Err(bad(entry, format!("fd {fd} appears more than once")));
         }
-        if matches!(key, Key::Ready | Key::Parent | Key::State)
+        if matches!(key, Key::Ready | Key::Parent | Key::Commit | Key::State)
             && entries.iter().any(|(_, k)| *k == key)
         {
             return Err(bad(entry, format!("more than one {} entry", key.tag())));
@@ -435,6 +432,7 @@ fn decode_entry(entry: &str) -> Result<(RawFd, Key, Option<FileId>), DecodeError
     let key = match tag {
         "ready" => no_arg(Key::Ready)?,
         "parent" => no_arg(Key::Parent)?,
+        "commit" => no_arg(Key::Commit)?,
         "state" => no_arg(Key::State)?,
         "tcp" => Key::TcpListener(sockaddr()?),
         "udp" => Key::Udp(sockaddr()?),
@@ -621,10 +619,11 @@ mod tests {
         }
 
         fn key(&mut self) -> Key {
-            match self.below(10) {
+            match self.below(11) {
                 0 => Key::Ready,
                 1 => Key::Parent,
                 9 => Key::State,
+                10 => Key::Commit,
                 2 => Key::TcpListener(self.inet()),
                 3 => Key::Udp(self.inet()),
                 4 => Key::UnixListener(self.unix()),
@@ -635,14 +634,14 @@ mod tests {
             }
         }
 
-        /// A valid table: distinct fds, at most one `ready`, `parent` and `state`.
+        /// A valid table: distinct fds, at most one `ready`, `parent`, `commit` and `state`.
         fn table(&mut self) -> Vec<(RawFd, Key)> {
             let mut entries: Vec<(RawFd, Key)> = Vec::new();
             for _ in 0..self.below(12) {
                 let fd = self.fd();
                 let key = self.key();
                 let dup_fd = entries.iter().any(|(f, _)| *f == fd);
-                let dup_pipe = matches!(key, Key::Ready | Key::Parent | Key::State)
+                let dup_pipe = matches!(key, Key::Ready | Key::Parent | Key::Commit | Key::State)
                     && entries.iter().any(|(_, k)| *k == key);
                 if !dup_fd && !dup_pipe {
                     entries.push((fd, key));

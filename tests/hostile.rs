@@ -151,7 +151,7 @@ fn child_main() -> ! {
         Err(e) => {
             report_error("new", &e);
             report_fds("after", &watch);
-            std::process::exit(0);
+            quit();
         }
     };
     say("new", format!("has_parent={}", upg.has_parent()));
@@ -187,7 +187,16 @@ fn child_main() -> ! {
         }
     }
     report_fds("after", &watch);
-    std::process::exit(0);
+    quit();
+}
+
+/// Exits at once, without running exit handlers: `exit(3)` from the test thread races
+/// with the harness's main thread (after `setuid`, a child crashed in one run of three).
+fn quit() -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // SAFETY: _exit(2) ends the process; nothing runs after it.
+    unsafe { libc::_exit(0) }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -463,19 +472,24 @@ impl Outcome {
     }
 }
 
-/// The two handshake pipes of an upgrade: (ready write end, parent read end) for the
+/// The handshake pipes of an upgrade: (ready write end, parent read end, commit read end) for the
 /// child, and the other ends, kept open by the test.
-fn handshake() -> [OwnedFd; 4] {
+fn handshake() -> [OwnedFd; 5] {
     let (ready_rd, ready_wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
     let (life_rd, life_wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
-    [ready_wr, life_rd, ready_rd, life_wr]
+    // The commit pipe's write end is closed at once: a child that reports ready finds
+    // its parent undecided and gone, and carries on alone (it does not wait).
+    let (commit_rd, _) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+    [ready_wr, life_rd, ready_rd, life_wr, commit_rd]
 }
 
-/// A spec for a table `3,ready;4,parent` + `rest`, with real pipes at 3 and 4.
-fn upgrade_child(pipes: &[OwnedFd; 4], rest: &str) -> Spec {
-    Spec::own(format!(";3,ready;4,parent{rest}"))
+/// A spec for a table `3,ready;4,parent;8,commit` + `rest`, with real pipes at 3, 4
+/// and 8.
+fn upgrade_child(pipes: &[OwnedFd; 5], rest: &str) -> Spec {
+    Spec::own(format!(";3,ready;4,parent;8,commit{rest}"))
         .pass(&pipes[0], 3)
         .pass(&pipes[1], 4)
+        .pass(&pipes[4], 8)
 }
 
 fn tcp_listener() -> (TcpListener, SocketAddr) {
@@ -541,7 +555,7 @@ fn a_closed_fd_is_refused_and_nothing_is_adopted() {
         .run();
     assert_eq!(
         out.get("fds-before"),
-        "3=inherited,4=inherited,5=inherited,60=closed"
+        "3=inherited,4=inherited,8=inherited,5=inherited,60=closed"
     );
     out.refused("60,fd", "fd 60 is not open");
     assert!(out.get("new-source").contains("Bad file descriptor"));
@@ -680,6 +694,7 @@ fn a_table_without_its_handshake_entries_is_refused() {
         (format!(";5,tcp,{a}"), "no ready entry"),
         (format!(";3,ready;5,tcp,{a}"), "no parent entry"),
         (format!(";4,parent;5,tcp,{a}"), "no ready entry"),
+        (format!(";3,ready;4,parent;5,tcp,{a}"), "no commit entry"),
         (String::new(), "no ready entry"),
     ] {
         let out = Spec::own(tail)

@@ -21,15 +21,35 @@ fn scenario_entry() {
     }
 }
 
-/// Receives the next datagram, or panics after the deadline.
+/// Receives the next datagram and the pid of its sender (`SO_PASSCRED`), or panics
+/// after the deadline.
 #[track_caller]
-fn recv(sock: &UnixDatagram) -> String {
+fn recv_from(sock: &UnixDatagram) -> (String, u32) {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
     sock.set_read_timeout(Some(util::DEADLINE)).unwrap();
     let mut buf = [0u8; 4096];
-    let n = sock
-        .recv(&mut buf)
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmCredentials(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = rustix::net::recvmsg(sock, &mut iov, &mut control, RecvFlags::empty())
         .expect("no notification within the deadline");
-    String::from_utf8_lossy(&buf[..n]).into_owned()
+    let n = msg.bytes;
+    let mut pid = 0;
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmCredentials(c) = m {
+            pid = c.pid.as_raw_nonzero().get() as u32;
+        }
+    }
+    assert_ne!(pid, 0, "no credentials on the notification");
+    (String::from_utf8_lossy(&buf[..n]).into_owned(), pid)
+}
+
+/// Receives the next datagram, checking that `sender` sent it.
+#[track_caller]
+fn recv(sock: &UnixDatagram, sender: u32) -> String {
+    let (msg, pid) = recv_from(sock);
+    assert_eq!(pid, sender, "{msg:?} came from pid {pid}, not {sender}");
+    msg
 }
 
 /// Every datagram that arrives within `quiet` of the previous one.
@@ -59,45 +79,72 @@ fn check_reloading(msg: &str) {
     );
 }
 
-/// The exact notifications through ready, a successful upgrade, a failed upgrade and a
-/// stop, with systemd's socket at `target` (`/path` or `@abstract`).
+/// The exact notifications, and who sends each, through ready, a successful upgrade, a
+/// refused one, a failed one, a successful one again and a stop, with systemd's socket
+/// at `target` (`/path` or `@abstract`). Every change of the main pid comes from the
+/// main process itself, as `NotifyAccess=main` requires.
 fn notify_protocol(sock: UnixDatagram, target: String) {
+    rustix::net::sockopt::set_socket_passcred(&sock, true).unwrap();
     let mut run = Run::start(
         "notify",
         &[("TF_TCP", "127.0.0.1:0".into()), ("NOTIFY_SOCKET", target)],
     );
     let pid1 = run.expect("ready").pid;
-    assert_eq!(recv(&sock), format!("MAINPID={pid1}\nREADY=1"));
+    assert_eq!(recv(&sock, pid1), format!("MAINPID={pid1}\nREADY=1"));
 
-    // A successful upgrade: RELOADING from the old generation, then the new one names
-    // itself as the main pid. The old one never says STOPPING.
+    // A successful upgrade: RELOADING, then the commit, both from the old generation
+    // (the main process). The new one says nothing; the old one never says STOPPING.
+    std::fs::write(run.path("linger"), "1500").unwrap();
     signal(pid1, libc::SIGHUP);
-    check_reloading(&recv(&sock));
-    run.expect_from("upgrade-ok", pid1);
+    check_reloading(&recv(&sock, pid1));
     let pid2 = run.expect_not_from("ready", pid1).pid;
-    assert_eq!(recv(&sock), format!("MAINPID={pid2}\nREADY=1"));
-    run.wait_first();
+    assert_eq!(recv(&sock, pid1), format!("MAINPID={pid2}\nREADY=1"));
+    let ok = run.expect_from("upgrade-ok", pid1);
+    assert_eq!(ok.field("pid"), Some(pid2.to_string().as_str()));
 
-    // A failed upgrade: RELOADING, then READY=1 again from the old generation with why.
+    // Refused while the old generation drains: the reload is answered at once.
+    signal(pid2, libc::SIGHUP);
+    check_reloading(&recv(&sock, pid2));
+    let refused = recv(&sock, pid2);
+    assert!(
+        refused.starts_with("READY=1\nSTATUS=upgrade refused: the previous generation"),
+        "{refused:?}"
+    );
+    run.expect("upgrade-error");
+    run.wait_first();
+    std::fs::remove_file(run.path("linger")).unwrap();
+
+    // A failed upgrade: RELOADING, then this generation is the main pid again, with why.
     run.next("exit 3");
     signal(pid2, libc::SIGHUP);
-    check_reloading(&recv(&sock));
-    let failed = recv(&sock);
+    check_reloading(&recv(&sock, pid2));
+    let failed = recv(&sock, pid2);
     assert!(
-        failed.starts_with("READY=1\nSTATUS=upgrade failed: "),
+        failed.starts_with(&format!("MAINPID={pid2}\nREADY=1\nSTATUS=upgrade failed: ")),
         "{failed:?}"
     );
     assert!(failed.contains("exit status: 3"), "{failed:?}");
     assert_eq!(
         failed.lines().count(),
-        2,
+        3,
         "STATUS= must be one line: {failed:?}"
     );
     run.expect("upgrade-error");
 
+    // The next success clears the status it left.
+    run.next("");
+    signal(pid2, libc::SIGHUP);
+    check_reloading(&recv(&sock, pid2));
+    let pid3 = run.expect_not_from("ready", pid2).pid;
+    assert_eq!(
+        recv(&sock, pid2),
+        format!("MAINPID={pid3}\nREADY=1\nSTATUS=")
+    );
+    run.expect_from("upgrade-ok", pid2);
+
     // A real stop.
-    signal(pid2, libc::SIGTERM);
-    assert_eq!(recv(&sock), "STOPPING=1");
+    signal(pid3, libc::SIGTERM);
+    assert_eq!(recv(&sock, pid3), "STOPPING=1");
     run.expect_all_exited();
     assert!(drain(&sock, Duration::from_millis(200)).is_empty());
 }

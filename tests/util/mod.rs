@@ -618,7 +618,7 @@ pub fn scenario(name: &str) -> ! {
             IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
             std::thread::spawn(move || {
                 match u.upgrade() {
-                    Ok(()) => say("upgrade-ok"),
+                    Ok(pid) => say(format!("upgrade-ok pid={pid}")),
                     Err(e) => say(format!(
                         "upgrade-error {} children={}",
                         describe(&e),

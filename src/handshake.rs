@@ -1,0 +1,415 @@
+//! The handshake between two generations, and the commit that makes an upgrade all or
+//! nothing.
+//!
+//! Three pipes join a new generation to the one that started it. Every end is
+//! close-on-exec except the child's three, which cross `execve` and are named in its fd
+//! table:
+//!
+//! | entry    | the child holds | what travels on it |
+//! |----------|-----------------|--------------------|
+//! | `ready`  | the write end   | `R` (ready), `F` + reason (gives up), `D` (has taken over); EOF when it dies |
+//! | `commit` | the read end    | `C` (the parent commits); EOF before `C`: the parent died undecided |
+//! | `parent` | the read end    | nothing; EOF once the parent has exited, every thread of it |
+//!
+//! An upgrade, step by step:
+//!
+//! 1. The child gets ready (sockets taken, serving threads started) and sends `R`. It has
+//!    changed nothing outside its own process.
+//! 2. The parent, on `R` (at its deadline it looks once more before it kills), keeps the
+//!    child on probation if asked: both serve the shared sockets, and a child that dies
+//!    meanwhile is reaped and the upgrade fails with nothing to undo.
+//! 3. The parent commits: it tells systemd `MAINPID=<child>` and `READY=1` (it is still
+//!    the main process, so the default `NotifyAccess=main` accepts it), then sends `C`.
+//! 4. The child, on `C`, writes its pid file and sends `D`; then it closes the inherited
+//!    fds nobody took (unlinking their socket files) and its `ready()` returns.
+//! 5. The parent, on `D`, has been upgraded. It keeps its end of the lifeline open until
+//!    it exits.
+//!
+//! A child that dies, gives up or falls silent before `D` is killed and reaped, and the
+//! parent undoes what the commit told the world (`MAINPID=` itself again, its own pid
+//! file): the caller does that, on the error this module returns. If the parent dies
+//! before `C`, the child carries on alone.
+
+use std::io;
+use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::error::{clip, Error, Result};
+use crate::os;
+use crate::process::Child;
+use crate::spawn::Program;
+use crate::wire::{self, FileId, Key};
+
+/// The child is ready (its first report).
+const READY: u8 = b'R';
+/// The child gives up; its reason follows, up to EOF.
+const FAIL: u8 = b'F';
+/// The child has taken over (its last report, after the commit).
+const DONE: u8 = b'D';
+/// The parent commits.
+const COMMIT: u8 = b'C';
+/// The longest failure reason passed to the parent, in bytes.
+const MAX_REASON: usize = 4096;
+
+// ---- The parent's side ---------------------------------------------------------------
+
+/// One upgrade in progress, as the parent holds it: the child and our ends of its pipes.
+#[derive(Debug)]
+pub(crate) struct Handoff {
+    child: Child,
+    /// Read end of `ready`.
+    ready: OwnedFd,
+    /// Write end of `commit`.
+    commit: OwnedFd,
+    /// Write end of `parent`; never written, kept open until we exit.
+    lifeline: OwnedFd,
+    /// When the child reported ready.
+    ready_at: Option<Instant>,
+}
+
+/// What the child did while we waited.
+enum Event {
+    /// It sent something on `ready` (or closed it).
+    Said(Message),
+    /// It exited (its pidfd fired) without closing `ready`.
+    Exited,
+    /// `stop()` was called.
+    Cancelled,
+    /// The deadline passed.
+    Deadline,
+}
+
+enum Message {
+    Ready,
+    Done,
+    Failed(String),
+    /// EOF, or a byte that is not part of the protocol.
+    Closed,
+}
+
+impl Handoff {
+    /// Starts the next generation: makes the pipes, writes the fd table (the handshake
+    /// entries, the state if any, then `passed`) and spawns `exe`.
+    pub(crate) fn start(
+        program: &Program,
+        exe: &Path,
+        state: Option<BorrowedFd<'_>>,
+        passed: &[(RawFd, &Key, Option<FileId>)],
+    ) -> Result<Handoff> {
+        let pipe = || os::pipe().map_err(|e| Error::io("pipe2", None, e));
+        let (ready_rd, ready_wr) = pipe()?;
+        let (commit_rd, commit_wr) = pipe()?;
+        let (life_rd, life_wr) = pipe()?;
+        let mut entries: Vec<(RawFd, &Key, Option<FileId>)> = Vec::with_capacity(passed.len() + 4);
+        entries.push((ready_wr.as_raw_fd(), &Key::Ready, None));
+        entries.push((commit_rd.as_raw_fd(), &Key::Commit, None));
+        entries.push((life_rd.as_raw_fd(), &Key::Parent, None));
+        if let Some(state) = state {
+            entries.push((state.as_raw_fd(), &Key::State, None));
+        }
+        entries.extend_from_slice(passed);
+        let table = wire::encode_with_ids(entries.iter().copied());
+        if table.len() > wire::MAX_LEN {
+            return Err(Error::Exec {
+                path: exe.to_path_buf(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "the fd table for {} fds is {} bytes, over the limit of {}",
+                        entries.len(),
+                        table.len(),
+                        wire::MAX_LEN
+                    ),
+                ),
+            });
+        }
+        let fds: Vec<RawFd> = entries.iter().map(|(fd, _, _)| *fd).collect();
+        let child = program.spawn(exe, &table, &fds)?;
+        // The child's ends close here: only the child holds them now.
+        Ok(Handoff {
+            child,
+            ready: ready_rd,
+            commit: commit_wr,
+            lifeline: life_wr,
+            ready_at: None,
+        })
+    }
+
+    /// The child's pid.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// Waits up to `timeout` for the child to report ready.
+    pub(crate) fn wait_ready(mut self, timeout: Duration, cancel: BorrowedFd<'_>) -> Result<Self> {
+        let deadline = os::deadline(Some(timeout));
+        match self.next_event(deadline, cancel)? {
+            Event::Said(Message::Ready) => {
+                self.ready_at = Some(Instant::now());
+                Ok(self)
+            }
+            Event::Said(Message::Failed(reason)) => Err(self.gave_up(reason, deadline)),
+            Event::Said(Message::Done | Message::Closed) | Event::Exited => {
+                let pid = self.pid();
+                Err(match self.child.wait_until(deadline)? {
+                    Ok(status) => Error::ChildExited { pid, status },
+                    Err(child) => {
+                        let _ = child.kill_and_reap();
+                        Error::Timeout { pid, timeout }
+                    }
+                })
+            }
+            Event::Cancelled => Err(self.kill(Error::Stopped)),
+            Event::Deadline => {
+                let pid = self.pid();
+                Err(self.kill(Error::Timeout { pid, timeout }))
+            }
+        }
+    }
+
+    /// Keeps the ready child on probation for `window`: if it dies meanwhile, the
+    /// upgrade fails. Nothing outside has changed yet, so there is nothing to undo.
+    pub(crate) fn probation(self, window: Duration, cancel: BorrowedFd<'_>) -> Result<Self> {
+        if window.is_zero() {
+            return Ok(self);
+        }
+        let deadline = self.ready_at.and_then(|t| t.checked_add(window));
+        match self.next_event(deadline, cancel)? {
+            Event::Deadline => Ok(self),
+            Event::Cancelled => Err(self.kill(Error::Stopped)),
+            Event::Said(Message::Failed(reason)) => Err(self.gave_up(reason, deadline)),
+            Event::Said(_) | Event::Exited => Err(self.died(deadline)),
+        }
+    }
+
+    /// Commits: sends `C` and waits up to `timeout` for the child to confirm that it has
+    /// taken over. Returns its pid. On an error the child has been killed and reaped,
+    /// and the caller must undo what it told the world for the commit.
+    pub(crate) fn commit(self, timeout: Duration, cancel: BorrowedFd<'_>) -> Result<u32> {
+        if os::write_all(&self.commit, &[COMMIT]).is_err() {
+            // EPIPE: the child is gone (or closed its end, which only dying does).
+            return Err(self.died(os::deadline(Some(timeout))));
+        }
+        let deadline = os::deadline(Some(timeout));
+        match self.next_event(deadline, cancel)? {
+            Event::Said(Message::Done) => {
+                let pid = self.pid();
+                // The child learns that we have exited when this end closes: keep it
+                // open until then. (The child itself is not ours to reap any more: it
+                // outlives us.)
+                std::mem::forget(self.lifeline);
+                Ok(pid)
+            }
+            Event::Said(Message::Failed(reason)) => Err(self.gave_up(reason, deadline)),
+            Event::Said(_) | Event::Exited => Err(self.died(deadline)),
+            Event::Cancelled => Err(self.kill(Error::Stopped)),
+            Event::Deadline => {
+                let pid = self.pid();
+                Err(self.kill(Error::Timeout { pid, timeout }))
+            }
+        }
+    }
+
+    /// Gives up on the child: kills and reaps it, and returns `err`.
+    pub(crate) fn kill(self, err: Error) -> Error {
+        match self.child.kill_and_reap() {
+            Ok(_) => err,
+            Err(reap_err) => reap_err,
+        }
+    }
+
+    /// The child sent `F`: its reason, once it has exited (or been killed at `deadline`).
+    fn gave_up(self, reason: String, deadline: Option<Instant>) -> Error {
+        let pid = self.pid();
+        let status = match self.child.wait_until(deadline) {
+            Ok(Ok(status)) => status,
+            Ok(Err(child)) => match child.kill_and_reap() {
+                Ok(status) => status,
+                Err(e) => return e,
+            },
+            Err(e) => return e,
+        };
+        Error::ChildFailed {
+            pid,
+            reason,
+            status,
+        }
+    }
+
+    /// The ready child died (or closed its end of `ready`): reaped, killed first if it
+    /// still runs at `deadline`.
+    fn died(self, deadline: Option<Instant>) -> Error {
+        let pid = self.pid();
+        let after = self.ready_at.map(|t| t.elapsed()).unwrap_or_default();
+        let status = match self.child.wait_until(deadline) {
+            Ok(Ok(status)) => status,
+            Ok(Err(child)) => match child.kill_and_reap() {
+                Ok(status) => status,
+                Err(e) => return e,
+            },
+            Err(e) => return e,
+        };
+        Error::ChildDiedAfterReady { pid, status, after }
+    }
+
+    /// Waits for the child to say something, exit, or for `cancel` or `deadline`.
+    fn next_event(&self, deadline: Option<Instant>, cancel: BorrowedFd<'_>) -> Result<Event> {
+        let poll_err = |e| Error::io("poll", Some(self.ready.as_raw_fd()), e);
+        loop {
+            let mut fds = vec![self.ready.as_fd(), cancel];
+            fds.extend(self.child.exit_fd());
+            let ready = os::poll_in(&fds, deadline).map_err(poll_err)?;
+            // What the child said comes first: a report sent just before it died counts.
+            if ready[0] {
+                return Ok(Event::Said(self.message(deadline)));
+            }
+            if ready[1] {
+                return Ok(Event::Cancelled);
+            }
+            if ready.get(2) == Some(&true) {
+                return Ok(Event::Exited);
+            }
+            if os::left(deadline) == Some(Duration::ZERO) {
+                // Look once more, so that a report landing at the deadline is never lost.
+                if os::readable(self.ready.as_fd(), Some(Instant::now())).map_err(poll_err)? {
+                    return Ok(Event::Said(self.message(deadline)));
+                }
+                return Ok(Event::Deadline);
+            }
+        }
+    }
+
+    /// Reads one message from `ready` (it is readable).
+    fn message(&self, deadline: Option<Instant>) -> Message {
+        let mut byte = [0u8; 1];
+        match os::read(&self.ready, &mut byte) {
+            Ok(1) if byte[0] == READY => Message::Ready,
+            Ok(1) if byte[0] == DONE => Message::Done,
+            Ok(1) if byte[0] == FAIL => Message::Failed(self.reason(deadline)),
+            _ => Message::Closed,
+        }
+    }
+
+    /// Reads a failure reason (after its first byte) until EOF, `MAX_REASON` bytes or the
+    /// deadline.
+    fn reason(&self, deadline: Option<Instant>) -> String {
+        let mut buf = vec![0u8; MAX_REASON];
+        let mut len = 0;
+        while len < buf.len() && matches!(os::readable(self.ready.as_fd(), deadline), Ok(true)) {
+            match os::read(&self.ready, &mut buf[len..]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => len += n,
+            }
+        }
+        String::from_utf8_lossy(&buf[..len]).into_owned()
+    }
+}
+
+// ---- The child's side ----------------------------------------------------------------
+
+/// A new generation's link to the generation that started it.
+#[derive(Debug)]
+pub(crate) struct Parent {
+    pid: u32,
+    /// Write end of `ready`: used by `ready()` and `fail()`, dropped once used up.
+    ready: Mutex<Option<OwnedFd>>,
+    /// Read end of `commit`.
+    commit: OwnedFd,
+    /// Read end of `parent`: EOF once the parent has exited.
+    lifeline: OwnedFd,
+}
+
+/// What the previous generation decided once this one reported ready.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Decision {
+    /// It committed: this generation takes over.
+    Committed,
+    /// It died before deciding (or was already gone): this generation is alone.
+    Alone,
+    /// `stop()` was called here while we waited.
+    Stopped,
+}
+
+impl Parent {
+    pub(crate) fn new(ready: OwnedFd, commit: OwnedFd, lifeline: OwnedFd) -> Parent {
+        Parent {
+            pid: std::os::unix::process::parent_id(),
+            ready: Mutex::new(Some(ready)),
+            commit,
+            lifeline,
+        }
+    }
+
+    /// The parent's pid (as it was at start-up).
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the parent has exited (every thread of it) by `deadline`.
+    pub(crate) fn gone_by(&self, deadline: Option<Instant>) -> Result<bool> {
+        os::readable(self.lifeline.as_fd(), deadline)
+            .map_err(|e| Error::io("poll", Some(self.lifeline.as_raw_fd()), e))
+    }
+
+    /// Reports ready, then waits for the parent's decision (or for `cancel`). Nothing
+    /// outside this process has changed when it returns.
+    pub(crate) fn report_ready(&self, cancel: BorrowedFd<'_>) -> Result<Decision> {
+        match self.send(&[READY], false) {
+            Ok(true) => {}
+            // EPIPE: the parent is gone; `fail()` used the pipe up.
+            Ok(false) => return Ok(Decision::Alone),
+            Err(e) => return Err(e),
+        }
+        let poll_err = |e| Error::io("poll", Some(self.commit.as_raw_fd()), e);
+        let ready = os::poll_in(&[self.commit.as_fd(), cancel], None).map_err(poll_err)?;
+        if !ready[0] && ready[1] {
+            return Ok(Decision::Stopped);
+        }
+        let mut byte = [0u8; 1];
+        Ok(match os::read(&self.commit, &mut byte) {
+            Ok(1) if byte[0] == COMMIT => Decision::Committed,
+            // EOF: the parent died before it decided.
+            _ => Decision::Alone,
+        })
+    }
+
+    /// Tells the parent that this generation has taken over (the last message).
+    pub(crate) fn confirm(&self) {
+        let _ = self.send(&[DONE], true);
+    }
+
+    /// Tells the parent why this generation gives up (the last message).
+    pub(crate) fn fail(&self, reason: &str) {
+        let reason = clip(reason, MAX_REASON);
+        let mut msg = Vec::with_capacity(1 + reason.len());
+        msg.push(FAIL);
+        msg.extend_from_slice(reason.as_bytes());
+        let _ = self.send(&msg, true);
+    }
+
+    /// Writes `msg` to `ready`; `last` drops the pipe afterwards. `Ok(false)` if the
+    /// parent is gone (`EPIPE`) or the pipe is used up.
+    fn send(&self, msg: &[u8], last: bool) -> Result<bool> {
+        let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(fd) = ready.as_ref() else {
+            return Ok(false);
+        };
+        let sent = match os::write_all(fd, msg) {
+            Ok(()) => true,
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => false,
+            Err(e) => {
+                return Err(Error::io(
+                    "write to the readiness pipe",
+                    Some(fd.as_raw_fd()),
+                    e,
+                ))
+            }
+        };
+        if last || !sent {
+            *ready = None;
+        }
+        Ok(sent)
+    }
+}

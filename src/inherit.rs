@@ -1,0 +1,258 @@
+//! Inheritance: reading the fd table a new generation finds in its environment,
+//! adopting the fds it names, holding them until they are taken, and reporting what
+//! became of them.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::error::{clip, Error, Result};
+use crate::handshake;
+use crate::wire::{self, FileId, Key};
+
+/// An inherited fd not yet taken.
+#[derive(Debug)]
+pub(crate) struct Inherited {
+    pub(crate) fd: OwnedFd,
+    pub(crate) key: Key,
+    /// The socket file's identity, as the previous generation recorded it.
+    pub(crate) file: Option<FileId>,
+}
+
+/// What a new generation inherits from the one that started it.
+#[derive(Debug, Default)]
+pub(crate) struct Inheritance {
+    /// The fds for the registry.
+    pub(crate) fds: Vec<Inherited>,
+    /// The link to the previous generation.
+    pub(crate) parent: Option<handshake::Parent>,
+    /// The state handed over, if any.
+    pub(crate) state: Option<OwnedFd>,
+}
+
+/// Reads `$TABLEFLIP_FDS` and adopts what it names, if it is addressed to this process.
+/// Nothing (`Default`) when the variable is unset or addressed to another process.
+pub(crate) fn from_env() -> Result<Inheritance> {
+    let Some(value) = std::env::var_os(wire::VAR) else {
+        return Ok(Inheritance::default());
+    };
+    let table_err = |entry: String, reason: String| Error::FdTable {
+        var: wire::VAR,
+        entry,
+        reason,
+        source: None,
+    };
+    let table = match wire::decode(value.as_bytes(), std::process::id()) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Ok(Inheritance::default()),
+        Err(e) => return Err(table_err(e.entry, e.reason)),
+    };
+    for needed in [Key::Ready, Key::Parent, Key::Commit] {
+        if !table.entries.iter().any(|(_, k)| *k == needed) {
+            // No entry is at fault: name the whole value (bounded).
+            let whole = value.to_string_lossy();
+            let shown = match clip(&whole, 200) {
+                s if s.len() < whole.len() => format!("{s}..."),
+                s => s.to_string(),
+            };
+            return Err(table_err(shown, format!("no {} entry", needed.tag())));
+        }
+    }
+    let file_ids = table.file_ids;
+    let mut ready = None;
+    let mut lifeline = None;
+    let mut commit = None;
+    let mut out = Inheritance::default();
+    for (fd, key) in adopt(wire::VAR, table.entries)? {
+        match key {
+            Key::Ready => ready = Some(fd),
+            Key::Parent => lifeline = Some(fd),
+            Key::Commit => commit = Some(fd),
+            Key::State => out.state = Some(fd),
+            _ => {
+                let file = file_ids.get(&fd.as_raw_fd()).copied();
+                out.fds.push(Inherited { fd, key, file });
+            }
+        }
+    }
+    if let (Some(ready), Some(lifeline), Some(commit)) = (ready, lifeline, commit) {
+        out.parent = Some(handshake::Parent::new(ready, commit, lifeline));
+    }
+    Ok(out)
+}
+
+/// Adopts the fds of a decoded table: each must be open and must have been inherited
+/// through `execve` (close-on-exec clear; an fd this process opened itself would have it
+/// set, since Rust opens everything close-on-exec). Each is made close-on-exec again.
+pub(crate) fn adopt(var: &'static str, entries: Vec<(RawFd, Key)>) -> Result<Vec<(OwnedFd, Key)>> {
+    use rustix::io::FdFlags;
+    for (fd, key) in &entries {
+        let entry = || format!("{fd},{}", key.tag());
+        // SAFETY: only used for the duration of this fcntl call; an fd that is not open
+        // yields EBADF, which is reported.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(*fd) };
+        let reason = match rustix::io::fcntl_getfd(borrowed) {
+            Ok(flags) if !flags.contains(FdFlags::CLOEXEC) => continue,
+            Ok(_) => (
+                format!(
+                    "fd {fd} is close-on-exec, so it was not inherited from the previous generation"
+                ),
+                None,
+            ),
+            Err(e) => (format!("fd {fd} is not open"), Some(e.into())),
+        };
+        return Err(Error::FdTable {
+            var,
+            entry: entry(),
+            reason: reason.0,
+            source: reason.1,
+        });
+    }
+    let (fds, keys): (Vec<OwnedFd>, Vec<Key>) = entries
+        .into_iter()
+        // SAFETY: the fd is open, was inherited across exec (checked above), is named
+        // exactly once in the table, and nothing else in this process claims it.
+        .map(|(fd, key)| (unsafe { OwnedFd::from_raw_fd(fd) }, key))
+        .unzip();
+    // Close-on-exec again, in one close_range per run of consecutive fds.
+    crate::batch::set_cloexec(&fds)
+        .map_err(|e| Error::io("fcntl(F_SETFD, FD_CLOEXEC)", None, e))?;
+    Ok(fds.into_iter().zip(keys).collect())
+}
+
+/// The inherited fds not yet taken, in table order, indexed by key: taking thousands of
+/// them one by one must not be quadratic. The index is built at the first lookup, so a
+/// generation that takes nothing does not pay for it.
+#[derive(Debug, Default)]
+pub(crate) struct InheritedSet {
+    /// `None` once taken (or given up).
+    slots: Vec<Option<Inherited>>,
+    /// Live slots by key, in table order; built on first use.
+    index: Option<HashMap<Key, VecDeque<usize>>>,
+    live: usize,
+}
+
+impl InheritedSet {
+    pub(crate) fn new(all: Vec<Inherited>) -> InheritedSet {
+        InheritedSet {
+            live: all.len(),
+            slots: all.into_iter().map(Some).collect(),
+            index: None,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.live
+    }
+
+    fn index(&mut self) -> &mut HashMap<Key, VecDeque<usize>> {
+        let slots = &self.slots;
+        self.index.get_or_insert_with(|| {
+            let mut index: HashMap<Key, VecDeque<usize>> = HashMap::new();
+            for (i, e) in slots.iter().enumerate() {
+                if let Some(e) = e {
+                    index.entry(e.key.clone()).or_default().push_back(i);
+                }
+            }
+            index
+        })
+    }
+
+    /// The first live slot with exactly this key.
+    pub(crate) fn find(&mut self, key: &Key) -> Option<usize> {
+        if self.live == 0 {
+            return None;
+        }
+        self.index().get(key)?.front().copied()
+    }
+
+    /// The live slots, in table order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (usize, &Inherited)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| Some((i, e.as_ref()?)))
+    }
+
+    /// The live slot `i` (from `find` or `iter`).
+    pub(crate) fn get(&self, i: usize) -> Option<&Inherited> {
+        self.slots.get(i)?.as_ref()
+    }
+
+    /// Takes the live slot `i` out of the set.
+    pub(crate) fn remove(&mut self, i: usize) -> Option<Inherited> {
+        let e = self.slots.get_mut(i)?.take()?;
+        if let Some(index) = self.index.as_mut() {
+            if let Some(q) = index.get_mut(&e.key) {
+                q.retain(|&j| j != i);
+                if q.is_empty() {
+                    index.remove(&e.key);
+                }
+            }
+        }
+        self.live -= 1;
+        Some(e)
+    }
+
+    /// Everything left, in table order.
+    pub(crate) fn take_all(&mut self) -> Vec<Inherited> {
+        let all = std::mem::take(self);
+        all.slots.into_iter().flatten().collect()
+    }
+}
+
+/// An inherited fd, as [`Adoption`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InheritedFd {
+    /// The fd number in this process.
+    pub fd: RawFd,
+    /// What it was passed as: `"TCP listener"`, `"Unix listener"`, `"file descriptor"`, ...
+    pub kind: &'static str,
+    /// Its address, path or name.
+    pub key: String,
+}
+
+impl InheritedFd {
+    pub(crate) fn new(fd: RawFd, key: &Key) -> InheritedFd {
+        InheritedFd {
+            fd,
+            kind: key.kind_name(),
+            key: key.key_text(),
+        }
+    }
+}
+
+impl fmt::Display for InheritedFd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} (fd {})", self.kind, self.key, self.fd)
+    }
+}
+
+/// What [`Upgrader::ready`](crate::Upgrader::ready) did with the fds inherited from the
+/// previous generation: which were taken, and which were closed because nobody asked
+/// for them. Log it: a listener dropped by a configuration change shows up in `closed`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Adoption {
+    /// Inherited fds this generation took (and will pass on).
+    pub taken: Vec<InheritedFd>,
+    /// Inherited fds nobody asked for: closed, their Unix socket files removed.
+    pub closed: Vec<InheritedFd>,
+}
+
+impl fmt::Display for Adoption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |f: &mut fmt::Formatter<'_>, v: &[InheritedFd]| -> fmt::Result {
+            for (i, fd) in v.iter().enumerate() {
+                write!(f, "{}{fd}", if i == 0 { ": " } else { ", " })?;
+            }
+            Ok(())
+        };
+        write!(f, "took {} inherited fd(s)", self.taken.len())?;
+        list(f, &self.taken)?;
+        write!(f, "; closed {} unused", self.closed.len())?;
+        list(f, &self.closed)
+    }
+}

@@ -1,0 +1,144 @@
+//! The settings of an [`Upgrader`](crate::Upgrader).
+
+use std::fmt;
+use std::io;
+use std::os::unix::io::BorrowedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::socket::BeforeBind;
+
+/// Settings for an [`Upgrader`](crate::Upgrader), built with chained calls:
+///
+/// ```
+/// # use std::time::Duration;
+/// let options = tableflip::Options::new()
+///     .upgrade_timeout(Duration::from_secs(30))
+///     .probation(Duration::from_secs(2))
+///     .pid_file("/run/myapp.pid");
+/// ```
+#[derive(Clone)]
+pub struct Options {
+    pub(crate) upgrade_timeout: Duration,
+    pub(crate) probation: Duration,
+    pub(crate) pid_file: Option<PathBuf>,
+    pub(crate) executable: Option<PathBuf>,
+    pub(crate) before_bind: Option<BeforeBind>,
+    pub(crate) backlog: i32,
+    pub(crate) upgrade_during_drain: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            upgrade_timeout: Duration::from_secs(60),
+            probation: Duration::ZERO,
+            pid_file: None,
+            executable: None,
+            before_bind: None,
+            backlog: libc::SOMAXCONN,
+            upgrade_during_drain: false,
+        }
+    }
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("upgrade_timeout", &self.upgrade_timeout)
+            .field("probation", &self.probation)
+            .field("pid_file", &self.pid_file)
+            .field("executable", &self.executable)
+            .field("before_bind", &self.before_bind.as_ref().map(|_| "Fn"))
+            .field("backlog", &self.backlog)
+            .field("upgrade_during_drain", &self.upgrade_during_drain)
+            .finish()
+    }
+}
+
+impl Options {
+    /// The defaults: a 60 s upgrade timeout, no probation, no pid file, `argv[0]` as the
+    /// executable, a listen backlog of `SOMAXCONN`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long a new generation may take to call [`Upgrader::ready`](crate::Upgrader::ready)
+    /// before it is killed and the upgrade fails. Default: 60 s.
+    pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
+        self.upgrade_timeout = timeout;
+        self
+    }
+
+    /// How long a new generation that became ready must stay alive before the upgrade
+    /// is committed. Default: zero (commit at once, like Go tableflip).
+    ///
+    /// During the probation both generations serve the shared sockets, and the old one
+    /// watches the new one. If the new one dies (a panic on its first request, a
+    /// configuration value read lazily), [`Upgrader::upgrade`](crate::Upgrader::upgrade)
+    /// fails with [`Error::ChildDiedAfterReady`](crate::Error::ChildDiedAfterReady) and
+    /// this generation carries on as if nothing happened: same pid file, same systemd
+    /// main pid, same fds, and the next upgrade may be tried. Once the window has
+    /// passed, the upgrade is committed and this generation is told to exit.
+    ///
+    /// The new generation's [`ready`](crate::Upgrader::ready) returns at the commit, so
+    /// it must start serving *before* calling it (as the examples do). A probation
+    /// makes every upgrade take that much longer: a second or two catches most deploys
+    /// that crash on the first traffic.
+    pub fn probation(mut self, window: Duration) -> Self {
+        self.probation = window;
+        self
+    }
+
+    /// A file that [`Upgrader::ready`](crate::Upgrader::ready) writes this process's pid
+    /// to (atomically). A relative path is resolved against the working directory at
+    /// [`Upgrader::new`](crate::Upgrader::new).
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.pid_file = Some(path.into());
+        self
+    }
+
+    /// The executable to start for the next generation. By default it is `argv[0]`,
+    /// resolved at upgrade time against the initial working directory and `$PATH`, so
+    /// a binary replaced on disk (by rename) is what runs next.
+    pub fn executable(mut self, path: impl Into<PathBuf>) -> Self {
+        self.executable = Some(path.into());
+        self
+    }
+
+    /// A function called on every socket the registry creates, after `socket()` and
+    /// before `bind()`: set `SO_REUSEPORT`, buffer sizes, `IPV6_V6ONLY`, ... (Go's
+    /// `ListenConfig`). Wrap the fd with `socket2::SockRef::from(&fd)` for a typed API.
+    pub fn before_bind(
+        mut self,
+        f: impl Fn(BorrowedFd<'_>) -> io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.before_bind = Some(Arc::new(f));
+        self
+    }
+
+    /// Allows [`Upgrader::upgrade`](crate::Upgrader::upgrade) while the previous
+    /// generation is still draining.
+    ///
+    /// By default a generation refuses to upgrade until its parent has exited
+    /// ([`Error::ParentAlive`](crate::Error::ParentAlive)), so there are never more than
+    /// two generations, and at most one of them not ready. A drain that waits on
+    /// long-lived connections then blocks every deploy for as long as they last. With
+    /// this option the upgrade goes ahead: the draining generation has already handed
+    /// over its listeners, so a third process costs only its memory, and each old
+    /// generation keeps draining and exits on its own. The price: three (or more)
+    /// generations can run at once, and a chain of quick upgrades can pile up old ones.
+    /// Bound your drain time.
+    pub fn upgrade_during_drain(mut self, allow: bool) -> Self {
+        self.upgrade_during_drain = allow;
+        self
+    }
+
+    /// The backlog passed to `listen()` for listeners the registry creates.
+    /// Default: `SOMAXCONN` (the kernel caps it at `net.core.somaxconn`).
+    pub fn backlog(mut self, backlog: i32) -> Self {
+        self.backlog = backlog;
+        self
+    }
+}

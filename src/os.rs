@@ -1,0 +1,105 @@
+//! The few system calls the crate waits in or retries: one place for `EINTR`, for
+//! deadlines, and for close-on-exec pipes.
+
+use std::io;
+use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
+
+/// A pipe whose two ends are close-on-exec.
+///
+/// Where `pipe2` is missing (Apple), the flag is set right after `pipe`: a thread of the
+/// application that spawns a process in that window leaks both ends into it, as with
+/// std's own fallback. The crate's handshake does not depend on EOF from such a pipe
+/// alone (it also watches the process), so a leak delays nothing.
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    #[cfg(not(target_vendor = "apple"))]
+    {
+        Ok(rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?)
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        let (rd, wr) = rustix::pipe::pipe()?;
+        for fd in [&rd, &wr] {
+            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC)?;
+        }
+        Ok((rd, wr))
+    }
+}
+
+/// A deadline `timeout` from now; `None` waits forever (and so does a timeout too large
+/// to represent).
+pub(crate) fn deadline(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.and_then(|t| Instant::now().checked_add(t))
+}
+
+/// The time left until `deadline` (`None`: forever).
+pub(crate) fn left(deadline: Option<Instant>) -> Option<Duration> {
+    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+}
+
+/// `poll(2)` on `fds` for reading until `deadline`, retried on `EINTR` with the time
+/// left. Returns, for each fd, whether it is readable (or hung up); all `false` on
+/// timeout.
+pub(crate) fn poll_in(fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<PollFd<'_>> = fds
+        .iter()
+        .map(|fd| PollFd::from_borrowed_fd(*fd, PollFlags::IN))
+        .collect();
+    loop {
+        let timeout = left(deadline).map(|d| Timespec {
+            tv_sec: d.as_secs().min(i64::MAX as u64) as _,
+            tv_nsec: d.subsec_nanos() as _,
+        });
+        match rustix::event::poll(&mut pfds, timeout.as_ref()) {
+            Ok(_) => return Ok(pfds.iter().map(|p| !p.revents().is_empty()).collect()),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Whether `fd` becomes readable (or hung up) before `deadline` (`None`: wait forever).
+pub(crate) fn readable(fd: BorrowedFd<'_>, deadline: Option<Instant>) -> io::Result<bool> {
+    Ok(poll_in(&[fd], deadline)?[0])
+}
+
+/// `read(2)`, retried on `EINTR`.
+pub(crate) fn read(fd: impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match rustix::io::read(&fd, &mut *buf) {
+            Ok(n) => return Ok(n),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// `write(2)` until all of `buf` is written, retried on `EINTR`.
+pub(crate) fn write_all(fd: impl AsFd, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        match rustix::io::write(&fd, buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_times_out_and_sees_eof() {
+        let (rd, wr) = pipe().unwrap();
+        let soon = deadline(Some(Duration::from_millis(5)));
+        assert!(!readable(rd.as_fd(), soon).unwrap());
+        drop(wr);
+        assert!(readable(rd.as_fd(), None).unwrap());
+        assert_eq!(read(&rd, &mut [0u8; 4]).unwrap(), 0);
+    }
+}

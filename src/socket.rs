@@ -1,0 +1,416 @@
+//! What a socket is: creating the ones the registry binds, asking the kernel what an fd
+//! is (one probe, for inherited fds and for systemd's alike), and the identity of a Unix
+//! socket's file.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::FileType;
+use rustix::net::{AddressFamily, SocketAddrAny, SocketAddrUnix, SocketType};
+
+use crate::wire::{FileId, Key, UnixAddr};
+
+/// Called on a socket the registry creates, after `socket()` and before `bind()`.
+pub(crate) type Hook = dyn Fn(BorrowedFd<'_>) -> io::Result<()> + Send + Sync;
+
+/// [`Options::before_bind`](crate::Options::before_bind): called on every such socket.
+pub(crate) type BeforeBind = std::sync::Arc<Hook>;
+
+/// A new close-on-exec socket.
+pub(crate) fn new_socket(family: AddressFamily, ty: SocketType) -> io::Result<OwnedFd> {
+    #[cfg(not(target_vendor = "apple"))]
+    {
+        Ok(rustix::net::socket_with(
+            family,
+            ty,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )?)
+    }
+    #[cfg(target_vendor = "apple")]
+    {
+        // No SOCK_CLOEXEC: set it at once (see `os::pipe` for what the window means).
+        let fd = rustix::net::socket(family, ty, None)?;
+        rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
+        Ok(fd)
+    }
+}
+
+/// How the registry makes a socket: what to call between `socket()` and `bind()`, and
+/// the listen backlog.
+pub(crate) struct Setup<'a> {
+    pub(crate) before_bind: Option<&'a Hook>,
+    pub(crate) backlog: i32,
+}
+
+impl Setup<'_> {
+    fn run_hooks(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        match self.before_bind {
+            Some(hook) => hook(fd),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A new IP socket bound to `addr` (and listening, for a stream socket), with
+/// `SO_REUSEADDR` for listeners and `SO_REUSEPORT` if asked.
+pub(crate) fn bind_inet(
+    addr: SocketAddr,
+    ty: SocketType,
+    reuseport: bool,
+    setup: &Setup<'_>,
+) -> io::Result<OwnedFd> {
+    let family = match addr {
+        SocketAddr::V4(_) => AddressFamily::INET,
+        SocketAddr::V6(_) => AddressFamily::INET6,
+    };
+    let listen = ty == SocketType::STREAM;
+    let fd = new_socket(family, ty)?;
+    if listen {
+        rustix::net::sockopt::set_socket_reuseaddr(&fd, true)?;
+    }
+    if reuseport {
+        rustix::net::sockopt::set_socket_reuseport(&fd, true)?;
+    }
+    setup.run_hooks(fd.as_fd())?;
+    rustix::net::bind(&fd, &addr)?;
+    if listen {
+        rustix::net::listen(&fd, setup.backlog)?;
+    }
+    Ok(fd)
+}
+
+/// A new Unix socket of type `ty` bound to `addr` (and listening, unless a datagram
+/// socket), with the identity of the file it made.
+pub(crate) fn bind_unix(
+    addr: &UnixAddr,
+    ty: SocketType,
+    setup: &Setup<'_>,
+) -> io::Result<(OwnedFd, Option<SocketFile>)> {
+    let sockaddr = unix_sockaddr(addr)?;
+    let fd = new_socket(AddressFamily::UNIX, ty)?;
+    setup.run_hooks(fd.as_fd())?;
+    rustix::net::bind(&fd, &sockaddr)?;
+    let file = match addr {
+        UnixAddr::Path(p) => SocketFile::of(p),
+        UnixAddr::Abstract(_) => None,
+    };
+    if ty != SocketType::DGRAM {
+        if let Err(e) = rustix::net::listen(&fd, setup.backlog) {
+            if let Some(file) = &file {
+                file.unlink();
+            }
+            return Err(e.into());
+        }
+    }
+    Ok((fd, file))
+}
+
+fn unix_sockaddr(addr: &UnixAddr) -> io::Result<SocketAddrUnix> {
+    Ok(match addr {
+        UnixAddr::Path(p) => SocketAddrUnix::new(p.as_path())?,
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        UnixAddr::Abstract(name) => SocketAddrUnix::new_abstract_name(name)?,
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        UnixAddr::Abstract(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "abstract Unix socket names exist on Linux only",
+            ))
+        }
+    })
+}
+
+/// Why an fd is not the socket it was declared as: the reason, and the OS error behind
+/// it if there is one.
+#[derive(Debug)]
+pub(crate) struct Mismatch {
+    pub(crate) reason: String,
+    pub(crate) source: Option<io::Error>,
+}
+
+impl Mismatch {
+    fn new(reason: impl Into<String>) -> Mismatch {
+        Mismatch {
+            reason: reason.into(),
+            source: None,
+        }
+    }
+
+    fn os(call: &str, e: impl Into<io::Error>) -> Mismatch {
+        Mismatch {
+            reason: format!("{call} failed"),
+            source: Some(e.into()),
+        }
+    }
+}
+
+/// What the kernel says about a socket: its type, whether it listens, its address.
+#[derive(Debug)]
+pub(crate) struct Probe {
+    ty: SocketType,
+    /// `None` where the kernel cannot tell (`SO_ACCEPTCONN` unsupported).
+    listening: Option<bool>,
+    local: SocketAddrAny,
+}
+
+/// Asks the kernel what `fd` is. Fails for anything that is not a socket.
+pub(crate) fn probe(fd: BorrowedFd<'_>) -> Result<Probe, Mismatch> {
+    let st = rustix::fs::fstat(fd).map_err(|e| Mismatch::os("fstat", e))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
+        return Err(Mismatch::new("not a socket"));
+    }
+    let ty = rustix::net::sockopt::socket_type(fd)
+        .map_err(|e| Mismatch::os("getsockopt(SO_TYPE)", e))?;
+    let listening = accepting(fd).map_err(|e| Mismatch::os("getsockopt(SO_ACCEPTCONN)", e))?;
+    let local = rustix::net::getsockname(fd).map_err(|e| Mismatch::os("getsockname", e))?;
+    Ok(Probe {
+        ty,
+        listening,
+        local,
+    })
+}
+
+/// `SO_ACCEPTCONN`: whether a socket listens; `None` if the kernel does not say.
+fn accepting(fd: BorrowedFd<'_>) -> io::Result<Option<bool>> {
+    #[cfg(not(target_vendor = "apple"))]
+    let result = rustix::net::sockopt::socket_acceptconn(fd);
+    #[cfg(target_vendor = "apple")]
+    let result = acceptconn_libc(fd);
+    match result {
+        Ok(is) => Ok(Some(is)),
+        Err(e) if e == rustix::io::Errno::NOPROTOOPT => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// rustix has no `SO_ACCEPTCONN` for Apple targets; the option exists there.
+#[cfg(target_vendor = "apple")]
+fn acceptconn_libc(fd: BorrowedFd<'_>) -> rustix::io::Result<bool> {
+    use std::os::unix::io::AsRawFd;
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, an int on our stack.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == -1 {
+        return Err(
+            rustix::io::Errno::from_io_error(&io::Error::last_os_error())
+                .unwrap_or(rustix::io::Errno::INVAL),
+        );
+    }
+    Ok(value != 0)
+}
+
+fn type_name(t: SocketType) -> &'static str {
+    if t == SocketType::STREAM {
+        "stream"
+    } else if t == SocketType::DGRAM {
+        "datagram"
+    } else if t == SocketType::SEQPACKET {
+        "seqpacket"
+    } else {
+        "other"
+    }
+}
+
+impl Probe {
+    /// The registry key of a listening socket or a bound datagram socket, IP or Unix:
+    /// how a socket from systemd is found. `None` for anything else.
+    pub(crate) fn key(&self) -> Option<Key> {
+        let listening = self.listening == Some(true);
+        match self.local.address_family() {
+            AddressFamily::INET | AddressFamily::INET6 => {
+                let addr = inet(self.local.clone()).ok()?;
+                match self.ty {
+                    SocketType::STREAM if listening => Some(Key::TcpListener(addr)),
+                    SocketType::DGRAM => Some(Key::Udp(addr)),
+                    _ => None,
+                }
+            }
+            AddressFamily::UNIX => {
+                let addr = unix(self.local.clone()).ok()?;
+                match self.ty {
+                    SocketType::STREAM if listening => Some(Key::UnixListener(addr)),
+                    SocketType::DGRAM => Some(Key::UnixDatagram(addr)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether this is the socket `key` declares: type, listening state, family and
+    /// address.
+    pub(crate) fn expect(&self, key: &Key) -> Result<(), Mismatch> {
+        let Some((ty, listening)) = shape(key) else {
+            return Ok(());
+        };
+        if self.ty != ty {
+            return Err(Mismatch::new(format!(
+                "a {} socket, not a {} socket",
+                type_name(self.ty),
+                type_name(ty)
+            )));
+        }
+        match (listening, self.listening) {
+            (Some(true), Some(false)) => return Err(Mismatch::new("not listening")),
+            (Some(false), Some(true)) => return Err(Mismatch::new("a listening socket")),
+            _ => {}
+        }
+        let family = self.local.address_family();
+        match key {
+            Key::TcpListener(want) | Key::Udp(want) => {
+                let have =
+                    inet(self.local.clone()).map_err(|_| Mismatch::new("not an IP socket"))?;
+                if !same_inet(&have, want) {
+                    return Err(Mismatch::new(format!("bound to {have}, not {want}")));
+                }
+            }
+            Key::UnixListener(want) | Key::UnixDatagram(want) => {
+                let have =
+                    unix(self.local.clone()).map_err(|_| Mismatch::new("not a Unix socket"))?;
+                if have != *want {
+                    return Err(Mismatch::new(format!("bound to {have}, not {want}")));
+                }
+            }
+            Key::TcpStream(_)
+                if family != AddressFamily::INET && family != AddressFamily::INET6 =>
+            {
+                return Err(Mismatch::new("not an IP socket"))
+            }
+            Key::UnixStream(_) if family != AddressFamily::UNIX => {
+                return Err(Mismatch::new("not a Unix socket"))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// The socket type and listening state a key declares; `None` for what is no socket.
+fn shape(key: &Key) -> Option<(SocketType, Option<bool>)> {
+    match key {
+        Key::Ready | Key::Parent | Key::Commit | Key::State | Key::Fd(_) => None,
+        Key::TcpListener(_) | Key::UnixListener(_) => Some((SocketType::STREAM, Some(true))),
+        Key::TcpStream(_) | Key::UnixStream(_) => Some((SocketType::STREAM, Some(false))),
+        Key::Udp(_) | Key::UnixDatagram(_) => Some((SocketType::DGRAM, None)),
+    }
+}
+
+/// Checks that `fd` is what `key` says (nothing to check for keys that name no socket).
+pub(crate) fn check(fd: BorrowedFd<'_>, key: &Key) -> Result<(), Mismatch> {
+    match shape(key) {
+        None => Ok(()),
+        Some(_) => probe(fd)?.expect(key),
+    }
+}
+
+/// The path and identity (device, inode) of a Unix socket's file, so that it is removed
+/// only while it is still the file we bound or checked.
+#[derive(Debug, Clone)]
+pub(crate) struct SocketFile {
+    path: PathBuf,
+    id: FileId,
+}
+
+impl SocketFile {
+    /// The socket file now at `path`, if there is one.
+    pub(crate) fn of(path: &Path) -> Option<SocketFile> {
+        let path = absolute(path)?;
+        let id = socket_file_id(&path)?;
+        Some(SocketFile { path, id })
+    }
+
+    /// The socket file at `path` with an identity recorded elsewhere (by the previous
+    /// generation).
+    pub(crate) fn recorded(path: &Path, id: Option<FileId>) -> Option<SocketFile> {
+        Some(SocketFile {
+            path: absolute(path)?,
+            id: id?,
+        })
+    }
+
+    pub(crate) fn id(&self) -> FileId {
+        self.id
+    }
+
+    /// Removes the socket file if it is still the one recorded.
+    pub(crate) fn unlink(&self) {
+        if socket_file_id(&self.path) == Some(self.id) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Device and inode of the socket file at `path` (`None` if it is no socket file).
+// `st_dev` and `st_ino` have platform-dependent types; u64 holds all of them.
+#[allow(clippy::unnecessary_cast)]
+fn socket_file_id(path: &Path) -> Option<FileId> {
+    let st = rustix::fs::lstat(path).ok()?;
+    (FileType::from_raw_mode(st.st_mode) == FileType::Socket)
+        .then_some((st.st_dev as u64, st.st_ino as u64))
+}
+
+fn absolute(path: &Path) -> Option<PathBuf> {
+    if path.is_absolute() {
+        Some(path.to_path_buf())
+    } else {
+        std::env::current_dir().ok().map(|d| d.join(path))
+    }
+}
+
+/// Whether `fd` is bound to the Unix socket path `path`.
+pub(crate) fn bound_to(fd: BorrowedFd<'_>, path: &Path) -> bool {
+    rustix::net::getsockname(fd)
+        .ok()
+        .and_then(|a| unix(a).ok())
+        .is_some_and(|a| a == UnixAddr::Path(path.to_path_buf()))
+}
+
+fn same_inet(a: &SocketAddr, b: &SocketAddr) -> bool {
+    match (a, b) {
+        (SocketAddr::V6(a), SocketAddr::V6(b)) => {
+            a.ip() == b.ip() && a.port() == b.port() && a.scope_id() == b.scope_id()
+        }
+        _ => a == b,
+    }
+}
+
+/// The IP address of a socket address from `getsockname`.
+pub(crate) fn inet(addr: SocketAddrAny) -> io::Result<SocketAddr> {
+    SocketAddr::try_from(addr).map_err(io::Error::from)
+}
+
+/// The local IP address of `fd`, if it has one.
+pub(crate) fn local_inet(fd: BorrowedFd<'_>) -> Option<SocketAddr> {
+    rustix::net::getsockname(fd).ok().and_then(|a| inet(a).ok())
+}
+
+/// The Unix address of a socket address from `getsockname`.
+pub(crate) fn unix(addr: SocketAddrAny) -> io::Result<UnixAddr> {
+    let u = SocketAddrUnix::try_from(addr).map_err(io::Error::from)?;
+    if let Some(p) = u.path_bytes() {
+        return Ok(UnixAddr::Path(PathBuf::from(std::ffi::OsStr::from_bytes(
+            p,
+        ))));
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Some(name) = u.abstract_name() {
+        return Ok(UnixAddr::Abstract(name.to_vec()));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "unnamed Unix socket",
+    ))
+}
