@@ -183,6 +183,42 @@ impl Run {
         self.expect_where(name, |e| e.pid == pid)
     }
 
+    /// The outcome of an upgrade started by `pid`: its `upgrade-ok` or `upgrade-error`.
+    #[track_caller]
+    pub fn expect_upgrade_result(&mut self, pid: u32) -> std::result::Result<u32, Event> {
+        let pos = |run: &Self| {
+            run.backlog
+                .iter()
+                .position(|e| e.pid == pid && e.name.starts_with("upgrade-"))
+        };
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(i) = pos(self) {
+                let ev = self.backlog.remove(i).unwrap();
+                return match ev.name.as_str() {
+                    "upgrade-ok" => Ok(ev.field("pid").unwrap().parse().unwrap()),
+                    _ => Err(ev),
+                };
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(line) => {
+                    self.history.push(line.clone());
+                    if let Some(ev) = parse(&line) {
+                        if !self.pids.contains(&ev.pid) {
+                            self.pids.push(ev.pid);
+                        }
+                        self.backlog.push_back(ev);
+                    }
+                }
+                Err(e) => panic!(
+                    "no upgrade result from {pid} ({e:?}); output so far:\n{}",
+                    self.history.join("\n")
+                ),
+            }
+        }
+    }
+
     #[track_caller]
     fn expect_where(&mut self, name: &str, pred: impl Fn(&Event) -> bool) -> Event {
         if let Some(i) = self.backlog.iter().position(|e| e.name == name && pred(e)) {
@@ -441,6 +477,8 @@ pub fn kind(e: &Error) -> &'static str {
         Error::ChildExited { .. } => "ChildExited",
         Error::Timeout { .. } => "Timeout",
         Error::ChildFailed { .. } => "ChildFailed",
+        Error::ChildDiedAfterReady { .. } => "ChildDiedAfterReady",
+        Error::Notify { .. } => "Notify",
         Error::StateTooLarge { .. } => "StateTooLarge",
         Error::PidFile { .. } => "PidFile",
         Error::Io { .. } => "Io",
@@ -473,6 +511,8 @@ fn env(name: &str) -> Option<String> {
 /// at start-up: `exit N` (exit before `Upgrader::new`), `abort` (die by SIGABRT),
 /// `hang` (never become ready), `noreq` (take no fds), `wrongkind` (ask for the Unix
 /// listener as a datagram socket first), `chdir` (change directory after `new`),
+/// `crash MS` (abort that long after reporting ready), `delay-us N` (report ready that
+/// much later), with `TF_PROBATION_MS` for `Options::probation`.
 /// (A file `linger` holding milliseconds makes a generation linger after exit fires.)
 pub fn scenario(name: &str) -> ! {
     // Watchdog: a scenario process never outlives a minute.
@@ -519,6 +559,9 @@ pub fn scenario(name: &str) -> ! {
     }
     if env("TF_OVERLAP").is_some() {
         opts = opts.upgrade_during_drain(true);
+    }
+    if let Some(ms) = env("TF_PROBATION_MS") {
+        opts = opts.probation(Duration::from_millis(ms.parse().unwrap()));
     }
     let upg = match Upgrader::new(opts) {
         Ok(u) => Arc::new(u),
@@ -647,6 +690,20 @@ pub fn scenario(name: &str) -> ! {
             Err(e) => say(format!("listen-error {}", describe(&e))),
         }
     }
+    // `crash MS`: die by SIGABRT that long after reporting ready (from another thread:
+    // ready() may still be waiting for the commit).
+    if let Some(ms) = arg("crash") {
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(ms));
+            say("crashing");
+            std::process::abort();
+        });
+    }
+    // `delay-us N`: report ready that much later.
+    if let Some(us) = arg("delay-us") {
+        std::thread::sleep(Duration::from_micros(us));
+    }
+    say("reporting");
     let adoption = match upg.ready() {
         Ok(a) => Some(a),
         Err(e) => {
