@@ -2,7 +2,7 @@
 //! `SIGHUP` to replace the running binary without refusing a connection.
 //!
 //! ```text
-//! daemon --pid-file PATH [--listen HOST:PORT]
+//! daemon --pid-file PATH [--listen HOST:PORT] [--upgrade-timeout SECS] [--probation SECS]
 //! ```
 //!
 //! It stays in the foreground (no double fork: systemd does the daemonizing), logs to
@@ -54,7 +54,8 @@ use tableflip::{Options, Upgrader};
 /// How long an exiting generation waits for its connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-const USAGE: &str = "usage: daemon --pid-file PATH [--listen HOST:PORT]";
+const USAGE: &str =
+    "usage: daemon --pid-file PATH [--listen HOST:PORT] [--upgrade-timeout SECS] [--probation SECS]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 macro_rules! log {
@@ -67,12 +68,25 @@ macro_rules! log {
 fn main() -> ExitCode {
     let mut pid_file: Option<PathBuf> = None;
     let mut listen = String::from("127.0.0.1:8080");
+    let mut options = Options::new();
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
-        match (arg.to_str(), args.next()) {
+        let value = args.next();
+        // A decimal number of seconds.
+        let secs = value
+            .as_ref()
+            .and_then(|v| v.to_str()?.parse::<f64>().ok())
+            .and_then(|s| Duration::try_from_secs_f64(s).ok());
+        match (arg.to_str(), value) {
             (Some("--pid-file"), Some(v)) => pid_file = Some(v.into()),
             (Some("--listen"), Some(v)) if v.to_str().is_some() => {
                 listen = v.to_string_lossy().into()
+            }
+            (Some("--upgrade-timeout"), Some(_)) if secs.is_some_and(|d| !d.is_zero()) => {
+                options = options.upgrade_timeout(secs.unwrap_or_default())
+            }
+            (Some("--probation"), Some(_)) if secs.is_some() => {
+                options = options.probation(secs.unwrap_or_default())
             }
             _ => {
                 eprintln!("daemon: bad argument {arg:?}\n{USAGE}");
@@ -84,7 +98,7 @@ fn main() -> ExitCode {
         eprintln!("daemon: --pid-file is required\n{USAGE}");
         return ExitCode::from(2);
     };
-    match run(pid_file, &listen) {
+    match run(options, pid_file, &listen) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log!("fatal: {}", error_chain(&*e));
@@ -93,10 +107,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(pid_file: PathBuf, listen: &str) -> Result<(), Box<dyn std::error::Error>> {
+fn run(
+    options: Options,
+    pid_file: PathBuf,
+    listen: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
     // First: a new generation starts with SIGHUP at its default disposition (death).
     let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
-    let upg = Arc::new(Upgrader::new(Options::new().pid_file(&pid_file))?);
+    let upg = Arc::new(Upgrader::new(options.pid_file(&pid_file))?);
 
     let listener = upg.fds().listen_tcp(listen)?;
     listener.set_nonblocking(true)?; // in every generation alike: the flag is shared
@@ -110,16 +128,28 @@ fn run(pid_file: PathBuf, listen: &str) -> Result<(), Box<dyn std::error::Error>
         .name("signals".into())
         .spawn(move || on_signals(signals, u, threads))?;
 
-    let adoption = upg.ready()?;
-    log!("ready; pid file {} updated; {adoption}", pid_file.display());
-    if upg.has_parent() {
-        let u = Arc::clone(&upg);
-        thread::spawn(move || {
-            if let Ok(true) = u.wait_for_parent(DRAIN_TIMEOUT * 2) {
-                log!("the previous generation has exited");
+    // Report ready from a thread of its own, so that the loop below serves at once: with
+    // a probation the previous generation commits only after the window, and both serve
+    // meanwhile.
+    let u = Arc::clone(&upg);
+    let reporter = thread::spawn(move || match u.ready() {
+        Ok(adoption) => {
+            log!("ready; pid file {} updated; {adoption}", pid_file.display());
+            if u.has_parent() {
+                thread::spawn(move || {
+                    if let Ok(true) = u.wait_for_parent(DRAIN_TIMEOUT * 2) {
+                        log!("the previous generation has exited");
+                    }
+                });
             }
-        });
-    }
+            Ok(())
+        }
+        Err(e) => {
+            // The previous generation serves on: stop accepting and drain.
+            u.stop();
+            Err(e)
+        }
+    });
 
     // Serve until told to exit.
     let mut handlers: Vec<JoinHandle<()>> = Vec::new();
@@ -184,7 +214,10 @@ fn run(pid_file: PathBuf, listen: &str) -> Result<(), Box<dyn std::error::Error>
         thread::sleep(Duration::from_millis(10));
     }
     log!("exit");
-    Ok(())
+    match reporter.join() {
+        Ok(Err(e)) => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 /// Upgrades on `SIGHUP` (on a thread of its own: `upgrade()` blocks until the new

@@ -3,9 +3,12 @@
 //!
 //! ```text
 //! tcp_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
+//!            [--probation SECS]
 //! ```
 //!
-//! Defaults: `127.0.0.1:8080`, no pid file, 60 s. Every connection gets one line,
+//! Defaults: `127.0.0.1:8080`, no pid file, 60 s, no probation (`--probation 2` keeps
+//! a new generation on probation for 2 s: if it dies within that time, this one serves
+//! on as if nothing happened). Every connection gets one line,
 //! `hello from pid=<pid>`, and is closed. Try it:
 //!
 //! ```text
@@ -18,6 +21,8 @@
 //!
 //! - `SIGHUP` starts the next generation (same binary path and arguments) on a thread of
 //!   its own. If it fails, the reason is logged and this process keeps serving.
+//! - A generation accepts from the moment it has its listener, before it reports ready:
+//!   with a probation both generations serve until the old one commits.
 //! - When the next generation is ready (or on `SIGTERM`/`SIGINT`) this process stops
 //!   accepting at once, finishes the connections it has accepted, and exits (after
 //!   [`DRAIN_TIMEOUT`] at the latest).
@@ -53,8 +58,8 @@ const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
 /// the listener never runs dry, and the old generation must still stop promptly.
 const ACCEPT_BATCH: usize = 64;
 
-const USAGE: &str =
-    "usage: tcp_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]";
+const USAGE: &str = "usage: tcp_server [--listen HOST:PORT] [--pid-file PATH] \
+                     [--upgrade-timeout SECS] [--probation SECS]";
 
 /// Logs one line to stderr with this process's pid. A single `write` per line, so the
 /// lines of two generations sharing a log file do not interleave, and a closed stderr
@@ -70,6 +75,7 @@ struct Config {
     listen: String,
     pid_file: Option<PathBuf>,
     upgrade_timeout: Duration,
+    probation: Duration,
 }
 
 fn main() -> ExitCode {
@@ -99,6 +105,7 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, St
         listen: "127.0.0.1:8080".into(),
         pid_file: None,
         upgrade_timeout: Duration::from_secs(60),
+        probation: Duration::ZERO,
     };
     let mut args = args;
     while let Some(arg) = args.next() {
@@ -110,14 +117,11 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, St
             }
             "--pid-file" => config.pid_file = Some(value()?.into()),
             "--upgrade-timeout" => {
-                let v = value()?;
-                config.upgrade_timeout = v
-                    .to_str()
-                    .and_then(|s| s.parse::<f64>().ok())
-                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                config.upgrade_timeout = seconds(&flag, &value()?)?
                     .filter(|d| !d.is_zero())
-                    .ok_or_else(|| format!("--upgrade-timeout: bad number of seconds {v:?}"))?;
+                    .ok_or_else(|| format!("{flag}: must be more than 0"))?;
             }
+            "--probation" => config.probation = seconds(&flag, &value()?)?.unwrap_or_default(),
             "-h" | "--help" => return Ok(None),
             _ => return Err(format!("unknown argument {flag:?}")),
         }
@@ -125,12 +129,23 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, St
     Ok(Some(config))
 }
 
+/// A decimal number of seconds (`0.5`, `2`); `None` for zero.
+fn seconds(flag: &str, v: &OsString) -> Result<Option<Duration>, String> {
+    v.to_str()
+        .and_then(|s| s.parse::<f64>().ok())
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .map(|d| Some(d).filter(|d| !d.is_zero()))
+        .ok_or_else(|| format!("{flag}: bad number of seconds {v:?}"))
+}
+
 fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // First of all: a new generation starts with every signal at its default
     // disposition, and the default for SIGHUP is to die.
     let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
 
-    let mut options = Options::new().upgrade_timeout(config.upgrade_timeout);
+    let mut options = Options::new()
+        .upgrade_timeout(config.upgrade_timeout)
+        .probation(config.probation);
     if let Some(path) = &config.pid_file {
         options = options.pid_file(path);
     }
@@ -156,16 +171,30 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         .name("signals".into())
         .spawn(move || handle_signals(signals, signal_upg, signal_upgrades))?;
 
-    // Writes the pid file, then tells the previous generation to step aside.
-    // Which inherited fds were taken, and which were closed because nobody asked for
-    // them: a listener dropped by a configuration change shows up here.
-    let adoption = upg.ready()?;
-    log!("ready; {adoption}");
-
+    // Serve at once, before reporting ready: with a probation, the previous generation
+    // commits only after the window, and both serve meanwhile.
     let conns = Arc::new(Connections::default());
-    serve(&listener, &upg, &conns);
-    // Stop accepting: the next generation (if any) has its own copy of the socket.
-    drop(listener);
+    let (server_upg, server_conns) = (Arc::clone(&upg), Arc::clone(&conns));
+    let server = thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || {
+            serve(&listener, &server_upg, &server_conns);
+            // Stop accepting: the next generation (if any) has its own copy.
+            drop(listener);
+        })?;
+
+    // Tells the previous generation we are ready and waits for it to commit; then
+    // writes the pid file. Which inherited fds were taken, and which were closed
+    // because nobody asked for them: a listener dropped by a configuration change
+    // shows up here.
+    let ready = upg.ready();
+    match &ready {
+        Ok(adoption) => log!("ready; {adoption}"),
+        // Not taken over (stopped meanwhile, or no pid file): the previous generation
+        // serves on. Stop accepting, drain what we took, and fail.
+        Err(_) => upg.stop(),
+    }
+    let _ = server.join();
     // The upgrade that ended this generation may still be logging its result.
     let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
     for upgrade in pending {
@@ -181,7 +210,7 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         log!("drain timeout: exiting with {left} connection(s) still open");
     }
     log!("exit");
-    Ok(())
+    ready.map(drop).map_err(Into::into)
 }
 
 /// The threads running `upgrade()`, joined before exiting. They return promptly once

@@ -214,7 +214,8 @@ impl Server {
         let answered =
             server.wait_for("the first generation to answer", |s| (s.probe)(s.addr).ok());
         assert_eq!(answered, pid, "answered by an unknown pid");
-        server.assert_pid_file(pid);
+        // A generation serves before it reports ready; the pid file follows.
+        server.wait_for("the pid file", |s| s.pid_from_file().filter(|&p| p == pid));
         server
     }
 
@@ -269,10 +270,11 @@ impl Server {
         });
         self.generations.push(new);
         self.current = new;
-        // ready() writes the pid file before the new generation accepts anything.
-        self.assert_pid_file(new);
         let status = self.wait_exit(old);
         assert_exit_ok(old, status);
+        // The new generation writes the pid file once the old one has committed, and
+        // confirms it before the old one is told to exit.
+        self.assert_pid_file(new);
         self.assert_drained();
         new
     }
