@@ -374,8 +374,40 @@ fn decode_entry(entry: &str) -> Result<(RawFd, Key, Option<FileId>), DecodeError
     let tag = fields
         .next()
         .ok_or_else(|| bad(entry, "expected FD,KIND[,KEY]"))?;
-    let arg = fields.next();
-    let extra = fields.next();
+    let fd = decode_fd(entry, fd_s)?;
+    let f = Fields {
+        entry,
+        tag,
+        arg: fields.next(),
+    };
+    let key = match tag {
+        "ready" => f.no_arg(Key::Ready)?,
+        "parent" => f.no_arg(Key::Parent)?,
+        "commit" => f.no_arg(Key::Commit)?,
+        "state" => f.no_arg(Key::State)?,
+        "tcp" => Key::TcpListener(f.sockaddr()?),
+        "udp" => Key::Udp(f.sockaddr()?),
+        "unix" => Key::UnixListener(f.unix()?),
+        "unixgram" => Key::UnixDatagram(f.unix()?),
+        "tcpconn" => Key::TcpStream(f.name()?),
+        "unixconn" => Key::UnixStream(f.name()?),
+        "fd" => Key::Fd(f.name()?),
+        // The kind is quoted in the reason: only its start, so the reason stays short.
+        _ => return Err(bad(entry, format!("unknown kind {:?}", clip(tag, 16)))),
+    };
+    let id = match (fields.next(), &key) {
+        (None, _) => None,
+        (
+            Some(extra),
+            Key::UnixListener(UnixAddr::Path(_)) | Key::UnixDatagram(UnixAddr::Path(_)),
+        ) => Some(file_id(extra).ok_or_else(|| bad(entry, "expected the socket file as DEV:INO"))?),
+        (Some(_), _) => return Err(bad(entry, format!("{tag} takes no fourth field"))),
+    };
+    Ok((fd, key, id))
+}
+
+/// The fd field: decimal, 3 or more.
+fn decode_fd(entry: &str, fd_s: &str) -> Result<RawFd, DecodeError> {
     if fd_s.is_empty() || fd_s.len() > 10 || !fd_s.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad(entry, "the fd is not a non-negative decimal number"));
     }
@@ -388,71 +420,70 @@ fn decode_entry(entry: &str) -> Result<(RawFd, Key, Option<FileId>), DecodeError
             format!("fd {fd} is standard input, output or error"),
         ));
     }
-    let need = |what: &str| -> Result<Vec<u8>, DecodeError> {
-        let arg = arg.ok_or_else(|| bad(entry, format!("{tag} needs {what}")))?;
-        let bytes = unescape(arg).map_err(|e| bad(entry, e))?;
+    Ok(fd)
+}
+
+/// The kind and key fields of one entry, decoded as the kind requires.
+struct Fields<'a> {
+    entry: &'a str,
+    tag: &'a str,
+    arg: Option<&'a str>,
+}
+
+impl Fields<'_> {
+    fn bad(&self, reason: impl Into<String>) -> DecodeError {
+        bad(self.entry, reason)
+    }
+
+    /// A key that must not be empty.
+    fn need(&self, what: &str) -> Result<Vec<u8>, DecodeError> {
+        let arg = self
+            .arg
+            .ok_or_else(|| self.bad(format!("{} needs {what}", self.tag)))?;
+        let bytes = unescape(arg).map_err(|e| self.bad(e))?;
         if bytes.is_empty() {
-            return Err(bad(entry, format!("{tag} needs {what}")));
+            return Err(self.bad(format!("{} needs {what}", self.tag)));
         }
         Ok(bytes)
-    };
-    let sockaddr = || -> Result<SocketAddr, DecodeError> {
-        let bytes = need("a socket address")?;
+    }
+
+    fn sockaddr(&self) -> Result<SocketAddr, DecodeError> {
+        let bytes = self.need("a socket address")?;
         std::str::from_utf8(&bytes)
             .ok()
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad(entry, "not a socket address"))
-    };
-    let unix = || -> Result<UnixAddr, DecodeError> {
-        let raw = arg.unwrap_or_default();
-        if let Some(name) = raw.strip_prefix('@') {
-            let name = unescape(name).map_err(|e| bad(entry, e))?;
+            .ok_or_else(|| self.bad("not a socket address"))
+    }
+
+    fn unix(&self) -> Result<UnixAddr, DecodeError> {
+        if let Some(name) = self.arg.unwrap_or_default().strip_prefix('@') {
+            let name = unescape(name).map_err(|e| self.bad(e))?;
             return Ok(UnixAddr::Abstract(name));
         }
-        let bytes = need("a path")?;
+        let bytes = self.need("a path")?;
         if bytes.contains(&0) {
-            return Err(bad(entry, "the path holds a NUL byte"));
+            return Err(self.bad("the path holds a NUL byte"));
         }
         Ok(UnixAddr::Path(PathBuf::from(std::ffi::OsString::from_vec(
             bytes,
         ))))
-    };
-    // A name may be empty (`add_fd("", ..)` is allowed), but the `,` before it is needed.
-    let name = || -> Result<String, DecodeError> {
-        let arg = arg.ok_or_else(|| bad(entry, format!("{tag} needs a name")))?;
-        let bytes = unescape(arg).map_err(|e| bad(entry, e))?;
-        String::from_utf8(bytes).map_err(|_| bad(entry, "the name is not UTF-8"))
-    };
-    let no_arg = |key: Key| -> Result<Key, DecodeError> {
-        match arg {
+    }
+
+    /// A name may be empty (`add_fd("", ..)` is allowed), but the `,` before it is needed.
+    fn name(&self) -> Result<String, DecodeError> {
+        let arg = self
+            .arg
+            .ok_or_else(|| self.bad(format!("{} needs a name", self.tag)))?;
+        let bytes = unescape(arg).map_err(|e| self.bad(e))?;
+        String::from_utf8(bytes).map_err(|_| self.bad("the name is not UTF-8"))
+    }
+
+    fn no_arg(&self, key: Key) -> Result<Key, DecodeError> {
+        match self.arg {
             None => Ok(key),
-            Some(_) => Err(bad(entry, format!("{tag} takes no key"))),
+            Some(_) => Err(self.bad(format!("{} takes no key", self.tag))),
         }
-    };
-    let key = match tag {
-        "ready" => no_arg(Key::Ready)?,
-        "parent" => no_arg(Key::Parent)?,
-        "commit" => no_arg(Key::Commit)?,
-        "state" => no_arg(Key::State)?,
-        "tcp" => Key::TcpListener(sockaddr()?),
-        "udp" => Key::Udp(sockaddr()?),
-        "unix" => Key::UnixListener(unix()?),
-        "unixgram" => Key::UnixDatagram(unix()?),
-        "tcpconn" => Key::TcpStream(name()?),
-        "unixconn" => Key::UnixStream(name()?),
-        "fd" => Key::Fd(name()?),
-        // The kind is quoted in the reason: only its start, so the reason stays short.
-        _ => return Err(bad(entry, format!("unknown kind {:?}", clip(tag, 16)))),
-    };
-    let id = match (extra, &key) {
-        (None, _) => None,
-        (
-            Some(extra),
-            Key::UnixListener(UnixAddr::Path(_)) | Key::UnixDatagram(UnixAddr::Path(_)),
-        ) => Some(file_id(extra).ok_or_else(|| bad(entry, "expected the socket file as DEV:INO"))?),
-        (Some(_), _) => return Err(bad(entry, format!("{tag} takes no fourth field"))),
-    };
-    Ok((fd, key, id))
+    }
 }
 
 fn file_id(s: &str) -> Option<FileId> {
