@@ -223,18 +223,13 @@ impl Handoff {
     /// The child sent `F`: its reason, once it has exited (or been killed at `deadline`).
     fn gave_up(self, reason: String, deadline: Option<Instant>) -> Error {
         let pid = self.pid();
-        let status = match self.child.wait_until(deadline) {
-            Ok(Ok(status)) => status,
-            Ok(Err(child)) => match child.kill_and_reap() {
-                Ok(status) => status,
-                Err(e) => return e,
+        match self.child.reap_by(deadline) {
+            Ok(status) => Error::ChildFailed {
+                pid,
+                reason,
+                status,
             },
-            Err(e) => return e,
-        };
-        Error::ChildFailed {
-            pid,
-            reason,
-            status,
+            Err(e) => e,
         }
     }
 
@@ -243,15 +238,10 @@ impl Handoff {
     fn died(self, deadline: Option<Instant>) -> Error {
         let pid = self.pid();
         let after = self.ready_at.map(|t| t.elapsed()).unwrap_or_default();
-        let status = match self.child.wait_until(deadline) {
-            Ok(Ok(status)) => status,
-            Ok(Err(child)) => match child.kill_and_reap() {
-                Ok(status) => status,
-                Err(e) => return e,
-            },
-            Err(e) => return e,
-        };
-        Error::ChildDiedAfterReady { pid, status, after }
+        match self.child.reap_by(deadline) {
+            Ok(status) => Error::ChildDiedAfterReady { pid, status, after },
+            Err(e) => e,
+        }
     }
 
     /// Waits for the child to say something, exit, or for `cancel` or `deadline`.

@@ -76,15 +76,19 @@
 //! 1. [`Upgrader::upgrade`] resolves the executable (`argv[0]` against the initial
 //!    working directory and `$PATH`, at upgrade time), builds argv, envp and the fd
 //!    table, and starts the new process with a vfork-style `clone` (Linux) and
-//!    `execve`. Only the fds in the registry, plus two handshake pipes, cross over;
+//!    `execve`. Only the fds in the registry, plus three handshake pipes, cross over;
 //!    everything else the crate holds is close-on-exec.
 //! 2. The new process calls [`Upgrader::new`], which finds the fd table in
-//!    `$TABLEFLIP_FDS` (only if it is addressed to its own pid), then takes its sockets
-//!    from [`Upgrader::fds`] and calls [`Upgrader::ready`].
-//! 3. `ready()` writes one byte to the readiness pipe; the old process's `upgrade()`
-//!    returns `Ok`, its [exit fd](Upgrader::exit_fd) becomes readable, and it drains
-//!    and exits. If the new process exits, crashes or hangs instead, `upgrade()` returns
-//!    the reason, the old process keeps serving, and the next upgrade can be tried.
+//!    `$TABLEFLIP_FDS` (only if it is addressed to its own pid), takes its sockets from
+//!    [`Upgrader::fds`], starts serving and calls [`Upgrader::ready`], which reports
+//!    ready and waits for the old process to decide.
+//! 3. The old process keeps the new one on [probation](Options::probation) if asked,
+//!    then commits: it tells systemd the new main pid, and tells the new process, which
+//!    writes its pid file and confirms. The old process's `upgrade()` returns the new
+//!    pid, its [exit fd](Upgrader::exit_fd) becomes readable (just before), and it
+//!    drains and exits. If the new process exits, crashes or hangs instead (before the
+//!    commit, or during the probation), `upgrade()` returns the reason, the old process
+//!    keeps serving with everything as it was, and the next upgrade can be tried.
 //!
 //! # Limitations
 //!
@@ -106,11 +110,14 @@
 //!   too. Wait on the listener and [`Upgrader::exit_fd`] together and accept only
 //!   when the listener is readable, as the example above does.
 //! - **systemd.** The pid changes at every upgrade. When `$NOTIFY_SOCKET` is set the crate
-//!   speaks the notify protocol (`MAINPID=`, `READY=1`, `RELOADING=1`, `STOPPING=1`), so
-//!   `Type=notify` with `NotifyAccess=all`, or `Type=notify-reload`, follows the new pid;
-//!   otherwise use a pid file ([`Options::pid_file`]) with `PIDFile=` and
+//!   speaks the notify protocol (`MAINPID=`, `READY=1`, `RELOADING=1`, `STOPPING=1`), and
+//!   the old process, still the main one, announces the new pid at the commit, so
+//!   `Type=notify` (with the default `NotifyAccess=main`) or `Type=notify-reload`
+//!   follows it; otherwise use a pid file ([`Options::pid_file`]) with `PIDFile=` and
 //!   `ExecReload=/bin/kill -HUP $MAINPID`. Sockets from socket activation (`$LISTEN_FDS`)
 //!   are adopted on a first start. See the README for unit files.
+//! - **`SIGPIPE`** must stay ignored (as Rust programs start): the handshake writes to
+//!   pipes whose reader may have died.
 //! - **One table variable.** Linux caps one environment string at 128 KiB, which bounds
 //!   the fd table to roughly 4000 sockets with short addresses.
 //! - **Other Unixes** build (with `fork` instead of a vfork-style clone, and without

@@ -110,4 +110,12 @@ impl Child {
             }
         }
     }
+
+    /// Waits until the child exits or `deadline` passes, killing it then, and reaps it.
+    pub(crate) fn reap_by(self, deadline: Option<Instant>) -> Result<ExitStatus> {
+        match self.wait_until(deadline)? {
+            Ok(status) => Ok(status),
+            Err(child) => child.kill_and_reap(),
+        }
+    }
 }

@@ -2,7 +2,7 @@
 //! its environment.
 //!
 //! ```text
-//! TABLEFLIP_FDS=tableflip1;pid=0000012345;3,ready;4,parent;5,tcp,127.0.0.1:8080;6,unix,/run/app.sock
+//! TABLEFLIP_FDS=tableflip1;pid=0000012345;3,ready;4,commit;5,parent;6,tcp,127.0.0.1:8080;7,unix,/run/app.sock
 //! ```
 //!
 //! * `tableflip1` names the format and its version; any other value is rejected.
