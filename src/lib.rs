@@ -141,7 +141,7 @@ mod upgrader;
 mod wire;
 
 pub use error::{Error, Result};
-pub use fds::Fds;
+pub use fds::{Address, Fds};
 pub use inherit::{Adoption, InheritedFd};
 pub use options::Options;
 pub use state::MAX_STATE_SIZE;

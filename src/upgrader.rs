@@ -495,7 +495,7 @@ fn inherited() -> Result<Inheritance> {
             .map(|(fd, key)| Inherited {
                 fd,
                 key,
-                file: None,
+                extra: Default::default(),
             })
             .collect();
     }
