@@ -148,7 +148,8 @@ fn check_load(stats: &Stats, generations: &[u32]) {
 }
 
 /// `systemctl stop`: the unit is down, its cgroup is empty and no generation is left.
-/// Returns systemd's `Result=`: not always `success` after a reload.
+/// Returns systemd's `Result=` (see [`stop_after_a_reload_drains`] for why it is not
+/// always `success`).
 fn stop_and_check_gone(sd: &Systemd, cgroup: &Path, generations: &[u32], stats: &Stats) -> String {
     sd.stop(SERVICE);
     let props = sd.show_all(SERVICE, &["ActiveState", "Result", "MainPID"]);
@@ -158,7 +159,7 @@ fn stop_and_check_gone(sd: &Systemd, cgroup: &Path, generations: &[u32], stats: 
     );
     assert_eq!(props["MainPID"], "0", "{props:?}");
     // systemd may report the unit stopped while a process it has just SIGKILLed still
-    // exists: they must go without further help.
+    // exists (see `stop_after_a_reload_drains`): they must go without further help.
     let at_stop = cgroup_procs(cgroup);
     sd.wait_for("the unit's processes to be gone", || {
         let gone = cgroup_procs(cgroup).is_empty()
@@ -176,6 +177,12 @@ fn stop_and_check_gone(sd: &Systemd, cgroup: &Path, generations: &[u32], stats: 
         props["ActiveState"], props["Result"]
     );
     props["Result"].clone()
+}
+
+/// Whether generation `pid` logged its own graceful exit (after draining).
+fn exited_by_itself(sd: &Systemd, pid: u32) -> bool {
+    sd.log(SERVICE)
+        .contains(&format!("[tcp_server pid={pid}] exit"))
 }
 
 /// The service is started: [`RELOADS`] reloads under load, each followed to the new
@@ -359,4 +366,73 @@ fn bad_deploy_keeps_the_old_generation() {
     let generations = [first, second, third];
     check_load(&stats, &generations);
     stop_and_check_gone(&sd, &cgroup, &generations, &stats);
+}
+
+/// A generation that systemd started itself drains on `systemctl stop`: SIGTERM, then
+/// its own exit with status 0.
+#[test]
+fn stop_before_any_reload_drains() {
+    let addr = free_addr();
+    let unit = notify_service(&exec_start(&tcp_server(), addr, ""), Some("all"));
+    let Some(sd) = Systemd::boot(&[(SERVICE, &unit)]) else {
+        return;
+    };
+    sd.start(SERVICE);
+    let first = wait_serving(&sd, addr);
+    let cgroup = sd.unit_cgroup(SERVICE);
+    let result = stop_and_check_gone(&sd, &cgroup, &[first], &Stats::default());
+    assert_eq!(result, "success");
+    assert!(exited_by_itself(&sd, first), "{}", sd.log(SERVICE));
+}
+
+/// After a reload, systemd learnt the main pid (`MAINPID=`) while that process was the
+/// old generation's child, not its own, and marks it alien. On stop, systemd 252 sends
+/// SIGTERM and, seeing nothing it can wait for, SIGKILL at once: the last generation
+/// cannot drain. The unit ends `failed` (`Result=signal`), or `inactive` while the
+/// process is still dying; it passes only when systemd happened to read `MAINPID=`
+/// after the old generation had exited (1 run in 6 here).
+#[test]
+#[ignore = "systemd 252 SIGKILLs on stop, without waiting, a main pid that was not its child: no drain"]
+fn stop_after_a_reload_drains() {
+    let addr = free_addr();
+    let unit = notify_service(&exec_start(&tcp_server(), addr, ""), Some("all"));
+    let Some(sd) = Systemd::boot(&[(SERVICE, &unit)]) else {
+        return;
+    };
+    sd.start(SERVICE);
+    let first = wait_serving(&sd, addr);
+    let cgroup = sd.unit_cgroup(SERVICE);
+    let (second, _) = reload_and_follow(&sd, addr, first, false);
+    let result = stop_and_check_gone(&sd, &cgroup, &[first, second], &Stats::default());
+    assert!(
+        exited_by_itself(&sd, second),
+        "generation {second} was killed (Result={result}):\n{}",
+        sd.diagnostics(SERVICE)
+    );
+    assert_eq!(result, "success");
+}
+
+/// A unit-level workaround for the above: an `ExecStop=` that sends SIGTERM and waits
+/// for the main pid to exit. systemd waits for `ExecStop=`, reaps the generation (it is
+/// PID 1, every orphan's reaper) and finds nothing left to kill.
+#[test]
+fn stop_with_an_exec_stop_that_waits_drains() {
+    let addr = free_addr();
+    let mut unit = notify_service(&exec_start(&tcp_server(), addr, ""), Some("all"));
+    unit.push_str("ExecStop=/bin/sh -c 'kill -TERM $MAINPID; while kill -0 $MAINPID 2>/dev/null; do sleep 0.05; done'\n");
+    let Some(sd) = Systemd::boot(&[(SERVICE, &unit)]) else {
+        return;
+    };
+    sd.start(SERVICE);
+    let first = wait_serving(&sd, addr);
+    let cgroup = sd.unit_cgroup(SERVICE);
+    let (second, _) = reload_and_follow(&sd, addr, first, false);
+    let (third, _) = reload_and_follow(&sd, addr, second, false);
+    let result = stop_and_check_gone(&sd, &cgroup, &[first, second, third], &Stats::default());
+    assert!(
+        exited_by_itself(&sd, third),
+        "generation {third} was killed (Result={result}):\n{}",
+        sd.diagnostics(SERVICE)
+    );
+    assert_eq!(result, "success");
 }
