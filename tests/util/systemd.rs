@@ -50,9 +50,9 @@ const WATCHDOG: Duration = Duration::from_secs(120);
 const HIDDEN: [&str; 3] = ["/tmp", "/var/tmp", "/run"];
 
 /// Runs as PID 1 of the new namespaces, then execs systemd. Arguments: the boot
-/// directory, the console pty, the target.
+/// directory, the console pty, the target, systemd's log level.
 const INIT_SCRIPT: &str = r#"set -eu
-dir=$1 console=$2 target=$3
+dir=$1 console=$2 target=$3 level=$4
 mount --make-rprivate /
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp
@@ -66,8 +66,17 @@ mkdir -p /run/systemd/system
 cp -R "$dir/units/." /run/systemd/system/
 export container=other SYSTEMD_COLORS=0
 exec /lib/systemd/systemd --system --unit="$target" --show-status=no \
-    --log-target=console --log-level=debug
+    --log-target=console --log-level="$level"
 "#;
+
+/// systemd's log level: `info`, or `$TABLEFLIP_SYSTEMD_LOG_LEVEL` (`debug` shows every
+/// notification and state change). Debug logging slows systemd down noticeably.
+fn log_level() -> String {
+    std::env::var("TABLEFLIP_SYSTEMD_LOG_LEVEL")
+        .ok()
+        .filter(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .unwrap_or_else(|| "info".into())
+}
 
 /// Why these tests cannot run here, if they cannot.
 fn skip_reason() -> Option<String> {
@@ -221,6 +230,7 @@ impl Systemd {
             .arg(dir.path())
             .arg(&slave_path)
             .arg(TARGET)
+            .arg(log_level())
             .current_dir("/")
             .env_remove("TABLEFLIP_FDS")
             .env_remove("NOTIFY_SOCKET")
@@ -474,7 +484,7 @@ impl Systemd {
         self.dir.path().join(format!("{unit}.log"))
     }
 
-    /// systemd's own messages so far (debug level), from its console, each line prefixed
+    /// systemd's own messages so far (see [`log_level`]), from its console, each line prefixed
     /// with `[seconds]` since `boot` began.
     pub fn console(&self) -> String {
         fs::read_to_string(self.dir.path().join("systemd.log")).unwrap_or_default()
