@@ -81,10 +81,15 @@ fn wait_answers(sd: &Systemd, load: &Load, n: u64) {
 }
 
 /// One `systemctl reload`, followed until the new generation has taken over: the reload
-/// succeeds, `MainPID` moves to a new pid while the unit stays up, that pid answers (and
-/// is in the pid file, if `pid_file`), and the old generation exits. Returns the new pid
-/// and what was seen on the way.
+/// succeeds, `MainPID` moves to a new pid while the unit stays up (same `InvocationID`:
+/// not stopped and started again), that pid answers (and is in the pid file, if
+/// `pid_file`), and the old generation exits. Returns the new pid and what was seen on
+/// the way.
+///
+/// With `ExecReload=/bin/kill`, this fails now and then under load: see
+/// [`many_reloads_never_take_the_unit_down`].
 fn reload_and_follow(sd: &Systemd, addr: SocketAddr, old: u32, pid_file: bool) -> (u32, String) {
+    let invocation = sd.show(SERVICE, "InvocationID");
     let t0 = Instant::now();
     let status = sd.reload(SERVICE);
     let reload_took = t0.elapsed();
@@ -110,6 +115,13 @@ fn reload_and_follow(sd: &Systemd, addr: SocketAddr, old: u32, pid_file: bool) -
         (pid != old && pid != 0 && active == "active").then_some(pid)
     });
     let moved = t0.elapsed();
+    assert_eq!(
+        sd.show(SERVICE, "InvocationID"),
+        invocation,
+        "{SERVICE} was stopped and started again during the reload (MainPID {old} before, \
+         {new} now):\n{}",
+        sd.diagnostics(SERVICE)
+    );
     sd.wait_for("the new generation to answer", || {
         (line_probe(addr).ok() == Some(new)).then_some(())
     });
@@ -435,4 +447,39 @@ fn stop_with_an_exec_stop_that_waits_drains() {
         sd.diagnostics(SERVICE)
     );
     assert_eq!(result, "success");
+}
+
+/// Reloads to run in [`many_reloads_never_take_the_unit_down`].
+const MANY_RELOADS: usize = 300;
+
+/// A soak test for a race behind rare failures of the reload tests. When `ExecReload=`'s
+/// kill exits, systemd 252 checks whether the main pid is still alive; after the first
+/// reload the main pid is alien (not systemd's child when `MAINPID=` named it), and a
+/// zombie counts as dead. If systemd runs late, the old generation has exited by then
+/// while the new generation's `MAINPID=` is still unread: systemd stops the unit,
+/// SIGTERMs the new generation, and `systemctl reload` still succeeds (with socket
+/// activation, the next connection starts a fresh generation). Seen 4 times in about
+/// 1500 reloads of the other tests on this shared 2-core machine, at load averages up to
+/// 10; 300 reloads here at a load average of 6 all passed.
+#[test]
+#[ignore = "soak test (300 reloads, ~25 s); catches a rare systemd 252 race between ExecReload's exit and MAINPID="]
+fn many_reloads_never_take_the_unit_down() {
+    let addr = free_addr();
+    let unit = notify_service(&exec_start(&tcp_server(), addr, ""), Some("all"));
+    let Some(sd) = Systemd::boot(&[(SERVICE, &unit)]) else {
+        return;
+    };
+    sd.start(SERVICE);
+    let mut pid = wait_serving(&sd, addr);
+    let load = Load::start(addr, &CLIENTS);
+    for i in 1..=MANY_RELOADS {
+        wait_answers(&sd, &load, 10);
+        let (new, _) = reload_and_follow(&sd, addr, pid, false);
+        if i % 50 == 0 {
+            eprintln!("{i} reloads");
+        }
+        pid = new;
+    }
+    let stats = load.finish();
+    assert!(stats.failures.is_empty(), "{:#?}", stats.failures);
 }
