@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use crate::error::{clip, Error, Result};
 use crate::os;
 use crate::process::Child;
-use crate::spawn::Program;
+use crate::spawn::{PidVar, Program};
 use crate::wire::{self, Extra, Key};
 
 /// The child is ready (its first report).
@@ -126,7 +126,12 @@ impl Handoff {
             });
         }
         let fds: Vec<RawFd> = entries.iter().map(|(fd, _, _)| *fd).collect();
-        let child = program.spawn(exe, &table, &fds)?;
+        let table_var = PidVar {
+            name: wire::VAR,
+            value: &table,
+            slot: wire::PID_OFFSET,
+        };
+        let child = program.spawn(exe, &[], Some(table_var), &fds, &[])?;
         // The child's ends close here: only the child holds them now.
         Ok(Handoff {
             child,
