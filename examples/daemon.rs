@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! daemon --pid-file PATH [--listen HOST:PORT] [--upgrade-timeout SECS] [--probation SECS]
+//!        [--fd-store]
 //! ```
 //!
 //! It stays in the foreground (no double fork: systemd does the daemonizing), logs to
@@ -53,8 +54,8 @@ use tableflip::{Options, Upgrader, Wake};
 /// How long an exiting generation waits for its connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-const USAGE: &str =
-    "usage: daemon --pid-file PATH [--listen HOST:PORT] [--upgrade-timeout SECS] [--probation SECS]";
+const USAGE: &str = "usage: daemon --pid-file PATH [--listen HOST:PORT] \
+                     [--upgrade-timeout SECS] [--probation SECS] [--fd-store]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 macro_rules! log {
@@ -70,6 +71,10 @@ fn main() -> ExitCode {
     let mut options = Options::new();
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--fd-store" {
+            options = options.fd_store(true);
+            continue;
+        }
         let value = args.next();
         // A decimal number of seconds.
         let secs = value
