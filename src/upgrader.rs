@@ -396,15 +396,21 @@ impl Upgrader {
     ///
     /// ```no_run
     /// # async fn example(upg: &tableflip::Upgrader) -> std::io::Result<()> {
+    /// // The handle is the read end of a pipe: tokio takes it as one, safely.
+    /// let exit = tokio::net::unix::pipe::Receiver::from_owned_fd(upg.exit_handle()?.into())?;
     /// // A future that completes when this generation should stop accepting: hand it to
     /// // axum's `with_graceful_shutdown`, or `select!` on it next to `accept()`.
-    /// let exit = tokio::io::unix::AsyncFd::new(upg.exit_handle()?)?;
     /// let shutdown = async move {
     ///     let _ = exit.readable().await;
     /// };
     /// # shutdown.await;
     /// # Ok(()) }
     /// ```
+    ///
+    /// (tokio 1.54 deprecated the safe `AsyncFd::new`; `pipe::Receiver::from_owned_fd`
+    /// needs no `unsafe`. It sets `O_NONBLOCK` on the shared description, which the
+    /// crate's own waits do not mind: they only poll it. For mio, register
+    /// `SourceFd(&handle.as_raw_fd())`.)
     pub fn exit_handle(&self) -> Result<ExitHandle> {
         let fd = self.exit.fd();
         fd.try_clone_to_owned()
