@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use crate::deploy::Deploy;
-use crate::load::{idle_fd_count, probe, Load};
+use crate::load::{idle_fd_count, Load};
 use crate::procs::{
     children, exited, micros, now_us, signal, status_text, strays, wait_for, wait_reaped,
 };
@@ -63,8 +63,14 @@ pub fn fault_scenarios(
         config.clients
     ));
     deploy.install_good()?;
-    let mut server = Server::start("faults", &deploy.bin, deploy.dir(), config.fault_timeout)?;
-    let load = Load::start(server.addr, config.clients);
+    let mut server = Server::start(
+        "faults",
+        &deploy.bin,
+        deploy.dir(),
+        config.fault_timeout,
+        config.proto,
+    )?;
+    let load = Load::start(server.addr, &config.client_kinds());
     let result = (|| -> Res<()> {
         load.wait_answers(&server, 100)?;
         for fault in faults() {
@@ -120,7 +126,7 @@ pub fn failed_upgrade(
 
     // Still the one generation, serving: to the clients and to a connection of ours.
     load.wait_answered_by(old, logged_at)?;
-    match probe(server.addr) {
+    match server.probe() {
         Ok(pid) if pid == old => {}
         Ok(pid) => outcome.problem(format!("a probe was answered by pid {pid}, not {old}")),
         Err((kind, e)) => outcome.problem(format!("a probe failed: {}: {e}", kind.name())),

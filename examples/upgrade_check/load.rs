@@ -1,5 +1,6 @@
-//! The clients: threads that connect without pause, and count every connection that
-//! was answered (by which pid, when) or failed (and why).
+//! The clients: threads that connect (or send HTTP requests) without pause, and count
+//! every connection or request that was answered (by which pid, when) or failed (and
+//! why).
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
@@ -9,26 +10,60 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use crate::http;
 use crate::procs::{fd_count, lock, now_us, wait_for};
 use crate::server::Server;
 use crate::{Res, CONNECT_TIMEOUT, MAX_CONNECTIONS, MAX_REPLY, READ_TIMEOUT, STEP_TIMEOUT};
 
-/// Why a connection failed.
+/// What the server speaks: the reply the clients expect.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    /// One line with the pid per connection, then EOF (the `tcp_server` contract).
+    Line,
+    /// HTTP/1.1: `GET /` is answered with a body holding the pid (`--http`).
+    Http,
+}
+
+/// What one client thread does, again and again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientKind {
+    /// A new connection, one line read until EOF.
+    Line,
+    /// A new connection per request, sent with `Connection: close`.
+    HttpClose,
+    /// Requests back to back on one connection, a new one only when the server ends it
+    /// with `Connection: close`.
+    HttpKeepAlive,
+}
+
+/// One new connection in `proto`, with nothing else going on: the pid that answered.
+pub fn probe(addr: SocketAddr, proto: Proto) -> Result<u32, (Failure, String)> {
+    match proto {
+        Proto::Line => line_probe(addr),
+        Proto::Http => http::probe(addr),
+    }
+}
+
+/// Why a connection or request failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
     Refused,
     Reset,
     Timeout,
+    /// Closed before any byte of the reply.
     Empty,
+    /// Closed within an HTTP response.
+    CutOff,
     Wrong,
     Other,
 }
 
-pub const FAILURES: [Failure; 6] = [
+pub const FAILURES: [Failure; 7] = [
     Failure::Refused,
     Failure::Reset,
     Failure::Timeout,
     Failure::Empty,
+    Failure::CutOff,
     Failure::Wrong,
     Failure::Other,
 ];
@@ -40,6 +75,7 @@ impl Failure {
             Failure::Reset => "reset",
             Failure::Timeout => "timeout",
             Failure::Empty => "empty reply",
+            Failure::CutOff => "cut off",
             Failure::Wrong => "wrong reply",
             Failure::Other => "other",
         }
@@ -57,8 +93,8 @@ impl Failure {
     }
 }
 
-/// One new connection: the pid that answered, or why not.
-pub fn probe(addr: SocketAddr) -> Result<u32, (Failure, String)> {
+/// One new connection, one line: the pid that answered, or why not.
+fn line_probe(addr: SocketAddr) -> Result<u32, (Failure, String)> {
     let fail = |what: &str, e: io::Error| (Failure::of(&e), format!("{what}: {e}"));
     let conn =
         TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|e| fail("connect", e))?;
@@ -104,12 +140,18 @@ pub struct Shared {
     pub addr: SocketAddr,
     pub stop: AtomicBool,
     pub paused: AtomicBool,
-    /// Clients between deciding to connect and being done with the connection.
+    /// Clients between deciding to connect and being done with the connection (a
+    /// keep-alive client until it closes its connection).
     pub busy: AtomicUsize,
     pub started: AtomicU64,
     pub answered: AtomicU64,
     pub failed: AtomicU64,
-    pub by_kind: [AtomicU64; 6],
+    pub by_kind: [AtomicU64; FAILURES.len()],
+    /// Requests answered on a connection that had served one before.
+    pub reused: AtomicU64,
+    /// Answers that ended their connection with `Connection: close`, on keep-alive
+    /// connections.
+    pub closes: AtomicU64,
     pub seen: Mutex<BTreeMap<u32, Seen>>,
     /// The first failures, in words.
     pub examples: Mutex<Vec<String>>,
@@ -120,13 +162,17 @@ pub struct Shared {
 /// `K` client threads that connect without pause until [`Load::finish`].
 pub struct Load {
     pub shared: Arc<Shared>,
+    proto: Proto,
     threads: Vec<JoinHandle<()>>,
 }
 
 /// What the clients saw, in the end.
 pub struct LoadStats {
+    pub proto: Proto,
     pub answered: u64,
-    pub by_kind: [u64; 6],
+    pub by_kind: [u64; FAILURES.len()],
+    pub reused: u64,
+    pub closes: u64,
     pub examples: Vec<String>,
     /// Answers from pids that were not a generation of the server.
     pub unknown_pids: Vec<u32>,
@@ -140,7 +186,8 @@ impl LoadStats {
 }
 
 impl Load {
-    pub fn start(addr: SocketAddr, clients: usize) -> Load {
+    /// One thread per entry of `clients`.
+    pub fn start(addr: SocketAddr, clients: &[ClientKind]) -> Load {
         let shared = Arc::new(Shared {
             addr,
             stop: AtomicBool::new(false),
@@ -150,17 +197,33 @@ impl Load {
             answered: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             by_kind: Default::default(),
+            reused: AtomicU64::new(0),
+            closes: AtomicU64::new(0),
             seen: Mutex::new(BTreeMap::new()),
             examples: Mutex::new(Vec::new()),
             stage: Mutex::new("start".into()),
         });
-        let threads = (0..clients)
-            .map(|_| {
+        let threads = clients
+            .iter()
+            .map(|&kind| {
                 let shared = Arc::clone(&shared);
-                thread::spawn(move || client(&shared))
+                thread::spawn(move || match kind {
+                    ClientKind::Line => client(&shared, line_probe),
+                    ClientKind::HttpClose => client(&shared, http::probe),
+                    ClientKind::HttpKeepAlive => keep_alive_client(&shared),
+                })
             })
             .collect();
-        Load { shared, threads }
+        let proto = if clients.contains(&ClientKind::Line) {
+            Proto::Line
+        } else {
+            Proto::Http
+        };
+        Load {
+            shared,
+            proto,
+            threads,
+        }
     }
 
     pub fn set_stage(&self, stage: String) {
@@ -221,8 +284,11 @@ impl Load {
         }
         let s = &self.shared;
         LoadStats {
+            proto: self.proto,
             answered: s.answered.load(SeqCst),
             by_kind: std::array::from_fn(|i| s.by_kind[i].load(SeqCst)),
+            reused: s.reused.load(SeqCst),
+            closes: s.closes.load(SeqCst),
             examples: lock(&s.examples).clone(),
             unknown_pids: lock(&s.seen)
                 .keys()
@@ -241,7 +307,7 @@ impl Drop for Load {
 }
 
 /// A client thread: one connection after the other, each answered or counted as failed.
-pub fn client(shared: &Shared) {
+fn client(shared: &Shared, probe: fn(SocketAddr) -> Result<u32, (Failure, String)>) {
     while !shared.stop.load(SeqCst) {
         // Announce the connection first, then look at `paused`: `pause()` sets it first,
         // then waits for `busy` to drop to zero, so one of the two always sees the other.
@@ -255,11 +321,78 @@ pub fn client(shared: &Shared) {
             shared.busy.fetch_sub(1, SeqCst);
             return;
         }
-        let result = probe(shared.addr);
+        shared.record(probe(shared.addr));
+        shared.busy.fetch_sub(1, SeqCst);
+    }
+}
+
+/// A keep-alive client thread: requests back to back on one connection, until the
+/// server ends it with `Connection: close` (or a request fails, or the clients pause);
+/// then a new connection.
+fn keep_alive_client(shared: &Shared) {
+    let mut conn: Option<http::Conn> = None;
+    // Whether this thread counts in `busy`: from announcing a connection until it is
+    // closed.
+    let mut announced = false;
+    let close = |conn: &mut Option<http::Conn>, announced: &mut bool| {
+        *conn = None;
+        shared.busy.fetch_sub(1, SeqCst);
+        *announced = false;
+    };
+    while !shared.stop.load(SeqCst) {
+        // As in `client`: announce, then look at `paused`.
+        if !announced {
+            shared.busy.fetch_add(1, SeqCst);
+            announced = true;
+        }
+        if shared.paused.load(SeqCst) {
+            // Nothing may stay open while paused, not even an idle connection.
+            close(&mut conn, &mut announced);
+            thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        if shared.started.fetch_add(1, SeqCst) >= MAX_CONNECTIONS {
+            break;
+        }
+        if conn.is_none() {
+            match http::Conn::connect(shared.addr) {
+                Ok(c) => conn = Some(c),
+                Err(failed) => {
+                    shared.record(Err(failed));
+                    close(&mut conn, &mut announced);
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let reused = c.served > 0;
+        let result = c.get(false);
+        let keep = matches!(result, Ok(ref a) if !a.close);
+        if let Ok(answer) = &result {
+            if reused {
+                shared.reused.fetch_add(1, SeqCst);
+            }
+            if answer.close {
+                shared.closes.fetch_add(1, SeqCst);
+            }
+        }
+        shared.record(result.map(|a| a.pid));
+        if !keep {
+            close(&mut conn, &mut announced);
+        }
+    }
+    if announced {
+        close(&mut conn, &mut announced);
+    }
+}
+
+impl Shared {
+    /// Counts one connection or request, answered or failed.
+    fn record(&self, result: Result<u32, (Failure, String)>) {
         let at = now_us();
         match result {
             Ok(pid) => {
-                let mut seen = lock(&shared.seen);
+                let mut seen = lock(&self.seen);
                 let s = seen.entry(pid).or_insert(Seen {
                     first: at,
                     last: at,
@@ -267,14 +400,14 @@ pub fn client(shared: &Shared) {
                 s.first = s.first.min(at);
                 s.last = s.last.max(at);
                 drop(seen);
-                shared.answered.fetch_add(1, SeqCst);
+                self.answered.fetch_add(1, SeqCst);
             }
             Err((kind, msg)) => {
-                shared.by_kind[kind as usize].fetch_add(1, SeqCst);
-                shared.failed.fetch_add(1, SeqCst);
-                let mut examples = lock(&shared.examples);
+                self.by_kind[kind as usize].fetch_add(1, SeqCst);
+                self.failed.fetch_add(1, SeqCst);
+                let mut examples = lock(&self.examples);
                 if examples.len() < 10 {
-                    let stage = lock(&shared.stage).clone();
+                    let stage = lock(&self.stage).clone();
                     examples.push(format!(
                         "at {:.3} s, {stage}: {}: {msg}",
                         at as f64 / 1e6,
@@ -283,7 +416,6 @@ pub fn client(shared: &Shared) {
                 }
             }
         }
-        shared.busy.fetch_sub(1, SeqCst);
     }
 }
 

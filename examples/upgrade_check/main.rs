@@ -1,10 +1,11 @@
 //! Proves zero-downtime upgrades: runs a server, connects to it continuously from a few
 //! threads while it upgrades itself again and again, deploys broken binaries, and counts
-//! every connection that was refused, reset, timed out or answered wrongly.
+//! every connection (or HTTP request) that was refused, reset, timed out or answered
+//! wrongly.
 //!
 //! ```text
 //! upgrade_check [--server PATH] [--upgrades N] [--clients K] [--faults]
-//!               [--fault-timeout SECS] [--time-limit SECS]
+//!               [--fault-timeout SECS] [--time-limit SECS] [--http [--keep-alive N]]
 //! ```
 //!
 //! Measure the examples' `tcp_server` (the default `--server` is the `tcp_server` next to
@@ -15,6 +16,17 @@
 //! target/release/examples/upgrade_check --upgrades 100 --clients 4 --faults
 //! ```
 //!
+//! With `--http` the clients speak HTTP/1.1 (the default `--server` is then the
+//! `http_server` next to this executable): `N` of the `K` clients (`--keep-alive`, by
+//! default half of them, rounded up) send requests back to back on persistent
+//! connections, the others send each request on a new connection with
+//! `Connection: close`. Every request counts, and none is retried:
+//!
+//! ```text
+//! target/release/examples/upgrade_check --http --upgrades 100 --clients 4
+//! target/release/examples/upgrade_check --http --server target/release/examples/axum_server
+//! ```
+//!
 //! # The server contract
 //!
 //! Any server can be checked if it takes `--listen HOST:PORT`, `--pid-file PATH` and
@@ -22,6 +34,11 @@
 //! on `SIGTERM` (exiting with status 0), answers every connection with one line holding
 //! `pid=<its pid>` and closes it. For `--faults` it must also log a line containing
 //! `upgrade failed` and the reason to stderr when an upgrade fails.
+//!
+//! With `--http`, instead of the line: it answers `GET /` over HTTP/1.1 with a 2xx
+//! status and a `Content-Length` body holding `pid=<its pid>` (the examples' servers say
+//! `hello from pid=<pid>`), keeps connections alive unless told `Connection: close`, and
+//! ends one only after a response with `Connection: close` or when the client closes it.
 //!
 //! The server runs from a copy of its binary in a temporary directory, started with
 //! `argv[0]` = that path, so an upgrade re-executes whatever a "deploy" last put there.
@@ -73,6 +90,7 @@
 
 mod deploy;
 mod faults;
+mod http;
 mod load;
 mod procs;
 mod report;
@@ -87,7 +105,7 @@ use std::time::{Duration, Instant};
 
 use deploy::Deploy;
 use faults::fault_scenarios;
-use load::{idle_fd_count, Load};
+use load::{idle_fd_count, ClientKind, Load, Proto};
 use procs::{
     become_subreaper, descendants, describe_process, reap_all, reaped_strays, Limits, Workspace,
     LIMITS, START,
@@ -96,14 +114,15 @@ use report::{ms, LoadPhase, Progress, Report};
 use server::Server;
 
 const USAGE: &str = "usage: upgrade_check [--server PATH] [--upgrades N] [--clients K] [--faults]
-                     [--fault-timeout SECS] [--time-limit SECS]";
+                     [--fault-timeout SECS] [--time-limit SECS] [--http [--keep-alive N]]";
 
 const MAX_CLIENTS: usize = 64;
 const MAX_UPGRADES: usize = 10_000;
 const MAX_CONNECTIONS: u64 = 50_000_000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// A reply is one short line: anything longer is wrong.
+/// A reply is one short line (or a short HTTP response head, and a short body): anything
+/// longer is wrong.
 const MAX_REPLY: u64 = 4096;
 /// Longest wait for one step (on top of the server's own timeouts): generous, because
 /// the machine may be busy with other work.
@@ -123,6 +142,22 @@ struct Config {
     faults: bool,
     fault_timeout: Duration,
     time_limit: Duration,
+    proto: Proto,
+    /// How many of the HTTP clients keep their connections alive.
+    keep_alive: usize,
+}
+
+impl Config {
+    /// What each client thread does.
+    fn client_kinds(&self) -> Vec<ClientKind> {
+        (0..self.clients)
+            .map(|i| match self.proto {
+                Proto::Line => ClientKind::Line,
+                Proto::Http if i < self.keep_alive => ClientKind::HttpKeepAlive,
+                Proto::Http => ClientKind::HttpClose,
+            })
+            .collect()
+    }
 }
 
 fn main() -> ExitCode {
@@ -159,8 +194,11 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         faults: false,
         fault_timeout: Duration::from_secs(2),
         time_limit: Duration::from_secs(900),
+        proto: Proto::Line,
+        keep_alive: 0,
     };
     let mut server = None;
+    let mut keep_alive = None;
     while let Some(arg) = args.next() {
         let flag = arg.to_string_lossy().into_owned();
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -184,6 +222,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
             "--faults" => config.faults = true,
             "--fault-timeout" => config.fault_timeout = seconds(value()?)?,
             "--time-limit" => config.time_limit = seconds(value()?)?,
+            "--http" => config.proto = Proto::Http,
+            "--keep-alive" => keep_alive = Some(number(value()?, MAX_CLIENTS)?),
             "-h" | "--help" => return Ok(None),
             _ => return Err(format!("unknown argument {flag:?}")),
         }
@@ -191,11 +231,26 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
     if config.clients == 0 {
         return Err("--clients: at least one client is needed to measure anything".into());
     }
+    match (config.proto, keep_alive) {
+        (Proto::Line, Some(_)) => return Err("--keep-alive needs --http".into()),
+        (Proto::Http, Some(n)) if n > config.clients => {
+            return Err(format!(
+                "--keep-alive {n}: more than the {} clients",
+                config.clients
+            ))
+        }
+        (Proto::Http, n) => config.keep_alive = n.unwrap_or(config.clients.div_ceil(2)),
+        (Proto::Line, None) => {}
+    }
+    let default_server = match config.proto {
+        Proto::Line => "tcp_server",
+        Proto::Http => "http_server",
+    };
     config.server = match server {
         Some(path) => path,
         None => std::env::current_exe()
             .map_err(|e| format!("cannot find this executable ({e}); use --server"))?
-            .with_file_name("tcp_server"),
+            .with_file_name(default_server),
     };
     if !config.server.is_file() {
         return Err(format!(
@@ -254,11 +309,17 @@ fn upgrades_under_load(
         "upgrades under load: {} upgrades, {} clients",
         config.upgrades, config.clients
     ));
-    let mut server = Server::start("load", &deploy.bin, deploy.dir(), LOAD_UPGRADE_TIMEOUT)?;
+    let mut server = Server::start(
+        "load",
+        &deploy.bin,
+        deploy.dir(),
+        LOAD_UPGRADE_TIMEOUT,
+        config.proto,
+    )?;
     let phase = report.load.insert(LoadPhase::default());
     let result = (|| -> Res<()> {
         phase.fds_first = Some(idle_fd_count(server.current, None)?);
-        let load = Load::start(server.addr, config.clients);
+        let load = Load::start(server.addr, &config.client_kinds());
         let result = (|| -> Res<()> {
             load.wait_answers(&server, 100)?;
             for i in 1..=config.upgrades {

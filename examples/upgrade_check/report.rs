@@ -5,7 +5,7 @@ use std::io::{self, IsTerminal};
 use std::time::{Duration, Instant};
 
 use crate::faults::faults;
-use crate::load::{LoadStats, FAILURES};
+use crate::load::{LoadStats, Proto, FAILURES};
 use crate::server::Upgrade;
 use crate::{Config, MAX_CONNECTIONS};
 
@@ -121,9 +121,17 @@ impl Report {
     pub fn new(config: &Config) -> Report {
         Report {
             header: format!(
-                "upgrade_check: {}, {} client threads",
+                "upgrade_check: {}, {} client threads{}",
                 config.server.display(),
-                config.clients
+                config.clients,
+                match config.proto {
+                    Proto::Line => String::new(),
+                    Proto::Http => format!(
+                        " (HTTP/1.1: {} keep-alive, {} Connection: close)",
+                        config.keep_alive,
+                        config.clients - config.keep_alive
+                    ),
+                }
             ),
             upgrades_planned: config.upgrades,
             faults_planned: config.faults,
@@ -270,13 +278,23 @@ pub fn render_stats(out: &mut String, stats: &LoadStats) {
         .iter()
         .map(|&k| format!("{} {}", k.name(), stats.by_kind[k as usize]))
         .collect();
+    let what = match stats.proto {
+        Proto::Line => "connections",
+        Proto::Http => "requests",
+    };
     out.push_str(&format!(
-        "  {:<34}{} answered, {} failed ({})\n",
-        "connections",
+        "  {what:<34}{} answered, {} failed ({})\n",
         stats.answered,
         stats.failed(),
         kinds.join(", ")
     ));
+    if stats.proto == Proto::Http {
+        out.push_str(&format!(
+            "      {} on reused keep-alive connections; {} keep-alive connections ended by \
+             Connection: close\n",
+            stats.reused, stats.closes
+        ));
+    }
     for e in &stats.examples {
         out.push_str(&format!("      {e}\n"));
     }
@@ -288,7 +306,7 @@ pub fn render_stats(out: &mut String, stats: &LoadStats) {
     }
     if stats.capped {
         out.push_str(&format!(
-            "      stopped at the limit of {MAX_CONNECTIONS} connections\n"
+            "      stopped at the limit of {MAX_CONNECTIONS} {what}\n"
         ));
     }
 }

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
-use crate::load::{idle_fd_count, probe, Load};
+use crate::load::{idle_fd_count, probe, Failure, Load, Proto};
 use crate::procs::{
     exited, kill_descendants, micros, now_us, signal, status_text, strays, wait_for, wait_reaped,
 };
@@ -20,6 +20,7 @@ pub struct Server {
     pid_file: PathBuf,
     log: PathBuf,
     pub upgrade_timeout: Duration,
+    proto: Proto,
     /// The generation that serves now.
     pub current: u32,
     pub generations: Vec<u32>,
@@ -48,7 +49,13 @@ pub struct Upgrade {
 impl Server {
     /// Starts `bin` (as `argv[0]`) in `dir` on a free loopback port, and waits until it
     /// has written its pid file and answered a connection.
-    pub fn start(label: &str, bin: &Path, dir: &Path, upgrade_timeout: Duration) -> Res<Server> {
+    pub fn start(
+        label: &str,
+        bin: &Path,
+        dir: &Path,
+        upgrade_timeout: Duration,
+        proto: Proto,
+    ) -> Res<Server> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("cannot find a free port: {e}"))?
@@ -79,6 +86,7 @@ impl Server {
             pid_file,
             log,
             upgrade_timeout,
+            proto,
             current: pid,
             generations: vec![pid],
             stopped: false,
@@ -92,7 +100,7 @@ impl Server {
                     return Err(format!("the server (pid {pid}) exited during start-up"));
                 }
                 Ok(
-                    (server.pid_from_file() == Some(pid) && probe(addr).ok() == Some(pid))
+                    (server.pid_from_file() == Some(pid) && server.probe().ok() == Some(pid))
                         .then_some(()),
                 )
             },
@@ -102,6 +110,12 @@ impl Server {
             return Err(server.with_log(e));
         }
         Ok(server)
+    }
+
+    /// One connection (one request with `Connection: close` over HTTP): the pid that
+    /// answered.
+    pub fn probe(&self) -> Result<u32, (Failure, String)> {
+        probe(self.addr, self.proto)
     }
 
     pub fn pid_from_file(&self) -> Option<u32> {
