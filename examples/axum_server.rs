@@ -44,10 +44,11 @@
 //! 3. HTTP/1 connections have a lame-duck phase of `--lame-duck` seconds: they are
 //!    served as before, but every response says `Connection: close`, so each client
 //!    moves on after its next request, the one that may be on the wire already;
-//! 4. at the end of that phase hyper shuts down what is left: a connection that is idle
-//!    is closed, one with a request under way finishes it first. A connection that has
-//!    not sent its first request gets [`FIRST_REQUEST_GRACE`] instead, since hyper would
-//!    close it unread;
+//! 4. at the end of that phase hyper shuts down what is left, but only connections that
+//!    are idle: nothing has arrived since the last response. hyper would also close a
+//!    connection whose request has partly arrived, or arrived but not been parsed yet,
+//!    unanswered; the stream is wrapped ([`Watched`]) to know. A connection that has not
+//!    sent its first request gets [`FIRST_REQUEST_GRACE`] instead of the lame duck;
 //! 5. the process exits once every connection is done, or after [`DRAIN_TIMEOUT`].
 //!
 //! One current-thread runtime keeps it small (tokio features `rt`, `net`, `signal`,
@@ -57,12 +58,13 @@ use std::convert::Infallible;
 use std::error::Error;
 use std::ffi::OsString;
 use std::future::{poll_fn, Future};
+use std::io;
 use std::path::PathBuf;
 use std::pin::{pin, Pin};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::routing::get;
@@ -76,7 +78,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tableflip::{Options, Upgrader};
 use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
@@ -210,7 +212,7 @@ async fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // closes its fd only on drop and always returns the same number. (tokio 1.54 made
     // registration unsafe and deprecated the safe `AsyncFd::new`; tokio PR #8587.)
     let exit = unsafe { AsyncFd::register_with_interest(exit_fd, Interest::READABLE) }
-        .map_err(std::io::Error::from)?;
+        .map_err(io::Error::from)?;
 
     let upgrades = UpgradeTasks::default();
     let [hup, term, int] = signals;
@@ -246,7 +248,7 @@ async fn run(config: Config) -> Result<(), Box<dyn Error>> {
                 tokio::spawn(conn);
             }
             // The client gave up before we accepted: nothing was lost.
-            Either::Right(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
+            Either::Right(Err(e)) if e.kind() == io::ErrorKind::ConnectionAborted => {}
             Either::Right(Err(e)) => {
                 log!("accept failed: {e}");
                 // Out of fds or memory: the connection stays queued; back off.
@@ -307,12 +309,67 @@ async fn on_stop(mut sig: Signal, name: &'static str, upg: Arc<Upgrader>) {
     }
 }
 
-/// What the service tells its connection's task.
+/// What the service and the stream tell their connection's task.
 #[derive(Default)]
 struct ConnInfo {
     /// An HTTP/2 request has arrived: this connection speaks HTTP/2.
     h2: AtomicBool,
     requests: AtomicU64,
+    /// Bytes have arrived since the last response was ready: a request is on its way
+    /// or under way (HTTP/1 has one at a time; pipelining is not considered).
+    unanswered: AtomicBool,
+}
+
+/// The client's stream, noting in [`ConnInfo::unanswered`] when bytes arrive.
+struct Watched {
+    stream: TcpStream,
+    info: Arc<ConnInfo>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.info.unanswered.store(true, Ordering::SeqCst);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
 }
 
 /// Serves one connection until it ends; once this generation should exit, drains it as
@@ -338,8 +395,10 @@ async fn serve_connection(
             }
             let response = app.call(req);
             let phase = phase.clone();
+            let info = Arc::clone(&info);
             async move {
                 let mut response = response.await?;
+                info.unanswered.store(false, Ordering::SeqCst);
                 // Lame duck: the client's next request goes to a new connection. (HTTP/2
                 // has no Connection header; its connections get GOAWAY instead.)
                 if http1 && phase.borrow().is_some() {
@@ -349,6 +408,10 @@ async fn serve_connection(
                 Ok::<_, Infallible>(response)
             }
         })
+    };
+    let stream = Watched {
+        stream,
+        info: Arc::clone(&info),
     };
     let mut conn = pin!(builder.serve_connection(TokioIo::new(stream), service));
 
@@ -366,7 +429,8 @@ async fn serve_connection(
     let first_request_end = lame_duck_end.max(Instant::now() + FIRST_REQUEST_GRACE);
 
     // Lame duck, then hyper's graceful shutdown. `first` polls the connection before
-    // the timer, so whatever the client has sent by then is read before it acts.
+    // the timer, so whatever the client has sent by then is read (and noted in
+    // `unanswered`) before this looks.
     let mut shut_down = false;
     loop {
         let end = if info.requests.load(Ordering::Relaxed) == 0 {
@@ -374,9 +438,9 @@ async fn serve_connection(
         } else {
             lame_duck_end
         };
-        if !shut_down && (info.h2.load(Ordering::Relaxed) || Instant::now() >= end) {
-            // HTTP/2: GOAWAY, streams in flight finish. HTTP/1: closed if idle, else
-            // after the response under way.
+        let idle = !info.unanswered.load(Ordering::SeqCst);
+        if !shut_down && (info.h2.load(Ordering::Relaxed) || (idle && Instant::now() >= end)) {
+            // HTTP/2: GOAWAY, streams in flight finish. HTTP/1: idle, so closed.
             conn.as_mut().graceful_shutdown();
             shut_down = true;
         }
