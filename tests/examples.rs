@@ -178,9 +178,19 @@ fn tcp_server_survives_failed_upgrades() {
 /// that stays idle is closed at the end of the lame-duck phase, without a response.
 #[test]
 fn http_server_finishes_requests_in_flight() {
+    finishes_requests_in_flight("http_server");
+}
+
+/// The same with axum, tokio and hyper, on HTTP/1.1.
+#[test]
+fn axum_server_finishes_requests_in_flight() {
+    finishes_requests_in_flight("axum_server");
+}
+
+fn finishes_requests_in_flight(binary: &str) {
     let _lock = lock();
     let args = ["--lame-duck", "0.5"];
-    let mut server = Server::start(&example("http_server"), &args, http_probe);
+    let mut server = Server::start(&example(binary), &args, http_probe);
     let first = server.current;
 
     let mut idle = connect(server.addr).unwrap();
