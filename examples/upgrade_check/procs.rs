@@ -32,6 +32,11 @@ pub fn micros(us: u64) -> Duration {
 /// Polls `f` every `every` until it returns `Ok(Some)`, fails, or `timeout` passes.
 /// Reaps exited children on the way, and gives up when the run is interrupted or out of
 /// time.
+///
+/// `f` looks before the reaping: reaping a generation can take the kernel a second or
+/// more (it walks the `/proc/<pid>` dentries, which grow with every thread a
+/// thread-per-connection server has had, and with every look at them), and that time
+/// must not count as the server's.
 pub fn wait_for<T>(
     what: &str,
     timeout: Duration,
@@ -40,10 +45,10 @@ pub fn wait_for<T>(
 ) -> Res<T> {
     let deadline = Instant::now() + timeout;
     loop {
-        reap_all();
         if let Some(v) = f()? {
             return Ok(v);
         }
+        reap_all();
         if let Some(limits) = LIMITS.get() {
             if limits.interrupted.load(SeqCst) {
                 return Err(format!("interrupted while waiting for {what}"));
