@@ -314,6 +314,7 @@ async fn on_stop(mut sig: Signal, name: &'static str, upg: Arc<Upgrader>) {
 struct ConnInfo {
     /// An HTTP/2 request has arrived: this connection speaks HTTP/2.
     h2: AtomicBool,
+    /// Requests seen so far; none: the first one is still to come.
     requests: AtomicU64,
     /// Bytes have arrived since the last response was ready: a request is on its way
     /// or under way (HTTP/1 has one at a time; pipelining is not considered).
