@@ -41,6 +41,24 @@ impl Deploy {
         self.install(0o755, |tmp| fs::write(tmp, script))
     }
 
+    /// A wrapper that runs the good binary and kills it with `SIGABRT` (a crash) 300 ms
+    /// later: a deploy that becomes ready, then dies on its first traffic. The killer's
+    /// pid goes to [`Deploy::helper_pid_file`]: it is reaped by this program, and is not
+    /// a stray.
+    pub fn install_dies_after_ready(&self) -> Res<()> {
+        let quote = |p: &Path| p.display().to_string().replace('\'', "'\\''");
+        self.install_script(&format!(
+            "#!/bin/sh\n(sleep 0.3; kill -ABRT $$) &\necho $! > '{}'\nexec '{}' \"$@\"\n",
+            quote(&self.helper_pid_file()),
+            quote(&self.good)
+        ))
+    }
+
+    /// Where a deploy's helper process writes its pid.
+    pub fn helper_pid_file(&self) -> PathBuf {
+        self.dir().join("helper.pid")
+    }
+
     pub fn install_not_executable(&self) -> Res<()> {
         self.install(0o644, |tmp| fs::copy(&self.good, tmp).map(drop))
     }

@@ -19,6 +19,8 @@ pub struct Fault {
     pub name: &'static str,
     pub install: fn(&Deploy) -> Res<()>,
     pub expect: &'static str,
+    /// The broken generation serves before it dies: connections it accepted die with it.
+    pub serves: bool,
 }
 
 pub fn faults() -> [Fault; 5] {
@@ -27,28 +29,43 @@ pub fn faults() -> [Fault; 5] {
             name: "exits with status 3",
             install: |d| d.install_script("#!/bin/sh\nexit 3\n"),
             expect: "exit status: 3",
+            serves: false,
         },
         Fault {
             name: "killed by SIGKILL",
             install: |d| d.install_script("#!/bin/sh\nkill -9 $$\n"),
             expect: "signal: 9",
+            serves: false,
         },
         Fault {
             name: "hangs past the timeout",
             install: |d| d.install_script("#!/bin/sh\nexec sleep 1000\n"),
             expect: "not ready after",
+            serves: false,
         },
         Fault {
             name: "binary missing",
             install: Deploy::remove,
             expect: "No such file or directory",
+            serves: false,
         },
         Fault {
             name: "no execute bit",
             install: Deploy::install_not_executable,
             expect: "Permission denied",
+            serves: false,
         },
     ]
+}
+
+/// The deploy that becomes ready and crashes 300 ms later, under `--probation 1`.
+pub fn probation_fault() -> Fault {
+    Fault {
+        name: "ready, then dies 300 ms later",
+        install: Deploy::install_dies_after_ready,
+        expect: "after it became ready",
+        serves: true,
+    }
 }
 
 pub fn fault_scenarios(
@@ -88,6 +105,48 @@ pub fn fault_scenarios(
     report.fault_stats = Some(load.finish(&server.generations));
     report.generations.extend(&server.generations);
     let result = result.and_then(|()| server.stop());
+    result.map_err(|e| server.with_log(e))?;
+    probation_scenario(config, deploy, report, progress)
+}
+
+/// A server with a one-second probation gets a deploy that becomes ready and crashes
+/// 300 ms later: the old generation rolls it back and serves on, its pid file unchanged,
+/// and no connection is refused; then the good deploy upgrades (a second later).
+fn probation_scenario(
+    config: &Config,
+    deploy: &Deploy,
+    report: &mut Report,
+    progress: &mut Progress,
+) -> Res<()> {
+    let fault = probation_fault();
+    progress.say(&format!("fault: {} (--probation 1)", fault.name));
+    deploy.install_good()?;
+    let mut server = Server::start_with(
+        "probation",
+        &deploy.bin,
+        deploy.dir(),
+        config.fault_timeout,
+        config.proto,
+        &["--probation", "1"],
+    )?;
+    let load = Load::start(server.addr, &config.client_kinds());
+    let result = (|| -> Res<()> {
+        load.wait_answers(&server, 100)?;
+        load.set_stage(format!("fault: {}", fault.name));
+        let outcome = failed_upgrade(&mut server, &load, deploy, &fault)?;
+        report.faults.push(outcome);
+        Ok(())
+    })();
+    report.probation_stats = Some(load.finish(&server.generations));
+    report.generations.extend(&server.generations);
+    // The deploy's killer is ours too (see `install_dies_after_ready`).
+    if let Some(helper) = std::fs::read_to_string(deploy.helper_pid_file())
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+    {
+        report.generations.push(helper);
+    }
+    let result = result.and_then(|()| server.stop());
     result.map_err(|e| server.with_log(e))
 }
 
@@ -103,6 +162,7 @@ pub fn failed_upgrade(
     let mut outcome = FaultOutcome::new(fault.name);
     let fds_before = idle_fd_count(old, Some(load))?;
     let failed_before = load.shared.failed.load(SeqCst);
+    let in_flight_before = load.in_flight();
     let logged_before = server.failure_lines().len();
 
     (fault.install)(deploy)?;
@@ -120,6 +180,10 @@ pub fn failed_upgrade(
     )?;
     let logged_at = now_us();
     outcome.reason = reason(&line);
+    // A broken generation that served (on probation) answered connections: one of ours.
+    if let Some(pid) = pid_in(&outcome.reason) {
+        server.generations.push(pid);
+    }
     if !line.contains(fault.expect) {
         outcome.problem(format!("expected the reason to mention {:?}", fault.expect));
     }
@@ -145,11 +209,19 @@ pub fn failed_upgrade(
         outcome.problem(format!("fd count {fds_before} before, {fds_after} after"));
     }
 
+    // What the crashing generation held died with it (and only that, only if it served).
+    let lost = if fault.serves {
+        load.in_flight() - in_flight_before
+    } else {
+        0
+    };
+    outcome.lost_in_flight = lost;
+
     // The next deploy is good: the failure left nothing in the way.
     deploy.install_good()?;
     let upgrade = server.upgrade(load)?;
     outcome.recovery = Some(upgrade.latency);
-    outcome.failed_connections = load.shared.failed.load(SeqCst) - failed_before;
+    outcome.failed_connections = load.shared.failed.load(SeqCst) - failed_before - lost;
     Ok(outcome)
 }
 
@@ -225,6 +297,12 @@ pub fn killed_mid_upgrade(server: &mut Server, load: &Load, deploy: &Deploy) -> 
     outcome.recovery = Some(upgrade.latency);
     outcome.failed_connections = load.shared.failed.load(SeqCst) - failed_before;
     Ok(outcome)
+}
+
+/// The pid in "new generation (pid 1234) ...".
+fn pid_in(reason: &str) -> Option<u32> {
+    let rest = &reason[reason.find("(pid ")? + 5..];
+    rest[..rest.find(')')?].parse().ok()
 }
 
 /// "[tcp_server pid=1] upgrade failed: reason" -> "reason".

@@ -179,6 +179,17 @@ pub struct LoadStats {
     pub capped: bool,
 }
 
+/// Failures of the kinds a connection suffers when the process that accepted it dies
+/// (closed before or while answering, or reset): not refused, not timed out.
+pub fn in_flight(by_kind: &[u64; FAILURES.len()]) -> u64 {
+    FAILURES
+        .iter()
+        .zip(by_kind)
+        .filter(|(k, _)| matches!(k, Failure::Empty | Failure::CutOff | Failure::Reset))
+        .map(|(_, n)| n)
+        .sum()
+}
+
 impl LoadStats {
     pub fn failed(&self) -> u64 {
         self.by_kind.iter().sum()
@@ -186,6 +197,14 @@ impl LoadStats {
 }
 
 impl Load {
+    /// Failures so far of the kinds [`in_flight`] counts.
+    pub fn in_flight(&self) -> u64 {
+        let by_kind: [u64; FAILURES.len()] = std::array::from_fn(|i| {
+            self.shared.by_kind[i].load(std::sync::atomic::Ordering::SeqCst)
+        });
+        in_flight(&by_kind)
+    }
+
     /// One thread per entry of `clients`.
     pub fn start(addr: SocketAddr, clients: &[ClientKind]) -> Load {
         let shared = Arc::new(Shared {

@@ -78,6 +78,9 @@ pub struct FaultOutcome {
     /// The old generation's fd count before and after, idle.
     pub fds: String,
     pub failed_connections: u64,
+    /// Connections the broken generation had accepted when it died (a generation that
+    /// serves, then crashes, takes those with it); not counted as failed.
+    pub lost_in_flight: u64,
     /// The good upgrade afterwards: SIGHUP until the new pid answered.
     pub recovery: Option<Duration>,
 }
@@ -90,6 +93,7 @@ impl FaultOutcome {
             problems: Vec::new(),
             fds: "?".into(),
             failed_connections: 0,
+            lost_in_flight: 0,
             recovery: None,
         }
     }
@@ -110,6 +114,8 @@ pub struct Report {
     pub load: Option<LoadPhase>,
     pub faults: Vec<FaultOutcome>,
     pub fault_stats: Option<LoadStats>,
+    /// The load while a deploy died on its probation (in-flight losses allowed).
+    pub probation_stats: Option<LoadStats>,
     /// Every generation of every server.
     pub generations: Vec<u32>,
     pub leftovers: Vec<String>,
@@ -138,6 +144,7 @@ impl Report {
             load: None,
             faults: Vec::new(),
             fault_stats: None,
+            probation_stats: None,
             generations: Vec::new(),
             leftovers: Vec::new(),
             strays: Vec::new(),
@@ -156,10 +163,17 @@ impl Report {
                 && stats_ok(&l.stats)
                 && l.fds_range().map_or(true, |(min, max)| min == max)
         });
+        // Under the probation fault, only what the crashing generation held may be lost.
+        let probation_ok = self.probation_stats.as_ref().is_some_and(|s| {
+            s.failed() == crate::load::in_flight(&s.by_kind)
+                && s.unknown_pids.is_empty()
+                && !s.capped
+        });
         let faults_ok = !self.faults_planned
-            || (self.faults.len() == faults().len() + 1
+            || (self.faults.len() == faults().len() + 2
                 && self.faults.iter().all(FaultOutcome::passed)
-                && stats_ok(&self.fault_stats));
+                && stats_ok(&self.fault_stats)
+                && probation_ok);
         self.problems.is_empty()
             && load_ok
             && faults_ok
@@ -243,11 +257,21 @@ impl Report {
                     recovery,
                     f.reason
                 ));
+                if f.lost_in_flight > 0 {
+                    out.push_str(&format!(
+                        "      {} connection(s) the crashing generation had accepted died with it\n",
+                        f.lost_in_flight
+                    ));
+                }
                 for p in &f.problems {
                     out.push_str(&format!("      problem: {p}\n"));
                 }
             }
             if let Some(stats) = &self.fault_stats {
+                render_stats(&mut out, stats);
+            }
+            if let Some(stats) = &self.probation_stats {
+                out.push_str("  under --probation 1:\n");
                 render_stats(&mut out, stats);
             }
         }

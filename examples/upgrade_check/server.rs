@@ -56,6 +56,18 @@ impl Server {
         upgrade_timeout: Duration,
         proto: Proto,
     ) -> Res<Server> {
+        Server::start_with(label, bin, dir, upgrade_timeout, proto, &[])
+    }
+
+    /// [`start`](Server::start), with `extra` arguments for the server.
+    pub fn start_with(
+        label: &str,
+        bin: &Path,
+        dir: &Path,
+        upgrade_timeout: Duration,
+        proto: Proto,
+        extra: &[&str],
+    ) -> Res<Server> {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("cannot find a free port: {e}"))?
@@ -72,6 +84,7 @@ impl Server {
             .arg(&pid_file)
             .arg("--upgrade-timeout")
             .arg(upgrade_timeout.as_secs_f64().to_string())
+            .args(extra)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
