@@ -98,7 +98,7 @@ const LAME_DUCK_TICK: Duration = Duration::from_millis(50);
 
 const USAGE: &str = "usage: axum_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--upgrade-timeout SECS] [--lame-duck SECS] [--probation SECS] \
-                     [--fd-store]";
+                     [--fd-store] [--keeper]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 macro_rules! log {
@@ -115,6 +115,7 @@ struct Config {
     lame_duck: Duration,
     probation: Duration,
     fd_store: bool,
+    keeper: bool,
 }
 
 fn main() -> ExitCode {
@@ -129,6 +130,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `--keeper`: this process stays in front of the generations, with one pid, for
+    // the service's whole life (containers, supervisors); the generations it starts
+    // run this same `main` and go on from here.
+    if config.keeper {
+        if let Err(e) = tableflip::Keeper::new().run() {
+            eprintln!("axum_server: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -152,6 +162,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         lame_duck: LAME_DUCK,
         probation: Duration::ZERO,
         fd_store: false,
+        keeper: false,
     };
     while let Some(arg) = args.next() {
         let flag = arg.to_string_lossy().into_owned();
@@ -171,6 +182,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
             "--upgrade-timeout" => config.upgrade_timeout = seconds(value()?, false)?,
             "--probation" => config.probation = seconds(value()?, true)?,
             "--fd-store" => config.fd_store = true,
+            "--keeper" => config.keeper = true,
             "--lame-duck" => {
                 config.lame_duck = seconds(value()?, true)?;
                 if config.lame_duck > DRAIN_TIMEOUT {

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! daemon --pid-file PATH [--listen HOST:PORT] [--upgrade-timeout SECS] [--probation SECS]
-//!        [--fd-store]
+//!        [--fd-store] [--keeper]
 //! ```
 //!
 //! It stays in the foreground (no double fork: systemd does the daemonizing), logs to
@@ -55,7 +55,7 @@ use tableflip::{Options, Upgrader, Wake};
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 const USAGE: &str = "usage: daemon --pid-file PATH [--listen HOST:PORT] \
-                     [--upgrade-timeout SECS] [--probation SECS] [--fd-store]";
+                     [--upgrade-timeout SECS] [--probation SECS] [--fd-store] [--keeper]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 macro_rules! log {
@@ -73,6 +73,15 @@ fn main() -> ExitCode {
     while let Some(arg) = args.next() {
         if arg == "--fd-store" {
             options = options.fd_store(true);
+            continue;
+        }
+        // `--keeper`: this process stays in front of the generations, with one pid, for
+        // the service's whole life; the generations it starts go on from here.
+        if arg == "--keeper" {
+            if let Err(e) = tableflip::Keeper::new().run() {
+                eprintln!("daemon: {e}");
+                return ExitCode::FAILURE;
+            }
             continue;
         }
         let value = args.next();

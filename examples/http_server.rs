@@ -78,7 +78,7 @@ const ACCEPT_BATCH: usize = 64;
 
 const USAGE: &str = "usage: http_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--upgrade-timeout SECS] [--lame-duck SECS] [--probation SECS] \
-                     [--fd-store]";
+                     [--fd-store] [--keeper]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 macro_rules! log {
@@ -95,6 +95,7 @@ struct Config {
     lame_duck: Duration,
     probation: Duration,
     fd_store: bool,
+    keeper: bool,
 }
 
 fn main() -> ExitCode {
@@ -109,6 +110,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `--keeper`: this process stays in front of the generations, with one pid, for
+    // the service's whole life (containers, supervisors); the generations it starts
+    // run this same `main` and go on from here.
+    if config.keeper {
+        if let Err(e) = tableflip::Keeper::new().run() {
+            eprintln!("http_server: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -127,6 +137,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         lame_duck: LAME_DUCK,
         probation: Duration::ZERO,
         fd_store: false,
+        keeper: false,
     };
     while let Some(arg) = args.next() {
         let flag = arg.to_string_lossy().into_owned();
@@ -146,6 +157,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
             "--upgrade-timeout" => config.upgrade_timeout = seconds(value()?, false)?,
             "--probation" => config.probation = seconds(value()?, true)?,
             "--fd-store" => config.fd_store = true,
+            "--keeper" => config.keeper = true,
             "--lame-duck" => {
                 config.lame_duck = seconds(value()?, true)?;
                 if config.lame_duck > DRAIN_TIMEOUT {

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! tcp_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
-//!            [--probation SECS] [--fd-store]
+//!            [--probation SECS] [--fd-store] [--keeper]
 //! ```
 //!
 //! Defaults: `127.0.0.1:8080`, no pid file, 60 s, no probation (`--probation 2` keeps
@@ -60,7 +60,7 @@ const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
 const ACCEPT_BATCH: usize = 64;
 
 const USAGE: &str = "usage: tcp_server [--listen HOST:PORT] [--pid-file PATH] \
-                     [--upgrade-timeout SECS] [--probation SECS] [--fd-store]";
+                     [--upgrade-timeout SECS] [--probation SECS] [--fd-store] [--keeper]";
 
 /// Logs one line to stderr with this process's pid. A single `write` per line, so the
 /// lines of two generations sharing a log file do not interleave, and a closed stderr
@@ -78,6 +78,7 @@ struct Config {
     upgrade_timeout: Duration,
     probation: Duration,
     fd_store: bool,
+    keeper: bool,
 }
 
 fn main() -> ExitCode {
@@ -92,6 +93,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // `--keeper`: this process stays in front of the generations, with one pid, for
+    // the service's whole life (containers, supervisors); the generations it starts
+    // run this same `main` and go on from here.
+    if config.keeper {
+        if let Err(e) = tableflip::Keeper::new().run() {
+            eprintln!("tcp_server: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -109,6 +119,7 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, St
         upgrade_timeout: Duration::from_secs(60),
         probation: Duration::ZERO,
         fd_store: false,
+        keeper: false,
     };
     let mut args = args;
     while let Some(arg) = args.next() {
@@ -126,6 +137,7 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, St
             }
             "--probation" => config.probation = seconds(&flag, &value()?)?.unwrap_or_default(),
             "--fd-store" => config.fd_store = true,
+            "--keeper" => config.keeper = true,
             "-h" | "--help" => return Ok(None),
             _ => return Err(format!("unknown argument {flag:?}")),
         }

@@ -114,6 +114,14 @@ impl Program {
         };
         envp.push(std::ptr::null());
         let (err_rd, err_wr) = crate::os::pipe().map_err(|e| Error::io("pipe2", None, e))?;
+        // The error pipe must not be where a move puts an fd: above them all, then.
+        let err_wr = match moves.iter().map(|[_, to]| *to).max() {
+            Some(top) if err_wr.as_raw_fd() <= top => {
+                rustix::io::fcntl_dupfd_cloexec(&err_wr, top.saturating_add(1))
+                    .map_err(|e| Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(err_wr.as_raw_fd()), e))?
+            }
+            _ => err_wr,
+        };
         // Above every fd involved, for the moves' scratch copies.
         let scratch = fds
             .iter()

@@ -152,6 +152,11 @@ impl Notifier {
         ));
     }
 
+    /// Passes on what a keeper heard from its generations (best effort).
+    pub(crate) fn relay(&self, msg: &str) {
+        self.tell(msg);
+    }
+
     /// A real stop (never sent after a handoff).
     pub(crate) fn stopping(&self) {
         self.tell("STOPPING=1");
