@@ -125,6 +125,7 @@
 
 mod batch;
 mod child;
+pub mod control;
 mod error;
 mod fds;
 mod handshake;

@@ -109,7 +109,7 @@ pub(crate) fn bind_unix(
     Ok((fd, file))
 }
 
-fn unix_sockaddr(addr: &UnixAddr) -> io::Result<SocketAddrUnix> {
+pub(crate) fn unix_sockaddr(addr: &UnixAddr) -> io::Result<SocketAddrUnix> {
     Ok(match addr {
         UnixAddr::Path(p) => SocketAddrUnix::new(p.as_path())?,
         #[cfg(any(target_os = "linux", target_os = "android"))]
