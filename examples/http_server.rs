@@ -3,7 +3,13 @@
 //!
 //! ```text
 //! http_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
+//!             [--control PATH|@NAME]
+//! http_server --control PATH|@NAME --upgrade
 //! ```
+//!
+//! `--control` serves a control socket (see `tableflip::control`) on a thread of its
+//! own; `--upgrade` asks the server there to upgrade, prints the new pid and exits 0,
+//! or prints why it failed and exits 1.
 //!
 //! Defaults: `127.0.0.1:8080`, no pid file, 60 s. `GET` (and `HEAD`) of any path answers
 //! `200` with the body `hello from pid=<pid>`; other methods get `405`.
@@ -62,8 +68,8 @@ const MAX_HEAD: usize = 16 * 1024;
 /// Connections accepted per wake-up before the exit fd is looked at again.
 const ACCEPT_BATCH: usize = 64;
 
-const USAGE: &str =
-    "usage: http_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]";
+const USAGE: &str = "usage: http_server [--listen HOST:PORT] [--pid-file PATH] \
+                     [--upgrade-timeout SECS] [--control PATH|@NAME] [--upgrade]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 macro_rules! log {
@@ -77,6 +83,8 @@ struct Config {
     listen: String,
     pid_file: Option<PathBuf>,
     upgrade_timeout: Duration,
+    control: Option<tableflip::UnixAddr>,
+    upgrade: bool,
 }
 
 fn main() -> ExitCode {
@@ -91,6 +99,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if config.upgrade {
+        return control::ask_upgrade(&config);
+    }
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -106,6 +117,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         listen: "127.0.0.1:8080".into(),
         pid_file: None,
         upgrade_timeout: Duration::from_secs(60),
+        control: None,
+        upgrade: false,
     };
     while let Some(arg) = args.next() {
         let flag = arg.to_string_lossy().into_owned();
@@ -124,6 +137,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
                     .filter(|d| !d.is_zero())
                     .ok_or_else(|| format!("--upgrade-timeout: bad number of seconds {v:?}"))?;
             }
+            "--control" => config.control = Some(control::addr(value()?)),
+            "--upgrade" => config.upgrade = true,
             "-h" | "--help" => return Ok(None),
             _ => return Err(format!("unknown argument {flag:?}")),
         }
@@ -159,10 +174,13 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         .name("signals".into())
         .spawn(move || handle_signals(signals, signal_upg, signal_upgrades))?;
 
+    // Taken before ready() (which closes inherited fds nobody took), served once ready.
+    let control = control::listen(&config, &upg)?;
     // Which inherited fds were taken, and which were closed because nobody asked for
     // them: a listener dropped by a configuration change shows up here.
     let adoption = upg.ready()?;
     log!("ready; {adoption}");
+    let control = control::serve(control, &upg)?;
 
     let conns = Arc::new(Connections::default());
     serve(&listener, &upg, &conns);
@@ -171,6 +189,10 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
     for upgrade in pending {
         let _ = upgrade.join();
+    }
+    // It answers the request that ended this generation, then returns.
+    if let Some(control) = control {
+        let _ = control.join();
     }
 
     log!(
@@ -655,4 +677,71 @@ fn error_chain(e: &dyn Error) -> String {
         source = s.source();
     }
     msg
+}
+
+/// The control socket (`--control`, `--upgrade`), kept apart from the HTTP code.
+mod control {
+    use std::ffi::OsString;
+    use std::process::ExitCode;
+    use std::sync::Arc;
+    use std::thread::{self, JoinHandle};
+    use std::time::Duration;
+
+    use tableflip::control::{request_upgrade, Server};
+    use tableflip::{UnixAddr, Upgrader};
+
+    use super::{error_chain, Config};
+
+    /// `@NAME` is an abstract socket name, anything else a path.
+    pub fn addr(v: OsString) -> UnixAddr {
+        match v.to_str().and_then(|s| s.strip_prefix('@')) {
+            Some(name) => UnixAddr::abstract_name(name),
+            None => UnixAddr::Path(v.into()),
+        }
+    }
+
+    /// `--upgrade`: asks the server to upgrade and waits (its timeout, and a margin).
+    pub fn ask_upgrade(config: &Config) -> ExitCode {
+        let Some(addr) = config.control.clone() else {
+            eprintln!("http_server: --upgrade needs --control");
+            return ExitCode::from(2);
+        };
+        match request_upgrade(addr, config.upgrade_timeout + Duration::from_secs(10)) {
+            Ok(pid) => {
+                println!("{pid}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("http_server: upgrade failed: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    pub fn listen(config: &Config, upg: &Upgrader) -> tableflip::Result<Option<Server>> {
+        config
+            .control
+            .clone()
+            .map(|addr| Server::listen(upg, addr))
+            .transpose()
+    }
+
+    /// Serves on a thread of its own until this process should exit.
+    pub fn serve(
+        server: Option<Server>,
+        upg: &Arc<Upgrader>,
+    ) -> std::io::Result<Option<JoinHandle<()>>> {
+        let Some(server) = server else {
+            return Ok(None);
+        };
+        let upg = Arc::clone(upg);
+        thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                if let Err(e) = server.serve(&upg) {
+                    log!("control socket failed: {}", error_chain(&e));
+                }
+            })
+            .map(Some)
+    }
 }
