@@ -49,7 +49,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -58,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tableflip::{Options, UnixAddr, Upgrader};
+use tableflip::{Options, UnixAddr, Upgrader, Wake};
 
 /// How long an exiting generation waits for its connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -215,23 +214,7 @@ fn run(
 
     // Serve until told to exit.
     let mut handlers: Vec<JoinHandle<()>> = Vec::new();
-    let mut fds = [listener.as_raw_fd(), upg.exit_fd().as_raw_fd()].map(|fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    });
-    loop {
-        // SAFETY: `fds` is an array of initialised pollfd structs, valid for the call;
-        // both fds stay open for the whole loop.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
-            if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-                thread::sleep(Duration::from_millis(100)); // ENOMEM: do not spin
-            }
-            continue;
-        }
-        if fds[1].revents != 0 {
-            break;
-        }
+    while upg.wait_readable(&listener, None) == Wake::Readable {
         handlers.retain(|h| !h.is_finished());
         // A bounded batch, so that a flood of connections cannot delay the exit check.
         for _ in 0..64 {

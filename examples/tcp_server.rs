@@ -38,14 +38,13 @@
 //! The accept loop is the part to copy. The listening socket's `O_NONBLOCK` flag is
 //! shared by every generation (it lives on the open file description), and a thread
 //! blocked in `accept()` is not woken when another thread closes the socket. So every
-//! generation sets the listener non-blocking, waits with `poll(2)` on the listener *and*
-//! the upgrader's exit fd, and accepts until `WouldBlock`.
+//! generation sets the listener non-blocking, waits on the listener *and* the exit
+//! notification together (`Upgrader::wait_readable`), and accepts until `WouldBlock`.
 
 use std::error::Error;
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Condvar, Mutex};
@@ -54,7 +53,7 @@ use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tableflip::{control, Options, UnixAddr, Upgrader};
+use tableflip::{control, Options, UnixAddr, Upgrader, Wake};
 
 /// How long an exiting generation waits for its connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -335,32 +334,12 @@ fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThr
     }
 }
 
-/// Accepts connections until the upgrader's exit fd becomes readable.
+/// Accepts connections until the upgrader's exit notification fires.
 fn serve(listener: &TcpListener, upg: &Upgrader, conns: &Arc<Connections>) {
-    let mut fds = [
-        pollin(listener.as_raw_fd()),
-        pollin(upg.exit_fd().as_raw_fd()),
-    ];
-    loop {
-        // SAFETY: `fds` is an array of initialised pollfd structs, valid for the call;
-        // both fds stay open for the whole loop.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                log!("poll failed: {err}");
-                thread::sleep(Duration::from_millis(100));
-            }
-            continue;
-        }
-        // Checked first: once told to exit, accept nothing more (the next generation
-        // accepts from the same queue).
-        if fds[1].revents != 0 {
-            return;
-        }
-        if fds[0].revents != 0 {
-            accept_batch(listener, conns);
-        }
+    // The exit notification is looked at first: once told to exit, accept nothing more
+    // (the next generation accepts from the same queue).
+    while upg.wait_readable(listener, None) == Wake::Readable {
+        accept_batch(listener, conns);
     }
 }
 
@@ -483,14 +462,6 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         *self.0.active.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
         self.0.changed.notify_all();
-    }
-}
-
-fn pollin(fd: RawFd) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
     }
 }
 

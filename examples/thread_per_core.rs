@@ -20,7 +20,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread;
@@ -28,7 +27,7 @@ use std::time::Duration;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tableflip::{Options, Upgrader};
+use tableflip::{Options, Upgrader, Wake};
 
 /// Connections accepted per wake-up before the exit fd is looked at again.
 const ACCEPT_BATCH: usize = 64;
@@ -172,10 +171,7 @@ fn worker(n: usize, listener: TcpListener, upg: &Upgrader) -> io::Result<()> {
     // The same mode in every generation: O_NONBLOCK is shared with the other generation.
     listener.set_nonblocking(true)?;
     let reply = format!("hello from pid={} worker={n}\n", std::process::id());
-    loop {
-        if wait_readable(listener.as_fd(), upg.exit_fd())? {
-            return Ok(());
-        }
+    while upg.wait_readable(&listener, None) == Wake::Readable {
         for _ in 0..ACCEPT_BATCH {
             match listener.accept() {
                 Ok((mut conn, _)) => {
@@ -200,31 +196,5 @@ fn worker(n: usize, listener: TcpListener, upg: &Upgrader) -> io::Result<()> {
             }
         }
     }
-}
-
-/// Waits until `listener` is readable (`Ok(false)`) or `exit` is (`Ok(true)`).
-fn wait_readable(listener: BorrowedFd<'_>, exit: BorrowedFd<'_>) -> io::Result<bool> {
-    let mut fds = [
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: exit.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: two valid pollfd structs, exclusively borrowed for the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc >= 0 {
-            return Ok(fds[1].revents != 0);
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    Ok(())
 }

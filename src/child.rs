@@ -4,7 +4,9 @@
 //! - allocates nothing, takes no lock, cannot panic (no indexing, no arithmetic that
 //!   can overflow, no `Option::unwrap`), and touches only the buffers prepared for it;
 //! - makes only async-signal-safe calls: `sigaction`, `fcntl`, `getpid` (raw syscall),
-//!   `chdir`, `pthread_sigmask`, `execve`, `write`, `_exit`.
+//!   `chdir`, `pthread_sigmask`, `execve`, `write`, `_exit`;
+//! - on failure, writes the step that failed and its errno (two native-endian `i32`s) to
+//!   the error pipe and exits with 127.
 //!
 //! On Linux the child is started with `clone(CLONE_VM | CLONE_VFORK)`: it borrows the
 //! parent's memory (no page tables are copied, so spawning costs the same with 10 MiB or
@@ -37,8 +39,30 @@ pub(crate) struct ChildArgs {
     pub(crate) nfds: usize,
     /// Ten bytes inside one of the envp strings that receive the child's pid in decimal.
     pub(crate) pid_slot: *mut u8,
-    /// Write end of a close-on-exec pipe: the child writes its errno there if it fails.
+    /// Write end of a close-on-exec pipe: the child writes the step that failed and its
+    /// errno there if it fails.
     pub(crate) err_fd: RawFd,
+}
+
+/// The step that failed, as reported on the error pipe (before the errno).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub(crate) enum Step {
+    /// Clearing `FD_CLOEXEC` on a passed fd.
+    PassFd = 1,
+    /// Entering the initial working directory.
+    Chdir = 2,
+    /// `execve` itself.
+    Exec = 3,
+}
+
+impl Step {
+    /// The step named by a number from the error pipe.
+    pub(crate) fn from_raw(n: i32) -> Option<Step> {
+        [Step::PassFd, Step::Chdir, Step::Exec]
+            .into_iter()
+            .find(|s| *s as i32 == n)
+    }
 }
 
 /// Width of [`ChildArgs::pid_slot`].
@@ -157,7 +181,7 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         let fd = unsafe { *args.fds.add(i) };
         // SAFETY: fcntl on an integer fd is async-signal-safe.
         if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
-            fail(args);
+            fail(args, Step::PassFd);
         }
         i = i.wrapping_add(1);
     }
@@ -176,7 +200,7 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     // 4. The initial working directory.
     // SAFETY: NUL-terminated string prepared by the parent.
     if unsafe { libc::chdir(args.cwd) } == -1 {
-        fail(args);
+        fail(args, Step::Chdir);
     }
 
     // 5. An empty signal mask, then the new program.
@@ -188,18 +212,21 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
     // SAFETY: NUL-terminated path and NULL-terminated arrays prepared by the parent.
     unsafe { libc::execve(args.path, args.argv, args.envp) };
-    fail(args)
+    fail(args, Step::Exec)
 }
 
-/// Reports errno over the error pipe and exits with 127.
-fn fail(args: &ChildArgs) -> ! {
+/// Reports the step and errno over the error pipe and exits with 127.
+fn fail(args: &ChildArgs, step: Step) -> ! {
     // Reads this thread's errno; no allocation (an OS error is stored inline).
     let errno: c_int = io::Error::last_os_error()
         .raw_os_error()
         .unwrap_or(libc::EINVAL);
-    let bytes = errno.to_ne_bytes();
-    // SAFETY: writing 4 bytes from our stack to the error pipe; the result does not matter
-    // (the parent treats a missing report as a generic failure).
+    let [a, b, c, d] = (step as i32).to_ne_bytes();
+    let [e, f, g, h] = errno.to_ne_bytes();
+    let bytes = [a, b, c, d, e, f, g, h];
+    // SAFETY: writing 8 bytes from our stack to the error pipe; the result does not matter
+    // (the parent treats a missing report as a generic failure). A pipe write of 8 bytes
+    // is atomic.
     unsafe { libc::write(args.err_fd, bytes.as_ptr().cast(), bytes.len()) };
     // SAFETY: _exit is async-signal-safe and runs no atexit handlers.
     unsafe { libc::_exit(127) }

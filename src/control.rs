@@ -96,8 +96,8 @@
 //! protocol's: `BadRequest` (not the protocol, too long, not UTF-8, cut off),
 //! `UnsupportedVersion`, `UnknownCommand`, `RequestTimeout` (no complete request within
 //! [`Config::request_timeout`], 5 s by default), `PermissionDenied`, `Exiting` (this
-//! generation is exiting: ask again, the next one answers). `message:` is the error and
-//! its causes on one line.
+//! generation is exiting: ask again, the next one answers). `message:` is the error's
+//! message (with the OS error behind it, if any) on one line.
 //!
 //! A `status` answer:
 //!
@@ -129,7 +129,6 @@
 use std::fmt;
 use std::io;
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, Scope, ScopedJoinHandle};
@@ -157,8 +156,6 @@ pub const MAX_PENDING: usize = 32;
 
 /// What every version token starts with.
 const PROTOCOL: &[u8] = b"tableflip-control/";
-/// The listen backlog of a control socket.
-const BACKLOG: i32 = 64;
 /// How long `serve` backs off after `accept` failed for lack of fds or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -197,7 +194,7 @@ pub struct LastUpgrade {
 pub struct UpgradeFailure {
     /// The name of the [`Error`] variant (`ChildFailed`, `Timeout`, ...).
     pub kind: String,
-    /// The error and its causes, on one line.
+    /// The error's message (with the OS error behind it, if any), on one line.
     pub message: String,
 }
 
@@ -210,7 +207,7 @@ impl LastUpgrade {
                 Ok(pid) => Ok(*pid),
                 Err(e) => Err(UpgradeFailure {
                     kind: e.kind_name().to_string(),
-                    message: e.chain(),
+                    message: e.to_string(),
                 }),
             },
         }
@@ -307,18 +304,20 @@ impl Server {
             source,
         };
         let listener = match upg.fds().unix_listener(addr.clone())? {
-            Some(inherited) => OwnedFd::from(inherited),
+            // Its file keeps the mode it has.
+            Some(inherited) => inherited,
             None => {
-                let fd = bind(&addr, config.mode).map_err(listen_err)?;
-                let listener = UnixListener::from(fd);
-                if let Err(e) = upg.fds().add_unix_listener(&listener) {
-                    unlink_bound(&addr);
-                    return Err(e);
+                let listener = upg
+                    .fds()
+                    .listen_unix_with(addr.clone(), |fd| restrict(fd, &addr, config.mode))?;
+                if let UnixAddr::Path(path) = &addr {
+                    set_mode(path, config.mode).map_err(listen_err)?;
                 }
-                OwnedFd::from(listener)
+                listener
             }
         };
         // Non-blocking in every generation: see the module docs.
+        let listener = OwnedFd::from(listener);
         rustix::io::ioctl_fionbio(&listener, true).map_err(|e| listen_err(e.into()))?;
         Ok(Server {
             listener,
@@ -678,76 +677,29 @@ fn peer_uid(_conn: BorrowedFd<'_>) -> io::Result<u32> {
     Err(io::ErrorKind::Unsupported.into())
 }
 
-/// A new listening control socket on `addr`, its file (if any) with `mode`.
-fn bind(addr: &UnixAddr, mode: u32) -> io::Result<OwnedFd> {
-    let sockaddr = socket::unix_sockaddr(addr)?;
-    let fd = socket::new_socket(AddressFamily::UNIX, SocketType::STREAM)?;
-    let path = match addr {
-        UnixAddr::Path(p) => Some(p.as_path()),
-        UnixAddr::Abstract(_) => None,
-    };
-    let want = mode & 0o777;
-    let mode = rustix::fs::Mode::from_raw_mode(want as _);
-    // On Linux the socket inode's mode, less the umask, becomes the file's mode at bind.
+/// Before `bind()`: on Linux the socket inode's mode, less the umask, becomes the
+/// file's mode at `bind()`, so the file never exists with a wider one. Elsewhere
+/// `fchmod` does not reach the file: [`set_mode`] after `bind()` is all there is.
+fn restrict(fd: BorrowedFd<'_>, addr: &UnixAddr, mode: u32) -> io::Result<()> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
-    if path.is_some() {
-        rustix::fs::fchmod(&fd, mode)?;
+    if matches!(addr, UnixAddr::Path(_)) {
+        rustix::fs::fchmod(fd, rustix::fs::Mode::from_raw_mode(mode as _))?;
     }
-    match rustix::net::bind(&fd, &sockaddr) {
-        Ok(()) => {}
-        Err(Errno::ADDRINUSE) if path.is_some_and(|p| abandoned(p, &sockaddr)) => {
-            if let Some(p) = path {
-                std::fs::remove_file(p)?;
-            }
-            rustix::net::bind(&fd, &sockaddr)?;
-        }
-        Err(e) => return Err(e.into()),
-    }
-    let finish = || -> io::Result<()> {
-        if let Some(p) = path {
-            // The umask may have taken bits the caller asked for (and elsewhere the
-            // file got the default mode): set exactly the mode asked for.
-            #[allow(clippy::unnecessary_cast)]
-            let have = rustix::fs::lstat(p)?.st_mode as u32 & 0o7777;
-            if have != want {
-                rustix::fs::chmod(p, mode)?;
-            }
-        }
-        rustix::net::listen(&fd, BACKLOG)?;
-        Ok(())
-    };
-    if let Err(e) = finish() {
-        unlink_bound(addr);
-        return Err(e);
-    }
-    Ok(fd)
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = (fd, addr, mode);
+    Ok(())
 }
 
-/// Whether the socket file at `path` is one nobody listens on: `connect` is refused.
-fn abandoned(path: &std::path::Path, sockaddr: &rustix::net::SocketAddrUnix) -> bool {
-    let is_socket = rustix::fs::lstat(path).is_ok_and(|st| {
-        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Socket
-    });
-    if !is_socket {
-        return false;
+/// Sets exactly `mode` on the socket file this process has just bound at `path`: the
+/// umask may have taken bits the caller asked for, and outside Linux the file got the
+/// default mode.
+fn set_mode(path: &std::path::Path, mode: u32) -> io::Result<()> {
+    #[allow(clippy::unnecessary_cast)]
+    let have = rustix::fs::lstat(path)?.st_mode as u32 & 0o7777;
+    if have != mode {
+        rustix::fs::chmod(path, rustix::fs::Mode::from_raw_mode(mode as _))?;
     }
-    let Ok(probe) = socket::new_socket(AddressFamily::UNIX, SocketType::STREAM) else {
-        return false;
-    };
-    // Non-blocking: a live server with a full queue answers EAGAIN, not "abandoned".
-    if rustix::io::ioctl_fionbio(&probe, true).is_err() {
-        return false;
-    }
-    rustix::net::connect(&probe, sockaddr) == Err(Errno::CONNREFUSED)
-}
-
-/// Removes the socket file this process has just bound at `addr`, if it has one.
-fn unlink_bound(addr: &UnixAddr) {
-    if let UnixAddr::Path(p) = addr {
-        if let Some(file) = socket::SocketFile::of(p) {
-            file.unlink();
-        }
-    }
+    Ok(())
 }
 
 // ---- Requests and answers --------------------------------------------------------------
@@ -938,7 +890,7 @@ fn one_line(value: &str) -> String {
 fn upgrade_answer(result: &Result<u32>) -> Answer {
     match result {
         Ok(pid) => Answer::ok(vec![("pid", pid.to_string())]),
-        Err(e) => Answer::error(e.kind_name(), &e.chain()),
+        Err(e) => Answer::error(e.kind_name(), &e.to_string()),
     }
 }
 

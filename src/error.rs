@@ -9,9 +9,13 @@ use std::time::Duration;
 
 /// Everything that can go wrong in `tableflip`.
 ///
-/// Variants carry what a caller needs to act (the pid, the path, the fd) and
-/// keep the underlying [`io::Error`] as their [`source`](std::error::Error::source).
-/// New variants may be added, so match with a wildcard arm.
+/// Variants carry what a caller needs to act (the pid, the path, the fd) and keep the
+/// underlying [`io::Error`] in their `source` field. Its text is part of the message:
+/// `format!("{e}")` reads `cannot listen on /run/x.sock: Address already in use (os
+/// error 98)`. So that error-chain printers (anyhow's `{:#}`, a loop over
+/// [`source`](std::error::Error::source)) do not print it twice, `source()` returns
+/// `None`; [`Error::io_error`] returns the OS error. New variants may be added, so match
+/// with a wildcard arm.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
@@ -63,6 +67,14 @@ pub enum Error {
         /// The executable that was tried.
         path: PathBuf,
         /// The OS error (`ENOENT`, `EACCES`, ...).
+        source: io::Error,
+    },
+    /// The new generation could not enter the initial working directory (it was removed
+    /// or renamed since this process started), so it did not start.
+    WorkingDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error from `chdir`.
         source: io::Error,
     },
     /// The new generation exited before it became ready.
@@ -147,8 +159,8 @@ pub enum Error {
         /// `ChildExited`, `Timeout`, `UpgradeInProgress`, ...) or of a protocol error
         /// (`BadRequest`, `PermissionDenied`, ...); the control module lists them.
         kind: String,
-        /// The server's message: its error and their sources, on one line. For
-        /// `ChildFailed` it carries the new generation's own reason.
+        /// The server's message: its error's message (with the OS error, if any), on
+        /// one line. For `ChildFailed` it carries the new generation's own reason.
         message: String,
     },
     /// An OS call failed.
@@ -184,6 +196,7 @@ impl Error {
             Error::Stopped => "Stopped",
             Error::ParentAlive { .. } => "ParentAlive",
             Error::Exec { .. } => "Exec",
+            Error::WorkingDirectory { .. } => "WorkingDirectory",
             Error::ChildExited { .. } => "ChildExited",
             Error::ChildFailed { .. } => "ChildFailed",
             Error::ChildDiedAfterReady { .. } => "ChildDiedAfterReady",
@@ -196,22 +209,31 @@ impl Error {
             Error::Io { .. } => "Io",
         }
     }
-
-    /// The message and the messages of its sources, joined with `: ` on one line.
-    pub(crate) fn chain(&self) -> String {
-        let mut msg = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(s) = source {
-            msg.push_str(": ");
-            msg.push_str(&s.to_string());
-            source = s.source();
-        }
-        msg
-    }
 }
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl Error {
+    /// The OS error behind this one, if there is one. It is part of the message
+    /// (`Display`), not a separate [`source`](std::error::Error::source): see
+    /// [`Error`].
+    pub fn io_error(&self) -> Option<&io::Error> {
+        match self {
+            Error::FdTable {
+                source: Some(source),
+                ..
+            }
+            | Error::Listen { source, .. }
+            | Error::Exec { source, .. }
+            | Error::WorkingDirectory { source, .. }
+            | Error::PidFile { source, .. }
+            | Error::Notify { source, .. }
+            | Error::Control { source, .. }
+            | Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+
+    /// The message without the OS error.
+    fn describe(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::AlreadyCreated => f.write_str("an Upgrader already exists in this process"),
             Error::FdTable {
@@ -225,12 +247,19 @@ impl fmt::Display for Error {
             Error::UpgradeInProgress => f.write_str("another upgrade is in progress"),
             Error::AlreadyUpgraded => f.write_str("this generation has already been upgraded"),
             Error::Stopped => f.write_str("the upgrader was stopped"),
-            Error::ParentAlive { pid } => {
-                write!(f, "the previous generation (pid {pid}) has not exited yet")
-            }
+            Error::ParentAlive { pid } => write!(
+                f,
+                "the previous generation (pid {pid}) has not exited yet \
+                 (it is still draining; Options::upgrade_during_drain allows upgrading meanwhile)"
+            ),
             Error::Exec { path, .. } => {
                 write!(f, "cannot execute new generation {}", path.display())
             }
+            Error::WorkingDirectory { path, .. } => write!(
+                f,
+                "the new generation cannot enter the initial working directory {}",
+                path.display()
+            ),
             Error::ChildExited { pid, status } => write!(
                 f,
                 "new generation (pid {pid}) exited before it was ready: {status}"
@@ -242,11 +271,13 @@ impl fmt::Display for Error {
             } => write!(f, "new generation (pid {pid}) gave up: {reason} ({status})"),
             Error::ChildDiedAfterReady { pid, status, after } => write!(
                 f,
-                "new generation (pid {pid}) died {after:.1?} after it became ready: {status}; the upgrade was rolled back"
+                "new generation (pid {pid}) died {after:.1?} after it became ready: {status}; \
+                 the upgrade was rolled back"
             ),
             Error::Notify { target, .. } => write!(
                 f,
-                "systemd's notify socket {target} did not take the commit message; the upgrade was abandoned"
+                "systemd's notify socket {target} did not take the commit message; \
+                 the upgrade was abandoned"
             ),
             Error::StateTooLarge { size, max } => write!(
                 f,
@@ -273,29 +304,29 @@ impl fmt::Display for Error {
     }
 }
 
-impl std::error::Error for Error {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Error::FdTable {
-                source: Some(source),
-                ..
-            }
-            | Error::Listen { source, .. }
-            | Error::Exec { source, .. }
-            | Error::PidFile { source, .. }
-            | Error::Notify { source, .. }
-            | Error::Control { source, .. }
-            | Error::Io { source, .. } => Some(source),
-            _ => None,
+/// The message, then the OS error's: `cannot listen on /run/x.sock: Address already in
+/// use (os error 98)`.
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.describe(f)?;
+        match self.io_error() {
+            Some(e) => write!(f, ": {e}"),
+            None => Ok(()),
         }
     }
 }
+
+/// No source: the OS error is already in the message, and a chain printer (`{:#}` with
+/// anyhow, or a loop over `source()`) would print it twice. Get it with
+/// [`Error::io_error`].
+impl std::error::Error for Error {}
 
 impl From<Error> for io::Error {
     fn from(err: Error) -> io::Error {
         let kind = match &err {
             Error::Listen { source, .. }
             | Error::Exec { source, .. }
+            | Error::WorkingDirectory { source, .. }
             | Error::PidFile { source, .. }
             | Error::Notify { source, .. }
             | Error::Control { source, .. }

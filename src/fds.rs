@@ -12,8 +12,8 @@ use rustix::net::{SocketAddrAny, SocketType};
 
 use crate::error::{Error, Result};
 use crate::inherit::{Adoption, Inherited, InheritedFd, InheritedSet};
-use crate::socket::{self, inet, local_inet, unix, BeforeBind, Setup, SocketFile};
-use crate::wire::{FileId, Key, UnixAddr, VAR};
+use crate::socket::{self, inet, local_inet, unix, BeforeBind, PerCall, Setup, SocketFile};
+use crate::wire::{Extra, Key, UnixAddr, VAR};
 
 /// The fds this generation passes on: Go tableflip's `Fds`.
 ///
@@ -32,6 +32,14 @@ use crate::wire::{FileId, Key, UnixAddr, VAR};
 /// type, family and address, listening or not as declared) and is close-on-exec again.
 /// The crate never changes an fd's `O_NONBLOCK` flag: it belongs to the open file
 /// description, which both generations share.
+///
+/// The `*_with` methods take a setup function for that one socket, called (only if a new
+/// socket is made) after `socket()` and [`before_bind`](crate::Options::before_bind),
+/// before `bind()`: Go's `ListenWithCallback`. Both run without the registry's lock held,
+/// so they may use the registry themselves.
+///
+/// For tests of code that takes its sockets from a registry, [`Fds::standalone`] makes
+/// one without an `Upgrader`.
 pub struct Fds {
     inner: Mutex<Registry>,
     before_bind: Option<BeforeBind>,
@@ -55,8 +63,36 @@ struct Used {
     /// For Unix sockets with a path: where the socket file is, and which file it was,
     /// so that it is removed only while it is still ours.
     socket_file: Option<SocketFile>,
+    /// For Unix sockets: the kernel chose the abstract name (asked for with `""`).
+    autobound: bool,
     /// Inherited from the previous generation (rather than made or added here).
     inherited: bool,
+}
+
+impl Used {
+    fn new(key: Key, fd: OwnedFd, socket_file: Option<SocketFile>) -> Used {
+        Used {
+            key,
+            fd,
+            socket_file,
+            autobound: false,
+            inherited: false,
+        }
+    }
+
+    /// What the table says about it beyond its key.
+    fn extra(&self) -> Extra {
+        match (&self.socket_file, self.autobound) {
+            (Some(file), _) => Extra::File(file.id()),
+            (None, true) => Extra::Autobound,
+            (None, false) => Extra::None,
+        }
+    }
+}
+
+/// No per-call setup.
+fn no_setup(_: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(())
 }
 
 #[derive(Debug, Default)]
@@ -89,6 +125,41 @@ impl Fds {
         }
     }
 
+    /// A registry of its own, for tests: it inherits nothing and passes nothing on, and
+    /// any number of them may exist at once (unlike [`Upgrader`](crate::Upgrader)), so
+    /// code that takes its sockets from an `&Fds` can be tested in parallel test threads.
+    ///
+    /// ```
+    /// fn bind_web(fds: &tableflip::Fds) -> tableflip::Result<std::net::TcpListener> {
+    ///     fds.listen_tcp("127.0.0.1:0")
+    /// }
+    ///
+    /// # fn main() -> tableflip::Result<()> {
+    /// // In a #[test]:
+    /// let fds = tableflip::Fds::standalone();
+    /// let listener = bind_web(&fds)?;
+    /// assert!(listener.local_addr().unwrap().port() != 0);
+    /// // The same address again is the same socket, as in a real generation.
+    /// let again = fds.listen_tcp(listener.local_addr().unwrap())?;
+    /// assert_eq!(again.local_addr().unwrap(), listener.local_addr().unwrap());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn standalone() -> Fds {
+        Fds::new(Vec::new(), None, libc::SOMAXCONN)
+    }
+
+    /// The inherited fds not yet taken, in the order the previous generation passed them
+    /// (Go's `Fds.Files()`): what this generation may still take, and what
+    /// [`ready`](crate::Upgrader::ready) will close.
+    pub fn inherited(&self) -> Vec<InheritedFd> {
+        self.lock()
+            .inherited
+            .iter()
+            .map(|(_, e)| InheritedFd::new(e.fd.as_raw_fd(), &e.key))
+            .collect()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Registry> {
         // A panic while holding the lock cannot leave the registry half-updated in a way
         // that matters more than refusing to work, so recover the guard.
@@ -108,9 +179,19 @@ impl Fds {
     ///
     /// Calling it again for an address already listened on returns another handle to the
     /// same socket.
-    pub fn listen_tcp(&self, addr: impl ToSocketAddrs) -> Result<TcpListener> {
+    pub fn listen_tcp(&self, addr: impl Address) -> Result<TcpListener> {
+        self.listen_tcp_with(addr, no_setup)
+    }
+
+    /// [`listen_tcp`](Fds::listen_tcp), with `setup` called on a new socket before
+    /// `bind()` (see [`Fds`]).
+    pub fn listen_tcp_with(
+        &self,
+        addr: impl Address,
+        mut setup: impl FnMut(BorrowedFd<'_>) -> io::Result<()>,
+    ) -> Result<TcpListener> {
         let addrs = resolve(addr)?;
-        self.listen_inet(&addrs, Key::TcpListener, SocketType::STREAM)
+        self.listen_inet(&addrs, Key::TcpListener, SocketType::STREAM, &mut setup)
             .map(TcpListener::from)
     }
 
@@ -129,7 +210,7 @@ impl Fds {
     ///
     /// `addr` must resolve to one address; port 0 works as for
     /// [`listen_tcp`](Fds::listen_tcp), all sockets sharing the port the first one got.
-    pub fn listen_tcp_group(&self, addr: impl ToSocketAddrs, n: usize) -> Result<Vec<TcpListener>> {
+    pub fn listen_tcp_group(&self, addr: impl Address, n: usize) -> Result<Vec<TcpListener>> {
         let addr = resolve_one(addr)?;
         Ok(self
             .listen_group(addr, n, Key::TcpListener, SocketType::STREAM)?
@@ -140,7 +221,7 @@ impl Fds {
 
     /// Every inherited TCP listener on `addr` not yet taken, in the order the previous
     /// generation passed them (empty if there are none).
-    pub fn tcp_listener_group(&self, addr: impl ToSocketAddrs) -> Result<Vec<TcpListener>> {
+    pub fn tcp_listener_group(&self, addr: impl Address) -> Result<Vec<TcpListener>> {
         let addr = resolve_one(addr)?;
         let mut reg = self.lock();
         let mut out = Vec::new();
@@ -152,7 +233,7 @@ impl Fds {
 
     /// A group of `n` UDP sockets bound to one address with `SO_REUSEPORT`; see
     /// [`listen_tcp_group`](Fds::listen_tcp_group).
-    pub fn listen_udp_group(&self, addr: impl ToSocketAddrs, n: usize) -> Result<Vec<UdpSocket>> {
+    pub fn listen_udp_group(&self, addr: impl Address, n: usize) -> Result<Vec<UdpSocket>> {
         let addr = resolve_one(addr)?;
         Ok(self
             .listen_group(addr, n, Key::Udp, SocketType::DGRAM)?
@@ -162,7 +243,7 @@ impl Fds {
     }
 
     /// The inherited TCP listener on `addr`, if there is one not yet taken.
-    pub fn tcp_listener(&self, addr: impl ToSocketAddrs) -> Result<Option<TcpListener>> {
+    pub fn tcp_listener(&self, addr: impl Address) -> Result<Option<TcpListener>> {
         let addrs = resolve(addr)?;
         let mut reg = self.lock();
         for a in &addrs {
@@ -195,14 +276,24 @@ impl Fds {
 
     /// A UDP socket bound to `addr`: the inherited one, or a new one. Port 0 behaves as
     /// for [`listen_tcp`](Fds::listen_tcp).
-    pub fn listen_udp(&self, addr: impl ToSocketAddrs) -> Result<UdpSocket> {
+    pub fn listen_udp(&self, addr: impl Address) -> Result<UdpSocket> {
+        self.listen_udp_with(addr, no_setup)
+    }
+
+    /// [`listen_udp`](Fds::listen_udp), with `setup` called on a new socket before
+    /// `bind()` (see [`Fds`]).
+    pub fn listen_udp_with(
+        &self,
+        addr: impl Address,
+        mut setup: impl FnMut(BorrowedFd<'_>) -> io::Result<()>,
+    ) -> Result<UdpSocket> {
         let addrs = resolve(addr)?;
-        self.listen_inet(&addrs, Key::Udp, SocketType::DGRAM)
+        self.listen_inet(&addrs, Key::Udp, SocketType::DGRAM, &mut setup)
             .map(UdpSocket::from)
     }
 
     /// The inherited UDP socket bound to `addr`, if there is one not yet taken.
-    pub fn udp_socket(&self, addr: impl ToSocketAddrs) -> Result<Option<UdpSocket>> {
+    pub fn udp_socket(&self, addr: impl Address) -> Result<Option<UdpSocket>> {
         let addrs = resolve(addr)?;
         let mut reg = self.lock();
         for a in &addrs {
@@ -224,10 +315,31 @@ impl Fds {
     ///
     /// A path this process binds is removed again by [`Upgrader::stop`](crate::Upgrader::stop)
     /// when no upgrade succeeded; abstract names are never unlinked (there is nothing to
-    /// unlink).
+    /// unlink). A socket file left at the path by a process that died (`kill -9`) is
+    /// removed first, if nobody accepts on it; see [`Fds`] for what is never removed.
+    ///
+    /// An empty path (`""`) lets the kernel choose an abstract name (Linux autobind; Go's
+    /// `Listen("unix", "")`): the socket travels under the name it got, and the next
+    /// generation asking for `""` again gets the first such socket it has not taken yet,
+    /// in order (or asks for it by its name).
     pub fn listen_unix(&self, addr: impl Into<UnixAddr>) -> Result<UnixListener> {
-        self.listen_unix_kind(addr.into(), Key::UnixListener, SocketType::STREAM)
-            .map(UnixListener::from)
+        self.listen_unix_with(addr, no_setup)
+    }
+
+    /// [`listen_unix`](Fds::listen_unix), with `setup` called on a new socket before
+    /// `bind()` (see [`Fds`]).
+    pub fn listen_unix_with(
+        &self,
+        addr: impl Into<UnixAddr>,
+        mut setup: impl FnMut(BorrowedFd<'_>) -> io::Result<()>,
+    ) -> Result<UnixListener> {
+        self.listen_unix_kind(
+            addr.into(),
+            Key::UnixListener,
+            SocketType::STREAM,
+            &mut setup,
+        )
+        .map(UnixListener::from)
     }
 
     /// The inherited Unix stream listener on `addr`, if there is one not yet taken.
@@ -238,16 +350,77 @@ impl Fds {
             .map(UnixListener::from))
     }
 
-    /// Registers a Unix stream listener you made, under its local address.
+    /// Registers a Unix listener you made, stream or `SOCK_SEQPACKET`, under its local
+    /// address.
     pub fn add_unix_listener(&self, listener: &UnixListener) -> Result<()> {
-        self.add_socket(listener.as_fd(), |a| Ok(Key::UnixListener(unix(a)?)))
+        let fd = listener.as_fd();
+        let seqpacket = rustix::net::sockopt::socket_type(fd) == Ok(SocketType::SEQPACKET);
+        self.add_socket(fd, |a| {
+            let addr = unix(a)?;
+            Ok(if seqpacket {
+                Key::UnixSeqpacket(addr)
+            } else {
+                Key::UnixListener(addr)
+            })
+        })
+    }
+
+    /// A `SOCK_SEQPACKET` Unix listener (Go's `"unixpacket"`): the inherited one, or a
+    /// new one, with the same rules as [`listen_unix`](Fds::listen_unix). std has no
+    /// type of its own for it: the `UnixListener` accepts `UnixStream`s whose reads and
+    /// writes keep message boundaries.
+    pub fn listen_unix_seqpacket(&self, addr: impl Into<UnixAddr>) -> Result<UnixListener> {
+        self.listen_unix_seqpacket_with(addr, no_setup)
+    }
+
+    /// [`listen_unix_seqpacket`](Fds::listen_unix_seqpacket), with `setup` called on a
+    /// new socket before `bind()` (see [`Fds`]).
+    pub fn listen_unix_seqpacket_with(
+        &self,
+        addr: impl Into<UnixAddr>,
+        mut setup: impl FnMut(BorrowedFd<'_>) -> io::Result<()>,
+    ) -> Result<UnixListener> {
+        self.listen_unix_kind(
+            addr.into(),
+            Key::UnixSeqpacket,
+            SocketType::SEQPACKET,
+            &mut setup,
+        )
+        .map(UnixListener::from)
+    }
+
+    /// The inherited `SOCK_SEQPACKET` Unix listener on `addr`, if there is one not yet
+    /// taken.
+    pub fn unix_seqpacket_listener(
+        &self,
+        addr: impl Into<UnixAddr>,
+    ) -> Result<Option<UnixListener>> {
+        Ok(self
+            .lock()
+            .take(&Key::UnixSeqpacket(addr.into()))?
+            .map(UnixListener::from))
     }
 
     /// A Unix datagram socket bound to a path or abstract name: the inherited one, or a
-    /// new one.
+    /// new one, with the same rules as [`listen_unix`](Fds::listen_unix).
     pub fn listen_unix_datagram(&self, addr: impl Into<UnixAddr>) -> Result<UnixDatagram> {
-        self.listen_unix_kind(addr.into(), Key::UnixDatagram, SocketType::DGRAM)
-            .map(UnixDatagram::from)
+        self.listen_unix_datagram_with(addr, no_setup)
+    }
+
+    /// [`listen_unix_datagram`](Fds::listen_unix_datagram), with `setup` called on a new
+    /// socket before `bind()` (see [`Fds`]).
+    pub fn listen_unix_datagram_with(
+        &self,
+        addr: impl Into<UnixAddr>,
+        mut setup: impl FnMut(BorrowedFd<'_>) -> io::Result<()>,
+    ) -> Result<UnixDatagram> {
+        self.listen_unix_kind(
+            addr.into(),
+            Key::UnixDatagram,
+            SocketType::DGRAM,
+            &mut setup,
+        )
+        .map(UnixDatagram::from)
     }
 
     /// The inherited Unix datagram socket bound to `addr`, if there is one not yet taken.
@@ -283,7 +456,8 @@ impl Fds {
     pub fn add_fd(&self, name: &str, fd: impl AsFd) -> Result<()> {
         let fd = fd.as_fd();
         let copy = dup(fd)?;
-        self.lock().insert(Key::Fd(name.to_string()), copy, None);
+        self.lock()
+            .insert(Used::new(Key::Fd(name.to_string()), copy, None));
         Ok(())
     }
 
@@ -294,34 +468,78 @@ impl Fds {
 
     // ---- Internals -------------------------------------------------------------------
 
+    /// How new sockets are made: the `before_bind` hook, `per_call`, the backlog.
+    fn setup<'a>(&'a self, per_call: PerCall<'a>) -> Setup<'a> {
+        Setup {
+            before_bind: self.before_bind.as_deref(),
+            per_call,
+            backlog: self.backlog,
+        }
+    }
+
+    /// The socket on one of `addrs`: in use already, inherited, or bound now. The hooks
+    /// run without the lock; a socket another thread registered meanwhile wins.
     fn listen_inet(
         &self,
         addrs: &[SocketAddr],
         make_key: fn(SocketAddr) -> Key,
         ty: SocketType,
+        per_call: PerCall<'_>,
     ) -> Result<OwnedFd> {
-        let mut reg = self.lock();
-        for a in addrs {
-            if let Some(fd) = reg.existing(&make_key(*a))? {
-                return Ok(fd);
+        let existing = |fds: &Self| -> Result<Option<OwnedFd>> {
+            let mut reg = fds.lock();
+            for a in addrs {
+                if let Some(fd) = reg.existing(&make_key(*a))? {
+                    return Ok(Some(fd));
+                }
             }
+            Ok(None)
+        };
+        if let Some(fd) = existing(self)? {
+            return Ok(fd);
         }
+        let mut setup = self.setup(per_call);
         let mut last = None;
         for a in addrs {
-            match self.bind_inet(*a, ty, false) {
+            match socket::bind_inet(*a, ty, false, &mut setup) {
                 Ok(fd) => {
-                    let local = local_inet(fd.as_fd()).unwrap_or(*a);
-                    let copy = dup(fd.as_fd())?;
-                    reg.insert(make_key(local), copy, None);
-                    return Ok(fd);
+                    let key = make_key(local_inet(fd.as_fd()).unwrap_or(*a));
+                    return self.register_new(key, fd, None, false);
                 }
-                Err(e) => last = Some(e),
+                // Another thread may have bound it meanwhile.
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                    if let Some(fd) = existing(self)? {
+                        return Ok(fd);
+                    }
+                    last = Some(listen_err(a, e));
+                }
+                Err(e) => last = Some(listen_err(a, e)),
             }
         }
-        Err(last.unwrap_or_else(|| Error::Listen {
-            addr: "(no address)".into(),
-            source: io::ErrorKind::InvalidInput.into(),
-        }))
+        Err(last.unwrap_or_else(|| listen_err("(no address)", io::ErrorKind::InvalidInput.into())))
+    }
+
+    /// Registers a socket this process just made, unless another thread registered one
+    /// under the same key meanwhile: then that one is returned, and this one closed.
+    fn register_new(
+        &self,
+        key: Key,
+        fd: OwnedFd,
+        socket_file: Option<SocketFile>,
+        autobound: bool,
+    ) -> Result<OwnedFd> {
+        let mut reg = self.lock();
+        if !autobound && reg.used_keys.contains_key(&key) {
+            if let Some(theirs) = reg.existing(&key)? {
+                return Ok(theirs);
+            }
+        }
+        let copy = dup(fd.as_fd())?;
+        reg.insert(Used {
+            autobound,
+            ..Used::new(key, copy, socket_file)
+        });
+        Ok(fd)
     }
 
     fn listen_group(
@@ -352,60 +570,53 @@ impl Fds {
             out.push(fd);
         }
         // ...then new ones, all on the port the first one got.
+        let mut no_call = no_setup;
+        let mut setup = self.setup(&mut no_call);
         while out.len() < n {
             let target = match &key {
                 Key::TcpListener(a) | Key::Udp(a) => *a,
                 _ => addr,
             };
-            let fd = self.bind_inet(target, ty, true)?;
-            let local = local_inet(fd.as_fd()).unwrap_or(target);
-            key = make_key(local);
-            let copy = dup(fd.as_fd())?;
-            reg.push_used(Used {
-                key: key.clone(),
-                fd: copy,
-                socket_file: None,
-                inherited: false,
-            });
+            let fd = socket::bind_inet(target, ty, true, &mut setup)
+                .map_err(|e| listen_err(target, e))?;
+            key = make_key(local_inet(fd.as_fd()).unwrap_or(target));
+            reg.push_used(Used::new(key.clone(), dup(fd.as_fd())?, None));
             out.push(fd);
         }
         Ok(out)
     }
 
-    /// How new sockets are made: the `before_bind` hook and the backlog.
-    fn setup(&self) -> Setup<'_> {
-        Setup {
-            before_bind: self.before_bind.as_deref(),
-            backlog: self.backlog,
-        }
-    }
-
-    fn bind_inet(&self, addr: SocketAddr, ty: SocketType, reuseport: bool) -> Result<OwnedFd> {
-        socket::bind_inet(addr, ty, reuseport, &self.setup()).map_err(|source| Error::Listen {
-            addr: addr.to_string(),
-            source,
-        })
-    }
-
+    /// The Unix socket on `addr`: in use already, inherited, or bound now (an empty path:
+    /// the next inherited autobound one of this kind, or a new one).
     fn listen_unix_kind(
         &self,
         addr: UnixAddr,
         make_key: fn(UnixAddr) -> Key,
         ty: SocketType,
+        per_call: PerCall<'_>,
     ) -> Result<OwnedFd> {
-        let key = make_key(addr.clone());
-        let mut reg = self.lock();
-        if let Some(fd) = reg.existing(&key)? {
-            return Ok(fd);
+        let autobind = matches!(&addr, UnixAddr::Path(p) if p.as_os_str().is_empty());
+        {
+            let mut reg = self.lock();
+            let found = if autobind {
+                reg.take_autobound(make_key)?
+            } else {
+                reg.existing(&make_key(addr.clone()))?
+            };
+            if let Some(fd) = found {
+                return Ok(fd);
+            }
         }
-        let (fd, socket_file) =
-            socket::bind_unix(&addr, ty, &self.setup()).map_err(|source| Error::Listen {
-                addr: addr.to_string(),
-                source,
+        let (fd, socket_file, bound) = socket::bind_unix(&addr, ty, &mut self.setup(per_call))
+            .map_err(|source| {
+                let shown = if autobind {
+                    "(a name chosen by the kernel)".to_string()
+                } else {
+                    addr.to_string()
+                };
+                listen_err(shown, source)
             })?;
-        let copy = dup(fd.as_fd())?;
-        reg.insert(key, copy, socket_file);
-        Ok(fd)
+        self.register_new(make_key(bound), fd, socket_file, autobind)
     }
 
     fn add_socket(
@@ -423,31 +634,20 @@ impl Fds {
                 .source
                 .unwrap_or_else(|| io::ErrorKind::InvalidInput.into()),
         })?;
-        let socket_file = match &key {
-            Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) => {
-                SocketFile::of(p)
-            }
-            _ => None,
-        };
+        let socket_file = key.unix_path().and_then(SocketFile::of);
         let copy = dup(fd)?;
-        self.lock().insert(key, copy, socket_file);
+        self.lock().insert(Used::new(key, copy, socket_file));
         Ok(())
     }
 
-    /// Calls `f` with the fds to pass on (and the identity of their socket files),
-    /// holding the registry lock.
-    pub(crate) fn with_passed<R>(
-        &self,
-        f: impl FnOnce(&[(RawFd, &Key, Option<FileId>)]) -> R,
-    ) -> R {
+    /// Calls `f` with the fds to pass on (and what the table says of each beyond its
+    /// key), holding the registry lock.
+    pub(crate) fn with_passed<R>(&self, f: impl FnOnce(&[(RawFd, &Key, Extra)]) -> R) -> R {
         let reg = self.lock();
-        let list: Vec<(RawFd, &Key, Option<FileId>)> = reg
+        let list: Vec<(RawFd, &Key, Extra)> = reg
             .used
             .iter()
-            .map(|u| {
-                let id = u.socket_file.as_ref().map(SocketFile::id);
-                (u.fd.as_raw_fd(), &u.key, id)
-            })
+            .map(|u| (u.fd.as_raw_fd(), &u.key, u.extra()))
             .collect();
         f(&list)
     }
@@ -461,18 +661,15 @@ impl Fds {
         };
         let mut closed = Vec::with_capacity(unused.len());
         let mut to_close = Vec::with_capacity(unused.len());
-        for Inherited { fd, key, file } in unused {
+        for Inherited { fd, key, extra } in unused {
             closed.push(InheritedFd::new(fd.as_raw_fd(), &key));
-            if let Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) =
-                &key
-            {
-                // Only remove the file if the fd is bound there and the file is the one the
-                // previous generation recorded (none is recorded for sockets from systemd,
-                // whose files belong to systemd).
-                if let (Some(file), true) = (
-                    SocketFile::recorded(p, file),
-                    socket::bound_to(fd.as_fd(), p),
-                ) {
+            // Only remove the file if the fd is bound there and the file is the one the
+            // previous generation recorded (none is recorded for sockets from systemd,
+            // whose files belong to systemd).
+            if let (Some(path), Extra::File(id)) = (key.unix_path(), extra) {
+                if let Some(file) = SocketFile::recorded(path, Some(id))
+                    .filter(|_| socket::bound_to(fd.as_fd(), path))
+                {
                     file.unlink();
                 }
             }
@@ -532,9 +729,27 @@ impl Registry {
     /// Takes the inherited fd under `key`: checks it, moves it to `used` and returns a
     /// duplicate.
     fn take(&mut self, key: &Key) -> Result<Option<OwnedFd>> {
-        let Some(i) = self.find_inherited(key)? else {
-            return Ok(None);
-        };
+        match self.find_inherited(key)? {
+            Some(i) => self.take_slot(i),
+            None => Ok(None),
+        }
+    }
+
+    /// Takes the first inherited socket of `make_key`'s kind whose name the kernel chose.
+    fn take_autobound(&mut self, make_key: fn(UnixAddr) -> Key) -> Result<Option<OwnedFd>> {
+        let kind = std::mem::discriminant(&make_key(UnixAddr::Abstract(Vec::new())));
+        let slot = self
+            .inherited
+            .iter()
+            .find(|(_, e)| e.extra == Extra::Autobound && std::mem::discriminant(&e.key) == kind);
+        match slot.map(|(i, _)| i) {
+            Some(i) => self.take_slot(i),
+            None => Ok(None),
+        }
+    }
+
+    /// Takes inherited slot `i`: checks it, moves it to `used` and returns a duplicate.
+    fn take_slot(&mut self, i: usize) -> Result<Option<OwnedFd>> {
         let Some(entry) = self.inherited.remove(i) else {
             return Ok(None);
         };
@@ -558,17 +773,14 @@ impl Registry {
         self.taken.push(InheritedFd::new(raw, &entry.key));
         // The identity recorded by the previous generation, not the file there now: a file
         // swapped in meanwhile is somebody else's.
-        let socket_file = match &entry.key {
-            Key::UnixListener(UnixAddr::Path(p)) | Key::UnixDatagram(UnixAddr::Path(p)) => {
-                SocketFile::recorded(p, entry.file)
-            }
+        let socket_file = match (entry.key.unix_path(), entry.extra) {
+            (Some(path), Extra::File(id)) => SocketFile::recorded(path, Some(id)),
             _ => None,
         };
         self.push_used(Used {
-            key: entry.key,
-            fd: entry.fd,
-            socket_file,
+            autobound: entry.extra == Extra::Autobound,
             inherited: true,
+            ..Used::new(entry.key, entry.fd, socket_file)
         });
         Ok(Some(copy))
     }
@@ -591,14 +803,10 @@ impl Registry {
         // Same name or path under another kind: an error, and the fd stays.
         let clash = self.inherited.iter().find(|(_, e)| match (&e.key, key) {
             (
-                Key::UnixListener(a) | Key::UnixDatagram(a),
-                Key::UnixListener(b) | Key::UnixDatagram(b),
-            ) => a == b,
-            (
                 Key::TcpStream(a) | Key::UnixStream(a) | Key::Fd(a),
                 Key::TcpStream(b) | Key::UnixStream(b) | Key::Fd(b),
             ) => a == b,
-            _ => false,
+            (have, want) => have.unix_addr().is_some() && have.unix_addr() == want.unix_addr(),
         });
         match clash {
             Some((_, e)) => Err(Error::WrongKind {
@@ -609,37 +817,48 @@ impl Registry {
         }
     }
 
-    fn insert(&mut self, key: Key, fd: OwnedFd, socket_file: Option<SocketFile>) {
-        if self.used_keys.remove(&key).is_some() {
-            self.used.retain(|u| u.key != key);
+    /// Adds `used`, replacing what was registered under its key (unless autobound: each
+    /// of those is a socket of its own).
+    fn insert(&mut self, used: Used) {
+        if !used.autobound && self.used_keys.remove(&used.key).is_some() {
+            self.used.retain(|u| u.key != used.key);
         }
-        self.push_used(Used {
-            key,
-            fd,
-            socket_file,
-            inherited: false,
-        });
+        self.push_used(used);
     }
 }
 
-fn resolve(addr: impl ToSocketAddrs) -> Result<Vec<SocketAddr>> {
+fn listen_err(addr: impl fmt::Display, source: io::Error) -> Error {
+    Error::Listen {
+        addr: addr.to_string(),
+        source,
+    }
+}
+
+/// What the IP methods take: anything [`ToSocketAddrs`] (`"host:port"`, a
+/// `SocketAddr`, `(ip, port)`, ...) that can also be named in an error message.
+pub trait Address: ToSocketAddrs + fmt::Debug {}
+
+impl<T: ToSocketAddrs + fmt::Debug> Address for T {}
+
+fn resolve(addr: impl Address) -> Result<Vec<SocketAddr>> {
+    let named = || format!("{addr:?}").trim_matches('"').to_string();
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
-        .map_err(|e| Error::Listen {
-            addr: "(unresolvable address)".into(),
-            source: e,
+        .map_err(|source| Error::Listen {
+            addr: named(),
+            source,
         })?
         .collect();
     if addrs.is_empty() {
         return Err(Error::Listen {
-            addr: "(empty address list)".into(),
-            source: io::ErrorKind::InvalidInput.into(),
+            addr: named(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "no address to listen on"),
         });
     }
     Ok(addrs)
 }
 
-fn resolve_one(addr: impl ToSocketAddrs) -> Result<SocketAddr> {
+fn resolve_one(addr: impl Address) -> Result<SocketAddr> {
     let addrs = resolve(addr)?;
     match addrs.as_slice() {
         [one] => Ok(*one),

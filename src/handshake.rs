@@ -40,7 +40,7 @@ use crate::error::{clip, Error, Result};
 use crate::os;
 use crate::process::Child;
 use crate::spawn::Program;
-use crate::wire::{self, FileId, Key};
+use crate::wire::{self, Extra, Key};
 
 /// The child is ready (its first report).
 const READY: u8 = b'R';
@@ -96,21 +96,21 @@ impl Handoff {
         program: &Program,
         exe: &Path,
         state: Option<BorrowedFd<'_>>,
-        passed: &[(RawFd, &Key, Option<FileId>)],
+        passed: &[(RawFd, &Key, Extra)],
     ) -> Result<Handoff> {
         let pipe = || os::pipe().map_err(|e| Error::io("pipe2", None, e));
         let (ready_rd, ready_wr) = pipe()?;
         let (commit_rd, commit_wr) = pipe()?;
         let (life_rd, life_wr) = pipe()?;
-        let mut entries: Vec<(RawFd, &Key, Option<FileId>)> = Vec::with_capacity(passed.len() + 4);
-        entries.push((ready_wr.as_raw_fd(), &Key::Ready, None));
-        entries.push((commit_rd.as_raw_fd(), &Key::Commit, None));
-        entries.push((life_rd.as_raw_fd(), &Key::Parent, None));
+        let mut entries: Vec<(RawFd, &Key, Extra)> = Vec::with_capacity(passed.len() + 4);
+        entries.push((ready_wr.as_raw_fd(), &Key::Ready, Extra::None));
+        entries.push((commit_rd.as_raw_fd(), &Key::Commit, Extra::None));
+        entries.push((life_rd.as_raw_fd(), &Key::Parent, Extra::None));
         if let Some(state) = state {
-            entries.push((state.as_raw_fd(), &Key::State, None));
+            entries.push((state.as_raw_fd(), &Key::State, Extra::None));
         }
         entries.extend_from_slice(passed);
-        let table = wire::encode_with_ids(entries.iter().copied());
+        let table = wire::encode_with(entries.iter().copied());
         if table.len() > wire::MAX_LEN {
             return Err(Error::Exec {
                 path: exe.to_path_buf(),

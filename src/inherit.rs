@@ -9,15 +9,16 @@ use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::error::{clip, Error, Result};
 use crate::handshake;
-use crate::wire::{self, FileId, Key};
+use crate::wire::{self, Extra, Key};
 
 /// An inherited fd not yet taken.
 #[derive(Debug)]
 pub(crate) struct Inherited {
     pub(crate) fd: OwnedFd,
     pub(crate) key: Key,
-    /// The socket file's identity, as the previous generation recorded it.
-    pub(crate) file: Option<FileId>,
+    /// What the previous generation recorded beyond the key: the socket file's identity,
+    /// or that the kernel chose the name.
+    pub(crate) extra: Extra,
 }
 
 /// What a new generation inherits from the one that started it.
@@ -59,20 +60,20 @@ pub(crate) fn from_env() -> Result<Inheritance> {
             return Err(table_err(shown, format!("no {} entry", needed.tag())));
         }
     }
-    let file_ids = table.file_ids;
+    let extras = table.extras;
     let mut ready = None;
     let mut lifeline = None;
     let mut commit = None;
     let mut out = Inheritance::default();
-    for (fd, key) in adopt(wire::VAR, table.entries)? {
+    for (fd, key) in adopt(wire::VAR, table.entries, true)? {
         match key {
             Key::Ready => ready = Some(fd),
             Key::Parent => lifeline = Some(fd),
             Key::Commit => commit = Some(fd),
             Key::State => out.state = Some(fd),
             _ => {
-                let file = file_ids.get(&fd.as_raw_fd()).copied();
-                out.fds.push(Inherited { fd, key, file });
+                let extra = extras.get(&fd.as_raw_fd()).copied().unwrap_or_default();
+                out.fds.push(Inherited { fd, key, extra });
             }
         }
     }
@@ -82,10 +83,15 @@ pub(crate) fn from_env() -> Result<Inheritance> {
     Ok(out)
 }
 
-/// Adopts the fds of a decoded table: each must be open and must have been inherited
-/// through `execve` (close-on-exec clear; an fd this process opened itself would have it
-/// set, since Rust opens everything close-on-exec). Each is made close-on-exec again.
-pub(crate) fn adopt(var: &'static str, entries: Vec<(RawFd, Key)>) -> Result<Vec<(OwnedFd, Key)>> {
+/// Adopts the fds of a decoded table: each must be open and, if `inherited_only`, must
+/// have been inherited through `execve` (close-on-exec clear; an fd this process opened
+/// itself would have it set, since Rust opens everything close-on-exec). Each is made
+/// close-on-exec again.
+pub(crate) fn adopt(
+    var: &'static str,
+    entries: Vec<(RawFd, Key)>,
+    inherited_only: bool,
+) -> Result<Vec<(OwnedFd, Key)>> {
     use rustix::io::FdFlags;
     for (fd, key) in &entries {
         let entry = || format!("{fd},{}", key.tag());
@@ -93,7 +99,7 @@ pub(crate) fn adopt(var: &'static str, entries: Vec<(RawFd, Key)>) -> Result<Vec
         // yields EBADF, which is reported.
         let borrowed = unsafe { BorrowedFd::borrow_raw(*fd) };
         let reason = match rustix::io::fcntl_getfd(borrowed) {
-            Ok(flags) if !flags.contains(FdFlags::CLOEXEC) => continue,
+            Ok(flags) if !inherited_only || !flags.contains(FdFlags::CLOEXEC) => continue,
             Ok(_) => (
                 format!(
                     "fd {fd} is close-on-exec, so it was not inherited from the previous generation"

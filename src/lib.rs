@@ -13,57 +13,51 @@
 //! ```no_run
 //! use std::io::Write;
 //! use std::sync::Arc;
+//! use tableflip::{Options, Upgrader, Wake};
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     let upg = Arc::new(tableflip::Upgrader::new(
-//!         tableflip::Options::new().pid_file("/tmp/myapp.pid"),
-//!     )?);
+//!     let upg = Arc::new(Upgrader::new(Options::new().pid_file("/tmp/myapp.pid"))?);
 //!
 //!     // Upgrade on SIGHUP, from a thread of our own (signal-hook, or any other way).
 //!     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
 //!     let u = Arc::clone(&upg);
 //!     std::thread::spawn(move || {
 //!         for _ in signals.forever() {
-//!             if let Err(e) = u.upgrade() {
-//!                 eprintln!("upgrade failed: {e}");
+//!             match u.upgrade() {
+//!                 Ok(pid) => eprintln!("upgraded: pid {pid} serves now"),
+//!                 Err(e) => eprintln!("upgrade failed: {e}"),
 //!             }
 //!         }
 //!     });
 //!
 //!     // Inherited from the previous generation, or bound now.
 //!     let listener = upg.fds().listen_tcp("127.0.0.1:8080")?;
-//!     listener.set_nonblocking(true)?; // see "Limitations" before doing this
-//!     upg.ready()?;
+//!     listener.set_nonblocking(true)?; // in every generation alike: see "Limitations"
 //!
-//!     // Serve until the next generation is ready (or stop() is called): wait on the
-//!     // listener and on the exit fd together, accept without blocking.
-//!     use std::os::fd::AsRawFd;
-//!     loop {
-//!         let mut fds = [
-//!             libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-//!             libc::pollfd { fd: upg.exit_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 },
-//!         ];
-//!         // SAFETY: two valid pollfd structs.
-//!         unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-//!         if fds[1].revents != 0 {
-//!             break; // finish in-flight work, then return
-//!         }
-//!         // Accept a bounded batch, so a flood cannot starve the exit check.
-//!         for _ in 0..64 {
-//!             match listener.accept() {
-//!                 Ok((mut conn, _)) => {
-//!                     conn.set_nonblocking(false)?; // a new description: not shared
-//!                     let _ = writeln!(conn, "hello from pid {}", std::process::id());
-//!                 }
-//!                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-//!                 Err(e) => {
-//!                     eprintln!("accept: {e}"); // EMFILE and friends: back off
-//!                     std::thread::sleep(std::time::Duration::from_millis(10));
-//!                     break;
+//!     // Serve first, then report ready (the previous generation commits the upgrade).
+//!     let u = Arc::clone(&upg);
+//!     let server = std::thread::spawn(move || {
+//!         // Until the next generation has taken over (or stop() was called).
+//!         while u.wait_readable(&listener, None) == Wake::Readable {
+//!             // Accept a bounded batch, so a flood cannot starve the exit check.
+//!             for _ in 0..64 {
+//!                 match listener.accept() {
+//!                     Ok((mut conn, _)) => {
+//!                         let _ = conn.set_nonblocking(false); // its own description
+//!                         let _ = writeln!(conn, "hello from pid {}", std::process::id());
+//!                     }
+//!                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+//!                     Err(e) => {
+//!                         eprintln!("accept: {e}"); // EMFILE and friends: back off
+//!                         std::thread::sleep(std::time::Duration::from_millis(10));
+//!                         break;
+//!                     }
 //!                 }
 //!             }
 //!         }
-//!     }
+//!     });
+//!     upg.ready()?;
+//!     server.join().ok(); // then finish in-flight work, and return
 //!     Ok(())
 //! }
 //! ```
@@ -107,8 +101,9 @@
 //!   non-blocking accept behind `poll`). The crate never changes it.
 //! - **Stopping a blocked `accept`.** Closing a listener does not wake a thread blocked
 //!   in `accept()` on it, and `shutdown()` would shut the socket for the new generation
-//!   too. Wait on the listener and [`Upgrader::exit_fd`] together and accept only
-//!   when the listener is readable, as the example above does.
+//!   too. Wait on the listener and the exit notification together
+//!   ([`Upgrader::wait_readable`], or [`Upgrader::exit_fd`] in your own event loop) and
+//!   accept only when the listener is readable, as the example above does.
 //! - **systemd.** The pid changes at every upgrade. When `$NOTIFY_SOCKET` is set the crate
 //!   speaks the notify protocol (`MAINPID=`, `READY=1`, `RELOADING=1`, `STOPPING=1`), and
 //!   the old process, still the main one, announces the new pid at the commit, so
@@ -142,11 +137,11 @@ mod upgrader;
 mod wire;
 
 pub use error::{Error, Result};
-pub use fds::Fds;
+pub use fds::{Address, Fds};
 pub use inherit::{Adoption, InheritedFd};
 pub use options::Options;
 pub use state::MAX_STATE_SIZE;
-pub use upgrader::Upgrader;
+pub use upgrader::{ExitHandle, Upgrader, Wake};
 pub use wire::UnixAddr;
 
 /// Not public API: entry points for the fuzzer and benchmarks. No stability promise.

@@ -39,19 +39,23 @@ pub(crate) fn new_socket(family: AddressFamily, ty: SocketType) -> io::Result<Ow
     }
 }
 
-/// How the registry makes a socket: what to call between `socket()` and `bind()`, and
-/// the listen backlog.
+/// A per-call setup function (`Fds::listen_tcp_with` and friends).
+pub(crate) type PerCall<'a> = &'a mut dyn FnMut(BorrowedFd<'_>) -> io::Result<()>;
+
+/// How the registry makes a socket: what to call between `socket()` and `bind()` (the
+/// `before_bind` hook, then the per-call setup), and the listen backlog.
 pub(crate) struct Setup<'a> {
     pub(crate) before_bind: Option<&'a Hook>,
+    pub(crate) per_call: PerCall<'a>,
     pub(crate) backlog: i32,
 }
 
 impl Setup<'_> {
-    fn run_hooks(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
-        match self.before_bind {
-            Some(hook) => hook(fd),
-            None => Ok(()),
+    fn run_hooks(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        if let Some(hook) = self.before_bind {
+            hook(fd)?;
         }
+        (self.per_call)(fd)
     }
 }
 
@@ -61,7 +65,7 @@ pub(crate) fn bind_inet(
     addr: SocketAddr,
     ty: SocketType,
     reuseport: bool,
-    setup: &Setup<'_>,
+    setup: &mut Setup<'_>,
 ) -> io::Result<OwnedFd> {
     let family = match addr {
         SocketAddr::V4(_) => AddressFamily::INET,
@@ -84,19 +88,28 @@ pub(crate) fn bind_inet(
 }
 
 /// A new Unix socket of type `ty` bound to `addr` (and listening, unless a datagram
-/// socket), with the identity of the file it made.
+/// socket), with the identity of the file it made and the address it got. An empty
+/// path asks the kernel to choose an abstract name (Linux autobind). A socket file left
+/// at the path by a process that died without removing it is removed first (see
+/// [`remove_stale`]).
 pub(crate) fn bind_unix(
     addr: &UnixAddr,
     ty: SocketType,
-    setup: &Setup<'_>,
-) -> io::Result<(OwnedFd, Option<SocketFile>)> {
+    setup: &mut Setup<'_>,
+) -> io::Result<(OwnedFd, Option<SocketFile>, UnixAddr)> {
     let sockaddr = unix_sockaddr(addr)?;
     let fd = new_socket(AddressFamily::UNIX, ty)?;
     setup.run_hooks(fd.as_fd())?;
-    rustix::net::bind(&fd, &sockaddr)?;
-    let file = match addr {
-        UnixAddr::Path(p) => SocketFile::of(p),
-        UnixAddr::Abstract(_) => None,
+    match rustix::net::bind(&fd, &sockaddr) {
+        Err(rustix::io::Errno::ADDRINUSE) if stale(addr, ty) => {
+            rustix::net::bind(&fd, &sockaddr)?;
+        }
+        other => other?,
+    }
+    let (file, bound) = match addr {
+        UnixAddr::Path(p) if !p.as_os_str().is_empty() => (SocketFile::of(p), addr.clone()),
+        // The name the kernel chose, or the one asked for.
+        _ => (None, unix(rustix::net::getsockname(&fd)?)?),
     };
     if ty != SocketType::DGRAM {
         if let Err(e) = rustix::net::listen(&fd, setup.backlog) {
@@ -106,11 +119,50 @@ pub(crate) fn bind_unix(
             return Err(e.into());
         }
     }
-    Ok((fd, file))
+    Ok((fd, file, bound))
+}
+
+/// Whether `addr` is a path with a stale socket file, which is then removed: a socket
+/// file nobody serves on (connecting to it is refused), left by a process that died
+/// without removing it. Never a file that is not a socket, never one somebody serves on
+/// (connected, or its queue full), never one that changed between the check and the
+/// removal (its device and inode are checked again).
+fn stale(addr: &UnixAddr, ty: SocketType) -> bool {
+    let UnixAddr::Path(path) = addr else {
+        return false;
+    };
+    let Some(id) = socket_file_id(path) else {
+        return false;
+    };
+    let Ok(sockaddr) = SocketAddrUnix::new(path.as_path()) else {
+        return false;
+    };
+    let refused = new_socket(AddressFamily::UNIX, ty)
+        .and_then(|probe| {
+            // Non-blocking, so that a live listener with a full queue answers EAGAIN
+            // instead of holding us up.
+            rustix::io::ioctl_fionbio(&probe, true)?;
+            Ok(rustix::net::connect(&probe, &sockaddr))
+        })
+        .is_ok_and(|r| r == Err(rustix::io::Errno::CONNREFUSED));
+    if refused && socket_file_id(path) == Some(id) {
+        std::fs::remove_file(path).is_ok()
+    } else {
+        false
+    }
 }
 
 pub(crate) fn unix_sockaddr(addr: &UnixAddr) -> io::Result<SocketAddrUnix> {
     Ok(match addr {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        UnixAddr::Path(p) if p.as_os_str().is_empty() => SocketAddrUnix::new_unnamed(),
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        UnixAddr::Path(p) if p.as_os_str().is_empty() => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a name chosen by the kernel (an empty path) exists on Linux only",
+            ))
+        }
         UnixAddr::Path(p) => SocketAddrUnix::new(p.as_path())?,
         #[cfg(any(target_os = "linux", target_os = "android"))]
         UnixAddr::Abstract(name) => SocketAddrUnix::new_abstract_name(name)?,
@@ -242,6 +294,7 @@ impl Probe {
                 let addr = unix(self.local.clone()).ok()?;
                 match self.ty {
                     SocketType::STREAM if listening => Some(Key::UnixListener(addr)),
+                    SocketType::SEQPACKET if listening => Some(Key::UnixSeqpacket(addr)),
                     SocketType::DGRAM => Some(Key::UnixDatagram(addr)),
                     _ => None,
                 }
@@ -302,7 +355,9 @@ impl Probe {
 fn shape(key: &Key) -> Option<(SocketType, Option<bool>)> {
     match key {
         Key::Ready | Key::Parent | Key::Commit | Key::State | Key::Fd(_) => None,
+        Key::Unknown { .. } => None,
         Key::TcpListener(_) | Key::UnixListener(_) => Some((SocketType::STREAM, Some(true))),
+        Key::UnixSeqpacket(_) => Some((SocketType::SEQPACKET, Some(true))),
         Key::TcpStream(_) | Key::UnixStream(_) => Some((SocketType::STREAM, Some(false))),
         Key::Udp(_) | Key::UnixDatagram(_) => Some((SocketType::DGRAM, None)),
     }

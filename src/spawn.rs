@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use crate::child::{self, ChildArgs};
+use crate::child::{self, ChildArgs, Step};
 use crate::error::{Error, Result};
 use crate::process::Child;
 use crate::wire;
@@ -118,12 +118,19 @@ impl Program {
         let pid = rustix::process::Pid::from_raw(pid)
             .ok_or_else(|| Error::io("clone", None, io::ErrorKind::InvalidData))?;
         let child = Child::new(pid);
-        match exec_errno(err_rd) {
+        match exec_failure(err_rd) {
             None => Ok(child),
-            Some(errno) => {
+            Some((step, errno)) => {
                 // The child failed before or at exec and has exited with 127.
                 let _ = child.reap();
-                Err(exec_err(io::Error::from_raw_os_error(errno)))
+                let source = io::Error::from_raw_os_error(errno);
+                Err(match step {
+                    Some(Step::Chdir) => Error::WorkingDirectory {
+                        path: self.cwd.clone(),
+                        source,
+                    },
+                    _ => exec_err(source),
+                })
             }
         }
     }
@@ -182,19 +189,23 @@ impl TableVar {
 }
 
 /// What the child reported on its error pipe: `None` (EOF) if the exec succeeded (the
-/// pipe's write end closed on exec), else its errno.
-fn exec_errno(err_rd: std::os::unix::io::OwnedFd) -> Option<i32> {
-    let mut errno = [0u8; 4];
+/// pipe's write end closed on exec), else the step that failed and its errno.
+fn exec_failure(err_rd: std::os::unix::io::OwnedFd) -> Option<(Option<Step>, i32)> {
+    let mut report = [0u8; 8];
     let mut got = 0;
-    while got < errno.len() {
-        match crate::os::read(&err_rd, &mut errno[got..]) {
+    while got < report.len() {
+        match crate::os::read(&err_rd, &mut report[got..]) {
             Ok(0) | Err(_) => break,
             Ok(n) => got += n,
         }
     }
+    let [a, b, c, d, e, f, g, h] = report;
     match got {
         0 => None,
-        4 => Some(i32::from_ne_bytes(errno)),
-        _ => Some(libc::EIO),
+        8 => Some((
+            Step::from_raw(i32::from_ne_bytes([a, b, c, d])),
+            i32::from_ne_bytes([e, f, g, h]),
+        )),
+        _ => Some((None, libc::EIO)),
     }
 }

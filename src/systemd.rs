@@ -201,21 +201,27 @@ pub(crate) fn activated() -> Result<Vec<(OwnedFd, Key)>> {
         .ok()
         .filter(|n| (0..=65536).contains(n))
         .ok_or_else(|| bad(count_s.clone(), "not a number of fds".into()))?;
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-        .map(|v| v.split(':').map(String::from).collect())
-        .unwrap_or_default();
-    let names_fit = names.len() == n as usize;
+    let names: Option<Vec<String>> = std::env::var_os("LISTEN_FDNAMES")
+        .map(|v| v.to_string_lossy().split(':').map(String::from).collect());
+    if let Some(names) = names.as_ref().filter(|names| names.len() != n as usize) {
+        return Err(Error::FdTable {
+            var: "LISTEN_FDNAMES",
+            entry: names.join(":"),
+            reason: format!("it names {} fds, but $LISTEN_FDS says {n}", names.len()),
+            source: None,
+        });
+    }
     let entries: Vec<(RawFd, Key)> = (0..n)
         .map(|i| {
-            let name = if names_fit {
-                names[i as usize].clone()
-            } else {
-                format!("LISTEN_FD_{}", LISTEN_FDS_START + i)
+            let name = match &names {
+                Some(names) => names[i as usize].clone(),
+                None => format!("LISTEN_FD_{}", LISTEN_FDS_START + i),
             };
             (LISTEN_FDS_START + i, Key::Fd(name))
         })
         .collect();
-    let adopted = inherit::adopt("LISTEN_FDS", entries)?;
+    // libsystemd's sd_listen_fds() marks them close-on-exec: accept that.
+    let adopted = inherit::adopt("LISTEN_FDS", entries, false)?;
     Ok(adopted
         .into_iter()
         .map(|(fd, key)| {

@@ -385,9 +385,59 @@ impl Upgrader {
     /// An fd that becomes readable (and stays readable) when this process should exit,
     /// at the same moment [`wait_for_exit`](Upgrader::wait_for_exit) returns. Register it
     /// with `poll`, epoll, mio or tokio's `AsyncFd` next to your listeners. Do not read
-    /// from it or change its flags.
+    /// from it or change its flags. [`exit_handle`](Upgrader::exit_handle) gives an owned
+    /// one, for code that must not borrow the `Upgrader`.
     pub fn exit_fd(&self) -> BorrowedFd<'_> {
         self.exit.fd()
+    }
+
+    /// An owned, `'static` handle on the exit notification: an fd of its own (a
+    /// duplicate) that becomes readable when this process should exit, with
+    /// [`AsFd`](std::os::fd::AsFd), so an async runtime can wait on it without `unsafe`
+    /// and without a thread parked in [`wait_for_exit`](Upgrader::wait_for_exit):
+    ///
+    /// ```no_run
+    /// # async fn example(upg: &tableflip::Upgrader) -> std::io::Result<()> {
+    /// // A future that completes when this generation should stop accepting: hand it to
+    /// // axum's `with_graceful_shutdown`, or `select!` on it next to `accept()`.
+    /// let exit = tokio::io::unix::AsyncFd::new(upg.exit_handle()?)?;
+    /// let shutdown = async move {
+    ///     let _ = exit.readable().await;
+    /// };
+    /// # shutdown.await;
+    /// # Ok(()) }
+    /// ```
+    pub fn exit_handle(&self) -> Result<ExitHandle> {
+        let fd = self.exit.fd();
+        fd.try_clone_to_owned()
+            .map(|fd| ExitHandle { fd })
+            .map_err(|e| Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(fd.as_raw_fd()), e))
+    }
+
+    /// Waits until `fd` is readable (a connection waits on a listener, say), this
+    /// process should exit, or `timeout` passes (`None`: no timeout). The exit
+    /// notification wins a tie, so a generation stops accepting as soon as it is told.
+    ///
+    /// The accept loop of a std server, without `unsafe`:
+    ///
+    /// ```no_run
+    /// # fn serve(upg: &tableflip::Upgrader, listener: std::net::TcpListener) -> std::io::Result<()> {
+    /// use tableflip::Wake;
+    /// listener.set_nonblocking(true)?; // in every generation alike: the flag is shared
+    /// while upg.wait_readable(&listener, None) == Wake::Readable {
+    ///     // Accept a bounded batch, without blocking, so the exit check comes soon.
+    ///     for _ in 0..64 {
+    ///         match listener.accept() {
+    ///             Ok((conn, _)) => { /* hand it to a thread */ drop(conn) }
+    ///             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+    ///             Err(e) => { eprintln!("accept: {e}"); break }
+    ///         }
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn wait_readable(&self, fd: impl AsFd, timeout: Option<Duration>) -> Wake {
+        self.exit.wait_with(fd.as_fd(), timeout)
     }
 
     /// Whether an upgrade succeeded: the exit notification fired because a new
@@ -514,7 +564,7 @@ fn inherited() -> Result<Inheritance> {
             .map(|(fd, key)| Inherited {
                 fd,
                 key,
-                file: None,
+                extra: Default::default(),
             })
             .collect();
     }
@@ -525,6 +575,60 @@ fn inherited() -> Result<Inheritance> {
 /// consistent between statements.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What [`Upgrader::wait_readable`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// The fd is readable: accept (without blocking) until `WouldBlock`.
+    Readable,
+    /// This process should exit: stop accepting, finish what is in flight.
+    Exit,
+    /// The timeout passed.
+    TimedOut,
+}
+
+/// An owned handle on the exit notification, from [`Upgrader::exit_handle`]: readable
+/// once the process should exit. It outlives the `Upgrader` (then it is readable).
+#[derive(Debug)]
+pub struct ExitHandle {
+    fd: OwnedFd,
+}
+
+impl ExitHandle {
+    /// Blocks until the process should exit.
+    pub fn wait(&self) {
+        while os::readable(self.fd.as_fd(), None).is_err() {
+            // poll on a valid fd fails only for lack of memory: back off, retry.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the process should exit now.
+    pub fn fired(&self) -> bool {
+        matches!(
+            os::readable(self.fd.as_fd(), Some(std::time::Instant::now())),
+            Ok(true)
+        )
+    }
+}
+
+impl AsFd for ExitHandle {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for ExitHandle {
+    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl From<ExitHandle> for OwnedFd {
+    fn from(handle: ExitHandle) -> OwnedFd {
+        handle.fd
+    }
 }
 
 /// The exit notification: a pipe whose only write end is closed when this process
@@ -565,6 +669,20 @@ impl ExitSignal {
                 Ok(true) => return,
                 Ok(false) => {}
                 // poll on a valid fd fails only for lack of memory: back off, retry.
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    /// Waits for the exit notification, `fd` readable, or the timeout.
+    fn wait_with(&self, fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Wake {
+        let deadline = os::deadline(timeout);
+        loop {
+            match os::poll_in(&[self.rd.as_fd(), fd], deadline) {
+                Ok(ready) if ready[0] => return Wake::Exit,
+                Ok(ready) if ready[1] => return Wake::Readable,
+                Ok(_) if os::left(deadline) == Some(Duration::ZERO) => return Wake::TimedOut,
+                Ok(_) => {}
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
         }

@@ -113,13 +113,23 @@ pub(crate) enum Key {
     Udp(SocketAddr),
     UnixListener(UnixAddr),
     UnixDatagram(UnixAddr),
+    /// A `SOCK_SEQPACKET` Unix listener.
+    UnixSeqpacket(UnixAddr),
     TcpStream(String),
     UnixStream(String),
     Fd(String),
+    /// An entry of a kind this version does not know (from a newer generation): adopted,
+    /// never handed out, closed by `ready()`.
+    Unknown {
+        /// Its kind, as written.
+        tag: String,
+        /// The rest of the entry after the kind, as written.
+        rest: String,
+    },
 }
 
 impl Key {
-    pub(crate) fn tag(&self) -> &'static str {
+    pub(crate) fn tag(&self) -> &str {
         match self {
             Key::Ready => "ready",
             Key::Parent => "parent",
@@ -129,9 +139,11 @@ impl Key {
             Key::Udp(_) => "udp",
             Key::UnixListener(_) => "unix",
             Key::UnixDatagram(_) => "unixgram",
+            Key::UnixSeqpacket(_) => "unixpacket",
             Key::TcpStream(_) => "tcpconn",
             Key::UnixStream(_) => "unixconn",
             Key::Fd(_) => "fd",
+            Key::Unknown { tag, .. } => tag,
         }
     }
 
@@ -146,9 +158,27 @@ impl Key {
             Key::Udp(_) => "UDP socket",
             Key::UnixListener(_) => "Unix listener",
             Key::UnixDatagram(_) => "Unix datagram socket",
+            Key::UnixSeqpacket(_) => "Unix seqpacket listener",
             Key::TcpStream(_) => "TCP connection",
             Key::UnixStream(_) => "Unix connection",
             Key::Fd(_) => "file descriptor",
+            Key::Unknown { .. } => "entry of an unknown kind",
+        }
+    }
+
+    /// The Unix address of a Unix listener or datagram socket.
+    pub(crate) fn unix_addr(&self) -> Option<&UnixAddr> {
+        match self {
+            Key::UnixListener(a) | Key::UnixDatagram(a) | Key::UnixSeqpacket(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The path of a Unix listener or datagram socket bound to one.
+    pub(crate) fn unix_path(&self) -> Option<&std::path::Path> {
+        match self.unix_addr()? {
+            UnixAddr::Path(p) => Some(p),
+            UnixAddr::Abstract(_) => None,
         }
     }
 }
@@ -159,8 +189,9 @@ impl Key {
         match self {
             Key::Ready | Key::Parent | Key::Commit | Key::State => String::new(),
             Key::TcpListener(a) | Key::Udp(a) => a.to_string(),
-            Key::UnixListener(a) | Key::UnixDatagram(a) => a.to_string(),
+            Key::UnixListener(a) | Key::UnixDatagram(a) | Key::UnixSeqpacket(a) => a.to_string(),
             Key::TcpStream(n) | Key::UnixStream(n) | Key::Fd(n) => n.clone(),
+            Key::Unknown { tag, rest } => format!("{tag},{rest}"),
         }
     }
 }
@@ -171,8 +202,11 @@ impl fmt::Display for Key {
         match self {
             Key::Ready | Key::Parent | Key::Commit | Key::State => f.write_str(kind),
             Key::TcpListener(a) | Key::Udp(a) => write!(f, "{kind} {a}"),
-            Key::UnixListener(a) | Key::UnixDatagram(a) => write!(f, "{kind} {a}"),
+            Key::UnixListener(a) | Key::UnixDatagram(a) | Key::UnixSeqpacket(a) => {
+                write!(f, "{kind} {a}")
+            }
             Key::TcpStream(n) | Key::UnixStream(n) | Key::Fd(n) => write!(f, "{kind} {n:?}"),
+            Key::Unknown { tag, .. } => write!(f, "{kind} {tag:?}"),
         }
     }
 }
@@ -229,22 +263,33 @@ fn unescape(s: &str) -> Result<Vec<u8>, String> {
 /// Identity of a socket file: device and inode, as `lstat` reports them.
 pub(crate) type FileId = (u64, u64);
 
+/// What an entry may say about a Unix socket beyond its address (its fourth field).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum Extra {
+    #[default]
+    None,
+    /// `DEV:INO`: the identity of the socket file bound at its path.
+    File(FileId),
+    /// `auto`: the kernel chose its abstract name (autobind).
+    Autobound,
+}
+
 /// Encodes a table. The pid slot holds zeros; the spawner fills it in.
 #[cfg(test)]
 pub(crate) fn encode<'a>(entries: impl IntoIterator<Item = (RawFd, &'a Key)>) -> String {
-    encode_with_ids(entries.into_iter().map(|(fd, key)| (fd, key, None)))
+    encode_with(entries.into_iter().map(|(fd, key)| (fd, key, Extra::None)))
 }
 
-/// Encodes a table, with the identity of the socket file of Unix sockets bound to a path
-/// where it is known. The pid slot holds zeros; the spawner fills it in.
-pub(crate) fn encode_with_ids<'a>(
-    entries: impl IntoIterator<Item = (RawFd, &'a Key, Option<FileId>)>,
+/// Encodes a table, with what is known of Unix sockets beyond their address (see
+/// [`Extra`]). The pid slot holds zeros; the spawner fills it in.
+pub(crate) fn encode_with<'a>(
+    entries: impl IntoIterator<Item = (RawFd, &'a Key, Extra)>,
 ) -> String {
     let mut out = String::with_capacity(64);
     out.push_str(MAGIC);
     out.push_str(PID_PREFIX);
     out.extend(std::iter::repeat('0').take(PID_WIDTH));
-    for (fd, key, id) in entries {
+    for (fd, key, extra) in entries {
         out.push(';');
         let _ = write!(out, "{fd}");
         out.push(',');
@@ -255,24 +300,31 @@ pub(crate) fn encode_with_ids<'a>(
                 out.push(',');
                 escape_into(&mut out, a.to_string().as_bytes());
             }
-            Key::UnixListener(a) | Key::UnixDatagram(a) => {
+            Key::UnixListener(a) | Key::UnixDatagram(a) | Key::UnixSeqpacket(a) => {
                 out.push(',');
-                match a {
-                    UnixAddr::Path(p) => {
-                        escape_into(&mut out, p.as_os_str().as_bytes());
-                        if let Some((dev, ino)) = id {
-                            let _ = write!(out, ",{dev}:{ino}");
-                        }
-                    }
-                    UnixAddr::Abstract(name) => {
+                match (a, extra) {
+                    (UnixAddr::Path(p), _) => escape_into(&mut out, p.as_os_str().as_bytes()),
+                    (UnixAddr::Abstract(name), _) => {
                         out.push('@');
                         escape_into(&mut out, name);
                     }
+                }
+                match (a, extra) {
+                    (UnixAddr::Path(_), Extra::File((dev, ino))) => {
+                        let _ = write!(out, ",{dev}:{ino}");
+                    }
+                    (UnixAddr::Abstract(_), Extra::Autobound) => out.push_str(",auto"),
+                    _ => {}
                 }
             }
             Key::TcpStream(n) | Key::UnixStream(n) | Key::Fd(n) => {
                 out.push(',');
                 escape_into(&mut out, n.as_bytes());
+            }
+            // Never passed on: closed by the generation that could not read it.
+            Key::Unknown { rest, .. } => {
+                out.push(',');
+                out.push_str(rest);
             }
         }
     }
@@ -284,8 +336,8 @@ pub(crate) fn encode_with_ids<'a>(
 pub(crate) struct Table {
     pub(crate) pid: u32,
     pub(crate) entries: Vec<(RawFd, Key)>,
-    /// The socket-file identity given for Unix sockets bound to a path, by fd.
-    pub(crate) file_ids: std::collections::HashMap<RawFd, FileId>,
+    /// What the entries say beyond their key (see [`Extra`]), by fd, where they do.
+    pub(crate) extras: std::collections::HashMap<RawFd, Extra>,
 }
 
 /// Why a table was rejected: the entry at fault and the reason.
@@ -327,28 +379,25 @@ pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeE
     let value = std::str::from_utf8(value).map_err(|_| bad(&lossy(), "not ASCII"))?;
     let mut parts = value.split(';');
     let magic = parts.next().unwrap_or_default();
+    let pid_field = parts.next().unwrap_or_default();
+    // The pid first: a table for another process is none of our business, whatever its
+    // version (a newer generation's table inherited by a helper process, say).
+    let pid = decode_pid(pid_field);
+    if matches!(pid, Ok(pid) if pid != my_pid) {
+        return Ok(None);
+    }
     if magic != MAGIC {
         return Err(bad(magic, format!("unknown format (expected {MAGIC:?})")));
     }
-    let pid_field = parts.next().unwrap_or_default();
-    let digits = pid_field
-        .strip_prefix("pid=")
-        .filter(|d| d.len() == PID_WIDTH && d.bytes().all(|b| b.is_ascii_digit()))
-        .ok_or_else(|| bad(pid_field, "expected pid= and ten digits"))?;
-    let pid: u32 = digits
-        .parse()
-        .map_err(|_| bad(pid_field, "pid out of range"))?;
-    if pid != my_pid {
-        return Ok(None);
-    }
+    let pid = pid?;
     let n = value.bytes().filter(|&b| b == b';').count();
     let mut entries: Vec<(RawFd, Key)> = Vec::with_capacity(n);
-    let mut file_ids = std::collections::HashMap::new();
+    let mut extras = std::collections::HashMap::new();
     let mut seen = std::collections::HashSet::with_capacity(n);
     for entry in parts {
-        let (fd, key, id) = decode_entry(entry)?;
-        if let Some(id) = id {
-            file_ids.insert(fd, id);
+        let (fd, key, extra) = decode_entry(entry)?;
+        if extra != Extra::None {
+            extras.insert(fd, extra);
         }
         if !seen.insert(fd) {
             return Err(bad(entry, format!("fd {fd} appears more than once")));
@@ -363,11 +412,21 @@ pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeE
     Ok(Some(Table {
         pid,
         entries,
-        file_ids,
+        extras,
     }))
 }
 
-fn decode_entry(entry: &str) -> Result<(RawFd, Key, Option<FileId>), DecodeError> {
+/// `pid=` and ten digits.
+fn decode_pid(field: &str) -> Result<u32, DecodeError> {
+    field
+        .strip_prefix("pid=")
+        .filter(|d| d.len() == PID_WIDTH && d.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| bad(field, "expected pid= and ten digits"))?
+        .parse()
+        .map_err(|_| bad(field, "pid out of range"))
+}
+
+fn decode_entry(entry: &str) -> Result<(RawFd, Key, Extra), DecodeError> {
     // Keys are percent-encoded, so a raw `,` only ever separates fields.
     let mut fields = entry.splitn(4, ',');
     let fd_s = fields.next().unwrap_or_default();
@@ -389,21 +448,40 @@ fn decode_entry(entry: &str) -> Result<(RawFd, Key, Option<FileId>), DecodeError
         "udp" => Key::Udp(f.sockaddr()?),
         "unix" => Key::UnixListener(f.unix()?),
         "unixgram" => Key::UnixDatagram(f.unix()?),
+        "unixpacket" => Key::UnixSeqpacket(f.unix()?),
         "tcpconn" => Key::TcpStream(f.name()?),
         "unixconn" => Key::UnixStream(f.name()?),
         "fd" => Key::Fd(f.name()?),
-        // The kind is quoted in the reason: only its start, so the reason stays short.
-        _ => return Err(bad(entry, format!("unknown kind {:?}", clip(tag, 16)))),
+        _ => return Ok((fd, unknown(entry, tag)?, Extra::None)),
     };
-    let id = match (fields.next(), &key) {
-        (None, _) => None,
-        (
-            Some(extra),
-            Key::UnixListener(UnixAddr::Path(_)) | Key::UnixDatagram(UnixAddr::Path(_)),
-        ) => Some(file_id(extra).ok_or_else(|| bad(entry, "expected the socket file as DEV:INO"))?),
+    let extra = match (fields.next(), key.unix_addr()) {
+        (None, _) => Extra::None,
+        (Some(extra), Some(UnixAddr::Path(_))) => Extra::File(
+            file_id(extra).ok_or_else(|| bad(entry, "expected the socket file as DEV:INO"))?,
+        ),
+        (Some("auto"), Some(UnixAddr::Abstract(_))) => Extra::Autobound,
         (Some(_), _) => return Err(bad(entry, format!("{tag} takes no fourth field"))),
     };
-    Ok((fd, key, id))
+    Ok((fd, key, extra))
+}
+
+/// An entry of a kind this version does not know: kept (its fd is adopted and closed by
+/// `ready()`), so that an older binary can take over from a newer one. The kind must
+/// still look like one (lowercase letters, digits, `-`, `_`, at most 32), and is quoted in
+/// reasons only to its start.
+fn unknown(entry: &str, tag: &str) -> Result<Key, DecodeError> {
+    let kind_byte = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_';
+    if tag.is_empty() || tag.len() > 32 || !tag.bytes().all(kind_byte) {
+        return Err(bad(
+            entry,
+            format!("unknown kind {:?} is not a kind", clip(tag, 16)),
+        ));
+    }
+    let rest = entry.splitn(3, ',').nth(2).unwrap_or_default();
+    Ok(Key::Unknown {
+        tag: tag.to_string(),
+        rest: rest.to_string(),
+    })
 }
 
 /// The fd field: decimal, 3 or more.
@@ -505,15 +583,18 @@ mod tests {
     fn socket_file_identity_travels() {
         let path = Key::UnixListener(UnixAddr::Path("/run/a,b.sock".into()));
         let tcp = Key::TcpListener("127.0.0.1:1".parse().unwrap());
-        let s = encode_with_ids([(3, &path, Some((64769, 1234))), (4, &tcp, Some((1, 2)))]);
+        let s = encode_with([
+            (3, &path, Extra::File((64769, 1234))),
+            (4, &tcp, Extra::File((1, 2))),
+        ]);
         assert!(
             s.ends_with(";3,unix,/run/a%2Cb.sock,64769:1234;4,tcp,127.0.0.1:1"),
             "{s}"
         );
         let s = s.replace("pid=0000000000", "pid=0000000009");
         let t = decode(s.as_bytes(), 9).unwrap().unwrap();
-        assert_eq!(t.file_ids.get(&3), Some(&(64769, 1234)));
-        assert_eq!(t.file_ids.len(), 1);
+        assert_eq!(t.extras.get(&3), Some(&Extra::File((64769, 1234))));
+        assert_eq!(t.extras.len(), 1);
         for bad in [
             ",1:",
             ",:1",
@@ -529,6 +610,64 @@ mod tests {
         assert!(decode(v.as_bytes(), 9).is_err());
         let v = "tableflip1;pid=0000000009;3,unix,@abstract,1:2";
         assert!(decode(v.as_bytes(), 9).is_err());
+    }
+
+    #[test]
+    fn autobound_names_travel_marked() {
+        let k = Key::UnixDatagram(UnixAddr::Abstract(b"0a1b2".to_vec()));
+        let s = encode_with([(3, &k, Extra::Autobound)]);
+        assert!(s.ends_with(";3,unixgram,@0a1b2,auto"), "{s}");
+        let s = s.replace("pid=0000000000", "pid=0000000009");
+        let t = decode(s.as_bytes(), 9).unwrap().unwrap();
+        assert_eq!(t.entries, [(3, k)]);
+        assert_eq!(t.extras.get(&3), Some(&Extra::Autobound));
+        // Only an abstract name can have been chosen by the kernel.
+        let v = "tableflip1;pid=0000000009;3,unix,/x,auto";
+        assert!(decode(v.as_bytes(), 9).is_err());
+    }
+
+    #[test]
+    fn seqpacket_listeners_round_trip() {
+        let k = Key::UnixSeqpacket(UnixAddr::Path("/run/p.sock".into()));
+        let s = with_pid(encode([(5, &k)]), 7);
+        assert!(s.ends_with(";5,unixpacket,/run/p.sock"), "{s}");
+        assert_eq!(decode(s.as_bytes(), 7).unwrap().unwrap().entries, [(5, k)]);
+    }
+
+    /// A newer generation may pass kinds this one does not know: they are kept (closed
+    /// by `ready()`), not fatal, so an older binary can take over from a newer one.
+    #[test]
+    fn unknown_kinds_are_kept_aside() {
+        let v = "tableflip1;pid=0000000007;3,ready;4,quic,[::1]:443,x,y;5,tcp,127.0.0.1:1";
+        let t = decode(v.as_bytes(), 7).unwrap().unwrap();
+        assert_eq!(
+            t.entries[1],
+            (
+                4,
+                Key::Unknown {
+                    tag: "quic".into(),
+                    rest: "[::1]:443,x,y".into()
+                }
+            )
+        );
+        assert_eq!(t.entries.len(), 3);
+        // Still a kind, though: garbage is refused.
+        for bad in [";4,QUIC", ";4,", ";4,a b", ";4,%41"] {
+            let v = format!("tableflip1;pid=0000000007{bad}");
+            let err = decode(v.as_bytes(), 7).unwrap_err();
+            assert!(err.reason.contains("not a kind"), "{v}: {err:?}");
+        }
+    }
+
+    /// The pid is read before the version: a table for another process is ignored
+    /// whatever its version, and only a table for us must be one we understand.
+    #[test]
+    fn pid_before_version() {
+        assert_eq!(decode(b"tableflip9;pid=0000000042;3,warp,x", 7), Ok(None));
+        let err = decode(b"tableflip9;pid=0000000007;3,ready", 7).unwrap_err();
+        assert!(err.reason.contains("unknown format"), "{err:?}");
+        let err = decode(b"garbage", 7).unwrap_err();
+        assert!(err.reason.contains("unknown format"), "{err:?}");
     }
 
     fn with_pid(mut s: String, pid: u32) -> String {
@@ -650,11 +789,12 @@ mod tests {
         }
 
         fn key(&mut self) -> Key {
-            match self.below(11) {
+            match self.below(12) {
                 0 => Key::Ready,
                 1 => Key::Parent,
                 9 => Key::State,
                 10 => Key::Commit,
+                11 => Key::UnixSeqpacket(self.unix()),
                 2 => Key::TcpListener(self.inet()),
                 3 => Key::Udp(self.inet()),
                 4 => Key::UnixListener(self.unix()),
@@ -750,7 +890,7 @@ mod tests {
             (";99999999999,ready", "non-negative"),
             (";4294967296,ready", "out of range"),
             (";3,ready;3,parent", "more than once"),
-            (";3,bogus,x", "unknown kind"),
+            (";3,Bogus,x", "not a kind"),
             (";3,tcp,nonsense", "socket address"),
             (";3,tcp", "needs"),
             (";3,ready,x", "takes no key"),

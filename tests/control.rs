@@ -34,7 +34,7 @@ fn scenario_entry() {
             Err(Error::Remote { kind, message, .. }) => {
                 format!("client-remote kind={kind} message={message}")
             }
-            Err(e) => format!("client-error {e}: {:?}", std::error::Error::source(&e)),
+            Err(e) => format!("client-error {e}: {:?}", e.io_error()),
         };
         println!("\n{line}");
         std::process::exit(0);

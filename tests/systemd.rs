@@ -168,11 +168,22 @@ fn notify_protocol_on_an_abstract_name() {
 
 /// Starts the scenario with `listener` at fd 3 through `sh -c 'LISTEN_PID=... exec'`.
 fn activated(listener: &TcpListener, listen_pid: &str, names: &str) -> Run {
+    activated_with(listener, listen_pid, names, &[])
+}
+
+fn activated_with(
+    listener: &TcpListener,
+    listen_pid: &str,
+    names: &str,
+    extra: &[(&str, String)],
+) -> Run {
     let fd = listener.as_raw_fd();
     let script =
         format!("LISTEN_PID={listen_pid} LISTEN_FDS=1 LISTEN_FDNAMES={names} exec \"$0\" \"$@\"");
     let addr = listener.local_addr().unwrap().to_string();
-    Run::start_via_shell("activation", &[("TF_TCP", addr)], &script, move |cmd| {
+    let mut env = vec![("TF_TCP", addr)];
+    env.extend(extra.iter().cloned());
+    Run::start_via_shell("activation", &env, &script, move |cmd| {
         // SAFETY: dup2 and fcntl are async-signal-safe; they place the socket at fd 3
         // without FD_CLOEXEC for the shell, which passes it on to the test binary.
         unsafe {
@@ -254,5 +265,39 @@ fn socket_activation_for_another_pid_is_ignored() {
     assert!(err.rest.contains("Address_already_in_use"), "{err:?}");
     let pid = run.expect("ready").pid;
     signal(pid, libc::SIGTERM);
+    run.expect_all_exited();
+}
+
+#[test]
+fn socket_activation_names_that_do_not_match_the_count_are_an_error() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut run = activated(&listener, "$$", "web:extra");
+    let err = run.expect("new-error");
+    assert!(err.rest.contains("kind=FdTable"), "{err:?}");
+    assert!(err.rest.contains("LISTEN_FDNAMES"), "{err:?}");
+    assert!(err.rest.contains("LISTEN_FDS"), "{err:?}");
+    run.expect_all_exited();
+}
+
+/// libsystemd's `sd_listen_fds()` marks the sockets close-on-exec; a process that called
+/// it (or a library of its own that did) before `Upgrader::new` still adopts them.
+#[test]
+fn a_socket_marked_close_on_exec_is_adopted() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let inode = util::socket_inode(listener.as_raw_fd());
+    let mut run = activated_with(&listener, "$$", "web", &[("TF_CLOEXEC3", "1".into())]);
+    let ready = run.expect("ready");
+    assert!(
+        ready
+            .field("sockets")
+            .unwrap()
+            .split(',')
+            .any(|s| s == inode),
+        "the activated socket is not in use: {ready:?}"
+    );
+    drop(listener);
+    assert_eq!(ask(addr).unwrap(), ready.pid);
+    signal(ready.pid, libc::SIGTERM);
     run.expect_all_exited();
 }

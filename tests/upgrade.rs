@@ -65,7 +65,15 @@ fn api_misuse_is_refused() {
         run.expect("should-exit").field("before-stop"),
         Some("false")
     );
+    let before = run.expect("wait");
+    assert_eq!(before.field("idle"), Some("TimedOut"), "{before:?}");
+    assert_eq!(before.field("pending"), Some("Readable"), "{before:?}");
+    assert_eq!(before.field("handle-fired"), Some("false"), "{before:?}");
     assert_eq!(run.expect("should-exit").field("after-stop"), Some("true"));
+    // The exit notification wins over a readable listener.
+    let after = run.expect("wait");
+    assert_eq!(after.field("pending"), Some("Exit"), "{after:?}");
+    assert_eq!(after.field("handle-fired"), Some("true"), "{after:?}");
     assert!(run
         .expect("upgrade-after-stop")
         .rest
@@ -439,6 +447,10 @@ fn upgrade_is_refused_while_the_parent_is_alive() {
     let err = run.expect("upgrade-error");
     assert!(err.rest.contains("kind=ParentAlive"), "{err:?}");
     assert!(err.rest.contains(&format!("pid_{pid}")), "{err:?}");
+    assert!(
+        err.rest.contains("Options::upgrade_during_drain"),
+        "the error names the option that allows it: {err:?}"
+    );
     // Only now: the old generation reads the file when it is told to exit, which may be
     // after the new one is ready.
     std::fs::remove_file(run.path("linger")).unwrap();

@@ -479,10 +479,15 @@ impl Load {
 
     /// Waits until the clients have had `n` more requests answered.
     pub fn wait_answered(&self, server: &Server, n: u64) {
-        let target = self.shared.answered.load(Ordering::SeqCst) + n;
+        let target = self.answered() + n;
         server.wait_for(&format!("{n} more answers"), |_| {
-            (self.shared.answered.load(Ordering::SeqCst) >= target).then_some(())
+            (self.answered() >= target).then_some(())
         });
+    }
+
+    /// Requests answered so far, by all clients.
+    pub fn answered(&self) -> u64 {
+        self.shared.answered.load(Ordering::SeqCst)
     }
 
     pub fn finish(mut self) -> Stats {

@@ -478,6 +478,7 @@ pub fn kind(e: &Error) -> &'static str {
         Error::Timeout { .. } => "Timeout",
         Error::ChildFailed { .. } => "ChildFailed",
         Error::ChildDiedAfterReady { .. } => "ChildDiedAfterReady",
+        Error::WorkingDirectory { .. } => "WorkingDirectory",
         Error::Notify { .. } => "Notify",
         Error::StateTooLarge { .. } => "StateTooLarge",
         Error::PidFile { .. } => "PidFile",
@@ -490,10 +491,8 @@ pub fn kind(e: &Error) -> &'static str {
 
 fn describe(e: &Error) -> String {
     let mut s = format!("kind={} msg={}", kind(e), e.to_string().replace(' ', "_"));
-    let mut src = std::error::Error::source(e);
-    while let Some(inner) = src {
-        s.push_str(&format!(" cause={}", inner.to_string().replace(' ', "_")));
-        src = inner.source();
+    if let Some(io) = e.io_error() {
+        s.push_str(&format!(" cause={}", io.to_string().replace(' ', "_")));
     }
     s
 }
@@ -571,6 +570,11 @@ pub fn scenario(name: &str) -> ! {
     if let Some(ms) = env("TF_PROBATION_MS") {
         opts = opts.probation(Duration::from_millis(ms.parse().unwrap()));
     }
+    // `TF_CLOEXEC3`: mark fd 3 close-on-exec first, as libsystemd's sd_listen_fds() does.
+    if env("TF_CLOEXEC3").is_some() {
+        // SAFETY: F_SETFD on fd 3 changes only its descriptor flag.
+        unsafe { libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let upg = match Upgrader::new(opts) {
         Ok(u) => Arc::new(u),
         Err(e) => {
@@ -579,6 +583,13 @@ pub fn scenario(name: &str) -> ! {
         }
     };
     say(format!("new has_parent={}", upg.has_parent()));
+    let inherited: Vec<String> = upg
+        .fds()
+        .inherited()
+        .iter()
+        .map(|i| format!("{}:{}", i.kind, i.key).replace(' ', "_"))
+        .collect();
+    say(format!("inherited list={}", inherited.join(",")));
 
     if has("fail") {
         upg.fail("config line 12: unknown key");
@@ -639,6 +650,45 @@ pub fn scenario(name: &str) -> ! {
             match upg.fds().listen_unix(addr) {
                 Ok(ln) => {
                     say("unix ok");
+                    std::mem::forget(ln);
+                }
+                Err(e) => say(format!("listen-error {}", describe(&e))),
+            }
+        }
+        // `TF_AUTOBIND`: a Unix listener whose name the kernel chooses.
+        if env("TF_AUTOBIND").is_some() {
+            match upg.fds().listen_unix("") {
+                Ok(ln) => {
+                    let name = match ln.local_addr().ok().and_then(|a| {
+                        std::os::linux::net::SocketAddrExt::as_abstract_name(&a).map(<[u8]>::to_vec)
+                    }) {
+                        Some(n) => String::from_utf8_lossy(&n).into_owned(),
+                        None => "(none)".into(),
+                    };
+                    say(format!(
+                        "autobind name={name} inode={}",
+                        socket_inode(ln.as_raw_fd())
+                    ));
+                    std::mem::forget(ln);
+                }
+                Err(e) => say(format!("listen-error {}", describe(&e))),
+            }
+        }
+        // `TF_SEQPACKET=PATH`: a SOCK_SEQPACKET listener.
+        if let Some(path) = env("TF_SEQPACKET") {
+            match upg.fds().listen_unix_seqpacket(path.as_str()) {
+                Ok(ln) => {
+                    say(format!("seqpacket inode={}", socket_inode(ln.as_raw_fd())));
+                    std::mem::forget(ln);
+                }
+                Err(e) => say(format!("listen-error {}", describe(&e))),
+            }
+        }
+        // `extra` with `TF_EXTRA_UNIX=PATH`: a Unix listener only this generation binds.
+        if let (true, Some(path)) = (has("extra"), env("TF_EXTRA_UNIX")) {
+            match upg.fds().listen_unix(path.as_str()) {
+                Ok(ln) => {
+                    say("extra ok");
                     std::mem::forget(ln);
                 }
                 Err(e) => say(format!("listen-error {}", describe(&e))),
@@ -706,6 +756,12 @@ pub fn scenario(name: &str) -> ! {
             say("crashing");
             std::process::abort();
         });
+    }
+    // `hang-after-listen`: never report ready, with every socket taken or bound.
+    if has("hang-after-listen") {
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
     }
     // `delay-us N`: report ready that much later.
     if let Some(us) = arg("delay-us") {
@@ -813,22 +869,13 @@ pub fn scenario(name: &str) -> ! {
 
 /// A poll loop around `Server::serve_one`, until the exit fd fires.
 fn serve_one_by_one(server: &tableflip::control::Server, upg: &Upgrader) -> tableflip::Result<()> {
-    use std::os::fd::AsFd;
     loop {
-        let mut pfds =
-            [server.as_fd().as_raw_fd(), upg.exit_fd().as_raw_fd()].map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            });
-        // SAFETY: a valid, exclusively borrowed array of pollfd.
-        if unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) } < 0 {
-            continue;
+        match upg.wait_readable(server, None) {
+            tableflip::Wake::Exit => return Ok(()),
+            _ => {
+                server.serve_one(upg)?;
+            }
         }
-        if pfds[1].revents != 0 {
-            return Ok(());
-        }
-        server.serve_one(upg)?;
     }
 }
 
@@ -883,8 +930,25 @@ fn api_checks(upg: &Upgrader) {
     let again = upg.ready();
     say(format!("ready-again ok={}", again.is_ok()));
     say(format!("should-exit before-stop={}", upg.should_exit()));
+    // The helpers for accept loops, before and after the exit notification.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let handle = upg.exit_handle().unwrap();
+    let short = Some(Duration::from_millis(20));
+    let idle = upg.wait_readable(&listener, short);
+    let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let pending = upg.wait_readable(&listener, short);
+    say(format!(
+        "wait before-stop idle={idle:?} pending={pending:?} handle-fired={}",
+        handle.fired()
+    ));
     upg.stop();
     say(format!("should-exit after-stop={}", upg.should_exit()));
+    handle.wait();
+    say(format!(
+        "wait after-stop pending={:?} handle-fired={}",
+        upg.wait_readable(&listener, None),
+        handle.fired()
+    ));
     upg.wait_for_exit();
     let r = upg.upgrade();
     say(format!(
