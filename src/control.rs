@@ -156,6 +156,9 @@ pub const MAX_PENDING: usize = 32;
 
 /// What every version token starts with.
 const PROTOCOL: &[u8] = b"tableflip-control/";
+/// Connections accepted per wake-up, at most, before the exit notification and the
+/// waiting clients are looked at again.
+const ACCEPT_BATCH: usize = 64;
 /// How long `serve` backs off after `accept` failed for lack of fds or memory.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -380,21 +383,21 @@ impl Server {
                     }
                 }
                 if accepting && ready[1] {
-                    if let Err(e) = self.accept_into(&mut pending) {
+                    if let Err(e) = self.accept_into(&mut pending, MAX_PENDING) {
                         break Err(e);
                     }
                 }
             };
-            // Told to exit: answer what has arrived; the others may ask the next
-            // generation. An upgrade asked for now is refused at once
-            // (AlreadyUpgraded or Stopped), so it can run here.
+            // Told to exit (or failed): answer what has arrived; the others may ask the
+            // next generation. (An upgrade asked for once this process should exit is
+            // refused at once: AlreadyUpgraded, or Stopped.)
             for mut p in pending {
                 match p.progress(true, Instant::now()) {
                     Progress::Request(Command::Status) => {
                         reply(&p.conn, &status_answer(&upg.status()))
                     }
                     Progress::Request(Command::Upgrade) => {
-                        reply(&p.conn, &upgrade_answer(&upg.upgrade()))
+                        upgrade_aside(scope, &mut worker, upg, p.conn)
                     }
                     Progress::Refuse(kind, message) => {
                         reply(&p.conn, &Answer::error(kind, &message))
@@ -416,8 +419,8 @@ impl Server {
         })
     }
 
-    /// Serves one connection on the calling thread, if one is waiting; `Ok(false)` if
-    /// none was. For a poll loop: call it when [`as_fd`](AsFd::as_fd) is readable.
+    /// Serves one connection on the calling thread, if one is waiting (`Ok(false)` if
+    /// none was), and returns. For a poll loop: call it when [`as_fd`](AsFd::as_fd) is readable.
     ///
     /// It reads the request (waiting at most [`Config::request_timeout`]) and answers
     /// it; an `upgrade` request runs [`Upgrader::upgrade`] here, so the call returns
@@ -426,8 +429,7 @@ impl Server {
     /// once.
     pub fn serve_one(&self, upg: &Upgrader) -> Result<bool> {
         let mut pending = Vec::new();
-        self.accept_into(&mut pending)?;
-        let accepted = !pending.is_empty();
+        let accepted = self.accept_into(&mut pending, 1)? > 0;
         for mut p in pending {
             loop {
                 let readable = os::readable(p.conn.as_fd(), Some(p.deadline))
@@ -451,21 +453,25 @@ impl Server {
         Ok(accepted)
     }
 
-    /// Accepts the connections waiting (up to the free slots), checks each peer, and
-    /// adds the ones allowed to `pending`.
-    fn accept_into(&self, pending: &mut Vec<Pending>) -> Result<()> {
-        while pending.len() < MAX_PENDING {
+    /// Accepts the connections waiting while `pending` has fewer than `limit`, checks
+    /// each peer, and adds the ones allowed to `pending` (the others are answered
+    /// `PermissionDenied`). Returns how many it accepted.
+    fn accept_into(&self, pending: &mut Vec<Pending>, limit: usize) -> Result<usize> {
+        let mut accepted = 0;
+        // Bounded, so that a flood of refused peers cannot keep this thread here.
+        while pending.len() < limit && accepted < ACCEPT_BATCH {
             let conn = match accept(self.listener.as_fd()) {
                 Ok(Some(conn)) => conn,
-                Ok(None) => return Ok(()),
+                Ok(None) => break,
                 Err(e) if is_transient(&e) => {
                     // Out of fds or memory: the connection stays queued; do not spin on
                     // a listener that poll keeps reporting readable.
                     thread::sleep(ACCEPT_BACKOFF);
-                    return Ok(());
+                    break;
                 }
                 Err(e) => return Err(Error::io("accept", Some(self.listener.as_raw_fd()), e)),
             };
+            accepted += 1;
             match self.check_peer(conn.as_fd()) {
                 Ok(()) => pending.push(Pending {
                     conn,
@@ -477,7 +483,7 @@ impl Server {
                 Err(why) => reply(&conn, &Answer::error(PERMISSION_DENIED, &why)),
             }
         }
-        Ok(())
+        Ok(accepted)
     }
 
     /// Whether the peer may use this socket; the reason if not.
