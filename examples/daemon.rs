@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! daemon --pid-file PATH [--listen HOST:PORT] [--upgrade-timeout SECS] [--probation SECS]
-//!        [--control PATH|@NAME]
+//!        [--fd-store] [--control PATH|@NAME]
 //! daemon --control PATH|@NAME --upgrade
 //! ```
 //!
@@ -62,8 +62,9 @@ use tableflip::{Options, UnixAddr, Upgrader, Wake};
 /// How long an exiting generation waits for its connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-const USAGE: &str = "usage: daemon --pid-file PATH [--listen HOST:PORT] [--upgrade-timeout SECS] \
-                     [--probation SECS] [--control PATH|@NAME]\n       \
+const USAGE: &str = "usage: daemon --pid-file PATH [--listen HOST:PORT] \
+                     [--upgrade-timeout SECS] [--probation SECS] [--fd-store] \
+                     [--control PATH|@NAME]\n       \
                      daemon --control PATH|@NAME --upgrade";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
@@ -84,6 +85,10 @@ fn main() -> ExitCode {
     let mut wait = Duration::from_secs(60 + 10);
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--fd-store" {
+            options = options.fd_store(true);
+            continue;
+        }
         if arg == "--upgrade" {
             upgrade = true;
             continue;

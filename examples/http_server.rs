@@ -3,16 +3,17 @@
 //!
 //! ```text
 //! http_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
-//!             [--control PATH|@NAME]
+//!             [--probation SECS] [--fd-store]
+//!             [--lame-duck SECS] [--control PATH|@NAME]
 //! http_server --control PATH|@NAME --upgrade
 //! ```
+//!
+//! Defaults: `127.0.0.1:8080`, no pid file, 60 s, 2 s. `GET` (and `HEAD`) of any path
+//! answers `200` with the body `hello from pid=<pid>`; other methods get `405`.
 //!
 //! `--control` serves a control socket (see `tableflip::control`) on a thread of its
 //! own; `--upgrade` asks the server there to upgrade, prints the new pid and exits 0,
 //! or prints why it failed and exits 1.
-//!
-//! Defaults: `127.0.0.1:8080`, no pid file, 60 s. `GET` (and `HEAD`) of any path answers
-//! `200` with the body `hello from pid=<pid>`; other methods get `405`.
 //!
 //! ```text
 //! cargo run --example http_server -- --pid-file /tmp/http_server.pid &
@@ -25,14 +26,23 @@
 //! When the next generation is ready (or on `SIGTERM`/`SIGINT`) this one:
 //!
 //! 1. stops accepting (the accept loop waits on the listener and the exit fd together,
-//!    as in the `tcp_server` example, which explains why);
-//! 2. closes keep-alive connections that are idle (their handlers wait for the next
-//!    request and the exit fd together), but not new ones before their first request;
-//! 3. answers requests already under way, with `Connection: close`;
-//! 4. exits once every connection is done, or after [`DRAIN_TIMEOUT`].
+//!    as in the `tcp_server` example, which explains why): connections still queued on
+//!    the listener are the next generation's;
+//! 2. becomes a lame duck for `--lame-duck` seconds: it keeps serving the connections it
+//!    has, but every response says `Connection: close`, so each client moves to the new
+//!    generation after its next request, the one it may already have sent;
+//! 3. at the end of that phase closes the keep-alive connections that stayed idle
+//!    throughout, and only if no byte of a request has arrived; a new connection gets
+//!    [`FIRST_REQUEST_GRACE`] for its first request, which is always answered;
+//! 4. exits once every connection is done (under load: a few milliseconds after the
+//!    notification), or after [`DRAIN_TIMEOUT`].
 //!
-//! Closing an idle keep-alive connection can race with a request the client is just
-//! sending; HTTP clients retry such requests on a new connection (RFC 9112, 9.3.1).
+//! Why not close idle connections at once: a keep-alive connection that looks idle may
+//! have the client's next request on the wire. Closing it makes that request fail, and
+//! although RFC 9112 §9.3.1 lets clients retry it, wrk and many others do not (measured:
+//! hundreds of failed requests per 10 s of wrk with a `SIGHUP` every 250 ms, 0 with the
+//! lame duck). Closing a connection that has been idle for the whole lame-duck phase
+//! still races a request sent at that very moment, as any idle timeout does.
 //!
 //! One thread per connection keeps it short; a server with many idle keep-alive clients
 //! would use an event loop (epoll, mio, tokio with `AsyncFd` on the exit fd).
@@ -54,10 +64,13 @@ use tableflip::{Options, Upgrader};
 
 /// How long an exiting generation waits for its connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an exiting generation keeps idle keep-alive connections open, answering
+/// with `Connection: close` (`--lame-duck`; at most [`DRAIN_TIMEOUT`]).
+const LAME_DUCK: Duration = Duration::from_secs(2);
 /// How long a keep-alive connection may sit idle between requests.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Once this process should exit, how long a new connection may take to send its first
-/// request (see [`wait_for_request`]).
+/// request (see [`wait_for_request`]); at least the lame-duck phase.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(5);
 /// Longest a read or write may block once a request has started.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,7 +82,8 @@ const MAX_HEAD: usize = 16 * 1024;
 const ACCEPT_BATCH: usize = 64;
 
 const USAGE: &str = "usage: http_server [--listen HOST:PORT] [--pid-file PATH] \
-                     [--upgrade-timeout SECS] [--control PATH|@NAME] [--upgrade]";
+                     [--upgrade-timeout SECS] [--lame-duck SECS] [--probation SECS] \
+                     [--fd-store] [--control PATH|@NAME] [--upgrade]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 macro_rules! log {
@@ -83,6 +97,9 @@ struct Config {
     listen: String,
     pid_file: Option<PathBuf>,
     upgrade_timeout: Duration,
+    lame_duck: Duration,
+    probation: Duration,
+    fd_store: bool,
     control: Option<tableflip::UnixAddr>,
     upgrade: bool,
 }
@@ -117,25 +134,35 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         listen: "127.0.0.1:8080".into(),
         pid_file: None,
         upgrade_timeout: Duration::from_secs(60),
+        lame_duck: LAME_DUCK,
+        probation: Duration::ZERO,
+        fd_store: false,
         control: None,
         upgrade: false,
     };
     while let Some(arg) = args.next() {
         let flag = arg.to_string_lossy().into_owned();
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
+        let seconds = |v: OsString, zero_ok: bool| {
+            v.to_str()
+                .and_then(|s| s.parse::<f64>().ok())
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .filter(|d| zero_ok || !d.is_zero())
+                .ok_or_else(|| format!("{flag}: bad number of seconds {v:?}"))
+        };
         match flag.as_str() {
             "--listen" => {
                 config.listen = value()?.into_string().map_err(|_| "--listen: not UTF-8")?
             }
             "--pid-file" => config.pid_file = Some(value()?.into()),
-            "--upgrade-timeout" => {
-                let v = value()?;
-                config.upgrade_timeout = v
-                    .to_str()
-                    .and_then(|s| s.parse::<f64>().ok())
-                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                    .filter(|d| !d.is_zero())
-                    .ok_or_else(|| format!("--upgrade-timeout: bad number of seconds {v:?}"))?;
+            "--upgrade-timeout" => config.upgrade_timeout = seconds(value()?, false)?,
+            "--probation" => config.probation = seconds(value()?, true)?,
+            "--fd-store" => config.fd_store = true,
+            "--lame-duck" => {
+                config.lame_duck = seconds(value()?, true)?;
+                if config.lame_duck > DRAIN_TIMEOUT {
+                    return Err(format!("--lame-duck: at most {DRAIN_TIMEOUT:?}"));
+                }
             }
             "--control" => config.control = Some(control::addr(value()?)),
             "--upgrade" => config.upgrade = true,
@@ -150,7 +177,10 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // Before anything else: a new generation starts with SIGHUP at its default (death).
     let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
 
-    let mut options = Options::new().upgrade_timeout(config.upgrade_timeout);
+    let mut options = Options::new()
+        .upgrade_timeout(config.upgrade_timeout)
+        .probation(config.probation)
+        .fd_store(config.fd_store);
     if let Some(path) = &config.pid_file {
         options = options.pid_file(path);
     }
@@ -176,15 +206,31 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
 
     // Taken before ready() (which closes inherited fds nobody took), served once ready.
     let control = control::listen(&config, &upg)?;
+    // Serve at once, before reporting ready: with a probation the previous generation
+    // commits only after the window, and both serve meanwhile.
+    let conns = Arc::new(Connections::default());
+    let (server_upg, server_conns, lame_duck) =
+        (Arc::clone(&upg), Arc::clone(&conns), config.lame_duck);
+    let server = thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || {
+            serve(&listener, &server_upg, &server_conns, lame_duck);
+            // Stop accepting: the next generation (if any) has its own copy.
+            drop(listener);
+        })?;
     // Which inherited fds were taken, and which were closed because nobody asked for
     // them: a listener dropped by a configuration change shows up here.
-    let adoption = upg.ready()?;
-    log!("ready; {adoption}");
-    let control = control::serve(control, &upg)?;
-
-    let conns = Arc::new(Connections::default());
-    serve(&listener, &upg, &conns);
-    drop(listener);
+    let ready = upg.ready();
+    match &ready {
+        Ok(adoption) => log!("ready; {adoption}"),
+        // Not taken over: the previous generation serves on. Stop, drain, and fail.
+        Err(_) => upg.stop(),
+    }
+    let control = match &ready {
+        Ok(_) => control::serve(control, &upg)?,
+        Err(_) => None,
+    };
+    let _ = server.join();
     // The upgrade that ended this generation may still be logging its result.
     let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
     for upgrade in pending {
@@ -196,15 +242,16 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     }
 
     log!(
-        "stopped accepting; draining {} connection(s)",
-        conns.active()
+        "stopped accepting; draining {} connection(s), lame duck for {:?}",
+        conns.active(),
+        config.lame_duck
     );
     let left = conns.wait_idle(Instant::now() + DRAIN_TIMEOUT);
     if left > 0 {
         log!("drain timeout: exiting with {left} connection(s) still open");
     }
     log!("exit");
-    Ok(())
+    ready.map(drop).map_err(Into::into)
 }
 
 /// The threads running `upgrade()`, joined before exiting. They return promptly once
@@ -247,32 +294,17 @@ fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThr
 }
 
 /// Accepts connections until the upgrader's exit fd becomes readable.
-fn serve(listener: &TcpListener, upg: &Arc<Upgrader>, conns: &Arc<Connections>) {
-    let mut fds = [
-        pollin(listener.as_raw_fd()),
-        pollin(upg.exit_fd().as_raw_fd()),
-    ];
-    loop {
-        // SAFETY: `fds` is an array of initialised pollfd structs, valid for the call;
-        // both fds stay open for the whole loop.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                log!("poll failed: {err}");
-                thread::sleep(Duration::from_millis(100));
-            }
-            continue;
-        }
-        if fds[1].revents != 0 {
-            return;
-        }
-        if fds[0].revents == 0 {
-            continue;
-        }
+fn serve(
+    listener: &TcpListener,
+    upg: &Arc<Upgrader>,
+    conns: &Arc<Connections>,
+    lame_duck: Duration,
+) {
+    // The exit notification first: once told to exit, accept nothing more.
+    while upg.wait_readable(listener, None) == tableflip::Wake::Readable {
         for _ in 0..ACCEPT_BATCH {
             match listener.accept() {
-                Ok((conn, _peer)) => spawn_handler(conn, upg, conns),
+                Ok((conn, _peer)) => spawn_handler(conn, upg, conns, lame_duck),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e)
                     if matches!(
@@ -296,7 +328,12 @@ fn serve(listener: &TcpListener, upg: &Arc<Upgrader>, conns: &Arc<Connections>) 
 
 /// Runs [`handle`] on a thread of its own, counted in `conns` until it returns. If no
 /// thread can be started, the connection is served on this one: never dropped.
-fn spawn_handler(conn: TcpStream, upg: &Arc<Upgrader>, conns: &Arc<Connections>) {
+fn spawn_handler(
+    conn: TcpStream,
+    upg: &Arc<Upgrader>,
+    conns: &Arc<Connections>,
+    lame_duck: Duration,
+) {
     let slot = Arc::new(Mutex::new(Some(conn)));
     let thread_slot = Arc::clone(&slot);
     let thread_upg = Arc::clone(upg);
@@ -305,20 +342,20 @@ fn spawn_handler(conn: TcpStream, upg: &Arc<Upgrader>, conns: &Arc<Connections>)
         let _guard = guard;
         let conn = thread_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(conn) = conn {
-            handle(conn, &thread_upg);
+            handle(conn, &thread_upg, lame_duck);
         }
     });
     if let Err(e) = spawned {
         log!("cannot start a connection thread ({e}); serving inline");
         let conn = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(conn) = conn {
-            handle(conn, upg);
+            handle(conn, upg, lame_duck);
         }
     }
 }
 
-fn handle(mut conn: TcpStream, upg: &Upgrader) {
-    if let Err(e) = serve_connection(&mut conn, upg) {
+fn handle(mut conn: TcpStream, upg: &Upgrader, lame_duck: Duration) {
+    if let Err(e) = serve_connection(&mut conn, upg, lame_duck) {
         // Timeouts and resets by the client end up here; nothing more can be sent.
         if e.kind() != io::ErrorKind::UnexpectedEof {
             log!("connection error: {e}");
@@ -326,9 +363,9 @@ fn handle(mut conn: TcpStream, upg: &Upgrader) {
     }
 }
 
-/// Serves requests on `conn` until the client closes it, keep-alive ends, or this
-/// process is told to exit while the connection is idle.
-fn serve_connection(conn: &mut TcpStream, upg: &Upgrader) -> io::Result<()> {
+/// Serves requests on `conn` until the client closes it, keep-alive ends, or it stays
+/// idle too long (see [`wait_for_request`]).
+fn serve_connection(conn: &mut TcpStream, upg: &Upgrader, lame_duck: Duration) -> io::Result<()> {
     // An accepted socket is a new open file description: its mode is ours alone.
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -338,10 +375,10 @@ fn serve_connection(conn: &mut TcpStream, upg: &Upgrader) -> io::Result<()> {
     let mut first = true;
     loop {
         if buf.is_empty() {
-            match wait_for_request(conn, upg, first)? {
+            match wait_for_request(conn, upg, first, lame_duck)? {
                 Wake::Request => {}
-                // Idle: close now. Nothing is in flight, so nothing is cut off.
-                Wake::Exit | Wake::IdleTimeout => return Ok(()),
+                // Idle, and not a byte of a request has arrived: nothing is cut off.
+                Wake::Idle => return Ok(()),
             }
         }
         let Some(head_len) = read_head(conn, &mut buf)? else {
@@ -362,7 +399,8 @@ fn serve_connection(conn: &mut TcpStream, upg: &Upgrader) -> io::Result<()> {
         }
         discard_body(conn, &mut buf, request.content_length)?;
 
-        // Once this generation should exit, finish this request and end the connection.
+        // Lame duck: once this generation should exit, every response ends its
+        // connection, and the client sends its next request to the new generation.
         let keep_alive = request.keep_alive && !upg.should_exit();
         let head_only = request.method == "HEAD";
         if request.method == "GET" || head_only {
@@ -386,17 +424,28 @@ fn serve_connection(conn: &mut TcpStream, upg: &Upgrader) -> io::Result<()> {
 }
 
 enum Wake {
+    /// Bytes of a request have arrived (or the client has closed or reset).
     Request,
-    Exit,
-    IdleTimeout,
+    /// Idle until the deadline, with nothing to read.
+    Idle,
 }
 
-/// Waits for the next request to start, the exit notification, or the idle timeout.
+/// Waits for the next request to start, or until the connection has been idle too long:
+/// [`IDLE_TIMEOUT`], or, once this process should exit, until the end of the lame-duck
+/// phase (`lame_duck` after the exit notification).
 ///
 /// A new connection (`first`) is not idle: its client has just connected and its first
-/// request is on the way. It gets that request served even once this process should
-/// exit, unless nothing comes within [`FIRST_REQUEST_GRACE`] (as Go's `net/http` does).
-fn wait_for_request(conn: &TcpStream, upg: &Upgrader, first: bool) -> io::Result<Wake> {
+/// request is on the way. It gets [`FIRST_REQUEST_GRACE`] for it once this process
+/// should exit (as Go's `net/http` does), or the lame-duck phase if that is longer.
+///
+/// `Wake::Idle` comes only from a final `poll` with a zero timeout that found nothing to
+/// read: a request whose first bytes have arrived is always served.
+fn wait_for_request(
+    conn: &TcpStream,
+    upg: &Upgrader,
+    first: bool,
+    lame_duck: Duration,
+) -> io::Result<Wake> {
     let mut deadline = Instant::now() + IDLE_TIMEOUT;
     let mut fds = [pollin(conn.as_raw_fd()), pollin(upg.exit_fd().as_raw_fd())];
     let mut nfds = fds.len();
@@ -418,16 +467,19 @@ fn wait_for_request(conn: &TcpStream, upg: &Upgrader, first: bool) -> io::Result
             return Ok(Wake::Request);
         }
         if nfds == 2 && fds[1].revents != 0 {
-            if !first {
-                return Ok(Wake::Exit);
-            }
-            // Stop watching the exit fd (it stays readable), and shorten the wait.
+            // Lame duck: stop watching the exit fd (it stays readable), and shorten the
+            // wait. The response to a request that comes meanwhile closes the connection.
             nfds = 1;
-            deadline = deadline.min(Instant::now() + FIRST_REQUEST_GRACE);
+            let grace = if first {
+                FIRST_REQUEST_GRACE.max(lame_duck)
+            } else {
+                lame_duck
+            };
+            deadline = deadline.min(Instant::now() + grace);
             continue;
         }
         if ms == 0 {
-            return Ok(Wake::IdleTimeout);
+            return Ok(Wake::Idle);
         }
     }
 }
@@ -700,13 +752,15 @@ mod control {
         }
     }
 
-    /// `--upgrade`: asks the server to upgrade and waits (its timeout, and a margin).
+    /// `--upgrade`: asks the server to upgrade and waits (its timeout and probation, and
+    /// a margin).
     pub fn ask_upgrade(config: &Config) -> ExitCode {
         let Some(addr) = config.control.clone() else {
             eprintln!("http_server: --upgrade needs --control");
             return ExitCode::from(2);
         };
-        match request_upgrade(addr, config.upgrade_timeout + Duration::from_secs(10)) {
+        let wait = config.upgrade_timeout + config.probation + Duration::from_secs(10);
+        match request_upgrade(addr, wait) {
             Ok(pid) => {
                 println!("{pid}");
                 ExitCode::SUCCESS

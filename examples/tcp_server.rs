@@ -3,13 +3,15 @@
 //!
 //! ```text
 //! tcp_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
-//!            [--probation SECS] [--control PATH|@NAME]
+//!            [--probation SECS] [--fd-store] [--control PATH|@NAME]
 //! tcp_server --control PATH|@NAME --upgrade | --status
 //! ```
 //!
 //! Defaults: `127.0.0.1:8080`, no pid file, 60 s, no probation (`--probation 2` keeps
 //! a new generation on probation for 2 s: if it dies within that time, this one serves
-//! on as if nothing happened). Every connection gets one line,
+//! on as if nothing happened). `--fd-store` keeps the listener in systemd's fd store, so
+//! that it survives a crash of every generation (see the README). Every connection gets
+//! one line,
 //! `hello from pid=<pid>`, and is closed. Try it:
 //!
 //! ```text
@@ -66,7 +68,8 @@ const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
 const ACCEPT_BATCH: usize = 64;
 
 const USAGE: &str = "usage: tcp_server [--listen HOST:PORT] [--pid-file PATH] \
-                     [--upgrade-timeout SECS] [--probation SECS] [--control PATH|@NAME]\n       \
+                     [--upgrade-timeout SECS] [--probation SECS] [--fd-store] \
+                     [--control PATH|@NAME]\n       \
                      tcp_server --control PATH|@NAME --upgrade | --status";
 
 /// Logs one line to stderr with this process's pid. A single `write` per line, so the
@@ -84,6 +87,7 @@ struct Config {
     pid_file: Option<PathBuf>,
     upgrade_timeout: Duration,
     probation: Duration,
+    fd_store: bool,
     control: Option<UnixAddr>,
     /// `--upgrade` or `--status`: a client of the control socket, not a server.
     ask: Option<&'static str>,
@@ -120,6 +124,7 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, St
         pid_file: None,
         upgrade_timeout: Duration::from_secs(60),
         probation: Duration::ZERO,
+        fd_store: false,
         control: None,
         ask: None,
     };
@@ -138,6 +143,7 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, St
                     .ok_or_else(|| format!("{flag}: must be more than 0"))?;
             }
             "--probation" => config.probation = seconds(&flag, &value()?)?.unwrap_or_default(),
+            "--fd-store" => config.fd_store = true,
             "--control" => config.control = Some(control_addr(value()?)),
             "--upgrade" => config.ask = Some("upgrade"),
             "--status" => config.ask = Some("status"),
@@ -198,7 +204,8 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
 
     let mut options = Options::new()
         .upgrade_timeout(config.upgrade_timeout)
-        .probation(config.probation);
+        .probation(config.probation)
+        .fd_store(config.fd_store);
     if let Some(path) = &config.pid_file {
         options = options.pid_file(path);
     }

@@ -3,8 +3,8 @@
 //! Read this module line by line. Between the clone and `execve` the child:
 //! - allocates nothing, takes no lock, cannot panic (no indexing, no arithmetic that
 //!   can overflow, no `Option::unwrap`), and touches only the buffers prepared for it;
-//! - makes only async-signal-safe calls: `sigaction`, `fcntl`, `getpid` (raw syscall),
-//!   `chdir`, `pthread_sigmask`, `execve`, `write`, `_exit`;
+//! - makes only async-signal-safe calls: `sigaction`, `fcntl`, `dup2`, `close`, `getpid`
+//!   (raw syscall), `chdir`, `pthread_sigmask`, `execve`, `write`, `_exit`;
 //! - on failure, writes the step that failed and its errno (two native-endian `i32`s) to
 //!   the error pipe and exits with 127.
 //!
@@ -33,11 +33,21 @@ pub(crate) struct ChildArgs {
     pub(crate) envp: *const *const c_char,
     /// NUL-terminated working directory.
     pub(crate) cwd: *const c_char,
-    /// The fds whose `FD_CLOEXEC` flag is cleared.
+    /// The fds whose `FD_CLOEXEC` flag is cleared (passed at the same number).
     pub(crate) fds: *const RawFd,
     /// How many fds `fds` points to.
     pub(crate) nfds: usize,
-    /// Ten bytes inside one of the envp strings that receive the child's pid in decimal.
+    /// `(from, to)` pairs: the fd `from` is passed at the number `to` (`$LISTEN_FDS`
+    /// wants its fds at 3, 4, ...). No `to` is one of `fds`, nor the error pipe.
+    pub(crate) moves: *const [RawFd; 2],
+    /// How many pairs `moves` points to.
+    pub(crate) nmoves: usize,
+    /// A number above every fd involved (`fds`, both sides of `moves`, `err_fd`): the
+    /// moves go through `scratch`, `scratch + 1`, ... so that no `from` is overwritten
+    /// before it is copied.
+    pub(crate) scratch: RawFd,
+    /// Ten bytes inside one of the envp strings that receive the child's pid in decimal;
+    /// null if no variable names the child's pid.
     pub(crate) pid_slot: *mut u8,
     /// Write end of a close-on-exec pipe: the child writes the step that failed and its
     /// errno there if it fails.
@@ -48,7 +58,7 @@ pub(crate) struct ChildArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(i32)]
 pub(crate) enum Step {
-    /// Clearing `FD_CLOEXEC` on a passed fd.
+    /// Clearing `FD_CLOEXEC` on a passed fd, or moving one.
     PassFd = 1,
     /// Entering the initial working directory.
     Chdir = 2,
@@ -186,10 +196,45 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         i = i.wrapping_add(1);
     }
 
-    // 3. Our pid into the fd table, so that only this process takes the table for its own.
+    // 2b. Move the fds that are passed at another number: first each to its scratch
+    //     number (above every fd involved, so nothing is overwritten before it is
+    //     copied), then from there to its place (dup2 clears FD_CLOEXEC on the copy),
+    //     then close the scratch copies.
+    let mut k: usize = 0;
+    while k < args.nmoves {
+        // SAFETY: `moves` has `nmoves` elements.
+        let [from, _] = unsafe { *args.moves.add(k) };
+        let tmp = args.scratch.wrapping_add(k as RawFd);
+        // SAFETY: dup2 on integer fds is async-signal-safe; `tmp` is above every fd the
+        // child passes or reports on, and this is the child's own fd table.
+        if unsafe { libc::dup2(from, tmp) } == -1 {
+            fail(args, Step::PassFd);
+        }
+        k = k.wrapping_add(1);
+    }
+    k = 0;
+    while k < args.nmoves {
+        // SAFETY: `moves` has `nmoves` elements.
+        let [_, to] = unsafe { *args.moves.add(k) };
+        let tmp = args.scratch.wrapping_add(k as RawFd);
+        // SAFETY: as above; `to` is no fd of `fds`, nor the error pipe.
+        if unsafe { libc::dup2(tmp, to) } == -1 {
+            fail(args, Step::PassFd);
+        }
+        // SAFETY: closing the child's own scratch copy, made above.
+        unsafe { libc::close(tmp) };
+        k = k.wrapping_add(1);
+    }
+
+    // 3. Our pid into the environment (the fd table's pid slot, or `LISTEN_PID`), so that
+    //    only this process takes those fds for its own.
     // SAFETY: a raw syscall, immune to libc's pid caching in a vfork-style child.
     let mut pid = unsafe { getpid() } as u32;
-    let mut j = PID_WIDTH;
+    let mut j = if args.pid_slot.is_null() {
+        0
+    } else {
+        PID_WIDTH
+    };
     while j > 0 {
         j = j.wrapping_sub(1);
         // SAFETY: `pid_slot` has PID_WIDTH bytes, and j < PID_WIDTH.

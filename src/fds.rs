@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
-use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::sync::{Mutex, MutexGuard};
 
@@ -642,24 +642,29 @@ impl Fds {
 
     /// Calls `f` with the fds to pass on (and what the table says of each beyond its
     /// key), holding the registry lock.
-    pub(crate) fn with_passed<R>(&self, f: impl FnOnce(&[(RawFd, &Key, Extra)]) -> R) -> R {
+    pub(crate) fn with_passed<R>(
+        &self,
+        f: impl FnOnce(&[(BorrowedFd<'_>, &Key, Extra)]) -> R,
+    ) -> R {
         let reg = self.lock();
-        let list: Vec<(RawFd, &Key, Extra)> = reg
+        let list: Vec<(BorrowedFd<'_>, &Key, Extra)> = reg
             .used
             .iter()
-            .map(|u| (u.fd.as_raw_fd(), &u.key, u.extra()))
+            .map(|u| (u.fd.as_fd(), &u.key, u.extra()))
             .collect();
         f(&list)
     }
 
     /// Closes inherited fds nobody took, removing their socket files, and reports what
-    /// was taken and what was closed. Called by `ready()`.
-    pub(crate) fn close_unused(&self) -> Adoption {
+    /// was taken and what was closed (and, for the fd store, the keys closed). Called by
+    /// `ready()`.
+    pub(crate) fn close_unused(&self) -> (Adoption, Vec<(Key, Extra)>) {
         let (unused, taken) = {
             let mut reg = self.lock();
             (reg.inherited.take_all(), std::mem::take(&mut reg.taken))
         };
         let mut closed = Vec::with_capacity(unused.len());
+        let mut keys = Vec::with_capacity(unused.len());
         let mut to_close = Vec::with_capacity(unused.len());
         for Inherited { fd, key, extra } in unused {
             closed.push(InheritedFd::new(fd.as_raw_fd(), &key));
@@ -674,9 +679,10 @@ impl Fds {
                 }
             }
             to_close.push(fd);
+            keys.push((key, extra));
         }
         crate::batch::close_all(to_close);
-        Adoption { taken, closed }
+        (Adoption { taken, closed }, keys)
     }
 
     /// Drops every fd: after a successful upgrade the new generation owns them.

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use crate::error::{clip, Error, Result};
 use crate::os;
 use crate::process::Child;
-use crate::spawn::Program;
+use crate::spawn::{PidVar, Program};
 use crate::wire::{self, Extra, Key};
 
 /// The child is ready (its first report).
@@ -96,7 +96,7 @@ impl Handoff {
         program: &Program,
         exe: &Path,
         state: Option<BorrowedFd<'_>>,
-        passed: &[(RawFd, &Key, Extra)],
+        passed: &[(BorrowedFd<'_>, &Key, Extra)],
     ) -> Result<Handoff> {
         let pipe = || os::pipe().map_err(|e| Error::io("pipe2", None, e));
         let (ready_rd, ready_wr) = pipe()?;
@@ -109,7 +109,11 @@ impl Handoff {
         if let Some(state) = state {
             entries.push((state.as_raw_fd(), &Key::State, Extra::None));
         }
-        entries.extend_from_slice(passed);
+        entries.extend(
+            passed
+                .iter()
+                .map(|(fd, key, extra)| (fd.as_raw_fd(), *key, *extra)),
+        );
         let table = wire::encode_with(entries.iter().copied());
         if table.len() > wire::MAX_LEN {
             return Err(Error::Exec {
@@ -126,7 +130,12 @@ impl Handoff {
             });
         }
         let fds: Vec<RawFd> = entries.iter().map(|(fd, _, _)| *fd).collect();
-        let child = program.spawn(exe, &table, &fds)?;
+        let table_var = PidVar {
+            name: wire::VAR,
+            value: &table,
+            slot: wire::PID_OFFSET,
+        };
+        let child = program.spawn(exe, &[], Some(table_var), &fds, &[])?;
         // The child's ends close here: only the child holds them now.
         Ok(Handoff {
             child,

@@ -27,6 +27,7 @@ pub struct Options {
     pub(crate) before_bind: Option<BeforeBind>,
     pub(crate) backlog: i32,
     pub(crate) upgrade_during_drain: bool,
+    pub(crate) fd_store: bool,
 }
 
 impl Default for Options {
@@ -39,6 +40,7 @@ impl Default for Options {
             before_bind: None,
             backlog: libc::SOMAXCONN,
             upgrade_during_drain: false,
+            fd_store: false,
         }
     }
 }
@@ -53,6 +55,7 @@ impl fmt::Debug for Options {
             .field("before_bind", &self.before_bind.as_ref().map(|_| "Fn"))
             .field("backlog", &self.backlog)
             .field("upgrade_during_drain", &self.upgrade_during_drain)
+            .field("fd_store", &self.fd_store)
             .finish()
     }
 }
@@ -132,6 +135,24 @@ impl Options {
     /// Bound your drain time.
     pub fn upgrade_during_drain(mut self, allow: bool) -> Self {
         self.upgrade_during_drain = allow;
+        self
+    }
+
+    /// Keeps the listening and datagram sockets in systemd's fd store, so that they
+    /// outlive every generation: if the serving one dies (OOM killer, `kill -9`, a crash
+    /// after the handoff), systemd restarts the service (`Restart=`) on the same sockets,
+    /// and connections wait in their queues instead of being refused. Needs
+    /// `FileDescriptorStoreMax=` in the unit (and `$NOTIFY_SOCKET`). On by default when
+    /// systemd sets `$FDSTORE` (systemd 254 and later); off otherwise.
+    ///
+    /// Each generation, once it has taken over, sends its sockets with `FDSTORE=1` under
+    /// a name that encodes its registry key (`FDNAME=tableflip.tcp,[::1]%3A80`), and takes
+    /// those it inherited but no longer uses out of the store (`FDSTOREREMOVE=1`). A
+    /// fresh start with sockets from the store adopts them under those keys, next to the
+    /// sockets of a socket unit. A key whose name would be over systemd's 255 bytes (a
+    /// Unix path of some 240 bytes) is not stored.
+    pub fn fd_store(mut self, keep: bool) -> Self {
+        self.fd_store = keep;
         self
     }
 

@@ -81,11 +81,19 @@ impl Program {
             .ok_or_else(|| not_found(PathBuf::from(name)))
     }
 
-    /// Starts `exe` with this program's argv, the current environment plus `table`
-    /// (the fd table's value), in the initial working directory, passing `fds`
-    /// (close-on-exec cleared in the child only). Returns the child once it has called
-    /// `execve`, or the reason it could not.
-    pub(crate) fn spawn(&self, exe: &Path, table: &str, fds: &[RawFd]) -> Result<Child> {
+    /// Starts `exe` with this program's argv, in the initial working directory, with
+    /// the current environment (without the variables meant for this process only) plus
+    /// `env` and `pid_var`, passing `fds` (close-on-exec cleared in the child only) and
+    /// `moves` (`(from, to)`: `from` passed at `to`). Returns the child once it has
+    /// called `execve`, or the reason it could not.
+    pub(crate) fn spawn(
+        &self,
+        exe: &Path,
+        env: &[(&str, &str)],
+        pid_var: Option<PidVar<'_>>,
+        fds: &[RawFd],
+        moves: &[[RawFd; 2]],
+    ) -> Result<Child> {
         let exec_err = |source: io::Error| Error::Exec {
             path: exe.to_path_buf(),
             source,
@@ -94,12 +102,25 @@ impl Program {
             .map_err(|_| exec_err(io::ErrorKind::InvalidInput.into()))?;
         let mut argv: Vec<*const c_char> = self.argv.iter().map(|a| a.as_ptr()).collect();
         argv.push(std::ptr::null());
-        let env = environment();
-        let mut table_var = TableVar::new(table);
-        let mut envp: Vec<*const c_char> = env.iter().map(|e| e.as_ptr()).collect();
-        envp.push(table_var.as_ptr());
+        let vars = environment(env, pid_var.as_ref().map(|v| v.name));
+        let mut slot_var = pid_var.map(|v| SlotVar::new(v.name, v.value, v.slot));
+        let mut envp: Vec<*const c_char> = vars.iter().map(|e| e.as_ptr()).collect();
+        let pid_slot = match slot_var.as_mut() {
+            Some(var) => {
+                envp.push(var.as_ptr());
+                var.pid_slot()
+            }
+            None => std::ptr::null_mut(),
+        };
         envp.push(std::ptr::null());
         let (err_rd, err_wr) = crate::os::pipe().map_err(|e| Error::io("pipe2", None, e))?;
+        // Above every fd involved, for the moves' scratch copies.
+        let scratch = fds
+            .iter()
+            .chain(moves.iter().flatten())
+            .chain([&err_wr.as_raw_fd()])
+            .max()
+            .map_or(3, |&fd| fd.saturating_add(1));
 
         let args = ChildArgs {
             path: path.as_ptr(),
@@ -108,7 +129,10 @@ impl Program {
             cwd: self.cwd_c.as_ptr(),
             fds: fds.as_ptr(),
             nfds: fds.len(),
-            pid_slot: table_var.pid_slot(),
+            moves: moves.as_ptr(),
+            nmoves: moves.len(),
+            scratch,
+            pid_slot,
             err_fd: err_wr.as_raw_fd(),
         };
         // SAFETY: every pointer in `args` points into a buffer owned by this function or
@@ -136,45 +160,65 @@ impl Program {
     }
 }
 
+/// An environment variable whose value holds the child's pid: `PID_WIDTH` digits at
+/// byte `slot` of `value`, written by the child itself between fork and exec.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PidVar<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) value: &'a str,
+    pub(crate) slot: usize,
+}
+
 /// Whether `path` is a regular file this process may execute.
 fn is_executable(path: &Path) -> bool {
     path.is_file() && rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok()
 }
 
-/// The environment as it is now, without the variables meant for this process only.
-fn environment() -> Vec<CString> {
+/// The environment as it is now, without the variables meant for this process only,
+/// with `extra` (replacing variables of the same names) and without `also_removed`.
+fn environment(extra: &[(&str, &str)], also_removed: Option<&str>) -> Vec<CString> {
+    let replaced = |k: &[u8]| {
+        NOT_INHERITED.iter().any(|n| k == n.as_bytes())
+            || extra.iter().any(|(n, _)| k == n.as_bytes())
+            || also_removed.is_some_and(|n| k == n.as_bytes())
+    };
+    let kv = |k: &[u8], v: &[u8]| {
+        let mut kv = Vec::with_capacity(k.len() + v.len() + 1);
+        kv.extend_from_slice(k);
+        kv.push(b'=');
+        kv.extend_from_slice(v);
+        CString::new(kv).ok()
+    };
     std::env::vars_os()
-        .filter(|(k, _)| !NOT_INHERITED.iter().any(|n| k.as_bytes() == n.as_bytes()))
-        .filter_map(|(k, v)| {
-            let mut kv = Vec::with_capacity(k.len() + v.len() + 1);
-            kv.extend_from_slice(k.as_bytes());
-            kv.push(b'=');
-            kv.extend_from_slice(v.as_bytes());
-            CString::new(kv).ok()
-        })
+        .filter(|(k, _)| !replaced(k.as_bytes()))
+        .filter_map(|(k, v)| kv(k.as_bytes(), v.as_bytes()))
+        .chain(
+            extra
+                .iter()
+                .filter_map(|(k, v)| kv(k.as_bytes(), v.as_bytes())),
+        )
         .collect()
 }
 
-/// `TABLEFLIP_FDS=<table>` as a C string, with the place of the pid slot the child
-/// fills in.
-struct TableVar {
+/// `NAME=value` as a C string, with the place of the pid slot the child fills in.
+struct SlotVar {
     buf: Vec<u8>,
     pid_slot_at: usize,
 }
 
-impl TableVar {
-    fn new(table: &str) -> TableVar {
-        let mut buf = Vec::with_capacity(wire::VAR.len() + table.len() + 2);
-        buf.extend_from_slice(wire::VAR.as_bytes());
+impl SlotVar {
+    fn new(name: &str, value: &str, slot: usize) -> SlotVar {
+        let mut buf = Vec::with_capacity(name.len() + value.len() + 2);
+        buf.extend_from_slice(name.as_bytes());
         buf.push(b'=');
-        let pid_slot_at = buf.len() + wire::PID_OFFSET;
-        buf.extend_from_slice(table.as_bytes());
+        let pid_slot_at = buf.len() + slot;
+        buf.extend_from_slice(value.as_bytes());
         buf.push(0);
         assert!(
             pid_slot_at + wire::PID_WIDTH < buf.len(),
-            "a table has a pid slot"
+            "the value has room for the pid"
         );
-        TableVar { buf, pid_slot_at }
+        SlotVar { buf, pid_slot_at }
     }
 
     fn as_ptr(&mut self) -> *const c_char {

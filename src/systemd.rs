@@ -1,5 +1,5 @@
-//! systemd, spoken directly: the notify protocol (a datagram to `$NOTIFY_SOCKET`) and
-//! socket activation (`$LISTEN_FDS`), without libsystemd.
+//! systemd, spoken directly: the notify protocol (a datagram to `$NOTIFY_SOCKET`), the
+//! fd store (`FDSTORE=1`), and socket activation (`$LISTEN_FDS`), without libsystemd.
 //!
 //! # References
 //! - [sd_notify(3)](https://www.freedesktop.org/software/systemd/man/latest/sd_notify.html)
@@ -8,7 +8,7 @@
 use std::fmt;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::{AsFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -16,9 +16,9 @@ use rustix::io::Errno;
 use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketType};
 
 use crate::error::{Error, Result};
-use crate::inherit;
+use crate::inherit::{self, Inherited};
 use crate::socket;
-use crate::wire::Key;
+use crate::wire::{self, Extra, Key};
 
 /// The longest the commit message may wait for room in systemd's queue.
 const COMMIT_WAIT: Duration = Duration::from_secs(1);
@@ -156,6 +156,98 @@ impl Notifier {
     pub(crate) fn stopping(&self) {
         self.tell("STOPPING=1");
     }
+
+    /// Puts `fds` into systemd's fd store, each under its name (`FDSTORE=1`,
+    /// `FDNAME=`, the fds as `SCM_RIGHTS`): one message per name, at most 253 fds each.
+    /// systemd keeps one copy of a socket however often it is sent.
+    pub(crate) fn store(&self, fds: &[(String, BorrowedFd<'_>)]) {
+        let mut names: Vec<&str> = fds.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            let group: Vec<BorrowedFd<'_>> = fds
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, fd)| *fd)
+                .collect();
+            for chunk in group.chunks(MAX_FDS_PER_MESSAGE) {
+                let _ = self.send_fds(&format!("FDSTORE=1\nFDNAME={name}"), chunk);
+            }
+        }
+    }
+
+    /// Takes every fd stored under `name` out of systemd's fd store.
+    pub(crate) fn unstore(&self, name: &str) {
+        let _ = self.send(&format!("FDSTOREREMOVE=1\nFDNAME={name}"), true);
+    }
+
+    fn send_fds(&self, msg: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage};
+        let mut space =
+            vec![std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+            return Err(io::ErrorKind::InvalidInput.into());
+        }
+        let iov = [io::IoSlice::new(msg.as_bytes())];
+        loop {
+            match rustix::net::sendmsg_addr(
+                &self.socket,
+                &self.addr,
+                &iov,
+                &mut control,
+                SendFlags::empty(),
+            ) {
+                Ok(_) => return Ok(()),
+                Err(Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// The prefix of the names under which this crate keeps sockets in systemd's fd store.
+const STORE_PREFIX: &str = "tableflip.";
+/// The longest name systemd takes (`FDNAME_MAX`).
+const FDNAME_MAX: usize = 255;
+/// The most fds one message can carry (the kernel's `SCM_MAX_FD`).
+const MAX_FDS_PER_MESSAGE: usize = 253;
+
+/// The fd-store name of a socket: `tableflip.` and its fd-table entry (`tcp,[::1]:80`,
+/// `unix,/run/app.sock,DEV:INO`) with `:`, the separator of `$LISTEN_FDNAMES`, written
+/// `%3A`. `None` for what is not kept there (only listeners and datagram sockets are),
+/// and for a name over systemd's 255 bytes (a very long Unix path): such a socket is not
+/// stored.
+pub(crate) fn store_name(key: &Key, extra: Extra) -> Option<String> {
+    match key {
+        Key::TcpListener(_)
+        | Key::Udp(_)
+        | Key::UnixListener(_)
+        | Key::UnixDatagram(_)
+        | Key::UnixSeqpacket(_) => {}
+        _ => return None,
+    }
+    let name = format!(
+        "{STORE_PREFIX}{}",
+        wire::entry_text(key, extra).replace(':', "%3A")
+    );
+    (name.len() <= FDNAME_MAX).then_some(name)
+}
+
+/// The key of a socket from its fd-store name; `None` for a name this crate did not give.
+/// (The table's own escapes never produce `%3A`: it writes `:` as it is.)
+pub(crate) fn from_store_name(name: &str) -> Option<(Key, Extra)> {
+    let text = name.strip_prefix(STORE_PREFIX)?.replace("%3A", ":");
+    wire::decode_entry_text(&text).ok()
+}
+
+/// Whether the fd store is asked for by systemd itself: `$FDSTORE` (systemd 254+) is
+/// set to the unit's `FileDescriptorStoreMax=` when that is above zero.
+pub(crate) fn store_offered() -> bool {
+    std::env::var("FDSTORE")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .is_some_and(|n| n > 0)
 }
 
 /// `RELOADING=1` with the `MONOTONIC_USEC=` that systemd 253+ expects next to it.
@@ -176,9 +268,11 @@ fn status_text(what: &str, why: &Error) -> String {
 const LISTEN_FDS_START: RawFd = 3;
 
 /// Adopts the sockets systemd passed to this process (`$LISTEN_FDS`, only when
-/// `$LISTEN_PID` names this process), keyed like the registry's own sockets: by kind and
-/// address for listeners and datagram sockets, by name (`$LISTEN_FDNAMES`) for the rest.
-pub(crate) fn activated() -> Result<Vec<(OwnedFd, Key)>> {
+/// `$LISTEN_PID` names this process), keyed like the registry's own sockets: by the name
+/// they were stored under for those from the fd store (see [`store_name`]), by kind and
+/// address for other listeners and datagram sockets, by name (`$LISTEN_FDNAMES`) for the
+/// rest.
+pub(crate) fn activated() -> Result<Vec<Inherited>> {
     let (Some(pid), Some(count)) = (
         std::env::var_os("LISTEN_PID"),
         std::env::var_os("LISTEN_FDS"),
@@ -229,11 +323,20 @@ pub(crate) fn activated() -> Result<Vec<(OwnedFd, Key)>> {
                 Key::Fd(name) => name,
                 other => other.to_string(),
             };
+            // One of ours from the fd store: the key (and socket file) it was stored
+            // under. Otherwise (a socket unit's) what the kernel says it is.
+            if let Some((key, extra)) = from_store_name(&name) {
+                return Inherited { fd, key, extra };
+            }
             let key = socket::probe(fd.as_fd())
                 .ok()
                 .and_then(|p| p.key())
                 .unwrap_or(Key::Fd(name));
-            (fd, key)
+            Inherited {
+                fd,
+                key,
+                extra: Extra::None,
+            }
         })
         .collect())
 }

@@ -18,7 +18,7 @@ use crate::control::{LastUpgrade, Status};
 use crate::error::{Error, Result};
 use crate::fds::Fds;
 use crate::handshake::{Decision, Handoff, Parent};
-use crate::inherit::{self, Adoption, Inheritance, Inherited};
+use crate::inherit::{self, Adoption, Inheritance};
 use crate::options::Options;
 use crate::os;
 use crate::spawn::Program;
@@ -67,6 +67,8 @@ pub struct Upgrader {
     probation: Duration,
     pid_file: Option<PathBuf>,
     upgrade_during_drain: bool,
+    /// Keep the sockets in systemd's fd store.
+    fd_store: bool,
     /// The previous generation, if this one was started by an upgrade.
     parent: Option<Parent>,
     /// systemd's notify socket, if `$NOTIFY_SOCKET` was set at start.
@@ -138,6 +140,7 @@ impl Upgrader {
             probation: options.probation,
             pid_file,
             upgrade_during_drain: options.upgrade_during_drain,
+            fd_store: options.fd_store || systemd::store_offered(),
             parent: inheritance.parent,
             notify: Notifier::from_env(),
             state: Mutex::new(State {
@@ -398,15 +401,21 @@ impl Upgrader {
     ///
     /// ```no_run
     /// # async fn example(upg: &tableflip::Upgrader) -> std::io::Result<()> {
+    /// // The handle is the read end of a pipe: tokio takes it as one, safely.
+    /// let exit = tokio::net::unix::pipe::Receiver::from_owned_fd(upg.exit_handle()?.into())?;
     /// // A future that completes when this generation should stop accepting: hand it to
     /// // axum's `with_graceful_shutdown`, or `select!` on it next to `accept()`.
-    /// let exit = tokio::io::unix::AsyncFd::new(upg.exit_handle()?)?;
     /// let shutdown = async move {
     ///     let _ = exit.readable().await;
     /// };
     /// # shutdown.await;
     /// # Ok(()) }
     /// ```
+    ///
+    /// (tokio 1.54 deprecated the safe `AsyncFd::new`; `pipe::Receiver::from_owned_fd`
+    /// needs no `unsafe`. It sets `O_NONBLOCK` on the shared description, which the
+    /// crate's own waits do not mind: they only poll it. For mio, register
+    /// `SourceFd(&handle.as_raw_fd())`.)
     pub fn exit_handle(&self) -> Result<ExitHandle> {
         let fd = self.exit.fd();
         fd.try_clone_to_owned()
@@ -539,7 +548,32 @@ impl Upgrader {
             parent.confirm();
         }
         drop(lock(&self.state_in).take());
-        Ok(self.fds.close_unused())
+        let (adoption, closed) = self.fds.close_unused();
+        if let Some(n) = self.notify.as_ref().filter(|_| self.fd_store) {
+            self.keep_in_store(n, &closed);
+        }
+        Ok(adoption)
+    }
+
+    /// The fd store follows this generation: what it closed out, what it uses in (in
+    /// that order: a socket group that shrank keeps its name).
+    fn keep_in_store(&self, n: &Notifier, closed: &[(crate::wire::Key, crate::wire::Extra)]) {
+        let mut gone: Vec<String> = closed
+            .iter()
+            .filter_map(|(key, extra)| systemd::store_name(key, *extra))
+            .collect();
+        gone.sort();
+        gone.dedup();
+        for name in &gone {
+            n.unstore(name);
+        }
+        self.fds.with_passed(|passed| {
+            let kept: Vec<(String, BorrowedFd<'_>)> = passed
+                .iter()
+                .filter_map(|(fd, key, extra)| Some((systemd::store_name(key, *extra)?, *fd)))
+                .collect();
+            n.store(&kept);
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -559,14 +593,7 @@ impl Drop for Upgrader {
 fn inherited() -> Result<Inheritance> {
     let mut inheritance = inherit::from_env()?;
     if inheritance.parent.is_none() {
-        inheritance.fds = systemd::activated()?
-            .into_iter()
-            .map(|(fd, key)| Inherited {
-                fd,
-                key,
-                extra: Default::default(),
-            })
-            .collect();
+        inheritance.fds = systemd::activated()?;
     }
     Ok(inheritance)
 }

@@ -331,6 +331,20 @@ pub(crate) fn encode_with<'a>(
     out
 }
 
+/// One entry without its fd (`KIND,KEY[,EXTRA]`), as [`encode_with`] writes it: how a
+/// socket is named in systemd's fd store.
+pub(crate) fn entry_text(key: &Key, extra: Extra) -> String {
+    let mut text = encode_with([(0, key, extra)]);
+    let start = MAGIC.len() + PID_PREFIX.len() + PID_WIDTH + ";0,".len();
+    text.split_off(start)
+}
+
+/// The key (and extra) of an entry written by [`entry_text`].
+pub(crate) fn decode_entry_text(text: &str) -> Result<(Key, Extra), DecodeError> {
+    let (_, key, extra) = decode_entry(&format!("3,{text}"))?;
+    Ok((key, extra))
+}
+
 /// A decoded table.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Table {
@@ -624,6 +638,16 @@ mod tests {
         // Only an abstract name can have been chosen by the kernel.
         let v = "tableflip1;pid=0000000009;3,unix,/x,auto";
         assert!(decode(v.as_bytes(), 9).is_err());
+    }
+
+    #[test]
+    fn entries_alone_round_trip() {
+        let k = Key::UnixListener(UnixAddr::Path("/run/a b.sock".into()));
+        let text = entry_text(&k, Extra::File((1, 2)));
+        assert_eq!(text, "unix,/run/a%20b.sock,1:2");
+        assert_eq!(decode_entry_text(&text), Ok((k, Extra::File((1, 2)))));
+        let k = Key::TcpListener("[::1]:80".parse().unwrap());
+        assert_eq!(entry_text(&k, Extra::None), "tcp,[::1]:80");
     }
 
     #[test]

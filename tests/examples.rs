@@ -172,20 +172,34 @@ fn tcp_server_survives_failed_upgrades() {
     server.stop(libc::SIGINT);
 }
 
-/// An idle keep-alive connection to the old generation is closed when the upgrade
-/// completes; a request in flight across the upgrade gets its whole response, with
-/// `Connection: close`.
+/// After the upgrade the old generation is a lame duck: a request on a keep-alive
+/// connection that was idle is answered, with `Connection: close`; a request in flight
+/// across the upgrade gets its whole response, with `Connection: close`; a connection
+/// that stays idle is closed at the end of the lame-duck phase, without a response.
 #[test]
 fn http_server_finishes_requests_in_flight() {
+    finishes_requests_in_flight("http_server");
+}
+
+/// The same with axum, tokio and hyper, on HTTP/1.1.
+#[test]
+fn axum_server_finishes_requests_in_flight() {
+    finishes_requests_in_flight("axum_server");
+}
+
+fn finishes_requests_in_flight(binary: &str) {
     let _lock = lock();
-    let mut server = Server::start(&example("http_server"), &[], http_probe);
+    let args = ["--lame-duck", "0.5"];
+    let mut server = Server::start(&example(binary), &args, http_probe);
     let first = server.current;
 
     let mut idle = connect(server.addr).unwrap();
+    let mut lame = connect(server.addr).unwrap();
     let mut in_flight = connect(server.addr).unwrap();
-    let (mut idle_buf, mut flight_buf) = (Vec::new(), Vec::new());
+    let (mut idle_buf, mut lame_buf, mut flight_buf) = (Vec::new(), Vec::new(), Vec::new());
     for (conn, buf) in [
         (&mut idle, &mut idle_buf),
+        (&mut lame, &mut lame_buf),
         (&mut in_flight, &mut flight_buf),
     ] {
         conn.write_all(GET).unwrap();
@@ -207,11 +221,23 @@ fn http_server_finishes_requests_in_flight() {
     server.current = new;
     server.assert_pid_file(new);
 
-    // The idle connection is closed without a response.
+    // A keep-alive connection idle at the upgrade is still served, and told to close.
+    let sent = std::time::Instant::now();
+    lame.write_all(GET).unwrap();
+    let resp = read_response(&mut lame, &mut lame_buf).expect("lame-duck response");
+    assert_eq!(parse_pid(&resp.body), Some(old), "{resp:?}");
+    assert!(resp.close, "no Connection: close: {resp:?}");
+    assert_eq!(lame.read(&mut [0u8; 16]).unwrap(), 0, "not closed");
+
+    // The connection that stays idle is closed without a response, after the lame duck.
     let mut rest = Vec::new();
     idle.read_to_end(&mut rest)
         .expect("idle connection closed cleanly");
     assert!(rest.is_empty(), "unexpected data: {rest:?}");
+    assert!(
+        sent.elapsed() < std::time::Duration::from_secs(5),
+        "closed late"
+    );
 
     // The request in flight completes, answered by the old generation.
     in_flight.write_all(b"\r\n").unwrap();

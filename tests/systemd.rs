@@ -301,3 +301,134 @@ fn a_socket_marked_close_on_exec_is_adopted() {
     signal(ready.pid, libc::SIGTERM);
     run.expect_all_exited();
 }
+
+/// One datagram with the fds that came with it (`SCM_RIGHTS`).
+#[track_caller]
+fn recv_with_fds(sock: &UnixDatagram) -> (String, Vec<std::os::fd::OwnedFd>) {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    sock.set_read_timeout(Some(util::DEADLINE)).unwrap();
+    let mut buf = [0u8; 4096];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = rustix::net::recvmsg(sock, &mut iov, &mut control, RecvFlags::empty())
+        .expect("no notification within the deadline");
+    let n = msg.bytes;
+    let mut fds = Vec::new();
+    for m in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(rights) = m {
+            fds.extend(rights);
+        }
+    }
+    (String::from_utf8_lossy(&buf[..n]).into_owned(), fds)
+}
+
+/// The next datagram that starts with `prefix` (others are skipped), with its fds.
+#[track_caller]
+fn recv_starting(sock: &UnixDatagram, prefix: &str) -> (String, Vec<std::os::fd::OwnedFd>) {
+    loop {
+        let (msg, fds) = recv_with_fds(sock);
+        if msg.starts_with(prefix) {
+            return (msg, fds);
+        }
+    }
+}
+
+/// What the fd store hears: each generation, once it has taken over, stores the sockets
+/// it uses (under names that encode their keys) and takes out those it dropped.
+#[test]
+fn the_fd_store_holds_what_each_generation_uses() {
+    let dir = util::scratch_dir("fdstore");
+    let path = dir.join("notify.sock");
+    let unix = dir.join("app.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    let mut run = Run::start(
+        "fdstore",
+        &[
+            ("TF_TCP", "127.0.0.1:0".into()),
+            ("TF_UNIX", unix.display().to_string()),
+            ("TF_FD_STORE", "1".into()),
+            ("NOTIFY_SOCKET", path.display().to_string()),
+        ],
+    );
+    let addr: SocketAddr = run.expect("tcp").field("addr").unwrap().parse().unwrap();
+    let ready = run.expect("ready");
+    let tcp_name = format!(
+        "FDSTORE=1\nFDNAME=tableflip.tcp,{}",
+        addr.to_string().replace(':', "%3A")
+    );
+    let mut stored = Vec::new();
+    for _ in 0..2 {
+        let (msg, fds) = recv_starting(&sock, "FDSTORE=1");
+        assert_eq!(fds.len(), 1, "{msg:?}");
+        stored.push((msg, util::socket_inode(fds[0].as_raw_fd())));
+    }
+    stored.sort();
+    let (tcp_msg, tcp_inode) = stored.iter().find(|(m, _)| m.contains(".tcp,")).unwrap();
+    assert_eq!(tcp_msg, &tcp_name);
+    assert!(
+        ready
+            .field("sockets")
+            .unwrap()
+            .split(',')
+            .any(|s| s == tcp_inode),
+        "the stored fd is not the listener: {ready:?}"
+    );
+    let (unix_msg, _) = stored.iter().find(|(m, _)| m.contains(".unix,")).unwrap();
+    assert!(
+        unix_msg.starts_with("FDSTORE=1\nFDNAME=tableflip.unix,/"),
+        "{unix_msg:?}"
+    );
+    assert!(
+        unix_msg.contains("%3A"),
+        "the socket file's identity, ':' escaped: {unix_msg:?}"
+    );
+    assert!(
+        !unix_msg["FDSTORE=1\nFDNAME=".len()..].contains(':'),
+        "{unix_msg:?}"
+    );
+
+    // A generation that takes nothing takes both out of the store.
+    run.next("noreq");
+    signal(ready.pid, libc::SIGHUP);
+    let mut removed: Vec<String> = (0..2)
+        .map(|_| recv_starting(&sock, "FDSTOREREMOVE=1").0)
+        .collect();
+    removed.sort();
+    assert_eq!(
+        removed[0],
+        format!(
+            "FDSTOREREMOVE=1\nFDNAME=tableflip.tcp,{}",
+            addr.to_string().replace(':', "%3A")
+        )
+    );
+    assert!(removed[1].starts_with("FDSTOREREMOVE=1\nFDNAME=tableflip.unix,/"));
+    let new = run.expect_upgrade_result(ready.pid).unwrap();
+    signal(new, libc::SIGTERM);
+    run.expect_all_exited();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A restart with the sockets from the store: found under the keys they were stored as.
+#[test]
+fn sockets_from_the_fd_store_are_found_under_their_keys() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    let inode = util::socket_inode(listener.as_raw_fd());
+    let name = format!("tableflip.tcp,{}", addr.to_string().replace(':', "%3A"));
+    let mut run = activated(&listener, "$$", &name);
+    let ready = run.expect("ready");
+    assert!(
+        ready
+            .field("sockets")
+            .unwrap()
+            .split(',')
+            .any(|s| s == inode),
+        "the stored socket is not in use: {ready:?}"
+    );
+    assert_eq!(ready.field("taken"), Some("1"), "{ready:?}");
+    drop(listener);
+    assert_eq!(ask(addr).unwrap(), ready.pid);
+    signal(ready.pid, libc::SIGTERM);
+    run.expect_all_exited();
+}

@@ -483,3 +483,81 @@ fn many_reloads_never_take_the_unit_down() {
     let stats = load.finish();
     assert!(stats.failures.is_empty(), "{:#?}", stats.failures);
 }
+
+/// `FileDescriptorStoreMax=`, `Restart=always`: the serving generation is `kill -9`ed
+/// five times under load; each time systemd starts the service again on the sockets it
+/// kept, so no connection is refused (they wait in the kept queue). Only a connection
+/// the killed process had accepted and not yet answered is lost with it: at most one per
+/// client thread and kill. Afterwards upgrades work and the store holds exactly the
+/// live listener.
+#[test]
+fn the_fd_store_keeps_the_sockets_through_kill_9() {
+    let addr = free_addr();
+    let unit = format!(
+        "[Unit]\nDescription=tcp_server (fd store)\nStartLimitIntervalSec=0\n\n\
+         [Service]\nType=notify\n{}\n\
+         ExecReload=/bin/kill -HUP $MAINPID\nFileDescriptorStoreMax=16\nRestart=always\n\
+         RestartSec=0\n",
+        exec_start(&tcp_server(), addr, " --fd-store")
+    );
+    let Some(sd) = Systemd::boot(&[(SERVICE, &unit)]) else {
+        return;
+    };
+    sd.start(SERVICE);
+    let mut main = wait_serving(&sd, addr);
+    let stored = |sd: &Systemd| sd.show(SERVICE, "NFileDescriptorStore");
+    sd.wait_for("the listener in the store", || {
+        (stored(&sd) == "1").then_some(())
+    });
+    let load = Load::start(addr, &CLIENTS);
+    let mut generations = vec![main];
+    for i in 1..=5 {
+        wait_answers(&sd, &load, ANSWERS);
+        let t = Instant::now();
+        // The pid is the namespace's: signal it from there.
+        let out = sd.systemctl(&["kill", "--kill-who=main", "--signal=SIGKILL", SERVICE]);
+        assert!(out.status.success(), "systemctl kill: {out:?}");
+        main = sd.wait_for("systemd to start the service again", || {
+            let pid: u32 = sd.show(SERVICE, "MainPID").parse().ok()?;
+            (pid != 0 && pid != main && sd.show(SERVICE, "ActiveState") == "active").then_some(pid)
+        });
+        sd.wait_for("the restarted generation to answer", || {
+            (line_probe(addr).ok() == Some(main)).then_some(())
+        });
+        eprintln!("kill -9 {i}: pid {main} serves after {:.0?}", t.elapsed());
+        generations.push(main);
+    }
+    wait_answers(&sd, &load, ANSWERS);
+    let (next, report) = reload_and_follow(&sd, addr, main, false);
+    eprintln!("after the restarts: {report}");
+    generations.push(next);
+    wait_answers(&sd, &load, ANSWERS);
+    let stats = load.finish();
+    eprintln!(
+        "slowest connection: {:.0?} (a restart holds connections in the queue)",
+        stats.slowest
+    );
+    // Lost with the killed process: accepted, not answered (EOF before the reply).
+    let in_flight = |f: &String| f.contains("reply without a pid") || f.contains("reset");
+    let (lost, failed): (Vec<&String>, Vec<&String>) =
+        stats.failures.iter().partition(|f| in_flight(f));
+    eprintln!(
+        "{} answered; {} lost in flight in a killed process; {} refused or failed otherwise",
+        stats.ok,
+        lost.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "refused or failed: {failed:#?}");
+    assert!(lost.len() <= 5 * CLIENTS.len(), "{lost:#?}");
+    assert!(stats.ok > 0, "no connection was answered");
+    for pid in &stats.pids {
+        assert!(generations.contains(pid), "answered by unknown pid {pid}");
+    }
+    assert_eq!(
+        stored(&sd),
+        "1",
+        "the store holds exactly the live listener"
+    );
+    let cgroup = sd.unit_cgroup(SERVICE);
+    stop_and_check_gone(&sd, &cgroup, &generations, &stats);
+}

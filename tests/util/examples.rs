@@ -414,6 +414,8 @@ pub struct Stats {
     pub max_per_conn: u64,
     /// Responses that carried `Connection: close`.
     pub closes: u64,
+    /// The longest a connection took to be answered (probing clients).
+    pub slowest: Duration,
 }
 
 impl Stats {
@@ -424,6 +426,7 @@ impl Stats {
         self.retries += other.retries;
         self.max_per_conn = self.max_per_conn.max(other.max_per_conn);
         self.closes += other.closes;
+        self.slowest = self.slowest.max(other.slowest);
     }
 
     pub fn fail(&mut self, e: impl std::fmt::Display) {
@@ -511,11 +514,13 @@ pub fn probing_client<const TCP: bool>(addr: SocketAddr, shared: &Shared) -> Sta
     let probe: Probe = if TCP { line_probe } else { http_probe };
     let mut stats = Stats::default();
     while shared.running() {
+        let t = Instant::now();
         match probe(addr) {
             Ok(pid) => {
                 shared.answered();
                 stats.ok += 1;
                 stats.pids.insert(pid);
+                stats.slowest = stats.slowest.max(t.elapsed());
             }
             Err(e) => stats.fail(format!("new connection: {e}")),
         }

@@ -567,6 +567,9 @@ pub fn scenario(name: &str) -> ! {
     if env("TF_OVERLAP").is_some() {
         opts = opts.upgrade_during_drain(true);
     }
+    if env("TF_FD_STORE").is_some() {
+        opts = opts.fd_store(true);
+    }
     if let Some(ms) = env("TF_PROBATION_MS") {
         opts = opts.probation(Duration::from_millis(ms.parse().unwrap()));
     }
