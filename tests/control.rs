@@ -434,7 +434,10 @@ fn a_stale_socket_file_is_replaced_and_a_live_one_is_not() {
 /// Runs this test binary as a client under uid 65534 (nobody) and returns its line.
 fn client_as_nobody(addr: &str) -> String {
     use std::os::unix::process::CommandExt;
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
+    // Under a watchdog of its own.
+    let out = std::process::Command::new("timeout")
+        .arg("60")
+        .arg(std::env::current_exe().unwrap())
         .args([
             "scenario_entry",
             "--exact",
