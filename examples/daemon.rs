@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! daemon --pid-file PATH [--listen HOST:PORT] [--upgrade-timeout SECS] [--probation SECS]
-//!        [--fd-store] [--keeper]
+//!        [--fd-store] [--keeper] [--control PATH|@NAME]
+//! daemon --control PATH|@NAME --upgrade
 //! ```
 //!
 //! It stays in the foreground (no double fork: systemd does the daemonizing), logs to
@@ -25,9 +26,12 @@
 //! # Essential: when the main process exits after an upgrade, systemd reads the new main
 //! # pid from here. Without it, it would take the exit for the end of the service.
 //! PIDFile=/run/daemon/daemon.pid
-//! ExecStart=/usr/local/bin/daemon --pid-file /run/daemon/daemon.pid --listen 0.0.0.0:8080
-//! # Upgrade: replace /usr/local/bin/daemon (by rename), then `systemctl reload daemon`.
-//! ExecReload=/bin/kill -HUP $MAINPID
+//! ExecStart=/usr/local/bin/daemon --pid-file /run/daemon/daemon.pid --listen 0.0.0.0:8080 \
+//!     --control /run/daemon/control.sock
+//! # Upgrade: replace /usr/local/bin/daemon (by rename), then `systemctl reload daemon`,
+//! # which fails, with the new generation's reason, if the upgrade fails. (With
+//! # `ExecReload=/bin/kill -HUP $MAINPID` it would always succeed.)
+//! ExecReload=/usr/local/bin/daemon --control /run/daemon/control.sock --upgrade
 //! # Stopping sends SIGTERM; a generation drains for up to 10 s.
 //! TimeoutStopSec=30
 //! Restart=on-failure
@@ -35,6 +39,10 @@
 //! [Install]
 //! WantedBy=multi-user.target
 //! ```
+//!
+//! `--control` serves a control socket (see `tableflip::control`) on a thread of its own;
+//! `daemon --control PATH --upgrade` asks the daemon there to upgrade, prints the new
+//! pid and exits 0, or prints why it failed and exits 1.
 //!
 //! The serving loop is that of the `tcp_server` example, shortened; see there why it
 //! waits on the listener and the exit fd together and accepts without blocking.
@@ -49,13 +57,15 @@ use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tableflip::{Options, Upgrader, Wake};
+use tableflip::{Options, UnixAddr, Upgrader, Wake};
 
 /// How long an exiting generation waits for its connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 const USAGE: &str = "usage: daemon --pid-file PATH [--listen HOST:PORT] \
-                     [--upgrade-timeout SECS] [--probation SECS] [--fd-store] [--keeper]";
+                     [--upgrade-timeout SECS] [--probation SECS] [--fd-store] \
+                     [--keeper] [--control PATH|@NAME]\n       \
+                     daemon --control PATH|@NAME --upgrade";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 macro_rules! log {
@@ -69,19 +79,23 @@ fn main() -> ExitCode {
     let mut pid_file: Option<PathBuf> = None;
     let mut listen = String::from("127.0.0.1:8080");
     let mut options = Options::new();
+    let mut control: Option<UnixAddr> = None;
+    let mut upgrade = false;
+    let mut keeper = false;
+    // What the client waits for: the server's upgrade timeout plus its probation.
+    let mut wait = Duration::from_secs(60 + 10);
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
         if arg == "--fd-store" {
             options = options.fd_store(true);
             continue;
         }
-        // `--keeper`: this process stays in front of the generations, with one pid, for
-        // the service's whole life; the generations it starts go on from here.
         if arg == "--keeper" {
-            if let Err(e) = tableflip::Keeper::new().run() {
-                eprintln!("daemon: {e}");
-                return ExitCode::FAILURE;
-            }
+            keeper = true;
+            continue;
+        }
+        if arg == "--upgrade" {
+            upgrade = true;
             continue;
         }
         let value = args.next();
@@ -96,10 +110,20 @@ fn main() -> ExitCode {
                 listen = v.to_string_lossy().into()
             }
             (Some("--upgrade-timeout"), Some(_)) if secs.is_some_and(|d| !d.is_zero()) => {
-                options = options.upgrade_timeout(secs.unwrap_or_default())
+                options = options.upgrade_timeout(secs.unwrap_or_default());
+                wait += secs
+                    .unwrap_or_default()
+                    .saturating_sub(Duration::from_secs(60));
             }
             (Some("--probation"), Some(_)) if secs.is_some() => {
-                options = options.probation(secs.unwrap_or_default())
+                options = options.probation(secs.unwrap_or_default());
+                wait += secs.unwrap_or_default();
+            }
+            (Some("--control"), Some(v)) => {
+                control = Some(match v.to_str().and_then(|s| s.strip_prefix('@')) {
+                    Some(name) => UnixAddr::abstract_name(name),
+                    None => UnixAddr::Path(v.into()),
+                })
             }
             _ => {
                 eprintln!("daemon: bad argument {arg:?}\n{USAGE}");
@@ -107,11 +131,35 @@ fn main() -> ExitCode {
             }
         }
     }
+    if upgrade {
+        let Some(addr) = control else {
+            eprintln!("daemon: --upgrade needs --control\n{USAGE}");
+            return ExitCode::from(2);
+        };
+        return match tableflip::control::request_upgrade(addr, wait) {
+            Ok(pid) => {
+                println!("{pid}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("daemon: upgrade failed: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // `--keeper`: this process stays in front of the generations, with one pid, for the
+    // service's whole life; the generations it starts go on from here.
+    if keeper {
+        if let Err(e) = tableflip::Keeper::new().run() {
+            eprintln!("daemon: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let Some(pid_file) = pid_file else {
         eprintln!("daemon: --pid-file is required\n{USAGE}");
         return ExitCode::from(2);
     };
-    match run(options, pid_file, &listen) {
+    match run(options, pid_file, &listen, control) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log!("fatal: {}", error_chain(&*e));
@@ -124,6 +172,7 @@ fn run(
     options: Options,
     pid_file: PathBuf,
     listen: &str,
+    control: Option<UnixAddr>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     // First: a new generation starts with SIGHUP at its default disposition (death).
     let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
@@ -141,13 +190,30 @@ fn run(
         .name("signals".into())
         .spawn(move || on_signals(signals, u, threads))?;
 
+    // The control socket, taken before ready() (which closes inherited fds nobody took)
+    // and served once ready, until this process should exit.
+    let control = match control {
+        Some(addr) => Some(tableflip::control::Server::listen(&upg, addr)?),
+        None => None,
+    };
+    let controller: Arc<Mutex<Option<JoinHandle<()>>>> = Arc::default();
+
     // Report ready from a thread of its own, so that the loop below serves at once: with
     // a probation the previous generation commits only after the window, and both serve
     // meanwhile.
     let u = Arc::clone(&upg);
+    let slot = Arc::clone(&controller);
     let reporter = thread::spawn(move || match u.ready() {
         Ok(adoption) => {
             log!("ready; pid file {} updated; {adoption}", pid_file.display());
+            if let Some(ctl) = control {
+                let cu = Arc::clone(&u);
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread::spawn(move || {
+                    if let Err(e) = ctl.serve(&cu) {
+                        log!("control socket failed: {}", error_chain(&e));
+                    }
+                }));
+            }
             if u.has_parent() {
                 thread::spawn(move || {
                     if let Ok(true) = u.wait_for_parent(DRAIN_TIMEOUT * 2) {
@@ -200,6 +266,11 @@ fn run(
     drop(listener);
     let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
     pending.into_iter().for_each(|t| drop(t.join()));
+    // The control socket answers the request that ended this generation, then returns.
+    let reported = reporter.join();
+    if let Some(ctl) = controller.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = ctl.join();
+    }
     handlers.retain(|h| !h.is_finished());
 
     log!(
@@ -211,7 +282,7 @@ fn run(
         thread::sleep(Duration::from_millis(10));
     }
     log!("exit");
-    match reporter.join() {
+    match reported {
         Ok(Err(e)) => Err(e.into()),
         _ => Ok(()),
     }

@@ -3,12 +3,17 @@
 //!
 //! ```text
 //! http_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
-//!             [--probation SECS] [--fd-store]
-//!             [--lame-duck SECS]
+//!             [--probation SECS] [--fd-store] [--keeper]
+//!             [--lame-duck SECS] [--control PATH|@NAME]
+//! http_server --control PATH|@NAME --upgrade
 //! ```
 //!
 //! Defaults: `127.0.0.1:8080`, no pid file, 60 s, 2 s. `GET` (and `HEAD`) of any path
 //! answers `200` with the body `hello from pid=<pid>`; other methods get `405`.
+//!
+//! `--control` serves a control socket (see `tableflip::control`) on a thread of its
+//! own; `--upgrade` asks the server there to upgrade, prints the new pid and exits 0,
+//! or prints why it failed and exits 1.
 //!
 //! ```text
 //! cargo run --example http_server -- --pid-file /tmp/http_server.pid &
@@ -78,7 +83,7 @@ const ACCEPT_BATCH: usize = 64;
 
 const USAGE: &str = "usage: http_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--upgrade-timeout SECS] [--lame-duck SECS] [--probation SECS] \
-                     [--fd-store] [--keeper]";
+                     [--fd-store] [--keeper] [--control PATH|@NAME] [--upgrade]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 macro_rules! log {
@@ -96,6 +101,8 @@ struct Config {
     probation: Duration,
     fd_store: bool,
     keeper: bool,
+    control: Option<tableflip::UnixAddr>,
+    upgrade: bool,
 }
 
 fn main() -> ExitCode {
@@ -110,6 +117,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if config.upgrade {
+        return control::ask_upgrade(&config);
+    }
     // `--keeper`: this process stays in front of the generations, with one pid, for
     // the service's whole life (containers, supervisors); the generations it starts
     // run this same `main` and go on from here.
@@ -138,6 +148,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         probation: Duration::ZERO,
         fd_store: false,
         keeper: false,
+        control: None,
+        upgrade: false,
     };
     while let Some(arg) = args.next() {
         let flag = arg.to_string_lossy().into_owned();
@@ -164,6 +176,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
                     return Err(format!("--lame-duck: at most {DRAIN_TIMEOUT:?}"));
                 }
             }
+            "--control" => config.control = Some(control::addr(value()?)),
+            "--upgrade" => config.upgrade = true,
             "-h" | "--help" => return Ok(None),
             _ => return Err(format!("unknown argument {flag:?}")),
         }
@@ -202,6 +216,8 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         .name("signals".into())
         .spawn(move || handle_signals(signals, signal_upg, signal_upgrades))?;
 
+    // Taken before ready() (which closes inherited fds nobody took), served once ready.
+    let control = control::listen(&config, &upg)?;
     // Serve at once, before reporting ready: with a probation the previous generation
     // commits only after the window, and both serve meanwhile.
     let conns = Arc::new(Connections::default());
@@ -222,11 +238,19 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         // Not taken over: the previous generation serves on. Stop, drain, and fail.
         Err(_) => upg.stop(),
     }
+    let control = match &ready {
+        Ok(_) => control::serve(control, &upg)?,
+        Err(_) => None,
+    };
     let _ = server.join();
     // The upgrade that ended this generation may still be logging its result.
     let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
     for upgrade in pending {
         let _ = upgrade.join();
+    }
+    // It answers the request that ended this generation, then returns.
+    if let Some(control) = control {
+        let _ = control.join();
     }
 
     log!(
@@ -717,4 +741,73 @@ fn error_chain(e: &dyn Error) -> String {
         source = s.source();
     }
     msg
+}
+
+/// The control socket (`--control`, `--upgrade`), kept apart from the HTTP code.
+mod control {
+    use std::ffi::OsString;
+    use std::process::ExitCode;
+    use std::sync::Arc;
+    use std::thread::{self, JoinHandle};
+    use std::time::Duration;
+
+    use tableflip::control::{request_upgrade, Server};
+    use tableflip::{UnixAddr, Upgrader};
+
+    use super::{error_chain, Config};
+
+    /// `@NAME` is an abstract socket name, anything else a path.
+    pub fn addr(v: OsString) -> UnixAddr {
+        match v.to_str().and_then(|s| s.strip_prefix('@')) {
+            Some(name) => UnixAddr::abstract_name(name),
+            None => UnixAddr::Path(v.into()),
+        }
+    }
+
+    /// `--upgrade`: asks the server to upgrade and waits (its timeout and probation, and
+    /// a margin).
+    pub fn ask_upgrade(config: &Config) -> ExitCode {
+        let Some(addr) = config.control.clone() else {
+            eprintln!("http_server: --upgrade needs --control");
+            return ExitCode::from(2);
+        };
+        let wait = config.upgrade_timeout + config.probation + Duration::from_secs(10);
+        match request_upgrade(addr, wait) {
+            Ok(pid) => {
+                println!("{pid}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("http_server: upgrade failed: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    pub fn listen(config: &Config, upg: &Upgrader) -> tableflip::Result<Option<Server>> {
+        config
+            .control
+            .clone()
+            .map(|addr| Server::listen(upg, addr))
+            .transpose()
+    }
+
+    /// Serves on a thread of its own until this process should exit.
+    pub fn serve(
+        server: Option<Server>,
+        upg: &Arc<Upgrader>,
+    ) -> std::io::Result<Option<JoinHandle<()>>> {
+        let Some(server) = server else {
+            return Ok(None);
+        };
+        let upg = Arc::clone(upg);
+        thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                if let Err(e) = server.serve(&upg) {
+                    log!("control socket failed: {}", error_chain(&e));
+                }
+            })
+            .map(Some)
+    }
 }

@@ -4,6 +4,8 @@
 //! ```text
 //! tcp_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
 //!            [--probation SECS] [--fd-store] [--keeper]
+//!            [--control PATH|@NAME]
+//! tcp_server --control PATH|@NAME --upgrade | --status
 //! ```
 //!
 //! Defaults: `127.0.0.1:8080`, no pid file, 60 s, no probation (`--probation 2` keeps
@@ -23,6 +25,13 @@
 //!
 //! - `SIGHUP` starts the next generation (same binary path and arguments) on a thread of
 //!   its own. If it fails, the reason is logged and this process keeps serving.
+//! - `--control PATH` (or `@NAME`, an abstract name) serves a control socket on a thread
+//!   of its own (see `tableflip::control`). `tcp_server --control PATH --upgrade` asks
+//!   the server there to upgrade, waits, prints the new generation's pid and exits 0, or
+//!   prints why it failed (the new generation's own reason, if it gave one) and exits
+//!   1: a command for systemd's `ExecReload=`. `--status` prints what the server is
+//!   doing. The client waits `--upgrade-timeout` plus `--probation` plus 10 s at most,
+//!   so give it the server's values if they are larger than the defaults.
 //! - A generation accepts from the moment it has its listener, before it reports ready:
 //!   with a probation both generations serve until the old one commits.
 //! - When the next generation is ready (or on `SIGTERM`/`SIGINT`) this process stops
@@ -47,7 +56,7 @@ use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use tableflip::{Options, Upgrader, Wake};
+use tableflip::{control, Options, UnixAddr, Upgrader, Wake};
 
 /// How long an exiting generation waits for its connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,7 +69,9 @@ const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
 const ACCEPT_BATCH: usize = 64;
 
 const USAGE: &str = "usage: tcp_server [--listen HOST:PORT] [--pid-file PATH] \
-                     [--upgrade-timeout SECS] [--probation SECS] [--fd-store] [--keeper]";
+                     [--upgrade-timeout SECS] [--probation SECS] [--fd-store] \
+                     [--keeper] [--control PATH|@NAME]\n       \
+                     tcp_server --control PATH|@NAME --upgrade | --status";
 
 /// Logs one line to stderr with this process's pid. A single `write` per line, so the
 /// lines of two generations sharing a log file do not interleave, and a closed stderr
@@ -79,6 +90,9 @@ struct Config {
     probation: Duration,
     fd_store: bool,
     keeper: bool,
+    control: Option<UnixAddr>,
+    /// `--upgrade` or `--status`: a client of the control socket, not a server.
+    ask: Option<&'static str>,
 }
 
 fn main() -> ExitCode {
@@ -93,6 +107,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(command) = config.ask {
+        return ask(&config, command);
+    }
     // `--keeper`: this process stays in front of the generations, with one pid, for
     // the service's whole life (containers, supervisors); the generations it starts
     // run this same `main` and go on from here.
@@ -120,6 +137,8 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, St
         probation: Duration::ZERO,
         fd_store: false,
         keeper: false,
+        control: None,
+        ask: None,
     };
     let mut args = args;
     while let Some(arg) = args.next() {
@@ -138,11 +157,48 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, St
             "--probation" => config.probation = seconds(&flag, &value()?)?.unwrap_or_default(),
             "--fd-store" => config.fd_store = true,
             "--keeper" => config.keeper = true,
+            "--control" => config.control = Some(control_addr(value()?)),
+            "--upgrade" => config.ask = Some("upgrade"),
+            "--status" => config.ask = Some("status"),
             "-h" | "--help" => return Ok(None),
             _ => return Err(format!("unknown argument {flag:?}")),
         }
     }
+    if config.ask.is_some() && config.control.is_none() {
+        return Err("--upgrade and --status need --control".into());
+    }
     Ok(Some(config))
+}
+
+/// `@NAME` is an abstract socket name, anything else a path.
+fn control_addr(v: OsString) -> UnixAddr {
+    match v.to_str().and_then(|s| s.strip_prefix('@')) {
+        Some(name) => UnixAddr::abstract_name(name),
+        None => UnixAddr::Path(v.into()),
+    }
+}
+
+/// `--upgrade` / `--status`: asks the server on the control socket, prints the answer.
+fn ask(config: &Config, command: &str) -> ExitCode {
+    let Some(addr) = config.control.clone() else {
+        return ExitCode::from(2);
+    };
+    // The server answers when its upgrade has ended: its timeout plus its probation.
+    let timeout = config.upgrade_timeout + config.probation + Duration::from_secs(10);
+    let answer = match command {
+        "upgrade" => control::request_upgrade(addr, timeout).map(|pid| pid.to_string()),
+        _ => control::status(addr, timeout).map(|status| status.to_string()),
+    };
+    match answer {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tcp_server: {command} failed: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// A decimal number of seconds (`0.5`, `2`); `None` for zero.
@@ -182,6 +238,13 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         }
     );
 
+    // The control socket: inherited from the previous generation, or bound now. Taken
+    // before ready(), which closes inherited fds nobody took; served once ready.
+    let control = match &config.control {
+        Some(addr) => Some(control::Server::listen(&upg, addr.clone())?),
+        None => None,
+    };
+
     let upgrades = UpgradeThreads::default();
     let (signal_upg, signal_upgrades) = (Arc::clone(&upg), Arc::clone(&upgrades));
     thread::Builder::new()
@@ -211,7 +274,28 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         // serves on. Stop accepting, drain what we took, and fail.
         Err(_) => upg.stop(),
     }
+    // Serve the control socket once in charge; it returns when this process should
+    // exit, after answering the request that ended this generation.
+    let control = match (control, &ready) {
+        (Some(ctl), Ok(_)) => {
+            let u = Arc::clone(&upg);
+            Some(
+                thread::Builder::new()
+                    .name("control".into())
+                    .spawn(move || {
+                        log!("control socket on {}", ctl.addr());
+                        if let Err(e) = ctl.serve(&u) {
+                            log!("control socket failed: {}", error_chain(&e));
+                        }
+                    })?,
+            )
+        }
+        _ => None,
+    };
     let _ = server.join();
+    if let Some(control) = control {
+        let _ = control.join();
+    }
     // The upgrade that ended this generation may still be logging its result.
     let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
     for upgrade in pending {

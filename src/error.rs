@@ -138,6 +138,31 @@ pub enum Error {
         /// The OS error.
         source: io::Error,
     },
+    /// Talking to a [control socket](crate::control) failed: it could not be reached
+    /// (no server, no permission), it did not answer in time (the source's kind is
+    /// [`io::ErrorKind::TimedOut`]), or what it said is not the protocol
+    /// ([`io::ErrorKind::InvalidData`]).
+    Control {
+        /// The control socket's address (a path, or `@name`).
+        addr: String,
+        /// What the client was doing: `connect`, `send`, `receive`.
+        op: &'static str,
+        /// The OS error, or what was wrong with the answer.
+        source: io::Error,
+    },
+    /// The generation behind a [control socket](crate::control) answered a request
+    /// with an error.
+    Remote {
+        /// The control socket's address (a path, or `@name`).
+        addr: String,
+        /// The kind of error: the name of the server's [`Error`] variant (`ChildFailed`,
+        /// `ChildExited`, `Timeout`, `UpgradeInProgress`, ...) or of a protocol error
+        /// (`BadRequest`, `PermissionDenied`, ...); the control module lists them.
+        kind: String,
+        /// The server's message: its error's message (with the OS error, if any), on
+        /// one line. For `ChildFailed` it carries the new generation's own reason.
+        message: String,
+    },
     /// An OS call failed.
     Io {
         /// What the crate was doing.
@@ -157,6 +182,33 @@ impl Error {
             source: source.into(),
         }
     }
+
+    /// The variant's name, as the control protocol sends it (`ChildFailed`, ...).
+    pub(crate) fn kind_name(&self) -> &'static str {
+        match self {
+            Error::AlreadyCreated => "AlreadyCreated",
+            Error::FdTable { .. } => "FdTable",
+            Error::WrongKind { .. } => "WrongKind",
+            Error::Listen { .. } => "Listen",
+            Error::NotReady => "NotReady",
+            Error::UpgradeInProgress => "UpgradeInProgress",
+            Error::AlreadyUpgraded => "AlreadyUpgraded",
+            Error::Stopped => "Stopped",
+            Error::ParentAlive { .. } => "ParentAlive",
+            Error::Exec { .. } => "Exec",
+            Error::WorkingDirectory { .. } => "WorkingDirectory",
+            Error::ChildExited { .. } => "ChildExited",
+            Error::ChildFailed { .. } => "ChildFailed",
+            Error::ChildDiedAfterReady { .. } => "ChildDiedAfterReady",
+            Error::Notify { .. } => "Notify",
+            Error::StateTooLarge { .. } => "StateTooLarge",
+            Error::Timeout { .. } => "Timeout",
+            Error::PidFile { .. } => "PidFile",
+            Error::Control { .. } => "Control",
+            Error::Remote { .. } => "Remote",
+            Error::Io { .. } => "Io",
+        }
+    }
 }
 
 impl Error {
@@ -174,6 +226,7 @@ impl Error {
             | Error::WorkingDirectory { source, .. }
             | Error::PidFile { source, .. }
             | Error::Notify { source, .. }
+            | Error::Control { source, .. }
             | Error::Io { source, .. } => Some(source),
             _ => None,
         }
@@ -237,6 +290,12 @@ impl Error {
             Error::PidFile { path, .. } => {
                 write!(f, "cannot write pid file {}", path.display())
             }
+            Error::Control { addr, op, .. } => {
+                write!(f, "control socket {addr}: {op} failed")
+            }
+            Error::Remote { addr, message, .. } => {
+                write!(f, "{message} (answered by the control socket {addr})")
+            }
             Error::Io { op, fd, .. } => match fd {
                 Some(fd) => write!(f, "{op} (fd {fd}) failed"),
                 None => write!(f, "{op} failed"),
@@ -270,8 +329,15 @@ impl From<Error> for io::Error {
             | Error::WorkingDirectory { source, .. }
             | Error::PidFile { source, .. }
             | Error::Notify { source, .. }
+            | Error::Control { source, .. }
             | Error::Io { source, .. } => source.kind(),
             Error::Timeout { .. } => io::ErrorKind::TimedOut,
+            Error::Remote { kind, .. } if kind == "PermissionDenied" => {
+                io::ErrorKind::PermissionDenied
+            }
+            Error::Remote { kind, .. } if kind == "Timeout" || kind == "RequestTimeout" => {
+                io::ErrorKind::TimedOut
+            }
             Error::FdTable { .. } | Error::WrongKind { .. } => io::ErrorKind::InvalidData,
             _ => io::ErrorKind::Other,
         };

@@ -91,14 +91,18 @@
 //!   close-on-exec), but fds *your* code opens without `O_CLOEXEC` do leak. Rust's std
 //!   opens everything close-on-exec.
 //! - **Signals.** The crate installs no signal handler: decide yourself what triggers
-//!   an upgrade (SIGHUP through `signal-hook`, a control socket, ...). The new process
+//!   an upgrade (SIGHUP through `signal-hook`, the [control socket](control), ...). A
+//!   signal cannot carry the upgrade's result back to whoever sent it; the control
+//!   socket can ([`control::request_upgrade`]). The new process
 //!   starts with an empty signal mask and every disposition at its default. Do not
 //!   reap children with `waitpid(-1)` elsewhere in the process (or set `SIGCHLD` to
 //!   `SIG_IGN`) while an upgrade runs: the crate reaps its own child by pid.
 //! - **`O_NONBLOCK` is shared.** It is a flag of the open file description, which
 //!   both generations share: setting a passed listener non-blocking in one generation
 //!   sets it in the other. Pick one mode for every generation (the examples use
-//!   non-blocking accept behind `poll`). The crate never changes it.
+//!   non-blocking accept behind `poll`). The crate never changes it, except on a
+//!   [control socket](control)'s listener, which it makes non-blocking in every
+//!   generation.
 //! - **Stopping a blocked `accept`.** Closing a listener does not wake a thread blocked
 //!   in `accept()` on it, and `shutdown()` would shut the socket for the new generation
 //!   too. Wait on the listener and the exit notification together
@@ -108,9 +112,12 @@
 //!   speaks the notify protocol (`MAINPID=`, `READY=1`, `RELOADING=1`, `STOPPING=1`), and
 //!   the old process, still the main one, announces the new pid at the commit, so
 //!   `Type=notify` (with the default `NotifyAccess=main`) or `Type=notify-reload`
-//!   follows it; otherwise use a pid file ([`Options::pid_file`]) with `PIDFile=` and
-//!   `ExecReload=/bin/kill -HUP $MAINPID`. Sockets from socket activation (`$LISTEN_FDS`)
-//!   are adopted on a first start. See the README for unit files.
+//!   follows it; otherwise use a pid file ([`Options::pid_file`]) with `PIDFile=`. An
+//!   `ExecReload=` that asks over the [control socket](control) makes `systemctl reload`
+//!   fail when the upgrade fails (`ExecReload=/bin/kill -HUP $MAINPID` always
+//!   succeeds, and `Type=notify-reload` cannot report a failure). Sockets from socket
+//!   activation (`$LISTEN_FDS`) are adopted on a first start. See the README for unit
+//!   files.
 //! - **`SIGPIPE`** must stay ignored (as Rust programs start): the handshake writes to
 //!   pipes whose reader may have died.
 //! - **One table variable.** Linux caps one environment string at 128 KiB, which bounds
@@ -120,6 +127,7 @@
 
 mod batch;
 mod child;
+pub mod control;
 mod error;
 mod fds;
 mod handshake;

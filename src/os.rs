@@ -89,6 +89,24 @@ pub(crate) fn write_all(fd: impl AsFd, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// `send(2)` on a socket until all of `buf` is sent, retried on `EINTR`, never raising
+/// `SIGPIPE`: `MSG_NOSIGNAL` where it exists; elsewhere (Apple) the caller sets
+/// `SO_NOSIGPIPE` on the socket.
+pub(crate) fn send_all(fd: impl AsFd, mut buf: &[u8]) -> io::Result<()> {
+    #[cfg(not(target_vendor = "apple"))]
+    let flags = rustix::net::SendFlags::NOSIGNAL;
+    #[cfg(target_vendor = "apple")]
+    let flags = rustix::net::SendFlags::empty();
+    while !buf.is_empty() {
+        match rustix::net::send(&fd, buf, flags) {
+            Ok(n) => buf = &buf[n..],
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -152,7 +152,7 @@ fn stale(addr: &UnixAddr, ty: SocketType) -> bool {
     }
 }
 
-fn unix_sockaddr(addr: &UnixAddr) -> io::Result<SocketAddrUnix> {
+pub(crate) fn unix_sockaddr(addr: &UnixAddr) -> io::Result<SocketAddrUnix> {
     Ok(match addr {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         UnixAddr::Path(p) if p.as_os_str().is_empty() => SocketAddrUnix::new_unnamed(),

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::control::{LastUpgrade, Status};
 use crate::error::{Error, Result};
 use crate::fds::Fds;
 use crate::handshake::{Decision, Handoff, Parent};
@@ -46,6 +47,8 @@ struct State {
     /// The write end of the busy operation's cancel pipe: dropping it wakes the waiting
     /// thread, which gives up (killing and reaping a child it started).
     cancel: Option<OwnedFd>,
+    /// How the last upgrade that ran ended, for [`Upgrader::status`].
+    last_upgrade: Option<LastUpgrade>,
 }
 
 /// Runs graceful upgrades for this process: Go tableflip's `Upgrader`.
@@ -144,6 +147,7 @@ impl Upgrader {
                 phase: Phase::Starting,
                 busy: false,
                 cancel: None,
+                last_upgrade: None,
             }),
             changed: Condvar::new(),
             exit,
@@ -292,6 +296,7 @@ impl Upgrader {
             n.upgrade_failed(e);
         }
         let mut st = self.end_busy();
+        st.last_upgrade = Some(LastUpgrade::of(&result));
         if result.is_ok() {
             if st.phase != Phase::Stopped {
                 st.phase = Phase::Upgraded;
@@ -448,6 +453,20 @@ impl Upgrader {
     /// generation took over (rather than because of [`stop`](Upgrader::stop)).
     pub fn upgraded(&self) -> bool {
         self.upgraded.load(Ordering::SeqCst)
+    }
+
+    /// What this generation is doing: its pid, whether it is ready, whether an upgrade
+    /// runs now, and how the last one ended. The control socket's `status` command
+    /// answers with it.
+    pub fn status(&self) -> Status {
+        let st = self.lock();
+        Status {
+            pid: std::process::id(),
+            ready: st.phase == Phase::Ready,
+            // While not ready, `busy` is ready() waiting for the commit.
+            upgrading: st.busy && st.phase != Phase::Starting,
+            last_upgrade: st.last_upgrade.clone(),
+        }
     }
 
     /// Whether this process should exit now (the exit fd is readable).

@@ -482,6 +482,8 @@ pub fn kind(e: &Error) -> &'static str {
         Error::Notify { .. } => "Notify",
         Error::StateTooLarge { .. } => "StateTooLarge",
         Error::PidFile { .. } => "PidFile",
+        Error::Control { .. } => "Control",
+        Error::Remote { .. } => "Remote",
         Error::Io { .. } => "Io",
         _ => "Other",
     }
@@ -517,6 +519,12 @@ pub fn scenario(name: &str) -> ! {
     // Watchdog: a scenario process never outlives a minute.
     // SAFETY: alarm(2) only arms a timer.
     unsafe { libc::alarm(60) };
+    // `TF_SIGPIPE_DEFAULT`: die of SIGPIPE like a C program, so that a write to a closed
+    // socket without MSG_NOSIGNAL shows. (The handshake's pipes never see one here.)
+    if env("TF_SIGPIPE_DEFAULT").is_some() {
+        // SAFETY: setting a signal's disposition to its default has no memory effects.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let dir = PathBuf::from(env("TF_DIR").expect("TF_DIR"));
     let mode = std::fs::read_to_string(dir.join("next")).unwrap_or_default();
     let words: Vec<&str> = mode.split_whitespace().collect();
@@ -762,6 +770,36 @@ pub fn scenario(name: &str) -> ! {
     if let Some(us) = arg("delay-us") {
         std::thread::sleep(Duration::from_micros(us));
     }
+    // `TF_CONTROL=PATH` (or `@NAME`): a control socket, taken before ready() and served
+    // once ready, with `TF_CONTROL_REQUEST_MS` as its request timeout,
+    // `TF_CONTROL_MODE` (octal) as its file mode, `TF_CONTROL_ALLOW_UID` as one more uid
+    // allowed; `TF_CONTROL_ONE` serves it with `serve_one` in a poll loop.
+    let control = env("TF_CONTROL").and_then(|addr| {
+        let addr = match addr.strip_prefix('@') {
+            Some(name) => UnixAddr::abstract_name(name),
+            None => UnixAddr::Path(addr.into()),
+        };
+        let mut config = tableflip::control::Config::new();
+        if let Some(ms) = env("TF_CONTROL_REQUEST_MS") {
+            config = config.request_timeout(Duration::from_millis(ms.parse().unwrap()));
+        }
+        if let Some(mode) = env("TF_CONTROL_MODE") {
+            config = config.mode(u32::from_str_radix(&mode, 8).unwrap());
+        }
+        if let Some(uid) = env("TF_CONTROL_ALLOW_UID") {
+            config = config.allow_uid(uid.parse().unwrap());
+        }
+        match tableflip::control::Server::listen_with(&upg, addr, config) {
+            Ok(server) => {
+                say("control ok");
+                Some(server)
+            }
+            Err(e) => {
+                say(format!("control-error {}", describe(&e)));
+                None
+            }
+        }
+    });
     say("reporting");
     let adoption = match upg.ready() {
         Ok(a) => Some(a),
@@ -795,7 +833,26 @@ pub fn scenario(name: &str) -> ! {
         ));
     }
 
+    let control = control.map(|server| {
+        let u = Arc::clone(&upg);
+        let one = env("TF_CONTROL_ONE").is_some();
+        std::thread::spawn(move || {
+            let result = if one {
+                serve_one_by_one(&server, &u)
+            } else {
+                server.serve(&u)
+            };
+            if let Err(e) = result {
+                say(format!("control-serve-error {}", describe(&e)));
+            }
+        })
+    });
     serve(&upg, &listeners);
+    // The control socket answers the request that ended this generation, then returns.
+    if let Some(control) = control {
+        let _ = control.join();
+        say("control-done");
+    }
     // Let the upgrade threads report before exiting.
     let deadline = Instant::now() + Duration::from_secs(5);
     while IN_FLIGHT.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
@@ -811,6 +868,18 @@ pub fn scenario(name: &str) -> ! {
     }
     say("exit");
     std::process::exit(0);
+}
+
+/// A poll loop around `Server::serve_one`, until the exit fd fires.
+fn serve_one_by_one(server: &tableflip::control::Server, upg: &Upgrader) -> tableflip::Result<()> {
+    loop {
+        match upg.wait_readable(server, None) {
+            tableflip::Wake::Exit => return Ok(()),
+            _ => {
+                server.serve_one(upg)?;
+            }
+        }
+    }
 }
 
 /// Accepts on every listener until the exit fd fires, answering `pid=<pid>`.
