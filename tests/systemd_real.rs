@@ -561,3 +561,49 @@ fn the_fd_store_keeps_the_sockets_through_kill_9() {
     let cgroup = sd.unit_cgroup(SERVICE);
     stop_and_check_gone(&sd, &cgroup, &generations, &stats);
 }
+
+/// `tcp_server --keeper` as the unit's main process: `MainPID` stays the keeper's over
+/// every reload (the keeper forwards the `SIGHUP`), no connection fails, and a stop
+/// drains (the keeper is systemd's own child, so systemd waits for it).
+#[test]
+fn the_keeper_stays_the_main_pid_over_reloads() {
+    let addr = free_addr();
+    let unit = notify_service(&exec_start(&tcp_server(), addr, " --keeper"), None);
+    let Some(sd) = Systemd::boot(&[(SERVICE, &unit)]) else {
+        return;
+    };
+    sd.start(SERVICE);
+    sd.wait_active(SERVICE);
+    let keeper: u32 = sd.show(SERVICE, "MainPID").parse().unwrap();
+    let mut generation = sd.wait_for("the first generation to answer", || line_probe(addr).ok());
+    assert_ne!(generation, keeper, "the keeper itself does not serve");
+    let cgroup = sd.unit_cgroup(SERVICE);
+    let load = Load::start(addr, &CLIENTS);
+    let mut generations = vec![generation];
+    for i in 1..=RELOADS {
+        wait_answers(&sd, &load, ANSWERS);
+        let status = sd.reload(SERVICE);
+        assert!(
+            status.success(),
+            "reload {i}: {status}\n{}",
+            sd.diagnostics(SERVICE)
+        );
+        generation = sd.wait_for("a new generation to answer", || {
+            line_probe(addr).ok().filter(|&p| p != generation)
+        });
+        generations.push(generation);
+        assert_eq!(
+            sd.show(SERVICE, "MainPID"),
+            keeper.to_string(),
+            "reload {i}: MainPID moved off the keeper:\n{}",
+            sd.diagnostics(SERVICE)
+        );
+    }
+    wait_answers(&sd, &load, ANSWERS);
+    let stats = load.finish();
+    check_load(&stats, &generations);
+    generations.push(keeper);
+    let result = stop_and_check_gone(&sd, &cgroup, &generations, &stats);
+    assert_eq!(result, "success", "{}", sd.diagnostics(SERVICE));
+    assert!(exited_by_itself(&sd, generation), "{}", sd.log(SERVICE));
+}
