@@ -50,8 +50,9 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::mpsc::{self, SyncSender};
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -96,6 +97,7 @@ struct Config {
 }
 
 fn main() -> ExitCode {
+    trace("main");
     let config = match parse_args(std::env::args_os().skip(1)) {
         Ok(Some(config)) => config,
         Ok(None) => {
@@ -223,6 +225,7 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         options = options.pid_file(path);
     }
     let upg = Arc::new(Upgrader::new(options)?);
+    trace("new");
 
     // Inherited from the previous generation, or bound now.
     let listener = upg.fds().listen_tcp(config.listen.as_str())?;
@@ -245,11 +248,11 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         None => None,
     };
 
-    let upgrades = UpgradeThreads::default();
-    let (signal_upg, signal_upgrades) = (Arc::clone(&upg), Arc::clone(&upgrades));
+    let worker = UpgradeWorker::start(Arc::clone(&upg))?;
+    let (signal_upg, requests) = (Arc::clone(&upg), worker.requests.clone());
     thread::Builder::new()
         .name("signals".into())
-        .spawn(move || handle_signals(signals, signal_upg, signal_upgrades))?;
+        .spawn(move || handle_signals(signals, signal_upg, requests))?;
 
     // Serve at once, before reporting ready: with a probation, the previous generation
     // commits only after the window, and both serve meanwhile.
@@ -267,7 +270,9 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // writes the pid file. Which inherited fds were taken, and which were closed
     // because nobody asked for them: a listener dropped by a configuration change
     // shows up here.
+    trace("report");
     let ready = upg.ready();
+    trace("committed");
     match &ready {
         Ok(adoption) => log!("ready; {adoption}"),
         // Not taken over (stopped meanwhile, or no pid file): the previous generation
@@ -297,10 +302,7 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         let _ = control.join();
     }
     // The upgrade that ended this generation may still be logging its result.
-    let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
-    for upgrade in pending {
-        let _ = upgrade.join();
-    }
+    drop(worker.busy.lock());
 
     log!(
         "stopped accepting; draining {} connection(s)",
@@ -314,33 +316,50 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     ready.map(drop).map_err(Into::into)
 }
 
-/// The threads running `upgrade()`, joined before exiting. They return promptly once
-/// the exit fd fires: the upgrade has succeeded, or `stop()` has cancelled it.
-type UpgradeThreads = Arc<Mutex<Vec<JoinHandle<()>>>>;
+/// Runs `upgrade()` on a thread started once, at start-up, so that a `SIGHUP` does not
+/// wait for a new thread (it returns promptly once the exit notification fires: the
+/// upgrade has succeeded, or `stop()` has cancelled it).
+struct UpgradeWorker {
+    /// A rendezvous channel: a request goes through only while the worker waits.
+    requests: SyncSender<()>,
+    /// Held while an upgrade runs and its result is logged.
+    busy: Arc<Mutex<()>>,
+}
 
-fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThreads) {
-    for signal in signals.forever() {
-        if signal == SIGHUP {
-            // upgrade() blocks until the new generation is ready or has failed: run it
-            // elsewhere so that SIGTERM is still handled meanwhile.
-            let upg = Arc::clone(&upg);
-            // Locked before the thread starts, so that the exiting main thread finds it.
-            let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
-            threads.retain(|t| !t.is_finished());
-            let spawned = thread::Builder::new()
-                .name("upgrade".into())
-                .spawn(move || {
+impl UpgradeWorker {
+    fn start(upg: Arc<Upgrader>) -> io::Result<UpgradeWorker> {
+        let (requests, rx) = mpsc::sync_channel::<()>(0);
+        let busy = Arc::new(Mutex::new(()));
+        let held = Arc::clone(&busy);
+        thread::Builder::new()
+            .name("upgrade".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    let _busy = held.lock().unwrap_or_else(|e| e.into_inner());
                     log!("SIGHUP: upgrading");
-                    match upg.upgrade() {
+                    trace("upgrade");
+                    let result = upg.upgrade();
+                    trace("upgraded");
+                    match result {
                         Ok(pid) => {
                             log!("upgrade succeeded: the new generation (pid {pid}) is ready")
                         }
                         Err(e) => log!("upgrade failed: {}", error_chain(&e)),
                     }
-                });
-            match spawned {
-                Ok(thread) => threads.push(thread),
-                Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
+                }
+            })?;
+        Ok(UpgradeWorker { requests, busy })
+    }
+}
+
+fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, requests: SyncSender<()>) {
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            trace("sighup");
+            // upgrade() blocks until the new generation is ready or has failed: it runs
+            // on the worker, so that SIGTERM is still handled meanwhile.
+            if requests.try_send(()).is_err() {
+                log!("upgrade failed: another upgrade is in progress");
             }
         } else {
             let name = if signal == SIGINT {
@@ -361,6 +380,7 @@ fn serve(listener: &TcpListener, upg: &Upgrader, conns: &Arc<Connections>) {
     while upg.wait_readable(listener, None) == Wake::Readable {
         accept_batch(listener, conns);
     }
+    trace("stopped-accepting");
 }
 
 fn accept_batch(listener: &TcpListener, conns: &Arc<Connections>) {
@@ -495,4 +515,16 @@ fn error_chain(e: &dyn Error) -> String {
         source = s.source();
     }
     msg
+}
+
+/// With `TCP_SERVER_TRACE` set (the handoff benchmark sets it), one line
+/// `trace PHASE NS` at each step of start-up and upgrade, `NS` on `CLOCK_MONOTONIC`:
+/// the benchmark splits a handoff into phases with them.
+fn trace(phase: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var_os("TCP_SERVER_TRACE").is_some()) {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let ns = t.tv_sec as u128 * 1_000_000_000 + t.tv_nsec as u128;
+        log!("trace {phase} {ns}");
+    }
 }

@@ -10,6 +10,10 @@ use rustix::fs::{Mode, OFlags};
 /// mode 0644) next to it, then renamed over it, so a reader sees the old content or the
 /// new one, never a partial file, and a symlink planted at the temporary name is never
 /// followed. A failure removes the temporary file.
+///
+/// No `fsync`: the rename is what a reader needs, and after a crash of the machine
+/// every pid file is stale anyway. (It cost ≈1.4 ms of every upgrade on a disk, up to
+/// seconds on a busy one, between the commit and the old generation's exit.)
 pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -40,7 +44,6 @@ pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
         // The mode given to open is filtered by the umask; a pid file is world-readable.
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
         file.write_all(format!("{pid}\n").as_bytes())?;
-        file.sync_all()?;
         drop(file);
         std::fs::rename(&tmp, path)
     })();

@@ -1,7 +1,8 @@
 //! Upgrade latency against the spawn floor, by passed fds and by parent memory.
 //!
 //! `cargo bench --bench upgrade` prints a table and, last, one machine-readable line:
-//! `floor_us=… upgrade4_us=… upgrade400_us=… upgrade4000_us=… rss_ratio=… child_new4000_us=…`.
+//! `floor_us=… upgrade4_us=… upgrade400_us=… upgrade4000_us=… rss_ratio=… child_new4000_us=…
+//! handoff_p50_us=… handoff_p99_us=… handoff_ratio=…` (the handoff: see `handoff.rs`).
 //! Without `--bench` (as `cargo test --benches` runs it) it does a smoke run of a few
 //! upgrades and prints no figures.
 //!
@@ -32,6 +33,7 @@
 //! - `TABLEFLIP_BENCH_ROUNDS`: rounds of the main comparison (default 150).
 //! - `TABLEFLIP_BENCH_BIG_HEAP_MIB`: the large heap of the memory case (default 4096,
 //!   `0` skips it). It is lowered automatically when `MemAvailable` is short.
+//! - `TABLEFLIP_BENCH_HANDOFFS`: upgrades of the `tcp_server` handoff (default 100).
 //! - `TABLEFLIP_BENCH_ONLY_FDS=n`: only upgrades with `n` fds, with the child's own
 //!   timings, for `strace -c -f` or `perf`; `TABLEFLIP_BENCH_CHILD=take` makes the child
 //!   take every fd first.
@@ -52,6 +54,8 @@ use std::time::{Duration, Instant};
 use rustix::event::{eventfd, EventfdFlags};
 use rustix::pipe::{pipe_with, PipeFlags};
 use tableflip::{Options, Upgrader};
+
+mod handoff;
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -360,6 +364,17 @@ fn measure() -> Res<()> {
         drop(heap);
         mem.push((mib, f, u));
     }
+    // The handoff of a real server under load, last (it makes this process a child
+    // subreaper for the server's generations).
+    let handoff = if cfg.full {
+        Some(handoff::measure(
+            env_usize("TABLEFLIP_BENCH_HANDOFFS", 100)?,
+            2,
+        )?)
+    } else {
+        println!("handoff: skipped in the smoke run");
+        None
+    };
     let load_end = loadavg();
 
     // ---- Report ----
@@ -381,6 +396,19 @@ fn measure() -> Res<()> {
         .collect();
     for s in rows {
         s.print_row(fl);
+    }
+    if let Some(h) = &handoff {
+        println!();
+        println!(
+            "handoff of tcp_server (release) under 2 connecting client threads: {} answered, {} failed",
+            h.answered, h.failed
+        );
+        print_header();
+        h.serving.print_row(fl);
+        h.gone.print_row(fl);
+        for p in &h.phases {
+            p.print_row(fl);
+        }
     }
     println!();
     let per_fd = (up[2].median() - up[0].median()) / (cfg.sizes[2] - cfg.sizes[0]) as f64;
@@ -435,15 +463,27 @@ fn measure() -> Res<()> {
         1000.0,
         " µs",
     );
+    let (h50, h99) = handoff.as_ref().map_or((f64::NAN, f64::NAN), |h| {
+        (h.serving.median(), h.serving.quantile(0.99))
+    });
+    target(
+        "handoff (SIGHUP -> new generation answers) / floor",
+        h50 / fl,
+        2.0,
+        "",
+    );
     println!();
     println!(
-        "floor_us={:.1} upgrade4_us={:.1} upgrade400_us={:.1} upgrade4000_us={:.1} rss_ratio={} child_new4000_us={:.1}",
+        "floor_us={:.1} upgrade4_us={:.1} upgrade400_us={:.1} upgrade4000_us={:.1} rss_ratio={} child_new4000_us={:.1} handoff_p50_us={:.1} handoff_p99_us={:.1} handoff_ratio={:.2}",
         fl,
         up[0].median(),
         up[1].median(),
         up[2].median(),
         rss_ratio.map_or("NA".to_string(), |r| format!("{r:.3}")),
         new_big,
+        h50,
+        h99,
+        h50 / fl,
     );
     Ok(())
 }
