@@ -140,6 +140,7 @@ mod process;
 mod socket;
 mod spawn;
 mod state;
+mod status;
 mod systemd;
 mod upgrader;
 mod wire;

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::control::{LastUpgrade, Status};
 use crate::error::{Error, Result};
 use crate::fds::Fds;
 use crate::handshake::{Decision, Handoff, Parent};
@@ -22,6 +21,7 @@ use crate::inherit::{self, Adoption, Inheritance};
 use crate::options::Options;
 use crate::os;
 use crate::spawn::Program;
+use crate::status::{LastUpgrade, Status};
 use crate::systemd::{self, Notifier};
 
 /// One `Upgrader` at a time per process.

@@ -1,0 +1,199 @@
+//! Asking a running generation over its control socket.
+
+use super::protocol::*;
+use super::*;
+use std::io;
+use std::os::unix::io::AsFd;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustix::io::Errno;
+use rustix::net::{AddressFamily, SocketType};
+
+use crate::error::{Error, Result};
+use crate::os;
+use crate::socket;
+use crate::wire::UnixAddr;
+
+// ---- The client ------------------------------------------------------------------------
+
+/// Asks the generation serving the control socket at `addr` to upgrade, and returns the
+/// new generation's pid once it has taken over.
+///
+/// `timeout` bounds the whole exchange. The server answers when its upgrade has ended,
+/// which may take the upgrade timeout ([`Options::upgrade_timeout`], 60 s by default)
+/// plus the probation ([`Options::probation`]) plus the time to spawn: pass at least
+/// their sum and a margin. A client that gives up does not cancel the upgrade.
+///
+/// Errors: [`Error::Remote`] when the server answered with an error (its `kind` is the
+/// server's `Error` variant, `message` says why, with the new generation's own reason
+/// for `ChildFailed`); [`Error::Control`] when it could not be asked (no socket there,
+/// permission denied, no answer within `timeout`, an answer that is not the protocol).
+///
+/// [`Options::upgrade_timeout`]: crate::Options::upgrade_timeout
+/// [`Options::probation`]: crate::Options::probation
+pub fn request_upgrade(addr: impl Into<UnixAddr>, timeout: Duration) -> Result<u32> {
+    let addr = addr.into();
+    let answer = exchange(&addr, "upgrade", timeout)?;
+    answer
+        .field("pid")
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| invalid(&addr, "the answer names no pid"))
+}
+
+/// Asks the generation serving the control socket at `addr` for its [`Status`].
+/// Errors as for [`request_upgrade`].
+pub fn status(addr: impl Into<UnixAddr>, timeout: Duration) -> Result<Status> {
+    let addr = addr.into();
+    let answer = exchange(&addr, "status", timeout)?;
+    let yes = |key| answer.field(key) == Some("yes");
+    let pid = answer
+        .field("pid")
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| invalid(&addr, "the status names no pid"))?;
+    let ended = answer
+        .field("last-upgrade-ended")
+        .and_then(parse_time)
+        .unwrap_or(UNIX_EPOCH);
+    let last_upgrade = match answer.field("last-upgrade") {
+        None | Some("none") => None,
+        Some("ok") => Some(LastUpgrade {
+            ended,
+            result: Ok(answer
+                .field("last-upgrade-pid")
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(|| invalid(&addr, "last-upgrade-pid is missing"))?),
+        }),
+        Some(other) => Some(LastUpgrade {
+            ended,
+            result: Err(UpgradeFailure {
+                kind: other.strip_prefix("error ").unwrap_or(other).to_string(),
+                message: answer
+                    .field("last-upgrade-message")
+                    .unwrap_or_default()
+                    .to_string(),
+            }),
+        }),
+    };
+    Ok(Status {
+        pid,
+        ready: yes("ready"),
+        upgrading: yes("upgrading"),
+        last_upgrade,
+    })
+}
+
+/// `SECS.MILLIS` since the Unix epoch.
+pub(super) fn parse_time(s: &str) -> Option<SystemTime> {
+    let (secs, millis) = s.split_once('.').unwrap_or((s, "0"));
+    let d = Duration::from_secs(secs.parse().ok()?) + Duration::from_millis(millis.parse().ok()?);
+    UNIX_EPOCH.checked_add(d)
+}
+
+pub(super) fn invalid(addr: &UnixAddr, what: &str) -> Error {
+    Error::Control {
+        addr: addr.to_string(),
+        op: "receive",
+        source: io::Error::new(io::ErrorKind::InvalidData, what.to_string()),
+    }
+}
+
+/// Sends one request and reads the answer; an error answer is [`Error::Remote`].
+pub(super) fn exchange(addr: &UnixAddr, command: &str, timeout: Duration) -> Result<Answer> {
+    let name = addr.to_string();
+    let fail = |op: &'static str, source: io::Error| Error::Control {
+        addr: name.clone(),
+        op,
+        source,
+    };
+    let deadline = os::deadline(Some(timeout));
+    let sockaddr = socket::unix_sockaddr(addr).map_err(|e| fail("connect", e))?;
+    let conn = socket::new_socket(AddressFamily::UNIX, SocketType::STREAM)
+        .map_err(|e| fail("socket", e))?;
+    #[cfg(target_vendor = "apple")]
+    rustix::net::sockopt::set_socket_nosigpipe(&conn, true)
+        .map_err(|e| fail("setsockopt(SO_NOSIGPIPE)", e.into()))?;
+    // Bounds a connect that waits for room in a full queue (Linux), and the send.
+    let send_timeout = timeout.max(Duration::from_millis(1));
+    rustix::net::sockopt::set_socket_timeout(
+        &conn,
+        rustix::net::sockopt::Timeout::Send,
+        Some(send_timeout),
+    )
+    .map_err(|e| fail("setsockopt(SO_SNDTIMEO)", e.into()))?;
+    match rustix::net::connect(&conn, &sockaddr) {
+        Ok(()) => {}
+        Err(Errno::AGAIN) => {
+            return Err(fail(
+                "connect",
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the server's queue stayed full for {timeout:?}"),
+                ),
+            ))
+        }
+        Err(e) => return Err(fail("connect", e.into())),
+    }
+    // A server that refuses us may answer and close before it reads: then the answer
+    // is what to report, not the broken pipe.
+    let sent = os::send_all(&conn, format!("{VERSION} {command}\n").as_bytes());
+    if let Err(e) = &sent {
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+        ) {
+            return Err(fail("send", sent.unwrap_err()));
+        }
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut read_err = None;
+    loop {
+        if let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            buf.truncate(end + 2);
+            break;
+        }
+        if buf.len() > MAX_ANSWER {
+            return Err(invalid(
+                addr,
+                &format!("answer longer than {MAX_ANSWER} bytes"),
+            ));
+        }
+        let readable = os::readable(conn.as_fd(), deadline).map_err(|e| fail("receive", e))?;
+        if !readable {
+            return Err(fail(
+                "receive",
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no answer within {timeout:?}"),
+                ),
+            ));
+        }
+        match os::read(&conn, &mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => {
+                read_err = Some(e);
+                break;
+            }
+        }
+    }
+    // A whole answer counts, whatever happened to the connection after it.
+    let answer = match Answer::decode(&buf) {
+        Ok(answer) => answer,
+        Err(what) => {
+            return Err(match (sent, read_err) {
+                (Err(e), _) => fail("send", e),
+                (Ok(()), Some(e)) => fail("receive", e),
+                (Ok(()), None) => invalid(addr, &what),
+            })
+        }
+    };
+    match &answer.error {
+        None => Ok(answer),
+        Some(kind) => Err(Error::Remote {
+            addr: name.clone(),
+            kind: kind.clone(),
+            message: answer.field("message").unwrap_or_default().to_string(),
+        }),
+    }
+}
