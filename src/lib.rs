@@ -125,35 +125,68 @@
 //! - **Other Unixes** build (with `fork` instead of a vfork-style clone, and without
 //!   abstract socket names) but only Linux is tested.
 
+#[cfg(unix)]
 mod batch;
+#[cfg(unix)]
 mod child;
+#[cfg(unix)]
 pub mod control;
 mod error;
+#[cfg(unix)]
 mod fds;
+#[cfg(unix)]
 mod handshake;
+#[cfg(unix)]
 mod inherit;
+#[cfg(unix)]
 mod keeper;
 mod options;
+#[cfg(unix)]
 mod os;
+#[cfg(unix)]
 mod pidfile;
+mod portable;
+#[cfg(unix)]
 mod process;
+#[cfg(unix)]
 mod socket;
+#[cfg(unix)]
 mod spawn;
+#[cfg(unix)]
 mod state;
+#[cfg(unix)]
 mod systemd;
+#[cfg(not(unix))]
+mod unsupported;
+#[cfg(unix)]
 mod upgrader;
+#[cfg(unix)]
 mod wire;
 
 pub use error::{Error, Result};
-pub use fds::{Address, Fds};
-pub use inherit::{Adoption, InheritedFd};
-pub use keeper::Keeper;
 pub use options::Options;
+
+#[cfg(unix)]
+pub use fds::{Address, Fds};
+#[cfg(unix)]
+pub use inherit::{Adoption, InheritedFd};
+#[cfg(unix)]
+pub use keeper::Keeper;
+#[cfg(unix)]
 pub use state::MAX_STATE_SIZE;
+#[cfg(unix)]
 pub use upgrader::{ExitHandle, Upgrader, Wake};
+#[cfg(unix)]
 pub use wire::UnixAddr;
 
+#[cfg(not(unix))]
+pub use unsupported::{
+    Address, Adoption, ExitHandle, Fds, InheritedFd, Keeper, UnixAddr, Upgrader, Wake,
+    MAX_STATE_SIZE,
+};
+
 /// Not public API: entry points for the fuzzer and benchmarks. No stability promise.
+#[cfg(unix)]
 #[doc(hidden)]
 pub mod __private {
     /// Decodes an fd table value as [`Upgrader::new`](crate::Upgrader::new) would in a
