@@ -122,8 +122,13 @@
 //!   pipes whose reader may have died.
 //! - **One table variable.** Linux caps one environment string at 128 KiB, which bounds
 //!   the fd table to roughly 4000 sockets with short addresses.
-//! - **Other Unixes** build (with `fork` instead of a vfork-style clone, and without
-//!   abstract socket names) but only Linux is tested.
+//! - **Platforms.** Linux is tested. macOS and FreeBSD are built in CI, not run: they
+//!   use `fork` instead of a vfork-style clone, have no abstract socket names and no
+//!   [`Keeper`], and on macOS a pipe or socket becomes close-on-exec one call after it
+//!   is made. On every other platform (Windows) the crate compiles, so that a
+//!   cross-platform program does, but [`Upgrader::new`] (and every other call that can
+//!   fail) fails with [`Error::Unsupported`]; what takes Unix sockets or raw fds (the
+//!   control socket among them) is absent. See "Platforms" in the README.
 
 #[cfg(unix)]
 mod batch;
