@@ -4,7 +4,8 @@
 //! - allocates nothing, takes no lock, cannot panic (no indexing, no arithmetic that
 //!   can overflow, no `Option::unwrap`), and touches only the buffers prepared for it;
 //! - makes only async-signal-safe calls: `sigaction`, `fcntl`, `dup2`, `close`, `getpid`
-//!   (raw syscall), `chdir`, `pthread_sigmask`, `execve`, `write`, `_exit`;
+//!   (raw syscall), `chdir`, `pthread_sigmask`, `execve`, `write`, `_exit` (and, on
+//!   Linux, libc's `SIGRTMAX`, which reads a variable);
 //! - on failure, writes the step that failed and its errno (two native-endian `i32`s) to
 //!   the error pipe and exits with 127.
 //!
@@ -15,7 +16,9 @@
 //! its own stack and the pid slot of its environment block, which the parent does not
 //! read while it is suspended. All signals are blocked across the clone so that no
 //! handler of the parent runs on the child's stack, and the child resets every
-//! disposition to `SIG_DFL` before it unblocks them. Other Unixes use plain `fork()`.
+//! disposition to `SIG_DFL` before it unblocks them. Other Unixes (macOS, FreeBSD) use
+//! plain `fork()`: the child runs the same code on a copy of the memory, with signals
+//! blocked the same way, and the same rules hold because the parent may have threads.
 
 use std::io;
 use std::os::raw::{c_char, c_int, c_void};
@@ -154,9 +157,8 @@ unsafe fn raw_spawn(args: &ChildArgs) -> io::Result<libc::pid_t> {
     match unsafe { libc::fork() } {
         -1 => Err(io::Error::last_os_error()),
         0 => {
-            let arg = args as *const ChildArgs as *mut c_void;
-            // SAFETY: `arg` points to the caller's ChildArgs, copied into our address space.
-            unsafe { child_main(arg) };
+            // `arg` points to the caller's ChildArgs, copied into our address space by fork.
+            child_main(args as *const ChildArgs as *mut c_void);
             // SAFETY: child_main never returns, but be explicit.
             unsafe { libc::_exit(127) }
         }
@@ -174,8 +176,9 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
     // SAFETY: a zeroed sigaction is SIG_DFL with an empty mask and no flags.
     let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
     dfl.sa_sigaction = libc::SIG_DFL;
+    let last = last_signal();
     let mut sig: c_int = 1;
-    while sig < NSIG {
+    while sig <= last {
         if sig != libc::SIGKILL && sig != libc::SIGSTOP {
             // SAFETY: async-signal-safe; errors (reserved signals) are ignored on purpose.
             unsafe { libc::sigaction(sig, &dfl, std::ptr::null_mut()) };
@@ -289,7 +292,23 @@ unsafe fn getpid() -> libc::pid_t {
     unsafe { libc::getpid() }
 }
 
+/// The highest signal number: the child resets `1..=last_signal()`.
+///
+/// Linux: `SIGRTMAX`, which libc reads from a variable (64 on most architectures, 127
+/// on MIPS); no lock, no allocation.
 #[cfg(any(target_os = "linux", target_os = "android"))]
-const NSIG: c_int = 65;
+fn last_signal() -> c_int {
+    libc::SIGRTMAX()
+}
+
+/// The highest signal number: the child resets `1..=last_signal()`.
+///
+/// Elsewhere libc names no `SIGRTMAX`, so every number a `sigset_t` can hold: no
+/// signal can exist outside it, and `sigaction` refuses the numbers above the real
+/// range (`EINVAL`, ignored). FreeBSD: 128 (`_SIG_MAXSIG`, real-time signals 65-126
+/// included); macOS: 32 (`NSIG`, signals 1-31).
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
-const NSIG: c_int = 33;
+fn last_signal() -> c_int {
+    const BITS: usize = std::mem::size_of::<libc::sigset_t>() * 8;
+    BITS as c_int
+}

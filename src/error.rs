@@ -2,10 +2,15 @@
 
 use std::fmt;
 use std::io;
+#[cfg(unix)]
 use std::os::unix::io::RawFd;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
+
+/// What an fd number is on Unix, where `Error::Io` names one; nothing names one elsewhere.
+#[cfg(not(unix))]
+pub(crate) type RawFd = std::os::raw::c_int;
 
 /// Everything that can go wrong in `tableflip`.
 ///
@@ -163,6 +168,17 @@ pub enum Error {
         /// one line. For `ChildFailed` it carries the new generation's own reason.
         message: String,
     },
+    /// What was called does not exist on this platform. Where it is not Unix (Windows)
+    /// the crate builds, so that a cross-platform program does too, and
+    /// [`Upgrader::new`](crate::Upgrader::new), like every other call that can fail,
+    /// fails with this. On Unix only what needs Linux does
+    /// ([`Keeper::run`](crate::Keeper::run) on macOS and FreeBSD).
+    Unsupported {
+        /// What was called: `"Upgrader::new"`, `"Fds::listen_tcp"`, `"Keeper::run"`, ...
+        op: &'static str,
+        /// What it needs: `"Unix"`, `"Linux"`.
+        needs: &'static str,
+    },
     /// An OS call failed.
     Io {
         /// What the crate was doing.
@@ -175,6 +191,7 @@ pub enum Error {
 }
 
 impl Error {
+    #[cfg_attr(not(unix), allow(dead_code))]
     pub(crate) fn io(op: &'static str, fd: Option<RawFd>, source: impl Into<io::Error>) -> Self {
         Error::Io {
             op,
@@ -184,6 +201,7 @@ impl Error {
     }
 
     /// The variant's name, as the control protocol sends it (`ChildFailed`, ...).
+    #[cfg_attr(not(unix), allow(dead_code))]
     pub(crate) fn kind_name(&self) -> &'static str {
         match self {
             Error::AlreadyCreated => "AlreadyCreated",
@@ -206,6 +224,7 @@ impl Error {
             Error::PidFile { .. } => "PidFile",
             Error::Control { .. } => "Control",
             Error::Remote { .. } => "Remote",
+            Error::Unsupported { .. } => "Unsupported",
             Error::Io { .. } => "Io",
         }
     }
@@ -296,6 +315,9 @@ impl Error {
             Error::Remote { addr, message, .. } => {
                 write!(f, "{message} (answered by the control socket {addr})")
             }
+            Error::Unsupported { op, needs } => {
+                write!(f, "{op} needs {needs}; this is {}", std::env::consts::OS)
+            }
             Error::Io { op, fd, .. } => match fd {
                 Some(fd) => write!(f, "{op} (fd {fd}) failed"),
                 None => write!(f, "{op} failed"),
@@ -338,6 +360,7 @@ impl From<Error> for io::Error {
             Error::Remote { kind, .. } if kind == "Timeout" || kind == "RequestTimeout" => {
                 io::ErrorKind::TimedOut
             }
+            Error::Unsupported { .. } => io::ErrorKind::Unsupported,
             Error::FdTable { .. } | Error::WrongKind { .. } => io::ErrorKind::InvalidData,
             _ => io::ErrorKind::Other,
         };
@@ -347,6 +370,7 @@ impl From<Error> for io::Error {
 
 /// At most `max` bytes of `s`, cut at a character boundary: every bounded message in
 /// the crate (table entries in errors, failure reasons) is cut here.
+#[cfg_attr(not(unix), allow(dead_code))]
 pub(crate) fn clip(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
@@ -368,5 +392,18 @@ mod tests {
         assert_eq!(clip("héllo", 3), "hé");
         assert_eq!(clip("abc", 10), "abc");
         assert_eq!(clip("", 0), "");
+    }
+
+    #[test]
+    fn unsupported_names_the_call_and_the_platform() {
+        let e = Error::Unsupported {
+            op: "Upgrader::new",
+            needs: "Unix",
+        };
+        let msg = e.to_string();
+        let this = std::env::consts::OS;
+        assert_eq!(msg, format!("Upgrader::new needs Unix; this is {this}"));
+        assert_eq!(e.kind_name(), "Unsupported");
+        assert_eq!(io::Error::from(e).kind(), io::ErrorKind::Unsupported);
     }
 }

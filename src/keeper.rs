@@ -16,6 +16,13 @@
 //!
 //! The loop starts no thread; it waits in one `poll` on its notify socket and a
 //! `signalfd`, and allocates per event only what reading a message or `/proc` needs.
+//!
+//! Linux only (a child subreaper, `signalfd`): elsewhere the machinery below is compiled
+//! but never called, and [`Keeper::run`] fails with [`Error::Unsupported`].
+#![cfg_attr(
+    not(any(target_os = "linux", target_os = "android")),
+    allow(dead_code, unused_imports)
+)]
 
 use std::collections::VecDeque;
 use std::io;
@@ -126,11 +133,10 @@ impl Keeper {
             std::process::exit(code)
         }
         #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        Err(Error::io(
-            "the keeper",
-            None,
-            io::Error::new(io::ErrorKind::Unsupported, "the keeper needs Linux"),
-        ))
+        Err(Error::Unsupported {
+            op: "Keeper::run",
+            needs: "Linux",
+        })
     }
 }
 

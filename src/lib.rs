@@ -122,39 +122,78 @@
 //!   pipes whose reader may have died.
 //! - **One table variable.** Linux caps one environment string at 128 KiB, which bounds
 //!   the fd table to roughly 4000 sockets with short addresses.
-//! - **Other Unixes** build (with `fork` instead of a vfork-style clone, and without
-//!   abstract socket names) but only Linux is tested.
+//! - **Platforms.** Linux is tested. macOS and FreeBSD are built in CI, not run: they
+//!   use `fork` instead of a vfork-style clone, have no abstract socket names and no
+//!   [`Keeper`], and on macOS a pipe or socket becomes close-on-exec one call after it
+//!   is made. On every other platform (Windows) the crate compiles, so that a
+//!   cross-platform program does, but [`Upgrader::new`] (and every other call that can
+//!   fail) fails with [`Error::Unsupported`]; what takes Unix sockets or raw fds (the
+//!   control socket among them) is absent. See "Platforms" in the README.
 
+#[cfg(unix)]
 mod batch;
+#[cfg(unix)]
 mod child;
+#[cfg(unix)]
 pub mod control;
 mod error;
+#[cfg(unix)]
 mod fds;
+#[cfg(unix)]
 mod handshake;
+#[cfg(unix)]
 mod inherit;
+#[cfg(unix)]
 mod keeper;
 mod options;
+#[cfg(unix)]
 mod os;
+#[cfg(unix)]
 mod pidfile;
+mod portable;
+#[cfg(unix)]
 mod process;
+#[cfg(unix)]
 mod socket;
+#[cfg(unix)]
 mod spawn;
+#[cfg(unix)]
 mod state;
+#[cfg(unix)]
 mod status;
+#[cfg(unix)]
 mod systemd;
+#[cfg(not(unix))]
+mod unsupported;
+#[cfg(unix)]
 mod upgrader;
+#[cfg(unix)]
 mod wire;
 
 pub use error::{Error, Result};
-pub use fds::{Address, Fds};
-pub use inherit::{Adoption, InheritedFd};
-pub use keeper::Keeper;
 pub use options::Options;
+
+#[cfg(unix)]
+pub use fds::{Address, Fds};
+#[cfg(unix)]
+pub use inherit::{Adoption, InheritedFd};
+#[cfg(unix)]
+pub use keeper::Keeper;
+#[cfg(unix)]
 pub use state::MAX_STATE_SIZE;
+#[cfg(unix)]
 pub use upgrader::{ExitHandle, Upgrader, Wake};
+#[cfg(unix)]
 pub use wire::UnixAddr;
 
+#[cfg(not(unix))]
+pub use unsupported::{
+    Address, Adoption, ExitHandle, Fds, InheritedFd, Keeper, UnixAddr, Upgrader, Wake,
+    MAX_STATE_SIZE,
+};
+
 /// Not public API: entry points for the fuzzer and benchmarks. No stability promise.
+#[cfg(unix)]
 #[doc(hidden)]
 pub mod __private {
     /// Decodes an fd table value as [`Upgrader::new`](crate::Upgrader::new) would in a

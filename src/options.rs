@@ -1,13 +1,26 @@
 //! The settings of an [`Upgrader`](crate::Upgrader).
 
 use std::fmt;
-use std::io;
+#[cfg(unix)]
 use std::os::unix::io::BorrowedFd;
+#[cfg(windows)]
+use std::os::windows::io::BorrowedSocket as BorrowedFd;
 use std::path::PathBuf;
+#[cfg(any(unix, windows))]
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(unix)]
 use crate::socket::BeforeBind;
+#[cfg(not(unix))]
+use crate::unsupported::BeforeBind;
+
+/// `listen()`'s backlog unless [`Options::backlog`] says otherwise.
+#[cfg(unix)]
+const BACKLOG: i32 = libc::SOMAXCONN;
+/// Not Unix: nothing listens (`unsupported.rs`); any value does.
+#[cfg(not(unix))]
+const BACKLOG: i32 = 128;
 
 /// Settings for an [`Upgrader`](crate::Upgrader), built with chained calls:
 ///
@@ -38,7 +51,7 @@ impl Default for Options {
             pid_file: None,
             executable: None,
             before_bind: None,
-            backlog: libc::SOMAXCONN,
+            backlog: BACKLOG,
             upgrade_during_drain: false,
             fd_store: false,
         }
@@ -113,9 +126,13 @@ impl Options {
     /// A function called on every socket the registry creates, after `socket()` and
     /// before `bind()`: set `SO_REUSEPORT`, buffer sizes, `IPV6_V6ONLY`, ... (Go's
     /// `ListenConfig`). Wrap the fd with `socket2::SockRef::from(&fd)` for a typed API.
+    ///
+    /// On Windows, where nothing is ever bound, `f` takes a `BorrowedSocket` instead, so
+    /// that the same closure compiles there.
+    #[cfg(any(unix, windows))]
     pub fn before_bind(
         mut self,
-        f: impl Fn(BorrowedFd<'_>) -> io::Result<()> + Send + Sync + 'static,
+        f: impl Fn(BorrowedFd<'_>) -> std::io::Result<()> + Send + Sync + 'static,
     ) -> Self {
         self.before_bind = Some(Arc::new(f));
         self

@@ -10,10 +10,20 @@ use rustix::io::Errno;
 
 /// A pipe whose two ends are close-on-exec.
 ///
-/// Where `pipe2` is missing (Apple), the flag is set right after `pipe`: a thread of the
-/// application that spawns a process in that window leaks both ends into it, as with
-/// std's own fallback. The crate's handshake does not depend on EOF from such a pipe
-/// alone (it also watches the process), so a leak delays nothing.
+/// Where `pipe2` is missing (Apple), the flag is set right after `pipe`, as std's own
+/// fallback does. In that window both ends are inheritable: if another thread of the
+/// application starts a process just then (`std::process::Command`, any fork + exec),
+/// that process keeps copies of them for as long as it runs. Every pipe of the crate
+/// signals by closing (EOF), so a leaked write end postpones that signal until the
+/// other process exits too: the exit notification ([`Upgrader::wait_for_exit`]), the
+/// lifeline a new generation watches for its parent's exit, the exec report that
+/// `upgrade()` waits for, and the handshake's ready and commit pipes (a child that
+/// dies before it reports is then found by the upgrade timeout rather than at once).
+/// The window is two system calls wide; avoid starting processes from other threads
+/// while an `Upgrader` is created or an upgrade runs. FreeBSD and Linux have `pipe2`,
+/// and sockets are atomically close-on-exec there as well.
+///
+/// [`Upgrader::wait_for_exit`]: crate::Upgrader::wait_for_exit
 pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     #[cfg(not(target_vendor = "apple"))]
     {

@@ -153,6 +153,7 @@ impl Notifier {
     }
 
     /// Passes on what a keeper heard from its generations (best effort).
+    #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
     pub(crate) fn relay(&self, msg: &str) {
         self.tell(msg);
     }

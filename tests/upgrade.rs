@@ -114,6 +114,23 @@ fn listener_survives_three_generations_and_argv_is_identical() {
 }
 
 #[test]
+fn ignored_signals_are_at_their_default_in_the_new_generation() {
+    let mut env = tcp_env();
+    env.push(("TF_IGNORE_SIGNALS", "1".to_string()));
+    let mut run = Run::start("chain", &env);
+    let pid = run.expect("ready").pid;
+    let new = upgrade_ok(&mut run, pid);
+    // SIGPIPE only, which Rust's runtime ignores at start: SIGUSR2 and SIGRTMAX, ignored
+    // by the old generation, were reset by the crate between fork and exec.
+    let sigpipe = libc::SIGPIPE.to_string();
+    let report = run.expect_from("signals", new);
+    assert_eq!(report.field("ignored"), Some(sigpipe.as_str()));
+    signal(new, libc::SIGTERM);
+    run.expect("exit");
+    run.expect_all_exited();
+}
+
+#[test]
 fn concurrent_upgrade_is_refused() {
     let mut run = Run::start("concurrent", &tcp_env());
     let pid = run.expect("ready").pid;

@@ -501,6 +501,18 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// The signals whose disposition is `SIG_IGN`, comma-separated.
+fn ignored_signals() -> String {
+    let ignored = (1..=libc::SIGRTMAX()).filter(|&sig| {
+        // SAFETY: a zeroed sigaction is a valid value to be overwritten.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: a query: no new action, the current one written to `old`.
+        let rc = unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) };
+        rc == 0 && old.sa_sigaction == libc::SIG_IGN
+    });
+    ignored.map(|s| s.to_string()).collect::<Vec<_>>().join(",")
+}
+
 /// Entry point of every scenario process. Never returns.
 ///
 /// Environment: `TF_DIR` (scratch dir, also the initial working directory), `TF_TCP`
@@ -541,6 +553,16 @@ pub fn scenario(name: &str) -> ! {
         words.join("+"),
         args.join("|")
     ));
+
+    // `TF_IGNORE_SIGNALS`: report the signals this process started with ignored, then
+    // ignore SIGUSR2 and SIGRTMAX, which the next generation must find at their default.
+    if env("TF_IGNORE_SIGNALS").is_some() {
+        say(format!("signals ignored={}", ignored_signals()));
+        for sig in [libc::SIGUSR2, libc::SIGRTMAX()] {
+            // SAFETY: SIG_IGN installs no handler.
+            unsafe { libc::signal(sig, libc::SIG_IGN) };
+        }
+    }
 
     if let Some(code) = arg("exit") {
         std::process::exit(code as i32);
