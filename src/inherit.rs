@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::error::{clip, Error, Result};
 use crate::handshake;
@@ -65,14 +65,16 @@ pub(crate) fn from_env() -> Result<Inheritance> {
     let mut lifeline = None;
     let mut commit = None;
     let mut out = Inheritance::default();
-    for (fd, key) in adopt(wire::VAR, table.entries, true)? {
+    for ((fd, key), extra) in adopt(wire::VAR, table.entries, true)?
+        .into_iter()
+        .zip(extras)
+    {
         match key {
             Key::Ready => ready = Some(fd),
             Key::Parent => lifeline = Some(fd),
             Key::Commit => commit = Some(fd),
             Key::State => out.state = Some(fd),
             _ => {
-                let extra = extras.get(&fd.as_raw_fd()).copied().unwrap_or_default();
                 out.fds.push(Inherited { fd, key, extra });
             }
         }

@@ -212,8 +212,21 @@ impl fmt::Display for Key {
 }
 
 fn unreserved(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/' | b':' | b'[' | b']')
+    UNRESERVED[usize::from(b)]
 }
+
+/// The bytes a key may hold as they are: `A-Z a-z 0-9 - . _ ~ / : [ ]`.
+const UNRESERVED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(c, b'-' | b'.' | b'_' | b'~' | b'/' | b':' | b'[' | b']');
+        b += 1;
+    }
+    table
+};
 
 fn escape_into(out: &mut String, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -238,6 +251,10 @@ fn unescape(s: &str) -> Result<Vec<u8>, String> {
         }
     }
     let bytes = s.as_bytes();
+    // Most keys need no escape: one pass to check, one copy.
+    if bytes.iter().all(|&b| unreserved(b)) {
+        return Ok(bytes.to_vec());
+    }
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
@@ -331,6 +348,54 @@ pub(crate) fn encode_with<'a>(
     out
 }
 
+/// Pieces of `s` between the separator `sep` (an ASCII byte), found with a plain
+/// byte loop (the table's pieces are short: a `memchr` per piece costs more), and at
+/// most `limit` of them (the last takes the rest).
+struct Pieces<'a> {
+    rest: Option<&'a str>,
+    sep: u8,
+    limit: usize,
+}
+
+impl<'a> Pieces<'a> {
+    fn new(s: &'a str, sep: u8) -> Pieces<'a> {
+        Pieces {
+            rest: Some(s),
+            sep,
+            limit: usize::MAX,
+        }
+    }
+
+    fn limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+}
+
+impl<'a> Iterator for Pieces<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let s = self.rest?;
+        self.limit = self.limit.saturating_sub(1);
+        match s
+            .bytes()
+            .position(|b| b == self.sep)
+            .filter(|_| self.limit > 0)
+        {
+            // `sep` is ASCII: cutting around it keeps both sides UTF-8.
+            Some(i) => {
+                self.rest = Some(&s[i + 1..]);
+                Some(&s[..i])
+            }
+            None => {
+                self.rest = None;
+                Some(s)
+            }
+        }
+    }
+}
+
 /// One entry without its fd (`KIND,KEY[,EXTRA]`), as [`encode_with`] writes it: how a
 /// socket is named in systemd's fd store.
 pub(crate) fn entry_text(key: &Key, extra: Extra) -> String {
@@ -350,8 +415,8 @@ pub(crate) fn decode_entry_text(text: &str) -> Result<(Key, Extra), DecodeError>
 pub(crate) struct Table {
     pub(crate) pid: u32,
     pub(crate) entries: Vec<(RawFd, Key)>,
-    /// What the entries say beyond their key (see [`Extra`]), by fd, where they do.
-    pub(crate) extras: std::collections::HashMap<RawFd, Extra>,
+    /// What each entry says beyond its key (see [`Extra`]), in the same order.
+    pub(crate) extras: Vec<Extra>,
 }
 
 /// Why a table was rejected: the entry at fault and the reason.
@@ -391,7 +456,7 @@ pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeE
         ));
     }
     let value = std::str::from_utf8(value).map_err(|_| bad(&lossy(), "not ASCII"))?;
-    let mut parts = value.split(';');
+    let mut parts = Pieces::new(value, b';');
     let magic = parts.next().unwrap_or_default();
     let pid_field = parts.next().unwrap_or_default();
     // The pid first: a table for another process is none of our business, whatever its
@@ -404,30 +469,57 @@ pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeE
         return Err(bad(magic, format!("unknown format (expected {MAGIC:?})")));
     }
     let pid = pid?;
-    let n = value.bytes().filter(|&b| b == b';').count();
+    // About one entry per 16 bytes: enough room for most tables at once.
+    let n = value.len() / 16;
     let mut entries: Vec<(RawFd, Key)> = Vec::with_capacity(n);
-    let mut extras = std::collections::HashMap::new();
-    let mut seen = std::collections::HashSet::with_capacity(n);
+    let mut extras: Vec<Extra> = Vec::with_capacity(n);
+    let mut texts: Vec<&str> = Vec::with_capacity(n);
+    // The first entry that repeats a handshake entry, if any.
+    let mut repeated_handshake = None;
     for entry in parts {
         let (fd, key, extra) = decode_entry(entry)?;
-        if extra != Extra::None {
-            extras.insert(fd, extra);
-        }
-        if !seen.insert(fd) {
-            return Err(bad(entry, format!("fd {fd} appears more than once")));
-        }
-        if matches!(key, Key::Ready | Key::Parent | Key::Commit | Key::State)
+        if repeated_handshake.is_none()
+            && matches!(key, Key::Ready | Key::Parent | Key::Commit | Key::State)
             && entries.iter().any(|(_, k)| *k == key)
         {
-            return Err(bad(entry, format!("more than one {} entry", key.tag())));
+            repeated_handshake = Some(entries.len());
         }
         entries.push((fd, key));
+        extras.push(extra);
+        texts.push(entry);
+    }
+    // The earliest fault is the one reported; on the same entry, the repeated fd.
+    match (repeated_fd(&entries), repeated_handshake) {
+        (Some(i), h) if h.map_or(true, |h| i <= h) => {
+            let fd = entries[i].0;
+            return Err(bad(texts[i], format!("fd {fd} appears more than once")));
+        }
+        (_, Some(h)) => {
+            let tag = entries[h].1.tag();
+            return Err(bad(texts[h], format!("more than one {tag} entry")));
+        }
+        _ => {}
     }
     Ok(Some(Table {
         pid,
         entries,
         extras,
     }))
+}
+
+/// The index of the first entry whose fd an earlier entry has already named.
+fn repeated_fd(entries: &[(RawFd, Key)]) -> Option<usize> {
+    // Packed tables name increasing fds: no need to look further.
+    if entries.windows(2).all(|w| w[0].0 < w[1].0) {
+        return None;
+    }
+    let mut order: Vec<(RawFd, usize)> = entries.iter().map(|(fd, _)| *fd).zip(0..).collect();
+    order.sort_unstable();
+    order
+        .windows(2)
+        .filter(|w| w[0].0 == w[1].0)
+        .map(|w| w[0].1.max(w[1].1))
+        .min()
 }
 
 /// `pid=` and ten digits.
@@ -442,7 +534,7 @@ fn decode_pid(field: &str) -> Result<u32, DecodeError> {
 
 fn decode_entry(entry: &str) -> Result<(RawFd, Key, Extra), DecodeError> {
     // Keys are percent-encoded, so a raw `,` only ever separates fields.
-    let mut fields = entry.splitn(4, ',');
+    let mut fields = Pieces::new(entry, b',').limit(4);
     let fd_s = fields.next().unwrap_or_default();
     let tag = fields
         .next()
@@ -491,7 +583,7 @@ fn unknown(entry: &str, tag: &str) -> Result<Key, DecodeError> {
             format!("unknown kind {:?} is not a kind", clip(tag, 16)),
         ));
     }
-    let rest = entry.splitn(3, ',').nth(2).unwrap_or_default();
+    let rest = Pieces::new(entry, b',').limit(3).nth(2).unwrap_or_default();
     Ok(Key::Unknown {
         tag: tag.to_string(),
         rest: rest.to_string(),
@@ -607,8 +699,7 @@ mod tests {
         );
         let s = s.replace("pid=0000000000", "pid=0000000009");
         let t = decode(s.as_bytes(), 9).unwrap().unwrap();
-        assert_eq!(t.extras.get(&3), Some(&Extra::File((64769, 1234))));
-        assert_eq!(t.extras.len(), 1);
+        assert_eq!(t.extras, [Extra::File((64769, 1234)), Extra::None]);
         for bad in [
             ",1:",
             ",:1",
@@ -634,7 +725,7 @@ mod tests {
         let s = s.replace("pid=0000000000", "pid=0000000009");
         let t = decode(s.as_bytes(), 9).unwrap().unwrap();
         assert_eq!(t.entries, [(3, k)]);
-        assert_eq!(t.extras.get(&3), Some(&Extra::Autobound));
+        assert_eq!(t.extras, [Extra::Autobound]);
         // Only an abstract name can have been chosen by the kernel.
         let v = "tableflip1;pid=0000000009;3,unix,/x,auto";
         assert!(decode(v.as_bytes(), 9).is_err());
