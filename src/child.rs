@@ -47,7 +47,8 @@ pub(crate) struct ChildArgs {
     pub(crate) nmoves: usize,
     /// A number above every fd involved (`fds`, both sides of `moves`, `err_fd`): the
     /// moves go through `scratch`, `scratch + 1`, ... so that no `from` is overwritten
-    /// before it is copied.
+    /// before it is copied. `-1` when every `to` is above every `from` (and `err_fd`):
+    /// then each fd is placed with one `dup2`.
     pub(crate) scratch: RawFd,
     /// Ten bytes inside one of the envp strings that receive the child's pid in decimal;
     /// null if no variable names the child's pid.
@@ -199,11 +200,23 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         i = i.wrapping_add(1);
     }
 
-    // 2b. Move the fds that are passed at another number: first each to its scratch
-    //     number (above every fd involved, so nothing is overwritten before it is
-    //     copied), then from there to its place (dup2 clears FD_CLOEXEC on the copy),
-    //     then close the scratch copies.
+    // 2b. Move the fds that are passed at another number (dup2 clears FD_CLOEXEC on the
+    //     copy). When every place is above every fd involved, straight there. Otherwise
+    //     first each to its scratch number (above every fd involved, so nothing is
+    //     overwritten before it is copied), then from there to its place, closing the
+    //     scratch copy.
     let mut k: usize = 0;
+    while args.scratch < 0 && k < args.nmoves {
+        // SAFETY: `moves` has `nmoves` elements.
+        let [from, to] = unsafe { *args.moves.add(k) };
+        // SAFETY: dup2 on integer fds is async-signal-safe; `to` is above every fd the
+        // child passes or reports on, and this is the child's own fd table.
+        if unsafe { libc::dup2(from, to) } == -1 {
+            fail(args, Step::PassFd);
+        }
+        k = k.wrapping_add(1);
+    }
+    k = if args.scratch < 0 { args.nmoves } else { 0 };
     while k < args.nmoves {
         // SAFETY: `moves` has `nmoves` elements.
         let [from, _] = unsafe { *args.moves.add(k) };
@@ -215,7 +228,7 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         }
         k = k.wrapping_add(1);
     }
-    k = 0;
+    k = if args.scratch < 0 { args.nmoves } else { 0 };
     while k < args.nmoves {
         // SAFETY: `moves` has `nmoves` elements.
         let [_, to] = unsafe { *args.moves.add(k) };

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
-use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::sync::{Mutex, MutexGuard};
 
@@ -26,7 +26,8 @@ use crate::wire::{Extra, Key, UnixAddr, VAR};
 ///
 /// The registry keeps its own copy (a `dup`) of every fd it hands out or is given, so
 /// dropping the std socket you got back does not stop it from being passed on. After
-/// a successful upgrade the registry drops its copies.
+/// a successful upgrade the registry lets go of its copies (they are closed with the
+/// registry).
 ///
 /// An inherited fd is checked before it is trusted (it is open, a socket of the declared
 /// type, family and address, listening or not as declared) and is close-on-exec again.
@@ -105,6 +106,8 @@ struct Registry {
     used: Vec<Used>,
     /// The inherited fds taken so far, for the adoption report.
     taken: Vec<InheritedFd>,
+    /// Let go of after a successful upgrade; closed on drop.
+    retired: Vec<OwnedFd>,
 }
 
 impl Fds {
@@ -119,6 +122,7 @@ impl Fds {
                 used_keys: HashMap::new(),
                 used: Vec::new(),
                 taken: Vec::new(),
+                retired: Vec::new(),
             }),
             before_bind,
             backlog,
@@ -455,7 +459,7 @@ impl Fds {
     /// `name`. The registry keeps a duplicate; registering a name again replaces it.
     pub fn add_fd(&self, name: &str, fd: impl AsFd) -> Result<()> {
         let fd = fd.as_fd();
-        let copy = dup(fd)?;
+        let copy = dup_kept(fd)?;
         self.lock()
             .insert(Used::new(Key::Fd(name.to_string()), copy, None));
         Ok(())
@@ -534,7 +538,7 @@ impl Fds {
                 return Ok(theirs);
             }
         }
-        let copy = dup(fd.as_fd())?;
+        let copy = dup_kept(fd.as_fd())?;
         reg.insert(Used {
             autobound,
             ..Used::new(key, copy, socket_file)
@@ -580,7 +584,7 @@ impl Fds {
             let fd = socket::bind_inet(target, ty, true, &mut setup)
                 .map_err(|e| listen_err(target, e))?;
             key = make_key(local_inet(fd.as_fd()).unwrap_or(target));
-            reg.push_used(Used::new(key.clone(), dup(fd.as_fd())?, None));
+            reg.push_used(Used::new(key.clone(), dup_kept(fd.as_fd())?, None));
             out.push(fd);
         }
         Ok(out)
@@ -635,7 +639,7 @@ impl Fds {
                 .unwrap_or_else(|| io::ErrorKind::InvalidInput.into()),
         })?;
         let socket_file = key.unix_path().and_then(SocketFile::of);
-        let copy = dup(fd)?;
+        let copy = dup_kept(fd)?;
         self.lock().insert(Used::new(key, copy, socket_file));
         Ok(())
     }
@@ -685,14 +689,15 @@ impl Fds {
         (Adoption { taken, closed }, keys)
     }
 
-    /// Drops every fd: after a successful upgrade the new generation owns them.
-    pub(crate) fn drop_all(&self) {
-        let (used, inherited) = {
-            let mut reg = self.lock();
-            reg.used_keys.clear();
-            (std::mem::take(&mut reg.used), reg.inherited.take_all())
-        };
-        crate::batch::close_all(
+    /// Lets go of every fd: after a successful upgrade the new generation owns them.
+    /// They are closed when the registry is dropped (with the `Upgrader`, or at exit),
+    /// not now: closing thousands of fds would delay `upgrade()` for nothing.
+    pub(crate) fn retire_all(&self) {
+        let mut reg = self.lock();
+        reg.used_keys.clear();
+        let used = std::mem::take(&mut reg.used);
+        let inherited = reg.inherited.take_all();
+        reg.retired.extend(
             used.into_iter()
                 .map(|u| u.fd)
                 .chain(inherited.into_iter().map(|i| i.fd)),
@@ -713,6 +718,12 @@ impl Fds {
                 file.unlink();
             }
         }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        crate::batch::close_all(std::mem::take(&mut self.retired));
     }
 }
 
@@ -878,8 +889,34 @@ fn resolve_one(addr: impl Address) -> Result<SocketAddr> {
     }
 }
 
+/// A handle for the caller (the lowest free number, as any new fd).
 fn dup(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
     // F_DUPFD_CLOEXEC: the copy is close-on-exec from birth.
     fd.try_clone_to_owned()
         .map_err(|e| Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(fd.as_raw_fd()), e))
+}
+
+/// The registry's own copy: at a number from [`kept_floor`] up, away from the
+/// application's fds, so that the copies sit side by side. They are passed at those
+/// numbers, and the next generation makes them close-on-exec again, and closes the
+/// ones it does not use, a range at a time (`close_range`) instead of one by one.
+fn dup_kept(fd: BorrowedFd<'_>) -> Result<OwnedFd> {
+    match rustix::io::fcntl_dupfd_cloexec(fd, kept_floor()) {
+        Ok(copy) => Ok(copy),
+        // No room up there (a low fd limit, or all taken): anywhere, then.
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::MFILE) => dup(fd),
+        Err(e) => Err(Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(fd.as_raw_fd()), e)),
+    }
+}
+
+/// Where the registry's copies start: half the soft fd limit, at most 4096 (a higher
+/// floor would grow the fd table that every spawn copies).
+fn kept_floor() -> RawFd {
+    static FLOOR: std::sync::OnceLock<RawFd> = std::sync::OnceLock::new();
+    *FLOOR.get_or_init(|| {
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        (soft / 2).min(4096) as RawFd
+    })
 }

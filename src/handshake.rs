@@ -129,6 +129,7 @@ impl Handoff {
                 ),
             });
         }
+        // In place: the registry keeps its copies side by side already (`fds::dup_kept`).
         let fds: Vec<RawFd> = entries.iter().map(|(fd, _, _)| *fd).collect();
         let table_var = PidVar {
             name: wire::VAR,

@@ -115,20 +115,35 @@ impl Program {
         envp.push(std::ptr::null());
         let (err_rd, err_wr) = crate::os::pipe().map_err(|e| Error::io("pipe2", None, e))?;
         // The error pipe must not be where a move puts an fd: above them all, then.
+        // (The first copy is closed here: a write end left open in this process would
+        // keep the read below from ever seeing EOF.)
         let err_wr = match moves.iter().map(|[_, to]| *to).max() {
             Some(top) if err_wr.as_raw_fd() <= top => {
-                rustix::io::fcntl_dupfd_cloexec(&err_wr, top.saturating_add(1))
-                    .map_err(|e| Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(err_wr.as_raw_fd()), e))?
+                let raw = err_wr.as_raw_fd();
+                let above = rustix::io::fcntl_dupfd_cloexec(&err_wr, top.saturating_add(1))
+                    .map_err(|e| Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(raw), e))?;
+                drop(err_wr);
+                above
             }
             _ => err_wr,
         };
-        // Above every fd involved, for the moves' scratch copies.
-        let scratch = fds
+        // Above every fd involved, for the moves' scratch copies; none needed when every
+        // place is above every fd being moved (the error pipe is out of their way).
+        let lowest_to = moves.iter().map(|[_, to]| *to).min();
+        let highest_from = moves
             .iter()
-            .chain(moves.iter().flatten())
-            .chain([&err_wr.as_raw_fd()])
-            .max()
-            .map_or(3, |&fd| fd.saturating_add(1));
+            .map(|[from, _]| *from)
+            .chain(fds.iter().copied())
+            .max();
+        let scratch = match (lowest_to, highest_from) {
+            (Some(to), Some(from)) if to > from => -1,
+            _ => fds
+                .iter()
+                .chain(moves.iter().flatten())
+                .chain([&err_wr.as_raw_fd()])
+                .max()
+                .map_or(3, |&fd| fd.saturating_add(1)),
+        };
 
         let args = ChildArgs {
             path: path.as_ptr(),

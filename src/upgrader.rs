@@ -265,13 +265,13 @@ impl Upgrader {
     /// On success this generation should stop accepting, finish its work and exit: the
     /// [exit notification](Upgrader::wait_for_exit) has fired (just before `upgrade`
     /// returns, once the new generation has confirmed the commit) and the registry has
-    /// dropped its copies of the passed fds. On failure nothing changed: this generation
-    /// keeps its fds and keeps serving, it is systemd's main pid and its pid file names
-    /// it, the child (if any) was reaped, and another upgrade may be tried. The error
-    /// says what happened: [`Error::Exec`], [`Error::ChildExited`],
-    /// [`Error::ChildFailed`] (with the child's own reason), [`Error::Timeout`] (the child
-    /// was killed), [`Error::ChildDiedAfterReady`] (it died during the probation),
-    /// [`Error::Notify`], or [`Error::Stopped`].
+    /// let go of the passed fds (its copies are closed when the `Upgrader` is dropped).
+    /// On failure nothing changed: this generation keeps its fds and keeps serving, it
+    /// is systemd's main pid and its pid file names it, the child (if any) was reaped,
+    /// and another upgrade may be tried. The error says what happened: [`Error::Exec`],
+    /// [`Error::ChildExited`], [`Error::ChildFailed`] (with the child's own reason),
+    /// [`Error::Timeout`] (the child was killed), [`Error::ChildDiedAfterReady`] (it
+    /// died during the probation), [`Error::Notify`], or [`Error::Stopped`].
     ///
     /// Refused with [`Error::NotReady`] before [`ready`](Upgrader::ready),
     /// [`Error::UpgradeInProgress`] while another upgrade runs, [`Error::AlreadyUpgraded`]
@@ -302,8 +302,9 @@ impl Upgrader {
                 st.phase = Phase::Upgraded;
             }
             self.upgraded.store(true, Ordering::SeqCst);
-            self.fds.drop_all();
+            // Exit first: this generation stops accepting as soon as it can.
             self.exit.fire();
+            self.fds.retire_all();
         }
         result
     }
