@@ -477,7 +477,9 @@ pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeE
     // The first entry that repeats a handshake entry, if any.
     let mut repeated_handshake = None;
     for entry in parts {
-        let (fd, key, extra) = decode_entry(entry)?;
+        // A repeat among the entries before this one is the earlier fault.
+        let (fd, key, extra) = decode_entry(entry)
+            .map_err(|e| repeat_fault(&entries, &texts, repeated_handshake).unwrap_or(e))?;
         if repeated_handshake.is_none()
             && matches!(key, Key::Ready | Key::Parent | Key::Commit | Key::State)
             && entries.iter().any(|(_, k)| *k == key)
@@ -488,23 +490,35 @@ pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeE
         extras.push(extra);
         texts.push(entry);
     }
-    // The earliest fault is the one reported; on the same entry, the repeated fd.
-    match (repeated_fd(&entries), repeated_handshake) {
-        (Some(i), h) if h.map_or(true, |h| i <= h) => {
-            let fd = entries[i].0;
-            return Err(bad(texts[i], format!("fd {fd} appears more than once")));
-        }
-        (_, Some(h)) => {
-            let tag = entries[h].1.tag();
-            return Err(bad(texts[h], format!("more than one {tag} entry")));
-        }
-        _ => {}
+    if let Some(fault) = repeat_fault(&entries, &texts, repeated_handshake) {
+        return Err(fault);
     }
     Ok(Some(Table {
         pid,
         entries,
         extras,
     }))
+}
+
+/// The earliest entry that repeats an fd or a handshake entry of an earlier one (on the
+/// same entry, the fd), given `repeated_handshake`, the first entry that repeats a
+/// handshake entry, if any.
+fn repeat_fault(
+    entries: &[(RawFd, Key)],
+    texts: &[&str],
+    repeated_handshake: Option<usize>,
+) -> Option<DecodeError> {
+    match (repeated_fd(entries), repeated_handshake) {
+        (Some(i), h) if h.map_or(true, |h| i <= h) => {
+            let fd = entries[i].0;
+            Some(bad(texts[i], format!("fd {fd} appears more than once")))
+        }
+        (_, Some(h)) => {
+            let tag = entries[h].1.tag();
+            Some(bad(texts[h], format!("more than one {tag} entry")))
+        }
+        _ => None,
+    }
 }
 
 /// The index of the first entry whose fd an earlier entry has already named.
@@ -1022,5 +1036,38 @@ mod tests {
         assert!(decode(b"tableflip2;pid=0000000001", 1).is_err());
         assert!(decode(b"tableflip1;pid=1", 1).is_err());
         assert!(decode(&vec![b'a'; MAX_LEN + 1], 1).is_err());
+    }
+
+    #[test]
+    fn the_earliest_fault_is_reported() {
+        let head = "tableflip1;pid=0000000009;3,ready;4,commit;5,parent";
+        let err = |tail: &str| {
+            let v = format!("{head}{tail}");
+            let e = decode(v.as_bytes(), 9).unwrap_err();
+            (e.entry, e.reason)
+        };
+        // A repeated fd before a malformed entry: the repeat.
+        let (entry, reason) = err(";6,fd,a;6,fd,b;7,nonsense");
+        assert_eq!(
+            (entry.as_str(), reason.as_str()),
+            ("6,fd,b", "fd 6 appears more than once")
+        );
+        // A malformed entry before the repeat: the malformed one.
+        let (entry, _) = err(";6,fd,a;x,fd,c;6,fd,b");
+        assert_eq!(entry, "x,fd,c");
+        // A second handshake entry before a repeated fd, and after.
+        let (entry, reason) = err(";6,ready;6,fd,b");
+        assert_eq!(
+            (entry.as_str(), reason.as_str()),
+            ("6,ready", "more than one ready entry")
+        );
+        let (entry, reason) = err(";4,fd,a;6,ready");
+        assert_eq!(
+            (entry.as_str(), reason.as_str()),
+            ("4,fd,a", "fd 4 appears more than once")
+        );
+        // On the same entry, the fd.
+        let (_, reason) = err(";3,ready");
+        assert_eq!(reason, "fd 3 appears more than once");
     }
 }
