@@ -442,7 +442,7 @@ fn measure() -> Res<()> {
             cfg.sizes[2] - cfg.sizes[0]
         ),
         per_fd,
-        1.0,
+        0.5,
         " µs",
     );
     match rss_ratio {
