@@ -18,8 +18,9 @@
 //!   SIGKILLs it (the kernel kills the rest of the namespace), and so does the kernel if
 //!   this test process dies (parent-death signals on `unshare` and on init).
 //!
-//! Files the namespace must see (binaries, logs) live under `CARGO_TARGET_TMPDIR`, never
-//! under the directories the namespace hides.
+//! Files the namespace must see (binaries, logs) live under the build's target directory
+//! (`CARGO_TARGET_TMPDIR` for the tests' own). When that is under a directory the
+//! namespace hides (a checkout under /tmp), the init script keeps it visible.
 //!
 //! Pids that systemd reports (`MainPID`) and that the services print are the
 //! namespace's; [`Systemd::alive`] takes those.
@@ -51,12 +52,27 @@ const HIDDEN: [&str; 3] = ["/tmp", "/var/tmp", "/run"];
 
 /// Runs as PID 1 of the new namespaces, then execs systemd. Arguments: the boot
 /// directory, the console pty, the target, systemd's log level.
+///
+/// The fifth, `keep`, empty or a directory under one of [`HIDDEN`] (the build's target
+/// directory, when the checkout is under /tmp): it is bound to a staging point on a
+/// private tmpfs over /mnt before the fresh mounts and moved back to its place after,
+/// so that the namespace sees it and nothing else of the host's /tmp.
 const INIT_SCRIPT: &str = r#"set -eu
-dir=$1 console=$2 target=$3 level=$4
+dir=$1 console=$2 target=$3 level=$4 keep=${5:-}
 mount --make-rprivate /
+if [ -n "$keep" ]; then
+    mount -t tmpfs -o mode=700 tmpfs /mnt
+    mkdir /mnt/keep
+    mount --bind "$keep" /mnt/keep
+fi
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /var/tmp
 mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /run
+if [ -n "$keep" ]; then
+    mkdir -p "$keep"
+    mount --move /mnt/keep "$keep"
+    umount /mnt
+fi
 mount -o remount,bind,ro /sys
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount --bind /proc/sys /proc/sys
@@ -102,11 +118,27 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Panics unless `path` is outside the directories the namespace mounts afresh.
+/// The build's target directory (the parent of `CARGO_TARGET_TMPDIR`) when it is under
+/// one of [`HIDDEN`]: the init script keeps it visible in the namespace.
+fn kept() -> Option<PathBuf> {
+    let tmpdir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    fs::create_dir_all(tmpdir).ok()?;
+    let target = fs::canonicalize(tmpdir).ok()?.parent()?.to_path_buf();
+    HIDDEN
+        .iter()
+        .any(|h| target.starts_with(h))
+        .then_some(target)
+}
+
+/// Panics unless the namespace sees `path`: outside the directories it mounts afresh,
+/// or inside the one kept ([`kept`]).
 #[track_caller]
 pub fn assert_visible(path: &Path) {
     let real =
         fs::canonicalize(path).unwrap_or_else(|e| panic!("cannot resolve {}: {e}", path.display()));
+    if kept().is_some_and(|k| real.starts_with(k)) {
+        return;
+    }
     for hidden in HIDDEN {
         assert!(
             !real.starts_with(hidden),
@@ -231,6 +263,7 @@ impl Systemd {
             .arg(&slave_path)
             .arg(TARGET)
             .arg(log_level())
+            .arg(kept().unwrap_or_default())
             .current_dir("/")
             .env_remove("TABLEFLIP_FDS")
             .env_remove("NOTIFY_SOCKET")
