@@ -13,7 +13,8 @@ use rustix::net::{SocketAddrAny, SocketType};
 use crate::error::{Error, Result};
 use crate::inherit::{Adoption, Inherited, InheritedFd, InheritedSet};
 use crate::socket::{self, inet, local_inet, unix, BeforeBind, PerCall, Setup, SocketFile};
-use crate::wire::{Extra, Key, UnixAddr, VAR};
+use crate::unix_addr::UnixAddr;
+use crate::wire::{Extra, Key, VAR};
 
 /// The fds this generation passes on: Go tableflip's `Fds`.
 ///

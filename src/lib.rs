@@ -163,6 +163,7 @@ mod state;
 mod status;
 #[cfg(unix)]
 mod systemd;
+mod unix_addr;
 #[cfg(not(unix))]
 mod unsupported;
 #[cfg(unix)]
@@ -181,15 +182,13 @@ pub use inherit::{Adoption, InheritedFd};
 pub use keeper::Keeper;
 #[cfg(unix)]
 pub use state::MAX_STATE_SIZE;
+pub use unix_addr::UnixAddr;
 #[cfg(unix)]
 pub use upgrader::{ExitHandle, Upgrader, Wake};
-#[cfg(unix)]
-pub use wire::UnixAddr;
 
 #[cfg(not(unix))]
 pub use unsupported::{
-    Address, Adoption, ExitHandle, Fds, InheritedFd, Keeper, UnixAddr, Upgrader, Wake,
-    MAX_STATE_SIZE,
+    Address, Adoption, ExitHandle, Fds, InheritedFd, Keeper, Upgrader, Wake, MAX_STATE_SIZE,
 };
 
 /// Not public API: entry points for the fuzzer and benchmarks. No stability promise.

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use rustix::fs::FileType;
 use rustix::net::{AddressFamily, SocketAddrAny, SocketAddrUnix, SocketType};
 
-use crate::wire::{FileId, Key, UnixAddr};
+use crate::unix_addr::UnixAddr;
+use crate::wire::{FileId, Key};
 
 /// Called on a socket the registry creates, after `socket()` and before `bind()`.
 pub(crate) type Hook = dyn Fn(BorrowedFd<'_>) -> io::Result<()> + Send + Sync;

@@ -38,7 +38,6 @@ use std::fmt;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 #[cfg(windows)]
 use std::os::windows::io::{AsSocket, BorrowedSocket};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::{Error, RawFd, Result};
@@ -344,61 +343,5 @@ impl fmt::Display for Adoption {
             self.taken.len(),
             self.closed.len()
         )
-    }
-}
-
-/// The address of a Unix domain socket: a filesystem path or (Linux) an abstract name.
-/// Plain data here: no method takes it.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum UnixAddr {
-    /// A path in the filesystem.
-    Path(PathBuf),
-    /// A Linux abstract socket name (without the leading NUL byte).
-    Abstract(Vec<u8>),
-}
-
-impl UnixAddr {
-    /// An abstract socket name (Linux only).
-    pub fn abstract_name(name: impl AsRef<[u8]>) -> Self {
-        UnixAddr::Abstract(name.as_ref().to_vec())
-    }
-}
-
-impl From<&std::path::Path> for UnixAddr {
-    fn from(path: &std::path::Path) -> Self {
-        UnixAddr::Path(path.to_path_buf())
-    }
-}
-
-impl From<PathBuf> for UnixAddr {
-    fn from(path: PathBuf) -> Self {
-        UnixAddr::Path(path)
-    }
-}
-
-impl From<&PathBuf> for UnixAddr {
-    fn from(path: &PathBuf) -> Self {
-        UnixAddr::Path(path.clone())
-    }
-}
-
-impl From<&str> for UnixAddr {
-    fn from(path: &str) -> Self {
-        UnixAddr::Path(PathBuf::from(path))
-    }
-}
-
-impl From<String> for UnixAddr {
-    fn from(path: String) -> Self {
-        UnixAddr::Path(PathBuf::from(path))
-    }
-}
-
-impl fmt::Display for UnixAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            UnixAddr::Path(p) => write!(f, "{}", p.display()),
-            UnixAddr::Abstract(name) => write!(f, "@{}", String::from_utf8_lossy(name)),
-        }
     }
 }

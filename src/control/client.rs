@@ -12,7 +12,7 @@ use rustix::net::{AddressFamily, SocketType};
 use crate::error::{Error, Result};
 use crate::os;
 use crate::socket;
-use crate::wire::UnixAddr;
+use crate::unix_addr::UnixAddr;
 
 // ---- The client ------------------------------------------------------------------------
 

@@ -5,26 +5,26 @@
 //! [`Server`] listens on a Unix stream socket (a path or an abstract name); a client,
 //! [`request_upgrade`], asks the running generation to upgrade and waits for the new
 //! generation's pid or the error, with the new generation's own reason when it gave up
-//! ([`Upgrader::fail`]). [`status`] asks what a generation is doing. The examples use it
+//! ([`Upgrader::fail`](crate::Upgrader::fail)). [`status`] asks what a generation is doing. The examples use it
 //! as their own `ExecReload=`: `tcp_server --control /run/tcp_server.sock --upgrade`.
 //!
 //! # Serving
 //!
 //! The crate starts no thread of its own accord: run [`Server::serve`] on a thread of
-//! yours. It returns when the [exit notification](Upgrader::exit_fd) fires. For a poll
-//! loop there is [`Server::serve_one`] and [`AsFd`].
+//! yours. It returns when the [exit notification](crate::Upgrader::exit_fd) fires. For a poll
+//! loop there is [`Server::serve_one`] and [`AsFd`](std::os::unix::io::AsFd).
 //!
 //! The socket travels to the next generation like any other listener: [`Server::listen`]
 //! takes the inherited one from the [registry](crate::Fds) when there is one, so the
 //! next generation serves on the same path and the same queue, and a client that
 //! connects during the handover is answered by one generation or the other. Create the
-//! `Server` before [`Upgrader::ready`] (which closes inherited fds nobody took), and
+//! `Server` before [`Upgrader::ready`](crate::Upgrader::ready) (which closes inherited fds nobody took), and
 //! start serving once `ready()` has returned, so that requests that arrive meanwhile
 //! are answered by the previous generation, still in charge.
 //!
 //! # Concurrency
 //!
-//! [`Upgrader::upgrade`] blocks until the new generation is ready (or has failed): up to
+//! [`Upgrader::upgrade`](crate::Upgrader::upgrade) blocks until the new generation is ready (or has failed): up to
 //! the upgrade timeout plus the probation. While it runs, `serve` must still answer: a
 //! second `upgrade` request gets `UpgradeInProgress` at once, `status` says
 //! `upgrading: yes`. So `serve` runs each upgrade on a [scoped
@@ -90,7 +90,7 @@
 //! ```
 //!
 //! An `upgrade` answer comes once the upgrade has ended: `pid:` is the new generation's.
-//! An error's kind is the name of the server's [`Error`] variant (`ChildFailed`,
+//! An error's kind is the name of the server's [`Error`](crate::Error) variant (`ChildFailed`,
 //! `ChildExited`, `ChildDiedAfterReady`, `Timeout`, `Exec`, `Notify`, `Stopped`,
 //! `UpgradeInProgress`, `NotReady`, `AlreadyUpgraded`, `ParentAlive`, ...) or one of the
 //! protocol's: `BadRequest` (not the protocol, too long, not UTF-8, cut off),

@@ -13,8 +13,8 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result};
 use crate::os;
+use crate::unix_addr::UnixAddr;
 use crate::upgrader::Upgrader;
-use crate::wire::UnixAddr;
 
 // ---- The server ------------------------------------------------------------------------
 
@@ -73,7 +73,7 @@ impl Config {
     }
 }
 
-/// A control socket, served by the application (see the [module docs](self)).
+/// A control socket, served by the application (see the [module docs](crate::control)).
 #[derive(Debug)]
 pub struct Server {
     listener: OwnedFd,
@@ -137,7 +137,7 @@ impl Server {
     /// Serves requests until this process should exit (the [exit
     /// notification](Upgrader::exit_fd) fires), then answers the requests already
     /// received and returns. An upgrade runs on a scoped thread that ends before
-    /// `serve` returns (see [Concurrency](self#concurrency)); the answer to the request
+    /// `serve` returns (see [Concurrency](crate::control#concurrency)); the answer to the request
     /// that ended this generation is sent before `serve` returns, so join the thread
     /// that runs `serve` before exiting.
     ///
