@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io;
 #[cfg(unix)]
-use std::os::unix::io::RawFd;
+pub(crate) use std::os::unix::io::RawFd;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;

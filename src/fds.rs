@@ -10,8 +10,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use rustix::net::{SocketAddrAny, SocketType};
 
+use crate::adoption::{Adoption, InheritedFd};
 use crate::error::{Error, Result};
-use crate::inherit::{Adoption, Inherited, InheritedFd, InheritedSet};
+use crate::inherit::{Inherited, InheritedSet};
 use crate::socket::{self, inet, local_inet, unix, BeforeBind, PerCall, Setup, SocketFile};
 use crate::unix_addr::UnixAddr;
 use crate::wire::{Extra, Key, VAR};

@@ -130,6 +130,7 @@
 //!   fail) fails with [`Error::Unsupported`]; what takes Unix sockets or raw fds (the
 //!   control socket among them) is absent. See "Platforms" in the README.
 
+mod adoption;
 #[cfg(unix)]
 mod batch;
 #[cfg(unix)]
@@ -171,13 +172,12 @@ mod upgrader;
 #[cfg(unix)]
 mod wire;
 
+pub use adoption::{Adoption, InheritedFd};
 pub use error::{Error, Result};
 pub use options::Options;
 
 #[cfg(unix)]
 pub use fds::{Address, Fds};
-#[cfg(unix)]
-pub use inherit::{Adoption, InheritedFd};
 #[cfg(unix)]
 pub use keeper::Keeper;
 #[cfg(unix)]
@@ -187,9 +187,7 @@ pub use unix_addr::UnixAddr;
 pub use upgrader::{ExitHandle, Upgrader, Wake};
 
 #[cfg(not(unix))]
-pub use unsupported::{
-    Address, Adoption, ExitHandle, Fds, InheritedFd, Keeper, Upgrader, Wake, MAX_STATE_SIZE,
-};
+pub use unsupported::{Address, ExitHandle, Fds, Keeper, Upgrader, Wake, MAX_STATE_SIZE};
 
 /// Not public API: entry points for the fuzzer and benchmarks. No stability promise.
 #[cfg(unix)]

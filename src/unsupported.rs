@@ -40,7 +40,8 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 use std::os::windows::io::{AsSocket, BorrowedSocket};
 use std::time::Duration;
 
-use crate::error::{Error, RawFd, Result};
+use crate::adoption::{Adoption, InheritedFd};
+use crate::error::{Error, Result};
 use crate::options::Options;
 
 /// What [`Options::before_bind`] keeps: a function of the socket being set up.
@@ -304,44 +305,5 @@ impl Fds {
     /// Fails with [`Error::Unsupported`].
     pub fn add_udp_socket(&self, _socket: &UdpSocket) -> Result<()> {
         unsupported("Fds::add_udp_socket")
-    }
-}
-
-/// An inherited fd, as [`Adoption`] lists it (never exists here).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct InheritedFd {
-    /// The fd number in this process.
-    pub fd: RawFd,
-    /// What it was passed as: `"TCP listener"`, `"Unix listener"`, `"file descriptor"`, ...
-    pub kind: &'static str,
-    /// Its address, path or name.
-    pub key: String,
-}
-
-impl fmt::Display for InheritedFd {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {} (fd {})", self.kind, self.key, self.fd)
-    }
-}
-
-/// What [`Upgrader::ready`] did with the inherited fds (`ready` never returns here).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Adoption {
-    /// Inherited fds this generation took (and will pass on).
-    pub taken: Vec<InheritedFd>,
-    /// Inherited fds nobody asked for: closed, their Unix socket files removed.
-    pub closed: Vec<InheritedFd>,
-}
-
-impl fmt::Display for Adoption {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "took {} inherited fd(s); closed {} unused",
-            self.taken.len(),
-            self.closed.len()
-        )
     }
 }

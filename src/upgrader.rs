@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use crate::adoption::Adoption;
 use crate::error::{Error, Result};
 use crate::fds::Fds;
 use crate::handshake::{Decision, Handoff, Parent};
-use crate::inherit::{self, Adoption, Inheritance};
+use crate::inherit::{self, Inheritance};
 use crate::options::Options;
 use crate::os;
 use crate::spawn::Program;
