@@ -12,11 +12,11 @@
 //! - [close_range(2)](https://man7.org/linux/man-pages/man2/close_range.2.html)
 
 use std::io;
-use std::os::unix::io::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{IntoRawFd, OwnedFd, RawFd};
 
 /// Sets `FD_CLOEXEC` on every fd of `fds`.
-pub(crate) fn set_cloexec(fds: &[OwnedFd]) -> io::Result<()> {
-    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+pub(crate) fn set_cloexec(fds: impl IntoIterator<Item = RawFd>) -> io::Result<()> {
+    let raw: Vec<RawFd> = fds.into_iter().collect();
     for (lo, hi) in runs(raw) {
         if !close_range(lo, hi, CLOEXEC) {
             for fd in lo..=hi {
@@ -91,6 +91,7 @@ fn close_range(_lo: RawFd, _hi: RawFd, _flags: libc::c_uint) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::io::AsRawFd;
 
     #[test]
     fn runs_of_consecutive_fds() {
@@ -112,7 +113,7 @@ mod tests {
                 r
             })
             .collect();
-        set_cloexec(&fds).unwrap();
+        set_cloexec(fds.iter().map(|fd| fd.as_raw_fd())).unwrap();
         for fd in &fds {
             let flags = rustix::io::fcntl_getfd(fd.as_fd()).unwrap();
             assert!(flags.contains(rustix::io::FdFlags::CLOEXEC));

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::adoption::InheritedFd;
 use crate::error::{clip, Error, Result};
@@ -50,7 +50,7 @@ pub(crate) fn from_env() -> Result<Inheritance> {
         Err(e) => return Err(table_err(e.entry, e.reason)),
     };
     for needed in [Key::Ready, Key::Parent, Key::Commit] {
-        if !table.entries.iter().any(|(_, k)| *k == needed) {
+        if !table.entries.iter().any(|e| e.key == needed) {
             // No entry is at fault: name the whole value (bounded).
             let whole = value.to_string_lossy();
             let shown = match clip(&whole, 200) {
@@ -60,25 +60,25 @@ pub(crate) fn from_env() -> Result<Inheritance> {
             return Err(table_err(shown, format!("no {} entry", needed.tag())));
         }
     }
-    let extras = table.extras;
     let mut ready = None;
     let mut lifeline = None;
     let mut commit = None;
     let mut out = Inheritance::default();
-    for ((fd, key), extra) in adopt(wire::VAR, table.entries, true)?
+    // In place (see `wire::Entry`): the handshake's entries are taken out on the way.
+    out.fds = adopt(wire::VAR, table.entries, true)?
         .into_iter()
-        .zip(extras)
-    {
-        match key {
-            Key::Ready => ready = Some(fd),
-            Key::Parent => lifeline = Some(fd),
-            Key::Commit => commit = Some(fd),
-            Key::State => out.state = Some(fd),
-            _ => {
-                out.fds.push(Inherited { fd, key, extra });
-            }
-        }
-    }
+        .filter_map(|e| {
+            let slot = match e.key {
+                Key::Ready => &mut ready,
+                Key::Parent => &mut lifeline,
+                Key::Commit => &mut commit,
+                Key::State => &mut out.state,
+                _ => return Some(e),
+            };
+            *slot = Some(e.fd);
+            None
+        })
+        .collect();
     if let (Some(ready), Some(lifeline), Some(commit)) = (ready, lifeline, commit) {
         out.parent = Some(handshake::Parent::new(ready, commit, lifeline));
     }
@@ -91,11 +91,11 @@ pub(crate) fn from_env() -> Result<Inheritance> {
 /// close-on-exec again.
 pub(crate) fn adopt(
     var: &'static str,
-    entries: Vec<(RawFd, Key)>,
+    entries: Vec<wire::Entry>,
     inherited_only: bool,
-) -> Result<Vec<(OwnedFd, Key)>> {
+) -> Result<Vec<Inherited>> {
     use rustix::io::FdFlags;
-    for (fd, key) in &entries {
+    for wire::Entry { fd, key, .. } in &entries {
         let entry = || format!("{fd},{}", key.tag());
         // SAFETY: only used for the duration of this fcntl call; an fd that is not open
         // yields EBADF, which is reported.
@@ -117,16 +117,20 @@ pub(crate) fn adopt(
             source: reason.1,
         });
     }
-    let (fds, keys): (Vec<OwnedFd>, Vec<Key>) = entries
+    let adopted: Vec<Inherited> = entries
         .into_iter()
-        // SAFETY: the fd is open, was inherited across exec (checked above), is named
-        // exactly once in the table, and nothing else in this process claims it.
-        .map(|(fd, key)| (unsafe { OwnedFd::from_raw_fd(fd) }, key))
-        .unzip();
+        .map(|wire::Entry { fd, key, extra }| Inherited {
+            // SAFETY: the fd is open, was inherited across exec (checked above), is named
+            // exactly once in the table, and nothing else in this process claims it.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            key,
+            extra,
+        })
+        .collect();
     // Close-on-exec again, in one close_range per run of consecutive fds.
-    crate::batch::set_cloexec(&fds)
+    crate::batch::set_cloexec(adopted.iter().map(|e| e.fd.as_raw_fd()))
         .map_err(|e| Error::io("fcntl(F_SETFD, FD_CLOEXEC)", None, e))?;
-    Ok(fds.into_iter().zip(keys).collect())
+    Ok(adopted)
 }
 
 /// The inherited fds not yet taken, in table order, indexed by key: taking thousands of

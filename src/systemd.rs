@@ -311,20 +311,24 @@ pub(crate) fn activated() -> Result<Vec<Inherited>> {
             source: None,
         });
     }
-    let entries: Vec<(RawFd, Key)> = (0..n)
+    let entries: Vec<wire::Entry> = (0..n)
         .map(|i| {
             let name = match &names {
                 Some(names) => names[i as usize].clone(),
                 None => format!("LISTEN_FD_{}", LISTEN_FDS_START + i),
             };
-            (LISTEN_FDS_START + i, Key::Fd(name))
+            wire::Entry {
+                fd: LISTEN_FDS_START + i,
+                key: Key::Fd(name),
+                extra: Extra::None,
+            }
         })
         .collect();
     // libsystemd's sd_listen_fds() marks them close-on-exec: accept that.
     let adopted = inherit::adopt("LISTEN_FDS", entries, false)?;
     Ok(adopted
         .into_iter()
-        .map(|(fd, key)| {
+        .map(|Inherited { fd, key, .. }| {
             let name = match key {
                 Key::Fd(name) => name,
                 other => other.to_string(),
