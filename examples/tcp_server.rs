@@ -248,14 +248,10 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         None => None,
     };
 
-    let worker = UpgradeWorker::start(Arc::clone(&upg))?;
-    let (signal_upg, requests) = (Arc::clone(&upg), worker.requests.clone());
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || handle_signals(signals, signal_upg, requests))?;
-
-    // Serve at once, before reporting ready: with a probation, the previous generation
-    // commits only after the window, and both serve meanwhile.
+    // Serve at once, before the other threads and before reporting ready: the sooner this
+    // generation accepts, the sooner it answers (both generations poll the queue until
+    // the old one stops), and with a probation the previous generation commits only
+    // after the window, both serving meanwhile.
     let conns = Arc::new(Connections::default());
     let (server_upg, server_conns) = (Arc::clone(&upg), Arc::clone(&conns));
     let server = thread::Builder::new()
@@ -265,6 +261,24 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
             // Stop accepting: the next generation (if any) has its own copy.
             drop(listener);
         })?;
+
+    // Once serving, a failure must not drop what was accepted: stop and drain first.
+    let started = UpgradeWorker::start(Arc::clone(&upg)).and_then(|worker| {
+        let (signal_upg, requests) = (Arc::clone(&upg), worker.requests.clone());
+        thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || handle_signals(signals, signal_upg, requests))?;
+        Ok(worker)
+    });
+    let worker = match started {
+        Ok(worker) => worker,
+        Err(e) => {
+            upg.stop();
+            let _ = server.join();
+            conns.wait_idle(Instant::now() + DRAIN_TIMEOUT);
+            return Err(e.into());
+        }
+    };
 
     // Tells the previous generation we are ready and waits for it to commit; then
     // writes the pid file. Which inherited fds were taken, and which were closed
@@ -284,16 +298,18 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     let control = match (control, &ready) {
         (Some(ctl), Ok(_)) => {
             let u = Arc::clone(&upg);
-            Some(
-                thread::Builder::new()
-                    .name("control".into())
-                    .spawn(move || {
-                        log!("control socket on {}", ctl.addr());
-                        if let Err(e) = ctl.serve(&u) {
-                            log!("control socket failed: {}", error_chain(&e));
-                        }
-                    })?,
-            )
+            let spawned = thread::Builder::new()
+                .name("control".into())
+                .spawn(move || {
+                    log!("control socket on {}", ctl.addr());
+                    if let Err(e) = ctl.serve(&u) {
+                        log!("control socket failed: {}", error_chain(&e));
+                    }
+                });
+            // Serving already: without its control socket rather than not at all.
+            spawned
+                .map_err(|e| log!("cannot start the control socket's thread: {e}"))
+                .ok()
         }
         _ => None,
     };
