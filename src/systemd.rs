@@ -23,6 +23,9 @@ use crate::wire::{self, Extra, Key};
 /// The longest the commit message may wait for room in systemd's queue.
 const COMMIT_WAIT: Duration = Duration::from_secs(1);
 
+/// The longest the commit waits, once its message is queued, for systemd to read it.
+const COMMIT_READ_WAIT: Duration = Duration::from_millis(500);
+
 /// Where and how to send notifications: read once from `$NOTIFY_SOCKET`.
 ///
 /// Sending never blocks, but for the one message that commits an upgrade (`MAINPID=` of
@@ -88,6 +91,37 @@ impl Notifier {
         }
     }
 
+    /// Waits, at most `limit`, until the receiver has read every message this socket
+    /// sent: a Unix datagram stays charged to its sender's send queue (`SIOCOUTQ`) until
+    /// it is read. For the commit: systemd 252, when `ExecReload=`'s `kill` exits, takes
+    /// the service for dead if its main pid has exited and the `MAINPID=` naming the new
+    /// one is still unread (the unit is stopped, the new generation killed). Once systemd
+    /// has read it, this generation may exit. There is no event for "read", so this
+    /// looks again after a pause that doubles from 20 µs to 2 ms; systemd usually reads
+    /// within the first pauses. Nothing is waited for elsewhere than on Linux.
+    fn wait_read(&self, limit: Duration) {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            use std::os::unix::io::AsRawFd;
+            let deadline = std::time::Instant::now() + limit;
+            let mut pause = Duration::from_micros(20);
+            loop {
+                let mut queued: libc::c_int = 0;
+                // SAFETY: SIOCOUTQ (TIOCOUTQ) on a socket writes one int through the
+                // pointer, which points to `queued`, alive for the call.
+                let rc =
+                    unsafe { libc::ioctl(self.socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+                if rc != 0 || queued <= 0 || std::time::Instant::now() >= deadline {
+                    return;
+                }
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(2));
+            }
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let _ = limit;
+    }
+
     /// Best effort: a supervisor that went away must not take the service down with it.
     fn tell(&self, msg: &str) {
         let _ = self.send(msg, false);
@@ -115,6 +149,7 @@ impl Notifier {
         match self.send(&msg, true) {
             Ok(()) => {
                 self.status_set.store(false, Ordering::SeqCst);
+                self.wait_read(COMMIT_READ_WAIT);
                 Ok(())
             }
             Err(e)

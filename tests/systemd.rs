@@ -97,8 +97,10 @@ fn notify_protocol(sock: UnixDatagram, target: String) {
     std::fs::write(run.path("linger"), "1500").unwrap();
     signal(pid1, libc::SIGHUP);
     check_reloading(&recv(&sock, pid1));
+    // Read before the new generation can be ready: the commit waits until it is read.
+    let commit = recv(&sock, pid1);
     let pid2 = run.expect_not_from("ready", pid1).pid;
-    assert_eq!(recv(&sock, pid1), format!("MAINPID={pid2}\nREADY=1"));
+    assert_eq!(commit, format!("MAINPID={pid2}\nREADY=1"));
     let ok = run.expect_from("upgrade-ok", pid1);
     assert_eq!(ok.field("pid"), Some(pid2.to_string().as_str()));
 
@@ -135,11 +137,9 @@ fn notify_protocol(sock: UnixDatagram, target: String) {
     run.next("");
     signal(pid2, libc::SIGHUP);
     check_reloading(&recv(&sock, pid2));
+    let commit = recv(&sock, pid2);
     let pid3 = run.expect_not_from("ready", pid2).pid;
-    assert_eq!(
-        recv(&sock, pid2),
-        format!("MAINPID={pid3}\nREADY=1\nSTATUS=")
-    );
+    assert_eq!(commit, format!("MAINPID={pid3}\nREADY=1\nSTATUS="));
     run.expect_from("upgrade-ok", pid2);
 
     // A real stop.
@@ -167,6 +167,45 @@ fn notify_protocol_on_an_abstract_name() {
 }
 
 /// Starts the scenario with `listener` at fd 3 through `sh -c 'LISTEN_PID=... exec'`.
+/// The commit waits until systemd has read `MAINPID=` (at most half a second): systemd
+/// 252, when `ExecReload=`'s `kill` exits, takes the unit for dead if the old main pid
+/// has exited while the `MAINPID=` naming the new one is still unread. Here "systemd"
+/// reads nothing for 300 ms after `RELOADING=1`: the old generation must not have
+/// finished its upgrade meanwhile, nor the new one returned from `ready()`.
+#[test]
+fn the_commit_waits_until_systemd_has_read_it() {
+    let dir = util::scratch_dir("commitread");
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    rustix::net::sockopt::set_socket_passcred(&sock, true).unwrap();
+    let mut run = Run::start(
+        "notify",
+        &[
+            ("TF_TCP", "127.0.0.1:0".into()),
+            ("NOTIFY_SOCKET", path.display().to_string()),
+        ],
+    );
+    let pid1 = run.expect("ready").pid;
+    assert_eq!(recv(&sock, pid1), format!("MAINPID={pid1}\nREADY=1"));
+    signal(pid1, libc::SIGHUP);
+    check_reloading(&recv(&sock, pid1));
+    std::thread::sleep(Duration::from_millis(300));
+    run.take_printed();
+    assert!(
+        !run.seen("upgrade-ok") && !run.seen("ready"),
+        "the upgrade was done before systemd read its commit"
+    );
+    let commit = recv(&sock, pid1);
+    let pid2 = run.expect_not_from("ready", pid1).pid;
+    assert_eq!(commit, format!("MAINPID={pid2}\nREADY=1"));
+    run.expect_from("upgrade-ok", pid1);
+    run.wait_first();
+    signal(pid2, libc::SIGTERM);
+    assert_eq!(recv(&sock, pid2), "STOPPING=1");
+    run.expect_all_exited();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 fn activated(listener: &TcpListener, listen_pid: &str, names: &str) -> Run {
     activated_with(listener, listen_pid, names, &[])
 }

@@ -8,6 +8,7 @@ mod util;
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use util::{ask, signal, wait_gone, Run};
@@ -20,38 +21,56 @@ fn scenario_entry() {
     }
 }
 
-/// A notify socket standing in for systemd's, read by the test.
+/// A notify socket standing in for systemd's. Like systemd it reads as messages come (on
+/// a thread): the commit waits until its `MAINPID=` has been read.
 struct Notify {
     sock: UnixDatagram,
     target: String,
-    last_main: Option<u32>,
+    /// Messages read so far; `None` for a socket nobody reads.
+    read: Option<Arc<Mutex<Vec<String>>>>,
 }
 
 impl Notify {
     fn new(tag: &str) -> Notify {
+        let mut notify = Notify::unread(tag);
+        let read = Arc::new(Mutex::new(Vec::new()));
+        let (sock, sink) = (notify.sock.try_clone().unwrap(), Arc::clone(&read));
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // Until the test drops its `Notify`.
+            while Arc::strong_count(&sink) > 1 {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    sink.lock().unwrap().push(msg);
+                }
+            }
+        });
+        notify.read = Some(read);
+        notify
+    }
+
+    /// A socket that nobody reads.
+    fn unread(tag: &str) -> Notify {
         let name = format!("tf-{tag}-{}", std::process::id());
         let addr = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(name.as_bytes()).unwrap();
         let sock = UnixDatagram::bind_addr(&addr).unwrap();
-        sock.set_nonblocking(true).unwrap();
         Notify {
             sock,
             target: format!("@{name}"),
-            last_main: None,
+            read: None,
         }
     }
 
     /// The last `MAINPID=` received so far.
     fn main_pid(&mut self) -> Option<u32> {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = self.sock.recv(&mut buf) {
-            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-            for line in msg.lines() {
-                if let Some(pid) = line.strip_prefix("MAINPID=") {
-                    self.last_main = pid.parse().ok();
-                }
-            }
-        }
-        self.last_main
+        let read = self.read.as_ref()?.lock().unwrap();
+        read.iter()
+            .flat_map(|msg| msg.lines())
+            .filter_map(|line| line.strip_prefix("MAINPID="))
+            .next_back()
+            .and_then(|pid| pid.parse().ok())
     }
 }
 
@@ -237,7 +256,7 @@ fn a_new_generation_stopped_on_probation_gives_the_old_one_back() {
 /// A notify socket nobody reads: its queue fills, and nothing may hang on it.
 #[test]
 fn a_full_notify_socket_fails_the_commit_and_hangs_nothing() {
-    let notify = Notify::new("full");
+    let notify = Notify::unread("full");
     let filler = UnixDatagram::unbound().unwrap();
     filler.set_nonblocking(true).unwrap();
     let addr = notify.sock.local_addr().unwrap();

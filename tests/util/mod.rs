@@ -269,6 +269,19 @@ impl Run {
         let _ = self.first.wait();
     }
 
+    /// Takes in the events printed so far, without waiting (see [`seen`](Run::seen)).
+    pub fn take_printed(&mut self) {
+        while let Ok(line) = self.events.try_recv() {
+            self.history.push(line.clone());
+            if let Some(ev) = parse(&line) {
+                if !self.pids.contains(&ev.pid) {
+                    self.pids.push(ev.pid);
+                }
+                self.backlog.push_back(ev);
+            }
+        }
+    }
+
     /// Events seen so far (backlog), for assertions that something did *not* happen.
     pub fn seen(&self, name: &str) -> bool {
         self.backlog.iter().any(|e| e.name == name)
