@@ -5,7 +5,7 @@ use std::ffi::{CString, OsString};
 use std::io;
 use std::os::raw::c_char;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use crate::child::{self, ChildArgs, Step};
@@ -113,37 +113,7 @@ impl Program {
             None => std::ptr::null_mut(),
         };
         envp.push(std::ptr::null());
-        let (err_rd, err_wr) = crate::os::pipe().map_err(|e| Error::io("pipe2", None, e))?;
-        // The error pipe must not be where a move puts an fd: above them all, then.
-        // (The first copy is closed here: a write end left open in this process would
-        // keep the read below from ever seeing EOF.)
-        let err_wr = match moves.iter().map(|[_, to]| *to).max() {
-            Some(top) if err_wr.as_raw_fd() <= top => {
-                let raw = err_wr.as_raw_fd();
-                let above = rustix::io::fcntl_dupfd_cloexec(&err_wr, top.saturating_add(1))
-                    .map_err(|e| Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(raw), e))?;
-                drop(err_wr);
-                above
-            }
-            _ => err_wr,
-        };
-        // Above every fd involved, for the moves' scratch copies; none needed when every
-        // place is above every fd being moved (the error pipe is out of their way).
-        let lowest_to = moves.iter().map(|[_, to]| *to).min();
-        let highest_from = moves
-            .iter()
-            .map(|[from, _]| *from)
-            .chain(fds.iter().copied())
-            .max();
-        let scratch = match (lowest_to, highest_from) {
-            (Some(to), Some(from)) if to > from => -1,
-            _ => fds
-                .iter()
-                .chain(moves.iter().flatten())
-                .chain([&err_wr.as_raw_fd()])
-                .max()
-                .map_or(3, |&fd| fd.saturating_add(1)),
-        };
+        let (err_rd, err_wr, scratch) = error_pipe_and_scratch(fds, moves)?;
 
         let args = ChildArgs {
             path: path.as_ptr(),
@@ -181,6 +151,45 @@ impl Program {
             }
         }
     }
+}
+
+/// The pipe on which the child reports a failure before exec (its write end above
+/// every place a move writes to), and the first scratch number for the moves (above
+/// every fd involved), or `-1` when every place is above every fd being moved (then
+/// each goes straight there).
+fn error_pipe_and_scratch(
+    fds: &[RawFd],
+    moves: &[[RawFd; 2]],
+) -> Result<(OwnedFd, OwnedFd, RawFd)> {
+    let (err_rd, err_wr) = crate::os::pipe().map_err(|e| Error::io("pipe2", None, e))?;
+    // (The first copy is closed here: a write end left open in this process would
+    // keep the parent's read from ever seeing EOF.)
+    let err_wr = match moves.iter().map(|[_, to]| *to).max() {
+        Some(top) if err_wr.as_raw_fd() <= top => {
+            let raw = err_wr.as_raw_fd();
+            let above = rustix::io::fcntl_dupfd_cloexec(&err_wr, top.saturating_add(1))
+                .map_err(|e| Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(raw), e))?;
+            drop(err_wr);
+            above
+        }
+        _ => err_wr,
+    };
+    let lowest_to = moves.iter().map(|[_, to]| *to).min();
+    let highest_from = moves
+        .iter()
+        .map(|[from, _]| *from)
+        .chain(fds.iter().copied())
+        .max();
+    let scratch = match (lowest_to, highest_from) {
+        (Some(to), Some(from)) if to > from => -1,
+        _ => fds
+            .iter()
+            .chain(moves.iter().flatten())
+            .chain([&err_wr.as_raw_fd()])
+            .max()
+            .map_or(3, |&fd| fd.saturating_add(1)),
+    };
+    Ok((err_rd, err_wr, scratch))
 }
 
 /// An environment variable whose value holds the child's pid: `PID_WIDTH` digits at
