@@ -129,7 +129,8 @@ impl Handoff {
                 ),
             });
         }
-        // In place: the registry keeps its copies side by side already (`fds::dup_kept`).
+        // Passed at their own numbers, no moves: the registry keeps its copies side by
+        // side already (`fds::dup_kept`), so the next generation handles them in ranges.
         let fds: Vec<RawFd> = entries.iter().map(|(fd, _, _)| *fd).collect();
         let table_var = PidVar {
             name: wire::VAR,

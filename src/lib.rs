@@ -117,9 +117,9 @@
 //!   fail when the upgrade fails (`ExecReload=/bin/kill -HUP $MAINPID` always
 //!   succeeds, and `Type=notify-reload` cannot report a failure). Sockets from socket
 //!   activation (`$LISTEN_FDS`) are adopted on a first start. The commit waits up to
-//!   1 s for room in systemd's queue and then up to 500 ms for systemd to read it, so
-//!   that the old process never exits before systemd knows its successor; a notify
-//!   socket that nobody reads slows each upgrade by that much. See the README for unit
+//!   1 s for room in systemd's queue, and `upgrade()` returns only once systemd has
+//!   read it (at most 500 ms), so that the old process never exits before systemd knows
+//!   its successor; a notify socket that nobody reads slows each upgrade by that much. See the README for unit
 //!   files.
 //! - **`SIGPIPE`** must stay ignored (as Rust programs start): the handshake writes to
 //!   pipes whose reader may have died.

@@ -91,14 +91,20 @@ impl Notifier {
         }
     }
 
+    /// After a successful commit, before this generation may exit: waits, at most
+    /// [`COMMIT_READ_WAIT`], until systemd has read the commit's `MAINPID=`. systemd 252,
+    /// when `ExecReload=`'s `kill` exits, takes the service for dead if its main pid has
+    /// exited and the `MAINPID=` naming the new one is still unread (the unit is
+    /// stopped, the new generation killed). The new generation's confirmation is waited
+    /// for meanwhile, so this usually costs nothing.
+    pub(crate) fn wait_commit_read(&self) {
+        self.wait_read(COMMIT_READ_WAIT);
+    }
+
     /// Waits, at most `limit`, until the receiver has read every message this socket
     /// sent: a Unix datagram stays charged to its sender's send queue (`SIOCOUTQ`) until
-    /// it is read. For the commit: systemd 252, when `ExecReload=`'s `kill` exits, takes
-    /// the service for dead if its main pid has exited and the `MAINPID=` naming the new
-    /// one is still unread (the unit is stopped, the new generation killed). Once systemd
-    /// has read it, this generation may exit. There is no event for "read", so this
-    /// looks again after a pause that doubles from 20 µs to 2 ms; systemd usually reads
-    /// within the first pauses. Nothing is waited for elsewhere than on Linux.
+    /// it is read. There is no event for "read", so this looks again after a pause that
+    /// doubles from 20 µs to 2 ms. Nothing is waited for elsewhere than on Linux.
     fn wait_read(&self, limit: Duration) {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         {
@@ -149,7 +155,6 @@ impl Notifier {
         match self.send(&msg, true) {
             Ok(()) => {
                 self.status_set.store(false, Ordering::SeqCst);
-                self.wait_read(COMMIT_READ_WAIT);
                 Ok(())
             }
             Err(e)

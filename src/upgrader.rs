@@ -338,13 +338,18 @@ impl Upgrader {
                 return Err(handoff.kill(e));
             }
         }
-        handoff.commit(self.timeout, cancel).map_err(|e| {
+        let pid = handoff.commit(self.timeout, cancel).map_err(|e| {
             // The child may have written its pid into the pid file before it died.
             if let Some(path) = &self.pid_file {
                 let _ = crate::pidfile::write(path, std::process::id());
             }
             e
-        })
+        })?;
+        // Not gone before systemd knows who follows (see `wait_commit_read`).
+        if let Some(n) = &self.notify {
+            n.wait_commit_read();
+        }
+        Ok(pid)
     }
 
     /// Stops upgrading: no upgrade starts after this, and one in progress is cancelled
