@@ -257,14 +257,7 @@ fn a_new_generation_stopped_on_probation_gives_the_old_one_back() {
 #[test]
 fn a_full_notify_socket_fails_the_commit_and_hangs_nothing() {
     let notify = Notify::unread("full");
-    let filler = UnixDatagram::unbound().unwrap();
-    filler.set_nonblocking(true).unwrap();
-    let addr = notify.sock.local_addr().unwrap();
-    let mut queued = 0;
-    while filler.send_to_addr(b"X=1", &addr).is_ok() {
-        queued += 1;
-        assert!(queued < 100_000);
-    }
+    let _fillers = fill(&notify.sock);
     let (mut run, pid1, tcp) = start("full", &notify, &[]);
     let t = Instant::now();
     signal(pid1, libc::SIGHUP);
@@ -277,4 +270,28 @@ fn a_full_notify_socket_fails_the_commit_and_hangs_nothing() {
     // Stopping does not wait on the socket either.
     signal(pid1, libc::SIGTERM);
     run.expect_all_exited();
+}
+
+/// Fills `sock`'s receive queue. One sender's own send buffer runs out first (about 277
+/// small datagrams at the default `wmem_default`), long before the queue is full when
+/// `net.unix.max_dgram_qlen` is 512 (as systemd sets it at boot): so senders are added
+/// until a fresh one cannot queue a single datagram. Keep them until the test ends (their
+/// datagrams stay queued only while they live).
+fn fill(sock: &UnixDatagram) -> Vec<UnixDatagram> {
+    let addr = sock.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    loop {
+        let filler = UnixDatagram::unbound().unwrap();
+        filler.set_nonblocking(true).unwrap();
+        let mut sent = 0;
+        while filler.send_to_addr(b"X=1", &addr).is_ok() {
+            sent += 1;
+            assert!(sent < 100_000);
+        }
+        fillers.push(filler);
+        if sent == 0 {
+            return fillers;
+        }
+        assert!(fillers.len() < 1_000, "the queue never fills");
+    }
 }

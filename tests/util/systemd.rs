@@ -98,7 +98,7 @@ fn log_level() -> String {
 fn skip_reason() -> Option<String> {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        return Some("not root (a systemd in namespaces needs CAP_SYS_ADMIN)".into());
+        return crate::harness::needs_root("a systemd in namespaces needs CAP_SYS_ADMIN");
     }
     if !Path::new(SYSTEMD).is_file() {
         return Some(format!("{SYSTEMD} is missing"));
@@ -177,7 +177,7 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if thread::panicking() {
+        if crate::harness::failing() {
             eprintln!("kept {} for inspection", self.0.display());
         } else {
             let _ = fs::remove_dir_all(&self.0);
@@ -227,12 +227,12 @@ impl Systemd {
     /// Each unit gets a drop-in with `DefaultDependencies=no`; a `.service` also gets its
     /// stdout and stderr appended to a file ([`log`](Systemd::log)).
     ///
-    /// `None`, after printing `SKIPPED: <why>`, when not root or when systemd, `unshare`
-    /// or `nsenter` is missing. Takes the examples' [`lock`].
-    pub fn boot(units: &[(&str, &str)]) -> Option<Systemd> {
+    /// Skips the calling test ([`crate::harness::skip`]: reported as ignored, with the
+    /// reason) when not root or when systemd, `unshare` or `nsenter` is missing. Takes
+    /// the examples' [`lock`].
+    pub fn boot(units: &[(&str, &str)]) -> Systemd {
         if let Some(why) = skip_reason() {
-            println!("SKIPPED: {why}");
-            return None;
+            crate::harness::skip(why);
         }
         let guard = lock();
         let started = Instant::now();
@@ -318,7 +318,7 @@ impl Systemd {
             started.elapsed(),
             sd.init
         );
-        Some(sd)
+        sd
     }
 
     /// The host pid of init: unshare's only child.
