@@ -3,9 +3,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+use std::net::SocketAddr;
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::sync::{Mutex, MutexGuard};
 
 use rustix::net::{SocketAddrAny, SocketType};
@@ -15,6 +14,8 @@ use crate::error::{Error, Result};
 use crate::inherit::{Inherited, InheritedSet};
 use crate::socket::{self, inet, local_inet, unix, BeforeBind, PerCall, Setup, SocketFile};
 use crate::unix_addr::UnixAddr;
+use crate::kinds::sealed::{Kind, Resolved};
+use crate::kinds::{Address, Group, Listen, Named};
 use crate::wire::{Extra, Key, VAR};
 
 /// The fds this generation passes on: Go tableflip's `Fds`.
@@ -172,38 +173,70 @@ impl Fds {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    // ---- TCP -------------------------------------------------------------------------
+    // ---- The public surface: one method per action, generic over the kind ----------
 
-    /// A TCP listener on `addr`: the inherited one, or a new one.
+    /// A socket of kind `S` bound to `addr`: the one inherited from the previous
+    /// generation, or a new one (Go's `Listen`, `ListenPacket`).
     ///
-    /// A new listener is made with `socket(SOCK_CLOEXEC)`, `SO_REUSEADDR`, the
-    /// [`before_bind`](crate::Options::before_bind) hook, `bind` and `listen` with the
-    /// configured backlog. When `addr` resolves to several addresses, each is tried in
-    /// order, inherited first. Port 0 matches an inherited listener on the same IP
-    /// whatever its port, and a new listener on port 0 is registered under the port the
-    /// kernel chose, so the next generation finds it again.
+    /// ```no_run
+    /// # fn f(upg: &tableflip::Upgrader) -> tableflip::Result<()> {
+    /// use std::net::{TcpListener, UdpSocket};
+    /// use std::os::unix::net::UnixListener;
     ///
-    /// Calling it again for an address already listened on returns another handle to the
-    /// same socket.
-    pub fn listen_tcp(&self, addr: impl Address) -> Result<TcpListener> {
-        self.listen_tcp_with(addr, no_setup)
+    /// let web: TcpListener = upg.fds().listen("127.0.0.1:8080")?;
+    /// let dns: UdpSocket = upg.fds().listen("0.0.0.0:5353")?;
+    /// let admin = upg.fds().listen::<UnixListener>("/run/myapp/admin.sock")?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// A new socket is made with `socket(SOCK_CLOEXEC)`, `SO_REUSEADDR` (IP), the
+    /// [`before_bind`](crate::Options::before_bind) hook, `bind` and, for listeners,
+    /// `listen` with the configured backlog. When `addr` resolves to several addresses,
+    /// each is tried in order, inherited first. Calling it again for an address already
+    /// listened on returns another handle to the same socket.
+    ///
+    /// - **Port 0** matches an inherited socket of the same kind on the same IP whatever
+    ///   its port, and a new socket on port 0 is registered under the port the kernel
+    ///   chose, so the next generation finds it again.
+    /// - **Unix paths**: a path this process binds is removed again by
+    ///   [`Upgrader::stop`](crate::Upgrader::stop) when no upgrade succeeded. A socket
+    ///   file left at the path by a process that died (`kill -9`) is removed first, if
+    ///   nobody accepts on it; see [`Fds`] for what is never removed. Abstract names are
+    ///   never unlinked (there is nothing to unlink).
+    /// - **An empty path** (`""`) lets the kernel choose an abstract name (Linux autobind;
+    ///   Go's `Listen("unix", "")`): the socket travels under the name it got, and the
+    ///   next generation asking for `""` again gets the first such socket of the kind it
+    ///   has not taken yet, in order (or asks for it by its name).
+    pub fn listen<S: Listen>(&self, addr: impl Address<S>) -> Result<S> {
+        self.listen_with(addr, no_setup)
     }
 
-    /// [`listen_tcp`](Fds::listen_tcp), with `setup` called on a new socket before
-    /// `bind()` (see [`Fds`]).
-    pub fn listen_tcp_with(
+    /// [`listen`](Fds::listen), with `setup` called on a new socket after `socket()` and
+    /// [`before_bind`](crate::Options::before_bind), before `bind()` (Go's
+    /// `ListenWithCallback`): socket options for this one socket. It runs only if a new
+    /// socket is made, without the registry's lock held, so it may use the registry.
+    pub fn listen_with<S: Listen>(
         &self,
-        addr: impl Address,
+        addr: impl Address<S>,
         mut setup: impl FnMut(BorrowedFd<'_>) -> io::Result<()>,
-    ) -> Result<TcpListener> {
-        let addrs = resolve(addr)?;
-        self.listen_inet(&addrs, Key::TcpListener, SocketType::STREAM, &mut setup)
-            .map(TcpListener::from)
+    ) -> Result<S> {
+        let (ty, make) = shape(S::KIND);
+        let fd = match (addr.resolve()?, make) {
+            (Resolved::Inet(addrs), Make::Inet(key)) => {
+                self.listen_inet(&addrs, key, ty, &mut setup)?
+            }
+            (Resolved::Unix(addr), Make::Unix(key)) => {
+                self.listen_unix_kind(addr, key, ty, &mut setup)?
+            }
+            (resolved, _) => return Err(mismatch(resolved)),
+        };
+        Ok(S::from_owned(fd))
     }
 
-    /// A group of `n` TCP listeners on one address, for `SO_REUSEPORT` (one listener per
-    /// thread, the kernel spreading connections across them). Every socket of the group
-    /// travels to the next generation, in order, so no accept queue is thrown away.
+    /// A group of `n` sockets bound to one address with `SO_REUSEPORT`: one listener per
+    /// thread, the kernel spreading connections (or datagrams) across them. Every socket
+    /// of the group travels to the next generation, in order, so no accept queue is
+    /// thrown away.
     ///
     /// The next generation asking for the same `n` gets the same sockets back. Asking for
     /// more takes every inherited socket and binds the missing ones (with `SO_REUSEPORT`,
@@ -211,265 +244,98 @@ impl Fds {
     /// [`before_bind`](crate::Options::before_bind) hook runs). Asking for fewer takes the
     /// first `n`; the others are closed by [`ready`](crate::Upgrader::ready), and
     /// connections queued on them when the old generation stops accepting are lost
-    /// (closing one socket of a `SO_REUSEPORT` group drops its queue): keep `n` stable,
-    /// or shrink a group only when traffic allows.
+    /// (closing one socket of a `SO_REUSEPORT` group drops its queue, unless
+    /// `net.ipv4.tcp_migrate_req` is set): keep `n` stable, or shrink a group only when
+    /// traffic allows.
     ///
-    /// `addr` must resolve to one address; port 0 works as for
-    /// [`listen_tcp`](Fds::listen_tcp), all sockets sharing the port the first one got.
-    pub fn listen_tcp_group(&self, addr: impl Address, n: usize) -> Result<Vec<TcpListener>> {
-        let addr = resolve_one(addr)?;
+    /// `addr` must resolve to one address; port 0 works as for [`listen`](Fds::listen),
+    /// all sockets sharing the port the first one got.
+    pub fn listen_group<S: Group>(&self, addr: impl Address<S>, n: usize) -> Result<Vec<S>> {
+        let (ty, make) = shape(S::KIND);
+        let (addrs, key) = match (addr.resolve()?, make) {
+            (Resolved::Inet(addrs), Make::Inet(key)) => (addrs, key),
+            (resolved, _) => return Err(mismatch(resolved)),
+        };
+        let addr = match addrs.as_slice() {
+            [one] => *one,
+            _ => {
+                return Err(Error::Listen {
+                    addr: format!("{addrs:?}"),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "a socket group needs an address that resolves to exactly one address",
+                    ),
+                })
+            }
+        };
         Ok(self
-            .listen_group(addr, n, Key::TcpListener, SocketType::STREAM)?
+            .listen_group_fds(addr, n, key, ty)?
             .into_iter()
-            .map(TcpListener::from)
+            .map(S::from_owned)
             .collect())
     }
 
-    /// Every inherited TCP listener on `addr` not yet taken, in the order the previous
-    /// generation passed them (empty if there are none).
-    pub fn tcp_listener_group(&self, addr: impl Address) -> Result<Vec<TcpListener>> {
-        let addr = resolve_one(addr)?;
+    /// The inherited socket of kind `S` bound to `addr`, if there is one not yet taken:
+    /// inherit, never bind. Call it again for the next one of a group. `Ok(None)` when
+    /// nothing was inherited under that address (a first start, or a socket the previous
+    /// generation did not have), or it was taken already.
+    ///
+    /// Fails with [`Error::WrongKind`] when something was inherited at that address as
+    /// another kind (the fd stays where it is), and with [`Error::FdTable`] when the fd
+    /// is not the socket the table declared.
+    pub fn take<S: Listen>(&self, addr: impl Address<S>) -> Result<Option<S>> {
+        let keys = match (addr.resolve()?, shape(S::KIND).1) {
+            (Resolved::Inet(addrs), Make::Inet(key)) => addrs.into_iter().map(key).collect(),
+            (Resolved::Unix(addr), Make::Unix(key)) => vec![key(addr)],
+            (resolved, _) => return Err(mismatch(resolved)),
+        };
         let mut reg = self.lock();
-        let mut out = Vec::new();
-        while let Some(fd) = reg.take(&Key::TcpListener(addr))? {
-            out.push(TcpListener::from(fd));
-        }
-        Ok(out)
-    }
-
-    /// A group of `n` UDP sockets bound to one address with `SO_REUSEPORT`; see
-    /// [`listen_tcp_group`](Fds::listen_tcp_group).
-    pub fn listen_udp_group(&self, addr: impl Address, n: usize) -> Result<Vec<UdpSocket>> {
-        let addr = resolve_one(addr)?;
-        Ok(self
-            .listen_group(addr, n, Key::Udp, SocketType::DGRAM)?
-            .into_iter()
-            .map(UdpSocket::from)
-            .collect())
-    }
-
-    /// The inherited TCP listener on `addr`, if there is one not yet taken.
-    pub fn tcp_listener(&self, addr: impl Address) -> Result<Option<TcpListener>> {
-        let addrs = resolve(addr)?;
-        let mut reg = self.lock();
-        for a in &addrs {
-            if let Some(fd) = reg.take(&Key::TcpListener(*a))? {
-                return Ok(Some(TcpListener::from(fd)));
+        for key in &keys {
+            if let Some(fd) = reg.take(key)? {
+                return Ok(Some(S::from_owned(fd)));
             }
         }
         Ok(None)
     }
 
-    /// Registers a TCP listener you made, under its local address, so it is passed on.
-    pub fn add_tcp_listener(&self, listener: &TcpListener) -> Result<()> {
-        self.add_socket(listener.as_fd(), |a| Ok(Key::TcpListener(inet(a)?)))
-    }
-
-    /// Registers an established TCP connection under `name`.
-    pub fn add_tcp_stream(&self, name: &str, stream: &TcpStream) -> Result<()> {
-        self.add_socket(stream.as_fd(), |_| Ok(Key::TcpStream(name.to_string())))
-    }
-
-    /// The inherited TCP connection registered under `name`, if not yet taken.
-    pub fn tcp_stream(&self, name: &str) -> Result<Option<TcpStream>> {
-        Ok(self
-            .lock()
-            .take(&Key::TcpStream(name.to_string()))?
-            .map(TcpStream::from))
-    }
-
-    // ---- UDP -------------------------------------------------------------------------
-
-    /// A UDP socket bound to `addr`: the inherited one, or a new one. Port 0 behaves as
-    /// for [`listen_tcp`](Fds::listen_tcp).
-    pub fn listen_udp(&self, addr: impl Address) -> Result<UdpSocket> {
-        self.listen_udp_with(addr, no_setup)
-    }
-
-    /// [`listen_udp`](Fds::listen_udp), with `setup` called on a new socket before
-    /// `bind()` (see [`Fds`]).
-    pub fn listen_udp_with(
-        &self,
-        addr: impl Address,
-        mut setup: impl FnMut(BorrowedFd<'_>) -> io::Result<()>,
-    ) -> Result<UdpSocket> {
-        let addrs = resolve(addr)?;
-        self.listen_inet(&addrs, Key::Udp, SocketType::DGRAM, &mut setup)
-            .map(UdpSocket::from)
-    }
-
-    /// The inherited UDP socket bound to `addr`, if there is one not yet taken.
-    pub fn udp_socket(&self, addr: impl Address) -> Result<Option<UdpSocket>> {
-        let addrs = resolve(addr)?;
-        let mut reg = self.lock();
-        for a in &addrs {
-            if let Some(fd) = reg.take(&Key::Udp(*a))? {
-                return Ok(Some(UdpSocket::from(fd)));
-            }
-        }
-        Ok(None)
-    }
-
-    /// Registers a UDP socket you made, under its local address.
-    pub fn add_udp_socket(&self, socket: &UdpSocket) -> Result<()> {
-        self.add_socket(socket.as_fd(), |a| Ok(Key::Udp(inet(a)?)))
-    }
-
-    // ---- Unix ------------------------------------------------------------------------
-
-    /// A Unix stream listener on a path or abstract name: the inherited one, or a new one.
-    ///
-    /// A path this process binds is removed again by [`Upgrader::stop`](crate::Upgrader::stop)
-    /// when no upgrade succeeded; abstract names are never unlinked (there is nothing to
-    /// unlink). A socket file left at the path by a process that died (`kill -9`) is
-    /// removed first, if nobody accepts on it; see [`Fds`] for what is never removed.
-    ///
-    /// An empty path (`""`) lets the kernel choose an abstract name (Linux autobind; Go's
-    /// `Listen("unix", "")`): the socket travels under the name it got, and the next
-    /// generation asking for `""` again gets the first such socket it has not taken yet,
-    /// in order (or asks for it by its name).
-    pub fn listen_unix(&self, addr: impl Into<UnixAddr>) -> Result<UnixListener> {
-        self.listen_unix_with(addr, no_setup)
-    }
-
-    /// [`listen_unix`](Fds::listen_unix), with `setup` called on a new socket before
-    /// `bind()` (see [`Fds`]).
-    pub fn listen_unix_with(
-        &self,
-        addr: impl Into<UnixAddr>,
-        mut setup: impl FnMut(BorrowedFd<'_>) -> io::Result<()>,
-    ) -> Result<UnixListener> {
-        self.listen_unix_kind(
-            addr.into(),
-            Key::UnixListener,
-            SocketType::STREAM,
-            &mut setup,
-        )
-        .map(UnixListener::from)
-    }
-
-    /// The inherited Unix stream listener on `addr`, if there is one not yet taken.
-    pub fn unix_listener(&self, addr: impl Into<UnixAddr>) -> Result<Option<UnixListener>> {
-        Ok(self
-            .lock()
-            .take(&Key::UnixListener(addr.into()))?
-            .map(UnixListener::from))
-    }
-
-    /// Registers a Unix listener you made, stream or `SOCK_SEQPACKET`, under its local
-    /// address.
-    pub fn add_unix_listener(&self, listener: &UnixListener) -> Result<()> {
-        let fd = listener.as_fd();
-        let seqpacket = rustix::net::sockopt::socket_type(fd) == Ok(SocketType::SEQPACKET);
-        self.add_socket(fd, |a| {
-            let addr = unix(a)?;
-            Ok(if seqpacket {
-                Key::UnixSeqpacket(addr)
-            } else {
-                Key::UnixListener(addr)
-            })
+    /// Registers a socket you made yourself, under the address it is bound to
+    /// (`getsockname`), so that it is passed on. It is checked first: a socket of
+    /// another kind (a blocking accept on a stream socket passed as a seqpacket
+    /// listener, say) is refused. The registry keeps a duplicate; registering an address
+    /// again replaces it.
+    pub fn add<S: Listen>(&self, socket: &S) -> Result<()> {
+        self.add_socket(socket.borrow(), |a| match shape(S::KIND).1 {
+            Make::Inet(key) => Ok(key(inet(a)?)),
+            Make::Unix(key) => Ok(key(unix(a)?)),
         })
     }
 
-    /// A `SOCK_SEQPACKET` Unix listener (Go's `"unixpacket"`): the inherited one, or a
-    /// new one, with the same rules as [`listen_unix`](Fds::listen_unix). std has no
-    /// type of its own for it: the `UnixListener` accepts `UnixStream`s whose reads and
-    /// writes keep message boundaries.
-    pub fn listen_unix_seqpacket(&self, addr: impl Into<UnixAddr>) -> Result<UnixListener> {
-        self.listen_unix_seqpacket_with(addr, no_setup)
+    /// Registers an established connection ([`TcpStream`], [`UnixStream`]) or any other
+    /// fd ([`OwnedFd`], [`File`](std::fs::File)) under `name`, so that it is passed on.
+    /// The registry keeps a duplicate; registering a name again replaces it.
+    ///
+    /// To move a connection that is in use when the upgrade starts, hand it over after
+    /// the upgrade instead (the [handover](crate::handover) channel).
+    pub fn add_named<N: Named>(&self, name: &str, fd: &N) -> Result<()> {
+        let key = named_key(N::KIND, name);
+        match N::KIND {
+            Kind::Fd => {
+                let copy = dup_kept(fd.borrow())?;
+                self.lock().insert(Used::new(key, copy, None));
+                Ok(())
+            }
+            _ => self.add_socket(fd.borrow(), |_| Ok(key)),
+        }
     }
 
-    /// [`listen_unix_seqpacket`](Fds::listen_unix_seqpacket), with `setup` called on a
-    /// new socket before `bind()` (see [`Fds`]).
-    pub fn listen_unix_seqpacket_with(
-        &self,
-        addr: impl Into<UnixAddr>,
-        mut setup: impl FnMut(BorrowedFd<'_>) -> io::Result<()>,
-    ) -> Result<UnixListener> {
-        self.listen_unix_kind(
-            addr.into(),
-            Key::UnixSeqpacket,
-            SocketType::SEQPACKET,
-            &mut setup,
-        )
-        .map(UnixListener::from)
-    }
-
-    /// The inherited `SOCK_SEQPACKET` Unix listener on `addr`, if there is one not yet
-    /// taken.
-    pub fn unix_seqpacket_listener(
-        &self,
-        addr: impl Into<UnixAddr>,
-    ) -> Result<Option<UnixListener>> {
+    /// The inherited fd registered under `name` as kind `N`, if not yet taken. An
+    /// [`OwnedFd`] or [`File`](std::fs::File) takes what was registered as either; a
+    /// connection is checked to be a connected socket of its family.
+    pub fn take_named<N: Named>(&self, name: &str) -> Result<Option<N>> {
         Ok(self
             .lock()
-            .take(&Key::UnixSeqpacket(addr.into()))?
-            .map(UnixListener::from))
-    }
-
-    /// A Unix datagram socket bound to a path or abstract name: the inherited one, or a
-    /// new one, with the same rules as [`listen_unix`](Fds::listen_unix).
-    pub fn listen_unix_datagram(&self, addr: impl Into<UnixAddr>) -> Result<UnixDatagram> {
-        self.listen_unix_datagram_with(addr, no_setup)
-    }
-
-    /// [`listen_unix_datagram`](Fds::listen_unix_datagram), with `setup` called on a new
-    /// socket before `bind()` (see [`Fds`]).
-    pub fn listen_unix_datagram_with(
-        &self,
-        addr: impl Into<UnixAddr>,
-        mut setup: impl FnMut(BorrowedFd<'_>) -> io::Result<()>,
-    ) -> Result<UnixDatagram> {
-        self.listen_unix_kind(
-            addr.into(),
-            Key::UnixDatagram,
-            SocketType::DGRAM,
-            &mut setup,
-        )
-        .map(UnixDatagram::from)
-    }
-
-    /// The inherited Unix datagram socket bound to `addr`, if there is one not yet taken.
-    pub fn unix_datagram(&self, addr: impl Into<UnixAddr>) -> Result<Option<UnixDatagram>> {
-        Ok(self
-            .lock()
-            .take(&Key::UnixDatagram(addr.into()))?
-            .map(UnixDatagram::from))
-    }
-
-    /// Registers a bound Unix datagram socket you made, under its local address.
-    pub fn add_unix_datagram(&self, socket: &UnixDatagram) -> Result<()> {
-        self.add_socket(socket.as_fd(), |a| Ok(Key::UnixDatagram(unix(a)?)))
-    }
-
-    /// Registers an established Unix stream connection under `name`.
-    pub fn add_unix_stream(&self, name: &str, stream: &UnixStream) -> Result<()> {
-        self.add_socket(stream.as_fd(), |_| Ok(Key::UnixStream(name.to_string())))
-    }
-
-    /// The inherited Unix stream connection registered under `name`, if not yet taken.
-    pub fn unix_stream(&self, name: &str) -> Result<Option<UnixStream>> {
-        Ok(self
-            .lock()
-            .take(&Key::UnixStream(name.to_string()))?
-            .map(UnixStream::from))
-    }
-
-    // ---- Anything else ---------------------------------------------------------------
-
-    /// Registers any fd (a file, a pipe, an eventfd, a socket of another kind) under
-    /// `name`. The registry keeps a duplicate; registering a name again replaces it.
-    pub fn add_fd(&self, name: &str, fd: impl AsFd) -> Result<()> {
-        let fd = fd.as_fd();
-        let copy = dup_kept(fd)?;
-        self.lock()
-            .insert(Used::new(Key::Fd(name.to_string()), copy, None));
-        Ok(())
-    }
-
-    /// The inherited fd registered under `name`, if not yet taken.
-    pub fn fd(&self, name: &str) -> Result<Option<OwnedFd>> {
-        self.lock().take(&Key::Fd(name.to_string()))
+            .take(&named_key(N::KIND, name))?
+            .map(N::from_owned))
     }
 
     // ---- Internals -------------------------------------------------------------------
@@ -548,7 +414,7 @@ impl Fds {
         Ok(fd)
     }
 
-    fn listen_group(
+    fn listen_group_fds(
         &self,
         addr: SocketAddr,
         n: usize,
@@ -853,41 +719,42 @@ fn listen_err(addr: impl fmt::Display, source: io::Error) -> Error {
     }
 }
 
-/// What the IP methods take: anything [`ToSocketAddrs`] (`"host:port"`, a
-/// `SocketAddr`, `(ip, port)`, ...) that can also be named in an error message.
-pub trait Address: ToSocketAddrs + fmt::Debug {}
-
-impl<T: ToSocketAddrs + fmt::Debug> Address for T {}
-
-fn resolve(addr: impl Address) -> Result<Vec<SocketAddr>> {
-    let named = || format!("{addr:?}").trim_matches('"').to_string();
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|source| Error::Listen {
-            addr: named(),
-            source,
-        })?
-        .collect();
-    if addrs.is_empty() {
-        return Err(Error::Listen {
-            addr: named(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, "no address to listen on"),
-        });
+/// How the registry makes and finds a socket of a [`Listen`] kind: its type, and its key
+/// from the address it is bound to.
+fn shape(kind: Kind) -> (SocketType, Make) {
+    match kind {
+        Kind::TcpListener => (SocketType::STREAM, Make::Inet(Key::TcpListener)),
+        Kind::Udp => (SocketType::DGRAM, Make::Inet(Key::Udp)),
+        Kind::UnixListener => (SocketType::STREAM, Make::Unix(Key::UnixListener)),
+        Kind::UnixDatagram => (SocketType::DGRAM, Make::Unix(Key::UnixDatagram)),
+        // The named kinds are not `Listen` kinds; a seqpacket listener is what is left.
+        Kind::UnixSeqpacket | Kind::TcpStream | Kind::UnixStream | Kind::Fd => {
+            (SocketType::SEQPACKET, Make::Unix(Key::UnixSeqpacket))
+        }
     }
-    Ok(addrs)
 }
 
-fn resolve_one(addr: impl Address) -> Result<SocketAddr> {
-    let addrs = resolve(addr)?;
-    match addrs.as_slice() {
-        [one] => Ok(*one),
-        _ => Err(Error::Listen {
-            addr: format!("{addrs:?}"),
-            source: io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "a socket group needs an address that resolves to exactly one address",
-            ),
-        }),
+/// A key from an address.
+#[derive(Clone, Copy)]
+enum Make {
+    Inet(fn(SocketAddr) -> Key),
+    Unix(fn(UnixAddr) -> Key),
+}
+
+/// The key of a [`Named`] kind.
+fn named_key(kind: Kind, name: &str) -> Key {
+    match kind {
+        Kind::TcpStream => Key::TcpStream(name.to_string()),
+        Kind::UnixStream => Key::UnixStream(name.to_string()),
+        _ => Key::Fd(name.to_string()),
+    }
+}
+
+/// An address of the wrong family for the kind: the sealed traits rule it out.
+fn mismatch(resolved: Resolved) -> Error {
+    Error::Listen {
+        addr: format!("{resolved:?}"),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "an address of another family"),
     }
 }
 

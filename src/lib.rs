@@ -149,6 +149,7 @@ mod handshake;
 mod inherit;
 #[cfg(unix)]
 mod keeper;
+mod kinds;
 mod options;
 #[cfg(unix)]
 mod os;
@@ -176,11 +177,14 @@ mod upgrader;
 mod wire;
 
 pub use adoption::{Adoption, InheritedFd};
+#[cfg(unix)]
+pub use kinds::SeqpacketListener;
+pub use kinds::{Address, Group, Listen, Named};
 pub use error::{Error, Result};
 pub use options::Options;
 
 #[cfg(unix)]
-pub use fds::{Address, Fds};
+pub use fds::Fds;
 #[cfg(unix)]
 pub use keeper::Keeper;
 #[cfg(unix)]
@@ -190,7 +194,7 @@ pub use unix_addr::UnixAddr;
 pub use upgrader::{ExitHandle, Upgrader, Wake};
 
 #[cfg(not(unix))]
-pub use unsupported::{Address, ExitHandle, Fds, Keeper, Upgrader, Wake, MAX_STATE_SIZE};
+pub use unsupported::{ExitHandle, Fds, Keeper, Upgrader, Wake, MAX_STATE_SIZE};
 
 /// Not public API: entry points for the fuzzer and benchmarks. No stability promise.
 #[cfg(unix)]

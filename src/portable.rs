@@ -9,12 +9,12 @@
 #![allow(dead_code)]
 
 use std::fmt;
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, UdpSocket};
 use std::time::Duration;
 
 use crate::{
-    Address, Adoption, Error, ExitHandle, Fds, InheritedFd, Keeper, Options, Result, UnixAddr,
-    Upgrader, Wake, MAX_STATE_SIZE,
+    Adoption, Error, ExitHandle, Fds, Group, InheritedFd, Keeper, Listen, Options, Result,
+    UnixAddr, Upgrader, Wake, MAX_STATE_SIZE,
 };
 
 fn shared<T: fmt::Debug + Send + Sync>() {}
@@ -69,30 +69,28 @@ fn upgrader(upg: &Upgrader, listener: &TcpListener) -> Result<()> {
     upg.fail("reason")
 }
 
-fn fds(fds: &Fds, addr: impl Address + Copy, listener: &TcpListener) -> Result<()> {
+fn fds(fds: &Fds, addr: std::net::SocketAddr, listener: &TcpListener) -> Result<()> {
     let _: Fds = Fds::standalone();
     let inherited: Vec<InheritedFd> = fds.inherited();
     for InheritedFd { fd, kind, key } in inherited {
         let _: (i32, &'static str, String) = (fd, kind, key);
     }
-    let _: TcpListener = fds.listen_tcp(addr)?;
+    let _: TcpListener = fds.listen(addr)?;
+    let _: TcpListener = fds.listen("127.0.0.1:0")?;
     #[cfg(any(unix, windows))]
-    let _: TcpListener = fds.listen_tcp_with(addr, |_socket| Ok(()))?;
-    let _: Vec<TcpListener> = fds.listen_tcp_group(addr, 2)?;
-    let _: Vec<TcpListener> = fds.tcp_listener_group(addr)?;
-    let _: Option<TcpListener> = fds.tcp_listener(addr)?;
-    fds.add_tcp_listener(listener)?;
-    let stream: Option<TcpStream> = fds.tcp_stream("name")?;
-    if let Some(stream) = &stream {
-        fds.add_tcp_stream("name", stream)?;
-    }
-    let udp: UdpSocket = fds.listen_udp(addr)?;
+    let _: TcpListener = fds.listen_with(addr, |_socket| Ok(()))?;
+    let _: Vec<TcpListener> = fds.listen_group(addr, 2)?;
+    let _: Option<TcpListener> = fds.take(addr)?;
+    fds.add(listener)?;
+    let udp: UdpSocket = fds.listen(addr)?;
     #[cfg(any(unix, windows))]
-    let _: UdpSocket = fds.listen_udp_with(addr, |_socket| Ok(()))?;
-    let _: Vec<UdpSocket> = fds.listen_udp_group(addr, 2)?;
-    let _: Option<UdpSocket> = fds.udp_socket(addr)?;
-    fds.add_udp_socket(&udp)
+    let _: UdpSocket = fds.listen_with(addr, |_socket| Ok(()))?;
+    let _: Vec<UdpSocket> = fds.listen_group(addr, 2)?;
+    let _: Option<UdpSocket> = fds.take(addr)?;
+    fds.add(&udp)
 }
+
+fn kinds<S: Listen, G: Group>() {}
 
 fn unix_addr(path: &std::path::Path) -> String {
     let addrs: [UnixAddr; 6] = [

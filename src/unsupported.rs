@@ -35,13 +35,13 @@
 
 use std::convert::Infallible;
 use std::fmt;
-use std::net::{TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
 #[cfg(windows)]
 use std::os::windows::io::{AsSocket, BorrowedSocket};
 use std::time::Duration;
 
 use crate::adoption::{Adoption, InheritedFd};
 use crate::error::{Error, Result};
+use crate::kinds::{Address, Group, Listen};
 use crate::options::Options;
 
 /// What [`Options::before_bind`] keeps: a function of the socket being set up.
@@ -208,12 +208,6 @@ impl Keeper {
     }
 }
 
-/// What the IP methods take: anything [`ToSocketAddrs`] that can also be named in an
-/// error message.
-pub trait Address: ToSocketAddrs + fmt::Debug {}
-
-impl<T: ToSocketAddrs + fmt::Debug> Address for T {}
-
 /// The fd registry. Only [`Fds::standalone`] makes one here, and every method that can
 /// fail fails with [`Error::Unsupported`]; nothing is bound.
 #[derive(Debug)]
@@ -233,77 +227,32 @@ impl Fds {
     }
 
     /// Fails with [`Error::Unsupported`].
-    pub fn listen_tcp(&self, _addr: impl Address) -> Result<TcpListener> {
-        unsupported("Fds::listen_tcp")
+    pub fn listen<S: Listen>(&self, _addr: impl Address<S>) -> Result<S> {
+        unsupported("Fds::listen")
     }
 
     /// Fails with [`Error::Unsupported`]. `setup` takes a `BorrowedSocket` here.
     #[cfg(windows)]
-    pub fn listen_tcp_with(
+    pub fn listen_with<S: Listen>(
         &self,
-        _addr: impl Address,
+        _addr: impl Address<S>,
         _setup: impl FnMut(BorrowedSocket<'_>) -> std::io::Result<()>,
-    ) -> Result<TcpListener> {
-        unsupported("Fds::listen_tcp_with")
+    ) -> Result<S> {
+        unsupported("Fds::listen_with")
     }
 
     /// Fails with [`Error::Unsupported`].
-    pub fn listen_tcp_group(&self, _addr: impl Address, _n: usize) -> Result<Vec<TcpListener>> {
-        unsupported("Fds::listen_tcp_group")
+    pub fn listen_group<S: Group>(&self, _addr: impl Address<S>, _n: usize) -> Result<Vec<S>> {
+        unsupported("Fds::listen_group")
     }
 
     /// Fails with [`Error::Unsupported`].
-    pub fn tcp_listener_group(&self, _addr: impl Address) -> Result<Vec<TcpListener>> {
-        unsupported("Fds::tcp_listener_group")
+    pub fn take<S: Listen>(&self, _addr: impl Address<S>) -> Result<Option<S>> {
+        unsupported("Fds::take")
     }
 
     /// Fails with [`Error::Unsupported`].
-    pub fn listen_udp_group(&self, _addr: impl Address, _n: usize) -> Result<Vec<UdpSocket>> {
-        unsupported("Fds::listen_udp_group")
-    }
-
-    /// Fails with [`Error::Unsupported`].
-    pub fn tcp_listener(&self, _addr: impl Address) -> Result<Option<TcpListener>> {
-        unsupported("Fds::tcp_listener")
-    }
-
-    /// Fails with [`Error::Unsupported`].
-    pub fn add_tcp_listener(&self, _listener: &TcpListener) -> Result<()> {
-        unsupported("Fds::add_tcp_listener")
-    }
-
-    /// Fails with [`Error::Unsupported`].
-    pub fn add_tcp_stream(&self, _name: &str, _stream: &TcpStream) -> Result<()> {
-        unsupported("Fds::add_tcp_stream")
-    }
-
-    /// Fails with [`Error::Unsupported`].
-    pub fn tcp_stream(&self, _name: &str) -> Result<Option<TcpStream>> {
-        unsupported("Fds::tcp_stream")
-    }
-
-    /// Fails with [`Error::Unsupported`].
-    pub fn listen_udp(&self, _addr: impl Address) -> Result<UdpSocket> {
-        unsupported("Fds::listen_udp")
-    }
-
-    /// Fails with [`Error::Unsupported`]. `setup` takes a `BorrowedSocket` here.
-    #[cfg(windows)]
-    pub fn listen_udp_with(
-        &self,
-        _addr: impl Address,
-        _setup: impl FnMut(BorrowedSocket<'_>) -> std::io::Result<()>,
-    ) -> Result<UdpSocket> {
-        unsupported("Fds::listen_udp_with")
-    }
-
-    /// Fails with [`Error::Unsupported`].
-    pub fn udp_socket(&self, _addr: impl Address) -> Result<Option<UdpSocket>> {
-        unsupported("Fds::udp_socket")
-    }
-
-    /// Fails with [`Error::Unsupported`].
-    pub fn add_udp_socket(&self, _socket: &UdpSocket) -> Result<()> {
-        unsupported("Fds::add_udp_socket")
+    pub fn add<S: Listen>(&self, _socket: &S) -> Result<()> {
+        unsupported("Fds::add")
     }
 }

@@ -4,6 +4,7 @@ use super::protocol::*;
 use super::*;
 use std::io;
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, Scope, ScopedJoinHandle};
@@ -105,13 +106,15 @@ impl Server {
             addr: addr.to_string(),
             source,
         };
-        let listener = match upg.fds().unix_listener(addr.clone())? {
+        let listener = match upg.fds().take::<UnixListener>(addr.clone())? {
             // Its file keeps the mode it has.
             Some(inherited) => inherited,
             None => {
                 let listener = upg
                     .fds()
-                    .listen_unix_with(addr.clone(), |fd| restrict(fd, &addr, config.mode))?;
+                    .listen_with::<UnixListener>(addr.clone(), |fd| {
+                        restrict(fd, &addr, config.mode)
+                    })?;
                 if let UnixAddr::Path(path) = &addr {
                     set_mode(path, config.mode).map_err(listen_err)?;
                 }
