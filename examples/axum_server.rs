@@ -22,7 +22,7 @@
 //!
 //! How tableflip meets tokio:
 //!
-//! - The listener comes from the registry (`upg.fds().listen_tcp(..)`), is set
+//! - The listener comes from the registry (`upg.fds().listen::<TcpListener>(..)`), is set
 //!   non-blocking, and goes into [`tokio::net::TcpListener::from_std`]. `O_NONBLOCK` is
 //!   shared by the generations (it lives on the open file description), so every
 //!   generation must use the same mode; the std examples set it too.
@@ -212,7 +212,7 @@ async fn run(config: Config) -> Result<(), Box<dyn Error>> {
         options = options.pid_file(path);
     }
     let upg = Arc::new(Upgrader::new(options)?);
-    let listener = upg.fds().listen_tcp(config.listen.as_str())?;
+    let listener: std::net::TcpListener = upg.fds().listen(config.listen.as_str())?;
     // tokio needs it non-blocking; and since O_NONBLOCK is shared with the other
     // generation, every generation sets it (and none clears it).
     listener.set_nonblocking(true)?;

@@ -48,7 +48,7 @@
 //! waits on the listener and the exit fd together and accepts without blocking.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -178,7 +178,7 @@ fn run(
     let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
     let upg = Arc::new(Upgrader::new(options.pid_file(&pid_file))?);
 
-    let listener = upg.fds().listen_tcp(listen)?;
+    let listener = upg.fds().listen::<TcpListener>(listen)?;
     listener.set_nonblocking(true)?; // in every generation alike: the flag is shared
     log!("listening on {}", listener.local_addr()?);
 

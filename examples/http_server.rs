@@ -197,7 +197,7 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         options = options.pid_file(path);
     }
     let upg = Arc::new(Upgrader::new(options)?);
-    let listener = upg.fds().listen_tcp(config.listen.as_str())?;
+    let listener = upg.fds().listen::<TcpListener>(config.listen.as_str())?;
     // The same mode in every generation: O_NONBLOCK is shared between them.
     listener.set_nonblocking(true)?;
     log!(

@@ -228,7 +228,7 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     trace("new");
 
     // Inherited from the previous generation, or bound now.
-    let listener = upg.fds().listen_tcp(config.listen.as_str())?;
+    let listener = upg.fds().listen::<TcpListener>(config.listen.as_str())?;
     // The same mode in every generation: the flag is shared with the other generation.
     listener.set_nonblocking(true)?;
     log!(

@@ -107,7 +107,7 @@ fn run(
     }
     let upg = Arc::new(Upgrader::new(options)?);
 
-    let listeners = upg.fds().listen_tcp_group(listen, workers)?;
+    let listeners = upg.fds().listen_group::<TcpListener>(listen, workers)?;
     log!(
         "listening on {} with {} workers ({})",
         listeners[0].local_addr()?,

@@ -12,10 +12,10 @@ use rustix::net::{SocketAddrAny, SocketType};
 use crate::adoption::{Adoption, InheritedFd};
 use crate::error::{Error, Result};
 use crate::inherit::{Inherited, InheritedSet};
-use crate::socket::{self, inet, local_inet, unix, BeforeBind, PerCall, Setup, SocketFile};
-use crate::unix_addr::UnixAddr;
 use crate::kinds::sealed::{Kind, Resolved};
 use crate::kinds::{Address, Group, Listen, Named};
+use crate::socket::{self, inet, local_inet, unix, BeforeBind, PerCall, Setup, SocketFile};
+use crate::unix_addr::UnixAddr;
 use crate::wire::{Extra, Key, VAR};
 
 /// The fds this generation passes on: Go tableflip's `Fds`.

@@ -31,7 +31,7 @@
 //!     });
 //!
 //!     // Inherited from the previous generation, or bound now.
-//!     let listener = upg.fds().listen_tcp("127.0.0.1:8080")?;
+//!     let listener = upg.fds().listen::<TcpListener>("127.0.0.1:8080")?;
 //!     listener.set_nonblocking(true)?; // in every generation alike: see "Limitations"
 //!
 //!     // Serve first, then report ready (the previous generation commits the upgrade).
@@ -177,10 +177,10 @@ mod upgrader;
 mod wire;
 
 pub use adoption::{Adoption, InheritedFd};
+pub use error::{Error, Result};
 #[cfg(unix)]
 pub use kinds::SeqpacketListener;
 pub use kinds::{Address, Group, Listen, Named};
-pub use error::{Error, Result};
 pub use options::Options;
 
 #[cfg(unix)]

@@ -12,7 +12,7 @@
 mod util;
 
 use std::ffi::OsString;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
@@ -100,10 +100,10 @@ fn take(upg: &Upgrader, what: &str) -> tableflip::Result<Option<OwnedFd>> {
     let (kind, addr) = what.split_once(' ').expect("TF_TAKE is KIND ADDR");
     let fds = upg.fds();
     match kind {
-        "listen-tcp" => fds.listen_tcp(addr).map(|l| Some(l.into())),
-        "tcp" => fds.tcp_listener(addr).map(|l| l.map(Into::into)),
-        "udp" => fds.udp_socket(addr).map(|s| s.map(Into::into)),
-        "unix" => fds.unix_listener(addr).map(|l| l.map(Into::into)),
+        "listen-tcp" => fds.listen::<TcpListener>(addr).map(|l| Some(l.into())),
+        "tcp" => fds.take::<TcpListener>(addr).map(|l| l.map(Into::into)),
+        "udp" => fds.take::<UdpSocket>(addr).map(|s| s.map(Into::into)),
+        "unix" => fds.take::<UnixListener>(addr).map(|l| l.map(Into::into)),
         _ => panic!("unknown TF_TAKE kind {kind}"),
     }
 }
@@ -1136,7 +1136,7 @@ fn bind_replace_stop(tag: &str, replace: impl FnOnce(&Path)) -> PathBuf {
     let dir = util::scratch_dir(tag);
     let path = dir.join("s.sock");
     let upg = Upgrader::new(Options::new()).unwrap();
-    let listener = upg.fds().listen_unix(&path).unwrap();
+    let listener = upg.fds().listen::<UnixListener>(&path).unwrap();
     assert!(is_socket(&path));
     replace(&path);
     upg.stop();

@@ -4,6 +4,7 @@
 #![cfg(target_os = "linux")]
 
 use std::io::{Read, Write};
+use std::net::{TcpListener, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tableflip::{Error, Fds};
+use tableflip::{Error, Fds, SeqpacketListener};
 
 fn scratch(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -41,7 +42,7 @@ fn errors_show_the_os_reason_once_and_name_the_address() {
     let path = dir.join("busy.sock");
     let _live = UnixListener::bind(&path).unwrap();
     let fds = Fds::standalone();
-    let err = fds.listen_unix(path.as_path()).unwrap_err();
+    let err = fds.listen::<UnixListener>(path.as_path()).unwrap_err();
     assert!(matches!(err, Error::Listen { .. }), "{err:?}");
     let shown = err.to_string();
     assert!(shown.contains(&path.display().to_string()), "{shown}");
@@ -53,7 +54,7 @@ fn errors_show_the_os_reason_once_and_name_the_address() {
     );
 
     // An address that does not resolve is named too.
-    let err = fds.listen_tcp("localhost:99999").unwrap_err();
+    let err = fds.listen::<TcpListener>("localhost:99999").unwrap_err();
     assert!(err.to_string().contains("localhost:99999"), "{err}");
     assert!(err.io_error().is_some(), "{err:?}");
     let _ = std::fs::remove_dir_all(dir);
@@ -67,7 +68,7 @@ fn a_stale_socket_file_is_replaced_and_nothing_else_is_touched() {
     // Left by a process that died: std does not unlink on drop.
     let stale = dir.join("stale.sock");
     drop(UnixListener::bind(&stale).unwrap());
-    let ln = fds.listen_unix(stale.as_path()).unwrap();
+    let ln = fds.listen::<UnixListener>(stale.as_path()).unwrap();
     let mut client = UnixStream::connect(&stale).unwrap();
     let (mut served, _) = ln.accept().unwrap();
     served.write_all(b"ok").unwrap();
@@ -77,12 +78,12 @@ fn a_stale_socket_file_is_replaced_and_nothing_else_is_touched() {
     // Datagram sockets alike.
     let stale_dgram = dir.join("stale.dgram");
     drop(UnixDatagram::bind(&stale_dgram).unwrap());
-    fds.listen_unix_datagram(stale_dgram.as_path()).unwrap();
+    fds.listen::<UnixDatagram>(stale_dgram.as_path()).unwrap();
 
     // A live listener is never removed.
     let live = dir.join("live.sock");
     let live_ln = UnixListener::bind(&live).unwrap();
-    assert!(fds.listen_unix(live.as_path()).is_err());
+    assert!(fds.listen::<UnixListener>(live.as_path()).is_err());
     UnixStream::connect(&live).unwrap();
     live_ln.accept().unwrap();
 
@@ -114,13 +115,13 @@ fn a_stale_socket_file_is_replaced_and_nothing_else_is_touched() {
         }
         assert!(clients.len() < 1000);
     }
-    assert!(fds.listen_unix(full.as_path()).is_err());
+    assert!(fds.listen::<UnixListener>(full.as_path()).is_err());
     assert!(full.exists());
 
     // Nor a file that is no socket.
     let plain = dir.join("plain");
     std::fs::write(&plain, "data").unwrap();
-    assert!(fds.listen_unix(plain.as_path()).is_err());
+    assert!(fds.listen::<UnixListener>(plain.as_path()).is_err());
     assert_eq!(std::fs::read_to_string(&plain).unwrap(), "data");
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -130,7 +131,7 @@ fn seqpacket_listeners_keep_message_boundaries_and_can_be_added() {
     let dir = scratch("seqpacket");
     let path = dir.join("p.sock");
     let fds = Fds::standalone();
-    let ln = fds.listen_unix_seqpacket(path.as_path()).unwrap();
+    let ln = fds.listen::<SeqpacketListener>(path.as_path()).unwrap();
     let client = rustix::net::socket(
         rustix::net::AddressFamily::UNIX,
         rustix::net::SocketType::SEQPACKET,
@@ -145,15 +146,15 @@ fn seqpacket_listeners_keep_message_boundaries_and_can_be_added() {
     assert_eq!(served.read(&mut buf).unwrap(), 3, "one message per read");
     assert_eq!(&buf[..3], b"one");
     // The same address again: the same socket.
-    let again = fds.listen_unix_seqpacket(path.as_path()).unwrap();
+    let again = fds.listen::<SeqpacketListener>(path.as_path()).unwrap();
     assert_eq!(inode(again.as_fd()), inode(ln.as_fd()));
     // Asked for as a stream listener: not the same kind.
-    assert!(fds.listen_unix(path.as_path()).is_err());
+    assert!(fds.listen::<UnixListener>(path.as_path()).is_err());
 
     // One made elsewhere is registered as what it is.
     let other = Fds::standalone();
-    other.add_unix_listener(&ln).unwrap();
-    let found = other.listen_unix_seqpacket(path.as_path()).unwrap();
+    other.add(&ln).unwrap();
+    let found = other.listen::<SeqpacketListener>(path.as_path()).unwrap();
     assert_eq!(inode(found.as_fd()), inode(ln.as_fd()));
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -166,9 +167,9 @@ fn inode(fd: BorrowedFd<'_>) -> u64 {
 fn an_empty_path_lets_the_kernel_choose_each_name() {
     use std::os::linux::net::SocketAddrExt;
     let fds = Fds::standalone();
-    let a = fds.listen_unix("").unwrap();
-    let b = fds.listen_unix("").unwrap();
-    let d = fds.listen_unix_datagram("").unwrap();
+    let a = fds.listen::<UnixListener>("").unwrap();
+    let b = fds.listen::<UnixListener>("").unwrap();
+    let d = fds.listen::<UnixDatagram>("").unwrap();
     let name = |addr: std::os::unix::net::SocketAddr| addr.as_abstract_name().map(<[u8]>::to_vec);
     let (na, nb) = (
         name(a.local_addr().unwrap()).unwrap(),
@@ -188,7 +189,7 @@ fn per_call_setup_runs_for_a_new_socket_only() {
     let fds = Fds::standalone();
     let calls = AtomicUsize::new(0);
     let ln = fds
-        .listen_tcp_with("127.0.0.1:0", |fd| {
+        .listen_with::<TcpListener>("127.0.0.1:0", |fd| {
             calls.fetch_add(1, Ordering::SeqCst);
             rustix::net::sockopt::set_socket_recv_buffer_size(fd, 65536)?;
             Ok(())
@@ -197,7 +198,7 @@ fn per_call_setup_runs_for_a_new_socket_only() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     let addr = ln.local_addr().unwrap();
     let again = fds
-        .listen_tcp_with(addr, |_| {
+        .listen_with::<TcpListener>(addr, |_| {
             calls.fetch_add(1, Ordering::SeqCst);
             Ok(())
         })
@@ -210,7 +211,7 @@ fn per_call_setup_runs_for_a_new_socket_only() {
     );
     // Its error is the listen call's.
     let err = fds
-        .listen_udp_with("127.0.0.1:0", |_| {
+        .listen_with::<UdpSocket>("127.0.0.1:0", |_| {
             Err(std::io::Error::other("setup refused"))
         })
         .unwrap_err();
@@ -225,9 +226,9 @@ fn per_call_setup_may_use_the_registry() {
     let f = Arc::clone(&fds);
     std::thread::spawn(move || {
         let inner = Arc::clone(&f);
-        let result = f.listen_tcp_with("127.0.0.1:0", move |fd| {
+        let result = f.listen_with::<TcpListener>("127.0.0.1:0", move |fd| {
             let _ = format!("{inner:?} {:?}", inner.inherited());
-            let _ = inner.listen_udp("127.0.0.1:0");
+            let _ = inner.listen::<UdpSocket>("127.0.0.1:0");
             let _ = fd.as_raw_fd();
             Ok(())
         });
@@ -246,7 +247,7 @@ fn standalone_registries_work_side_by_side() {
         .map(|_| {
             std::thread::spawn(|| {
                 let fds = Fds::standalone();
-                let ln = fds.listen_tcp("127.0.0.1:0").unwrap();
+                let ln = fds.listen::<TcpListener>("127.0.0.1:0").unwrap();
                 assert!(fds.inherited().is_empty());
                 ln.local_addr().unwrap().port()
             })

@@ -137,9 +137,17 @@ fn upgrade_child(upg: Upgrader, new_time: Duration, new_faults: u64) -> Res<()> 
     let table = std::env::var_os(tableflip::__private::FD_TABLE_VAR).unwrap_or_default();
     let last_is = |name: &str| table.as_bytes().ends_with(format!(",fd,{name}").as_bytes());
     let (mut report, take_all) = if last_is(REPORT) {
-        (upg.fds().fd(REPORT)?.map(File::from), false)
+        (
+            upg.fds().take_named::<OwnedFd>(REPORT)?.map(File::from),
+            false,
+        )
     } else if last_is(REPORT_TAKE) {
-        (upg.fds().fd(REPORT_TAKE)?.map(File::from), true)
+        (
+            upg.fds()
+                .take_named::<OwnedFd>(REPORT_TAKE)?
+                .map(File::from),
+            true,
+        )
     } else {
         (None, false)
     };
@@ -153,7 +161,10 @@ fn upgrade_child(upg: Upgrader, new_time: Duration, new_faults: u64) -> Res<()> 
         // A server takes its sockets before ready(): f0, f1, ... until one is missing.
         let t = Instant::now();
         if take_all {
-            while let Some(fd) = upg.fds().fd(&format!("f{}", taken.len()))? {
+            while let Some(fd) = upg
+                .fds()
+                .take_named::<OwnedFd>(&format!("f{}", taken.len()))?
+            {
                 taken.push(fd);
             }
         }
@@ -334,7 +345,9 @@ fn measure() -> Res<()> {
     }
     // A child that takes every fd before ready(), as a server does with its sockets.
     let mut up_take = Samples::new(&format!("upgrade(), {big} fds, child takes all"));
-    let mut child_take = Samples::new(&format!("  child takes {big} fds (fds().fd(..))"));
+    let mut child_take = Samples::new(&format!(
+        "  child takes {big} fds (fds().take_named::<OwnedFd>(..))"
+    ));
     for _ in 0..cfg.take_runs {
         let r = upgrade_once(big, ChildDoes::TakeAll, &spawner)?;
         child_take.push(r.child.ok_or("no report from the child")?.take);
@@ -590,14 +603,14 @@ fn upgrade_once(n: usize, child: ChildDoes, primer: &FloorSpawner) -> Res<Upgrad
     let upg = Upgrader::new(Options::new().upgrade_timeout(Duration::from_secs(20)))?;
     let t = Instant::now();
     for (i, fd) in events.iter().enumerate() {
-        upg.fds().add_fd(&format!("f{i}"), fd)?;
+        upg.fds().add_named(&format!("f{i}"), fd)?;
     }
     if let Some((_, wr)) = &pipe {
         let name = match child {
             ChildDoes::TakeAll => REPORT_TAKE,
             _ => REPORT,
         };
-        upg.fds().add_fd(name, wr)?;
+        upg.fds().add_named(name, wr)?;
     }
     let register = t.elapsed();
     upg.ready()?;

@@ -110,11 +110,9 @@ impl Server {
             // Its file keeps the mode it has.
             Some(inherited) => inherited,
             None => {
-                let listener = upg
-                    .fds()
-                    .listen_with::<UnixListener>(addr.clone(), |fd| {
-                        restrict(fd, &addr, config.mode)
-                    })?;
+                let listener = upg.fds().listen_with::<UnixListener>(addr.clone(), |fd| {
+                    restrict(fd, &addr, config.mode)
+                })?;
                 if let UnixAddr::Path(path) = &addr {
                     set_mode(path, config.mode).map_err(listen_err)?;
                 }

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -20,7 +20,9 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tableflip::{Error, Options, UnixAddr, Upgrader};
+use std::os::unix::net::{UnixDatagram, UnixListener};
+
+use tableflip::{Error, Options, SeqpacketListener, UnixAddr, Upgrader};
 
 /// Tests that start processes hold this lock until their processes are gone, so that
 /// parallel tests never see (or reap) each other's children.
@@ -663,7 +665,7 @@ pub fn scenario(name: &str) -> ! {
             .split(',')
             .filter(|a| !a.is_empty())
         {
-            match upg.fds().listen_tcp(addr) {
+            match upg.fds().listen::<TcpListener>(addr) {
                 Ok(ln) => {
                     say(format!("tcp addr={}", ln.local_addr().unwrap()));
                     listeners.push(ln);
@@ -676,16 +678,16 @@ pub fn scenario(name: &str) -> ! {
             .or_else(|| env("TF_ABSTRACT").map(UnixAddr::abstract_name));
         if let Some(addr) = unix {
             if has("wrongkind") {
-                match upg.fds().listen_unix_datagram(addr.clone()) {
+                match upg.fds().listen::<UnixDatagram>(addr.clone()) {
                     Ok(_) => say("wrongkind result=accepted"),
                     Err(e) => say(format!("wrongkind {}", describe(&e))),
                 }
-                match upg.fds().unix_listener(addr.clone()) {
+                match upg.fds().take::<UnixListener>(addr.clone()) {
                     Ok(found) => say(format!("unix-lookup found={}", found.is_some())),
                     Err(e) => say(format!("unix-lookup {}", describe(&e))),
                 }
             }
-            match upg.fds().listen_unix(addr) {
+            match upg.fds().listen::<UnixListener>(addr) {
                 Ok(ln) => {
                     say("unix ok");
                     std::mem::forget(ln);
@@ -695,7 +697,7 @@ pub fn scenario(name: &str) -> ! {
         }
         // `TF_AUTOBIND`: a Unix listener whose name the kernel chooses.
         if env("TF_AUTOBIND").is_some() {
-            match upg.fds().listen_unix("") {
+            match upg.fds().listen::<UnixListener>("") {
                 Ok(ln) => {
                     let name = match ln.local_addr().ok().and_then(|a| {
                         std::os::linux::net::SocketAddrExt::as_abstract_name(&a).map(<[u8]>::to_vec)
@@ -714,7 +716,7 @@ pub fn scenario(name: &str) -> ! {
         }
         // `TF_SEQPACKET=PATH`: a SOCK_SEQPACKET listener.
         if let Some(path) = env("TF_SEQPACKET") {
-            match upg.fds().listen_unix_seqpacket(path.as_str()) {
+            match upg.fds().listen::<SeqpacketListener>(path.as_str()) {
                 Ok(ln) => {
                     say(format!("seqpacket inode={}", socket_inode(ln.as_raw_fd())));
                     std::mem::forget(ln);
@@ -724,7 +726,7 @@ pub fn scenario(name: &str) -> ! {
         }
         // `extra` with `TF_EXTRA_UNIX=PATH`: a Unix listener only this generation binds.
         if let (true, Some(path)) = (has("extra"), env("TF_EXTRA_UNIX")) {
-            match upg.fds().listen_unix(path.as_str()) {
+            match upg.fds().listen::<UnixListener>(path.as_str()) {
                 Ok(ln) => {
                     say("extra ok");
                     std::mem::forget(ln);
@@ -772,7 +774,7 @@ pub fn scenario(name: &str) -> ! {
     // `TF_GROUP=ADDR` with the word `group N` in `next` (default 2): a SO_REUSEPORT group.
     if let Some(addr) = env("TF_GROUP") {
         let n = arg("group").unwrap_or(2) as usize;
-        match upg.fds().listen_tcp_group(addr.as_str(), n) {
+        match upg.fds().listen_group::<TcpListener>(addr.as_str(), n) {
             Ok(group) => {
                 let inodes: Vec<String> =
                     group.iter().map(|l| socket_inode(l.as_raw_fd())).collect();
