@@ -16,11 +16,12 @@
 //! or prints why it failed and exits 1.
 //!
 //! ```text
-//! cargo run --example http_server -- --pid-file /tmp/http_server.pid &
+//! pid_file="${XDG_RUNTIME_DIR:-.}/http_server.pid"  # a directory of your own, not /tmp
+//! cargo run --example http_server -- --pid-file "$pid_file" &
 //! curl http://127.0.0.1:8080/              # hello from pid=1234
-//! kill -HUP "$(cat /tmp/http_server.pid)"  # upgrade
+//! kill -HUP "$(cat "$pid_file")"           # upgrade
 //! curl http://127.0.0.1:8080/              # hello from pid=1240
-//! kill -TERM "$(cat /tmp/http_server.pid)" # graceful stop
+//! kill -TERM "$(cat "$pid_file")"          # graceful stop
 //! ```
 //!
 //! When the next generation is ready (or on `SIGTERM`/`SIGINT`) this one:

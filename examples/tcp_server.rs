@@ -16,11 +16,12 @@
 //! `hello from pid=<pid>`, and is closed. Try it:
 //!
 //! ```text
-//! cargo run --example tcp_server -- --pid-file /tmp/tcp_server.pid &
+//! pid_file="${XDG_RUNTIME_DIR:-.}/tcp_server.pid"  # a directory of your own, not /tmp
+//! cargo run --example tcp_server -- --pid-file "$pid_file" &
 //! nc 127.0.0.1 8080                       # hello from pid=1234
-//! kill -HUP "$(cat /tmp/tcp_server.pid)"  # upgrade: a new process takes over
+//! kill -HUP "$(cat "$pid_file")"          # upgrade: a new process takes over
 //! nc 127.0.0.1 8080                       # hello from pid=1240
-//! kill -TERM "$(cat /tmp/tcp_server.pid)" # graceful stop
+//! kill -TERM "$(cat "$pid_file")"         # graceful stop
 //! ```
 //!
 //! - `SIGHUP` starts the next generation (same binary path and arguments) on a thread of
