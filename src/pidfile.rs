@@ -83,10 +83,7 @@ fn open_dir(path: &Path) -> io::Result<(Dir, &OsStr)> {
             "the pid file path has no file name",
         )
     })?;
-    let dir_path = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
+    let dir_path = crate::safe_dir::dir_of(path);
     let fd = rustix::fs::open(
         dir_path,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,

@@ -3,7 +3,17 @@
 //! the sticky bit protects names that exist, not free ones), or replace one (without the
 //! sticky bit). The pid file's directory and a control socket's are checked here.
 
+use std::path::Path;
+
 use rustix::fs::Stat;
+
+/// The directory a name at `path` is in: its parent, or `.` for a bare name.
+pub(crate) fn dir_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
 
 /// Why a user other than root, the users in `uids` and the group `gid` could create or
 /// replace a name in the directory whose `stat` is `dir`; `None` if nobody else can.

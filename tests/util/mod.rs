@@ -506,6 +506,7 @@ pub fn kind(e: &Error) -> &'static str {
         Error::StateTooLarge { .. } => "StateTooLarge",
         Error::PidFile { .. } => "PidFile",
         Error::Control { .. } => "Control",
+        Error::ControlPeer { .. } => "ControlPeer",
         Error::Remote { .. } => "Remote",
         Error::Io { .. } => "Io",
         _ => "Other",
