@@ -13,11 +13,12 @@
 //! (`curl --http2-prior-knowledge`, `h2load`), next to HTTP/1.1 on the same port.
 //!
 //! ```text
-//! cargo run --example axum_server -- --pid-file /tmp/axum_server.pid &
+//! pid_file="${XDG_RUNTIME_DIR:-.}/axum_server.pid"  # a directory of your own, not /tmp
+//! cargo run --example axum_server -- --pid-file "$pid_file" &
 //! curl http://127.0.0.1:8080/               # hello from pid=1234
-//! kill -HUP "$(cat /tmp/axum_server.pid)"   # upgrade
+//! kill -HUP "$(cat "$pid_file")"            # upgrade
 //! curl --http2-prior-knowledge http://127.0.0.1:8080/   # hello from pid=1240
-//! kill -TERM "$(cat /tmp/axum_server.pid)"  # graceful stop
+//! kill -TERM "$(cat "$pid_file")"           # graceful stop
 //! ```
 //!
 //! How tableflip meets tokio:

@@ -4,7 +4,7 @@
 //! ```text
 //! daemon --pid-file PATH [--listen HOST:PORT] [--upgrade-timeout SECS] [--probation SECS]
 //!        [--fd-store] [--keeper] [--control PATH|@NAME]
-//! daemon --control PATH|@NAME --upgrade
+//! daemon --control PATH|@NAME [--control-uid UID] --upgrade
 //! ```
 //!
 //! It stays in the foreground (no double fork: systemd does the daemonizing), logs to
@@ -42,7 +42,12 @@
 //!
 //! `--control` serves a control socket (see `tableflip::control`) on a thread of its own;
 //! `daemon --control PATH --upgrade` asks the daemon there to upgrade, prints the new
-//! pid and exits 0, or prints why it failed and exits 1.
+//! pid and exits 0, or prints why it failed and exits 1. It believes only the answer of
+//! root, of its own user, or of the owner of a socket file in a directory only that
+//! owner and root can write to, as `/run/daemon` above is (with `User=www`, systemd
+//! makes it belong to `www`: root's `ExecReload=` still just works). `--control-uid
+//! UID` names the uid the daemon runs as: needed for an abstract name when it runs as
+//! another user than the client, since anyone can bind one first.
 //!
 //! The serving loop is that of the `tcp_server` example, shortened; see there why it
 //! waits on the listener and the exit fd together and accepts without blocking.
@@ -65,7 +70,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const USAGE: &str = "usage: daemon --pid-file PATH [--listen HOST:PORT] \
                      [--upgrade-timeout SECS] [--probation SECS] [--fd-store] \
                      [--keeper] [--control PATH|@NAME]\n       \
-                     daemon --control PATH|@NAME --upgrade";
+                     daemon --control PATH|@NAME [--control-uid UID] --upgrade";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 macro_rules! log {
@@ -80,6 +85,7 @@ fn main() -> ExitCode {
     let mut listen = String::from("127.0.0.1:8080");
     let mut options = Options::new();
     let mut control: Option<UnixAddr> = None;
+    let mut control_uid: Option<u32> = None;
     let mut upgrade = false;
     let mut keeper = false;
     // What the client waits for: the server's upgrade timeout plus its probation.
@@ -125,6 +131,11 @@ fn main() -> ExitCode {
                     None => UnixAddr::Path(v.into()),
                 })
             }
+            (Some("--control-uid"), Some(v))
+                if v.to_str().is_some_and(|s| s.parse::<u32>().is_ok()) =>
+            {
+                control_uid = v.to_str().and_then(|s| s.parse().ok());
+            }
             _ => {
                 eprintln!("daemon: bad argument {arg:?}\n{USAGE}");
                 return ExitCode::from(2);
@@ -136,7 +147,11 @@ fn main() -> ExitCode {
             eprintln!("daemon: --upgrade needs --control\n{USAGE}");
             return ExitCode::from(2);
         };
-        return match tableflip::control::request_upgrade(addr, wait) {
+        let mut client = tableflip::control::ClientConfig::new(wait);
+        if let Some(uid) = control_uid {
+            client = client.server_uid(uid);
+        }
+        return match tableflip::control::request_upgrade(addr, client) {
             Ok(pid) => {
                 println!("{pid}");
                 ExitCode::SUCCESS

@@ -5,7 +5,7 @@
 //! http_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
 //!             [--probation SECS] [--fd-store] [--keeper]
 //!             [--lame-duck SECS] [--control PATH|@NAME]
-//! http_server --control PATH|@NAME --upgrade
+//! http_server --control PATH|@NAME [--control-uid UID] --upgrade
 //! ```
 //!
 //! Defaults: `127.0.0.1:8080`, no pid file, 60 s, 2 s. `GET` (and `HEAD`) of any path
@@ -13,14 +13,18 @@
 //!
 //! `--control` serves a control socket (see `tableflip::control`) on a thread of its
 //! own; `--upgrade` asks the server there to upgrade, prints the new pid and exits 0,
-//! or prints why it failed and exits 1.
+//! or prints why it failed and exits 1. It believes only the answer of root, of its own
+//! user, or of the owner of a socket file in a directory only that owner and root can
+//! write to (`/run/http_server`, not `/tmp`); `--control-uid UID` names the uid the
+//! server runs as (for an abstract name, when it runs as another user than the client).
 //!
 //! ```text
-//! cargo run --example http_server -- --pid-file /tmp/http_server.pid &
+//! pid_file="${XDG_RUNTIME_DIR:-.}/http_server.pid"  # a directory of your own, not /tmp
+//! cargo run --example http_server -- --pid-file "$pid_file" &
 //! curl http://127.0.0.1:8080/              # hello from pid=1234
-//! kill -HUP "$(cat /tmp/http_server.pid)"  # upgrade
+//! kill -HUP "$(cat "$pid_file")"           # upgrade
 //! curl http://127.0.0.1:8080/              # hello from pid=1240
-//! kill -TERM "$(cat /tmp/http_server.pid)" # graceful stop
+//! kill -TERM "$(cat "$pid_file")"          # graceful stop
 //! ```
 //!
 //! When the next generation is ready (or on `SIGTERM`/`SIGINT`) this one:
@@ -83,7 +87,8 @@ const ACCEPT_BATCH: usize = 64;
 
 const USAGE: &str = "usage: http_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--upgrade-timeout SECS] [--lame-duck SECS] [--probation SECS] \
-                     [--fd-store] [--keeper] [--control PATH|@NAME] [--upgrade]";
+                     [--fd-store] [--keeper] [--control PATH|@NAME] \
+                     [--control-uid UID] [--upgrade]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 macro_rules! log {
@@ -102,6 +107,8 @@ struct Config {
     fd_store: bool,
     keeper: bool,
     control: Option<tableflip::UnixAddr>,
+    /// `--control-uid`: the uid the server on the control socket runs as.
+    control_uid: Option<u32>,
     upgrade: bool,
 }
 
@@ -149,6 +156,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         fd_store: false,
         keeper: false,
         control: None,
+        control_uid: None,
         upgrade: false,
     };
     while let Some(arg) = args.next() {
@@ -177,6 +185,11 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
                 }
             }
             "--control" => config.control = Some(control::addr(value()?)),
+            "--control-uid" => {
+                let v = value()?;
+                let uid = v.to_str().and_then(|s| s.parse().ok());
+                config.control_uid = Some(uid.ok_or_else(|| format!("{flag}: bad uid {v:?}"))?);
+            }
             "--upgrade" => config.upgrade = true,
             "-h" | "--help" => return Ok(None),
             _ => return Err(format!("unknown argument {flag:?}")),
@@ -751,7 +764,7 @@ mod control {
     use std::thread::{self, JoinHandle};
     use std::time::Duration;
 
-    use tableflip::control::{request_upgrade, Server};
+    use tableflip::control::{request_upgrade, ClientConfig, Server};
     use tableflip::{UnixAddr, Upgrader};
 
     use super::{error_chain, Config};
@@ -772,7 +785,11 @@ mod control {
             return ExitCode::from(2);
         };
         let wait = config.upgrade_timeout + config.probation + Duration::from_secs(10);
-        match request_upgrade(addr, wait) {
+        let mut client = ClientConfig::new(wait);
+        if let Some(uid) = config.control_uid {
+            client = client.server_uid(uid);
+        }
+        match request_upgrade(addr, client) {
             Ok(pid) => {
                 println!("{pid}");
                 ExitCode::SUCCESS

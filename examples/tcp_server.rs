@@ -5,7 +5,7 @@
 //! tcp_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
 //!            [--probation SECS] [--fd-store] [--keeper]
 //!            [--control PATH|@NAME]
-//! tcp_server --control PATH|@NAME --upgrade | --status
+//! tcp_server --control PATH|@NAME [--control-uid UID] --upgrade | --status
 //! ```
 //!
 //! Defaults: `127.0.0.1:8080`, no pid file, 60 s, no probation (`--probation 2` keeps
@@ -16,11 +16,12 @@
 //! `hello from pid=<pid>`, and is closed. Try it:
 //!
 //! ```text
-//! cargo run --example tcp_server -- --pid-file /tmp/tcp_server.pid &
+//! pid_file="${XDG_RUNTIME_DIR:-.}/tcp_server.pid"  # a directory of your own, not /tmp
+//! cargo run --example tcp_server -- --pid-file "$pid_file" &
 //! nc 127.0.0.1 8080                       # hello from pid=1234
-//! kill -HUP "$(cat /tmp/tcp_server.pid)"  # upgrade: a new process takes over
+//! kill -HUP "$(cat "$pid_file")"          # upgrade: a new process takes over
 //! nc 127.0.0.1 8080                       # hello from pid=1240
-//! kill -TERM "$(cat /tmp/tcp_server.pid)" # graceful stop
+//! kill -TERM "$(cat "$pid_file")"         # graceful stop
 //! ```
 //!
 //! - `SIGHUP` starts the next generation (same binary path and arguments) on a thread of
@@ -31,7 +32,11 @@
 //!   prints why it failed (the new generation's own reason, if it gave one) and exits
 //!   1: a command for systemd's `ExecReload=`. `--status` prints what the server is
 //!   doing. The client waits `--upgrade-timeout` plus `--probation` plus 10 s at most,
-//!   so give it the server's values if they are larger than the defaults.
+//!   so give it the server's values if they are larger than the defaults. It believes
+//!   only the answer of root, of its own user, or of the owner of a socket file in a
+//!   directory only that owner and root can write to (`/run/tcp_server`, not `/tmp`);
+//!   `--control-uid UID` names the uid the server runs as (needed for an abstract name
+//!   when the server runs as another user than the client: anyone can bind one first).
 //! - A generation accepts from the moment it has its listener, before it reports ready:
 //!   with a probation both generations serve until the old one commits.
 //! - When the next generation is ready (or on `SIGTERM`/`SIGINT`) this process stops
@@ -72,7 +77,7 @@ const ACCEPT_BATCH: usize = 64;
 const USAGE: &str = "usage: tcp_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--upgrade-timeout SECS] [--probation SECS] [--fd-store] \
                      [--keeper] [--control PATH|@NAME]\n       \
-                     tcp_server --control PATH|@NAME --upgrade | --status";
+                     tcp_server --control PATH|@NAME [--control-uid UID] --upgrade | --status";
 
 /// Logs one line to stderr with this process's pid. A single `write` per line, so the
 /// lines of two generations sharing a log file do not interleave, and a closed stderr
@@ -92,6 +97,8 @@ struct Config {
     fd_store: bool,
     keeper: bool,
     control: Option<UnixAddr>,
+    /// `--control-uid`: the uid the server on the control socket runs as.
+    control_uid: Option<u32>,
     /// `--upgrade` or `--status`: a client of the control socket, not a server.
     ask: Option<&'static str>,
 }
@@ -140,6 +147,7 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, St
         fd_store: false,
         keeper: false,
         control: None,
+        control_uid: None,
         ask: None,
     };
     let mut args = args;
@@ -160,6 +168,11 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, St
             "--fd-store" => config.fd_store = true,
             "--keeper" => config.keeper = true,
             "--control" => config.control = Some(control_addr(value()?)),
+            "--control-uid" => {
+                let v = value()?;
+                let uid = v.to_str().and_then(|s| s.parse().ok());
+                config.control_uid = Some(uid.ok_or_else(|| format!("{flag}: bad uid {v:?}"))?);
+            }
             "--upgrade" => config.ask = Some("upgrade"),
             "--status" => config.ask = Some("status"),
             "-h" | "--help" => return Ok(None),
@@ -187,9 +200,13 @@ fn ask(config: &Config, command: &str) -> ExitCode {
     };
     // The server answers when its upgrade has ended: its timeout plus its probation.
     let timeout = config.upgrade_timeout + config.probation + Duration::from_secs(10);
+    let mut client = control::ClientConfig::new(timeout);
+    if let Some(uid) = config.control_uid {
+        client = client.server_uid(uid);
+    }
     let answer = match command {
-        "upgrade" => control::request_upgrade(addr, timeout).map(|pid| pid.to_string()),
-        _ => control::status(addr, timeout).map(|status| status.to_string()),
+        "upgrade" => control::request_upgrade(addr, client).map(|pid| pid.to_string()),
+        _ => control::status(addr, client).map(|status| status.to_string()),
     };
     match answer {
         Ok(line) => {

@@ -16,7 +16,7 @@
 //! use tableflip::{Options, Upgrader, Wake};
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     let upg = Arc::new(Upgrader::new(Options::new().pid_file("/tmp/myapp.pid"))?);
+//!     let upg = Arc::new(Upgrader::new(Options::new().pid_file("/run/myapp/myapp.pid"))?);
 //!
 //!     // Upgrade on SIGHUP, from a thread of our own (signal-hook, or any other way).
 //!     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
@@ -157,6 +157,8 @@ mod pidfile;
 mod portable;
 #[cfg(unix)]
 mod process;
+#[cfg(unix)]
+mod safe_dir;
 #[cfg(unix)]
 mod socket;
 #[cfg(unix)]
