@@ -9,10 +9,11 @@
 //!
 //! It stays in the foreground (no double fork: systemd does the daemonizing), logs to
 //! stderr (the journal) with its pid, answers every TCP connection on `--listen`
-//! (default `127.0.0.1:8080`) with `hello from pid=<pid>`, upgrades on `SIGHUP` and
-//! stops gracefully on `SIGTERM` or `SIGINT`. The pid changes at every upgrade, so
-//! systemd must follow the pid file, which each generation rewrites when it is ready,
-//! before the previous one exits:
+//! (default `127.0.0.1:8080`) with `hello from pid=<pid>`, upgrades on `SIGHUP` (not on
+//! one the kernel sent when a terminal went away: see [`asked`]) and stops gracefully
+//! on `SIGTERM` or `SIGINT`. The pid changes at every upgrade, so systemd must follow
+//! the pid file, which each generation rewrites when it is ready, before the previous
+//! one exits:
 //!
 //! ```ini
 //! # /etc/systemd/system/daemon.service
@@ -56,7 +57,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signal_hook::iterator::exfiltrator::origin::{Origin, WithOrigin};
+use signal_hook::iterator::SignalsInfo;
+use signal_hook::low_level::siginfo::Cause;
 use tableflip::{Options, UnixAddr, Upgrader, Wake};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -86,6 +89,10 @@ fn main() -> ExitCode {
     let mut wait = Duration::from_secs(60 + 10);
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--help" || arg == "-h" {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         if arg == "--fd-store" {
             options = options.fd_store(true);
             continue;
@@ -175,12 +182,21 @@ fn run(
     control: Option<UnixAddr>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     // First: a new generation starts with SIGHUP at its default disposition (death).
-    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    // Each signal comes with its origin: who sent it, or whether the kernel did.
+    let signals = SignalsInfo::<WithOrigin>::new([SIGHUP, SIGTERM, SIGINT])?;
     let upg = Arc::new(Upgrader::new(options.pid_file(&pid_file))?);
 
+    // Inherited (from the previous generation, or a fd store) or bound now: the
+    // registry knows which.
+    let inherited = upg.fds().inherited().len();
     let listener = upg.fds().listen_tcp(listen)?;
+    let inherited = upg.fds().inherited().len() < inherited;
     listener.set_nonblocking(true)?; // in every generation alike: the flag is shared
-    log!("listening on {}", listener.local_addr()?);
+    log!(
+        "listening on {} ({})",
+        listener.local_addr()?,
+        if inherited { "inherited" } else { "new socket" }
+    );
 
     // The threads running upgrade(): the last one is joined before exiting, so that
     // its result is logged. Once the exit fd fires, they all return promptly.
@@ -290,17 +306,19 @@ fn run(
 
 /// Upgrades on `SIGHUP` (on a thread of its own: `upgrade()` blocks until the new
 /// generation is ready or has failed), stops on `SIGTERM` and `SIGINT`.
-fn on_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: Arc<Mutex<Vec<JoinHandle<()>>>>) {
+fn on_signals(
+    mut signals: SignalsInfo<WithOrigin>,
+    upg: Arc<Upgrader>,
+    upgrades: Arc<Mutex<Vec<JoinHandle<()>>>>,
+) {
     for signal in signals.forever() {
-        if signal != SIGHUP {
-            let name = if signal == SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            };
-            log!("{name}: stopping");
-            upg.stop();
-            continue;
+        match asked(&signal) {
+            Asked::Upgrade => {}
+            Asked::Stop => {
+                upg.stop();
+                continue;
+            }
+            Asked::Nothing => continue,
         }
         let upg = Arc::clone(&upg);
         // Locked before the thread starts, so that the exiting main thread finds it.
@@ -308,16 +326,47 @@ fn on_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: Arc<Mutex<Vec<
         threads.retain(|t| !t.is_finished());
         let spawned = thread::Builder::new()
             .name("upgrade".into())
-            .spawn(move || {
-                log!("SIGHUP: starting a new generation");
-                match upg.upgrade() {
-                    Ok(pid) => log!("upgrade succeeded: pid {pid} took over; handing over"),
-                    Err(e) => log!("upgrade failed: {}", error_chain(&e)),
-                }
+            .spawn(move || match upg.upgrade() {
+                Ok(pid) => log!("upgrade succeeded: pid {pid} took over; handing over"),
+                Err(e) => log!("upgrade failed: {}", error_chain(&e)),
             });
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
+        }
+    }
+}
+
+/// What a signal asks of this process.
+enum Asked {
+    Upgrade,
+    Stop,
+    Nothing,
+}
+
+/// What `signal` asks for, logged in one line. A `SIGHUP` that a process sent (`kill
+/// -HUP`, systemd's `ExecReload=`, the keeper) asks for an upgrade. One that the kernel
+/// sent does not: the terminal went away, or the process that led its session exited,
+/// which is the first generation when it was started from a shell (`script`, tmux, a
+/// terminal emulator). The terminal is gone either way: serve on, as a daemon does.
+/// `SIGTERM` and `SIGINT` ask to stop.
+fn asked(signal: &Origin) -> Asked {
+    let name = signal_hook::low_level::signal_name(signal.signal).unwrap_or("signal");
+    let from = signal
+        .process
+        .map_or(String::new(), |p| format!(" from pid {}", p.pid));
+    match signal.signal {
+        SIGHUP if signal.cause == Cause::Kernel => {
+            log!("SIGHUP from the kernel (the terminal is gone): no upgrade; serving on");
+            Asked::Nothing
+        }
+        SIGHUP => {
+            log!("SIGHUP{from}: upgrading");
+            Asked::Upgrade
+        }
+        _ => {
+            log!("{name}{from}: stopping");
+            Asked::Stop
         }
     }
 }

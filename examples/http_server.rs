@@ -23,6 +23,8 @@
 //! kill -TERM "$(cat /tmp/http_server.pid)" # graceful stop
 //! ```
 //!
+//! `SIGHUP` upgrades, unless the kernel sent it (the terminal went away: see [`asked`]).
+//!
 //! When the next generation is ready (or on `SIGTERM`/`SIGINT`) this one:
 //!
 //! 1. stops accepting (the accept loop waits on the listener and the exit fd together,
@@ -59,7 +61,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signal_hook::iterator::exfiltrator::origin::{Origin, WithOrigin};
+use signal_hook::iterator::SignalsInfo;
+use signal_hook::low_level::siginfo::Cause;
 use tableflip::{Options, Upgrader};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -187,7 +191,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
 
 fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // Before anything else: a new generation starts with SIGHUP at its default (death).
-    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    // Each signal comes with its origin: who sent it, or whether the kernel did.
+    let signals = SignalsInfo::<WithOrigin>::new([SIGHUP, SIGTERM, SIGINT])?;
 
     let mut options = Options::new()
         .upgrade_timeout(config.upgrade_timeout)
@@ -197,17 +202,17 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         options = options.pid_file(path);
     }
     let upg = Arc::new(Upgrader::new(options)?);
+    // Inherited (from the previous generation, or a fd store) or bound now: the
+    // registry knows which.
+    let inherited = upg.fds().inherited().len();
     let listener = upg.fds().listen_tcp(config.listen.as_str())?;
+    let inherited = upg.fds().inherited().len() < inherited;
     // The same mode in every generation: O_NONBLOCK is shared between them.
     listener.set_nonblocking(true)?;
     log!(
         "listening on http://{} ({})",
         listener.local_addr()?,
-        if upg.has_parent() {
-            "inherited from the previous generation"
-        } else {
-            "new socket"
-        }
+        if inherited { "inherited" } else { "new socket" }
     );
 
     let upgrades = UpgradeThreads::default();
@@ -270,37 +275,68 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
 /// the exit fd fires: the upgrade has succeeded, or `stop()` has cancelled it.
 type UpgradeThreads = Arc<Mutex<Vec<JoinHandle<()>>>>;
 
-fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThreads) {
+fn handle_signals(
+    mut signals: SignalsInfo<WithOrigin>,
+    upg: Arc<Upgrader>,
+    upgrades: UpgradeThreads,
+) {
     for signal in signals.forever() {
-        if signal == SIGHUP {
-            // upgrade() blocks until the new generation is ready or has failed.
-            let upg = Arc::clone(&upg);
-            // Locked before the thread starts, so that the exiting main thread finds it.
-            let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
-            threads.retain(|t| !t.is_finished());
-            let spawned = thread::Builder::new()
-                .name("upgrade".into())
-                .spawn(move || {
-                    log!("SIGHUP: upgrading");
-                    match upg.upgrade() {
-                        Ok(pid) => {
-                            log!("upgrade succeeded: the new generation (pid {pid}) is ready")
-                        }
-                        Err(e) => log!("upgrade failed: {}", error_chain(&e)),
-                    }
-                });
-            match spawned {
-                Ok(thread) => threads.push(thread),
-                Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
+        match asked(&signal) {
+            Asked::Upgrade => {}
+            Asked::Stop => {
+                upg.stop();
+                continue;
             }
-        } else {
-            let name = if signal == SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            };
-            log!("{name}: stopping");
-            upg.stop();
+            Asked::Nothing => continue,
+        }
+        // upgrade() blocks until the new generation is ready or has failed.
+        let upg = Arc::clone(&upg);
+        // Locked before the thread starts, so that the exiting main thread finds it.
+        let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
+        threads.retain(|t| !t.is_finished());
+        let spawned = thread::Builder::new()
+            .name("upgrade".into())
+            .spawn(move || match upg.upgrade() {
+                Ok(pid) => log!("upgrade succeeded: the new generation (pid {pid}) is ready"),
+                Err(e) => log!("upgrade failed: {}", error_chain(&e)),
+            });
+        match spawned {
+            Ok(thread) => threads.push(thread),
+            Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
+        }
+    }
+}
+
+/// What a signal asks of this process.
+enum Asked {
+    Upgrade,
+    Stop,
+    Nothing,
+}
+
+/// What `signal` asks for, logged in one line. A `SIGHUP` that a process sent (`kill
+/// -HUP`, systemd's `ExecReload=`, the keeper) asks for an upgrade. One that the kernel
+/// sent does not: the terminal went away, or the process that led its session exited,
+/// which is the first generation when it was started from a shell (`script`, tmux, a
+/// terminal emulator). The terminal is gone either way: serve on, as a daemon does.
+/// `SIGTERM` and `SIGINT` ask to stop.
+fn asked(signal: &Origin) -> Asked {
+    let name = signal_hook::low_level::signal_name(signal.signal).unwrap_or("signal");
+    let from = signal
+        .process
+        .map_or(String::new(), |p| format!(" from pid {}", p.pid));
+    match signal.signal {
+        SIGHUP if signal.cause == Cause::Kernel => {
+            log!("SIGHUP from the kernel (the terminal is gone): no upgrade; serving on");
+            Asked::Nothing
+        }
+        SIGHUP => {
+            log!("SIGHUP{from}: upgrading");
+            Asked::Upgrade
+        }
+        _ => {
+            log!("{name}{from}: stopping");
+            Asked::Stop
         }
     }
 }

@@ -24,7 +24,9 @@
 //! ```
 //!
 //! - `SIGHUP` starts the next generation (same binary path and arguments) on a thread of
-//!   its own. If it fails, the reason is logged and this process keeps serving.
+//!   its own. If it fails, the reason is logged and this process keeps serving. A
+//!   `SIGHUP` that the kernel sent (the terminal went away, or the process leading its
+//!   session exited: see [`asked`]) is logged and changes nothing.
 //! - `--control PATH` (or `@NAME`, an abstract name) serves a control socket on a thread
 //!   of its own (see `tableflip::control`). `tcp_server --control PATH --upgrade` asks
 //!   the server there to upgrade, waits, prints the new generation's pid and exits 0, or
@@ -56,7 +58,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signal_hook::iterator::exfiltrator::origin::{Origin, WithOrigin};
+use signal_hook::iterator::SignalsInfo;
+use signal_hook::low_level::siginfo::Cause;
 use tableflip::{control, Options, UnixAddr, Upgrader, Wake};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -214,8 +218,9 @@ fn seconds(flag: &str, v: &OsString) -> Result<Option<Duration>, String> {
 
 fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // First of all: a new generation starts with every signal at its default
-    // disposition, and the default for SIGHUP is to die.
-    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    // disposition, and the default for SIGHUP is to die. Each signal comes with its
+    // origin: who sent it, or whether the kernel did.
+    let signals = SignalsInfo::<WithOrigin>::new([SIGHUP, SIGTERM, SIGINT])?;
 
     let mut options = Options::new()
         .upgrade_timeout(config.upgrade_timeout)
@@ -227,18 +232,17 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     let upg = Arc::new(Upgrader::new(options)?);
     trace("new");
 
-    // Inherited from the previous generation, or bound now.
+    // Inherited (from the previous generation, or the keeper's or systemd's fd store),
+    // or bound now: the registry knows which.
+    let inherited = upg.fds().inherited().len();
     let listener = upg.fds().listen_tcp(config.listen.as_str())?;
+    let inherited = upg.fds().inherited().len() < inherited;
     // The same mode in every generation: the flag is shared with the other generation.
     listener.set_nonblocking(true)?;
     log!(
         "listening on {} ({})",
         listener.local_addr()?,
-        if upg.has_parent() {
-            "inherited from the previous generation"
-        } else {
-            "new socket"
-        }
+        if inherited { "inherited" } else { "new socket" }
     );
 
     // The control socket: inherited from the previous generation, or bound now. Taken
@@ -352,7 +356,6 @@ impl UpgradeWorker {
             .spawn(move || {
                 while rx.recv().is_ok() {
                     let _busy = held.lock().unwrap_or_else(|e| e.into_inner());
-                    log!("SIGHUP: upgrading");
                     trace("upgrade");
                     let result = upg.upgrade();
                     trace("upgraded");
@@ -368,23 +371,57 @@ impl UpgradeWorker {
     }
 }
 
-fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, requests: SyncSender<()>) {
+fn handle_signals(
+    mut signals: SignalsInfo<WithOrigin>,
+    upg: Arc<Upgrader>,
+    requests: SyncSender<()>,
+) {
     for signal in signals.forever() {
-        if signal == SIGHUP {
-            trace("sighup");
-            // upgrade() blocks until the new generation is ready or has failed: it runs
-            // on the worker, so that SIGTERM is still handled meanwhile.
-            if requests.try_send(()).is_err() {
-                log!("upgrade failed: another upgrade is in progress");
+        match asked(&signal) {
+            Asked::Upgrade => {
+                trace("sighup");
+                // upgrade() blocks until the new generation is ready or has failed: it
+                // runs on the worker, so that SIGTERM is still handled meanwhile.
+                if requests.try_send(()).is_err() {
+                    log!("upgrade failed: another upgrade is in progress");
+                }
             }
-        } else {
-            let name = if signal == SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            };
-            log!("{name}: stopping");
-            upg.stop();
+            Asked::Stop => upg.stop(),
+            Asked::Nothing => {}
+        }
+    }
+}
+
+/// What a signal asks of this process.
+enum Asked {
+    Upgrade,
+    Stop,
+    Nothing,
+}
+
+/// What `signal` asks for, logged in one line. A `SIGHUP` that a process sent (`kill
+/// -HUP`, systemd's `ExecReload=`, the keeper) asks for an upgrade. One that the kernel
+/// sent does not: the terminal went away, or the process that led its session exited,
+/// which is the first generation when it was started from a shell (`script`, tmux, a
+/// terminal emulator). The terminal is gone either way: serve on, as a daemon does.
+/// `SIGTERM` and `SIGINT` ask to stop.
+fn asked(signal: &Origin) -> Asked {
+    let name = signal_hook::low_level::signal_name(signal.signal).unwrap_or("signal");
+    let from = signal
+        .process
+        .map_or(String::new(), |p| format!(" from pid {}", p.pid));
+    match signal.signal {
+        SIGHUP if signal.cause == Cause::Kernel => {
+            log!("SIGHUP from the kernel (the terminal is gone): no upgrade; serving on");
+            Asked::Nothing
+        }
+        SIGHUP => {
+            log!("SIGHUP{from}: upgrading");
+            Asked::Upgrade
+        }
+        _ => {
+            log!("{name}{from}: stopping");
+            Asked::Stop
         }
     }
 }

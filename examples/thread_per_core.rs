@@ -17,6 +17,8 @@
 //!   between `socket()` and `bind()` for every socket the registry creates.
 //! - Each worker waits with `poll(2)` on its listener and on the upgrader's exit fd: no busy
 //!   loop, and it stops accepting the moment the next generation is ready.
+//! - `SIGHUP` upgrades, unless the kernel sent it (the terminal went away: see
+//!   [`request`]); `SIGTERM` and `SIGINT` stop.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener};
@@ -26,7 +28,9 @@ use std::thread;
 use std::time::Duration;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signal_hook::iterator::exfiltrator::origin::{Origin, WithOrigin};
+use signal_hook::iterator::SignalsInfo;
+use signal_hook::low_level::siginfo::Cause;
 use tableflip::{Options, Upgrader, Wake};
 
 /// Connections accepted per wake-up before the exit fd is looked at again.
@@ -50,6 +54,10 @@ fn main() -> ExitCode {
     let mut workers = thread::available_parallelism().map_or(1, |n| n.get());
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--help" || flag == "-h" {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         let value = args.next();
         let ok = match (flag.as_str(), value) {
             ("--listen", Some(v)) => {
@@ -95,7 +103,8 @@ fn run(
     workers: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
     // Before anything else: a new generation starts with SIGHUP at its default (death).
-    let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    // Each signal comes with its origin: who sent it, or whether the kernel did.
+    let mut signals = SignalsInfo::<WithOrigin>::new([SIGHUP, SIGTERM, SIGINT])?;
 
     let mut options = Options::new().upgrade_timeout(timeout).before_bind(|fd| {
         // Called for every socket the registry creates, before bind().
@@ -107,31 +116,36 @@ fn run(
     }
     let upg = Arc::new(Upgrader::new(options)?);
 
+    // Inherited (from the previous generation, or a fd store) or bound now: the
+    // registry knows which, socket by socket.
+    let inherited = upg.fds().inherited().len();
     let listeners = upg.fds().listen_tcp_group(listen, workers)?;
+    let inherited = inherited - upg.fds().inherited().len();
     log!(
         "listening on {} with {} workers ({})",
         listeners[0].local_addr()?,
         listeners.len(),
-        if upg.has_parent() {
-            "inherited"
-        } else {
-            "new sockets"
+        match inherited {
+            0 => "new sockets".to_string(),
+            n if n == listeners.len() => "inherited".to_string(),
+            n => format!("{n} inherited, {} new sockets", listeners.len() - n),
         }
     );
 
     let u = Arc::clone(&upg);
     thread::spawn(move || {
         for signal in signals.forever() {
-            if signal == SIGHUP {
-                let u = Arc::clone(&u);
-                // upgrade() blocks until the next generation is ready or has failed.
-                thread::spawn(move || match u.upgrade() {
-                    Ok(pid) => log!("upgrade succeeded: pid {pid} took over; handing over"),
-                    Err(e) => log!("upgrade failed, still serving: {e}"),
-                });
-            } else {
-                log!("stopping");
-                u.stop();
+            match asked(&signal) {
+                Asked::Upgrade => {
+                    let u = Arc::clone(&u);
+                    // upgrade() blocks until the next generation is ready or has failed.
+                    thread::spawn(move || match u.upgrade() {
+                        Ok(pid) => log!("upgrade succeeded: pid {pid} took over; handing over"),
+                        Err(e) => log!("upgrade failed, still serving: {e}"),
+                    });
+                }
+                Asked::Stop => u.stop(),
+                Asked::Nothing => {}
             }
         }
     });
@@ -163,6 +177,40 @@ fn run(
     }
     log!("exit");
     Ok(())
+}
+
+/// What a signal asks of this process.
+enum Asked {
+    Upgrade,
+    Stop,
+    Nothing,
+}
+
+/// What `signal` asks for, logged in one line. A `SIGHUP` that a process sent (`kill
+/// -HUP`, systemd's `ExecReload=`, the keeper) asks for an upgrade. One that the kernel
+/// sent does not: the terminal went away, or the process that led its session exited,
+/// which is the first generation when it was started from a shell (`script`, tmux, a
+/// terminal emulator). The terminal is gone either way: serve on, as a daemon does.
+/// `SIGTERM` and `SIGINT` ask to stop.
+fn asked(signal: &Origin) -> Asked {
+    let name = signal_hook::low_level::signal_name(signal.signal).unwrap_or("signal");
+    let from = signal
+        .process
+        .map_or(String::new(), |p| format!(" from pid {}", p.pid));
+    match signal.signal {
+        SIGHUP if signal.cause == Cause::Kernel => {
+            log!("SIGHUP from the kernel (the terminal is gone): no upgrade; serving on");
+            Asked::Nothing
+        }
+        SIGHUP => {
+            log!("SIGHUP{from}: upgrading");
+            Asked::Upgrade
+        }
+        _ => {
+            log!("{name}{from}: stopping");
+            Asked::Stop
+        }
+    }
 }
 
 /// Serves one listener until the exit fd fires. Each connection is answered on the spot,
