@@ -78,6 +78,7 @@ pub fn status(addr: impl Into<UnixAddr>, timeout: Duration) -> Result<Status> {
         pid,
         ready: yes("ready"),
         upgrading: yes("upgrading"),
+        started_by: answer.field("started-by").and_then(|p| p.parse().ok()),
         last_upgrade,
     })
 }
