@@ -206,6 +206,11 @@ pub use upgrader::{ExitHandle, Upgrader, Wake};
 #[cfg(not(unix))]
 pub use unsupported::{Address, ExitHandle, Fds, Keeper, Upgrader, Wake, MAX_STATE_SIZE};
 
+/// The README's Rust examples, compiled and run as doctests (`no_run` ones compiled).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// Not public API: entry points for the fuzzer and benchmarks. No stability promise.
 #[cfg(unix)]
 #[doc(hidden)]

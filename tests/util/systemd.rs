@@ -2,7 +2,7 @@
 //! mount, UTS and cgroup namespaces, with the test's units and nothing from the host's
 //! boot, and drives it with `systemctl` through `nsenter`.
 //!
-//! What keeps the host safe (see "A real systemd, here" in PITFALLS.md):
+//! What keeps the host safe (booting systemd naively empties the host's /tmp):
 //! - systemd starts only [`TARGET`], a target of our own that wants nothing, so none of
 //!   the host's sysinit runs (`systemd-tmpfiles-setup` would empty the host's /tmp).
 //!   Every test unit gets a drop-in with `DefaultDependencies=no`.
