@@ -79,10 +79,7 @@ use hyper::{Request, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::exfiltrator::origin::{Origin, WithOrigin};
-use signal_hook::iterator::SignalsInfo;
-use signal_hook::low_level::siginfo::Cause;
+use signals::{Asked, Signals};
 use tableflip::{Options, Upgrader};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -106,6 +103,9 @@ const USAGE: &str = "usage: axum_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--fd-store] [--keeper]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
+#[path = "common/signals.rs"]
+mod signals;
+
 macro_rules! log {
     ($($arg:tt)*) => {{
         let line = format!("[axum_server pid={}] {}\n", std::process::id(), format_args!($($arg)*));
@@ -204,7 +204,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
 async fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // Before anything else: a new generation starts with SIGHUP at its default (death).
     // Each signal comes with its origin: who sent it, or whether the kernel did.
-    let signals = SignalsInfo::<WithOrigin>::new([SIGHUP, SIGTERM, SIGINT])?;
+    let signals = Signals::new()?;
 
     let mut options = Options::new()
         .upgrade_timeout(config.upgrade_timeout)
@@ -321,13 +321,14 @@ type UpgradeTasks = Arc<Mutex<Vec<JoinHandle<()>>>>;
 /// Upgrades on `SIGHUP` (in `spawn_blocking`: `upgrade()` blocks until the new
 /// generation is ready or has failed), stops on `SIGTERM` and `SIGINT`.
 fn handle_signals(
-    mut signals: SignalsInfo<WithOrigin>,
+    mut signals: Signals,
     upg: Arc<Upgrader>,
     upgrades: UpgradeTasks,
     runtime: tokio::runtime::Handle,
 ) {
-    for signal in signals.forever() {
-        match asked(&signal) {
+    for request in signals.forever() {
+        log!("{}", request.line);
+        match request.asked {
             Asked::Upgrade => {}
             // stop() cancels an upgrade in progress and reaps its child: it may block,
             // which this thread may.
@@ -345,40 +346,6 @@ fn handle_signals(
             Ok(pid) => log!("upgrade succeeded: the new generation (pid {pid}) is ready"),
             Err(e) => log!("upgrade failed: {}", error_chain(&e)),
         }));
-    }
-}
-
-/// What a signal asks of this process.
-enum Asked {
-    Upgrade,
-    Stop,
-    Nothing,
-}
-
-/// What `signal` asks for, logged in one line. A `SIGHUP` that a process sent (`kill
-/// -HUP`, systemd's `ExecReload=`, the keeper) asks for an upgrade. One that the kernel
-/// sent does not: the terminal went away, or the process that led its session exited,
-/// which is the first generation when it was started from a shell (`script`, tmux, a
-/// terminal emulator). The terminal is gone either way: serve on, as a daemon does.
-/// `SIGTERM` and `SIGINT` ask to stop.
-fn asked(signal: &Origin) -> Asked {
-    let name = signal_hook::low_level::signal_name(signal.signal).unwrap_or("signal");
-    let from = signal
-        .process
-        .map_or(String::new(), |p| format!(" from pid {}", p.pid));
-    match signal.signal {
-        SIGHUP if signal.cause == Cause::Kernel => {
-            log!("SIGHUP from the kernel (the terminal is gone): no upgrade; serving on");
-            Asked::Nothing
-        }
-        SIGHUP => {
-            log!("SIGHUP{from}: upgrading");
-            Asked::Upgrade
-        }
-        _ => {
-            log!("{name}{from}: stopping");
-            Asked::Stop
-        }
     }
 }
 

@@ -56,10 +56,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::exfiltrator::origin::{Origin, WithOrigin};
-use signal_hook::iterator::SignalsInfo;
-use signal_hook::low_level::siginfo::Cause;
+use signals::{Asked, Signals};
 use tableflip::{Options, UnixAddr, Upgrader, Wake};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -71,6 +68,9 @@ const USAGE: &str = "usage: daemon --pid-file PATH [--listen HOST:PORT] \
                      daemon --control PATH|@NAME --upgrade";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
+#[path = "common/signals.rs"]
+mod signals;
+
 macro_rules! log {
     ($($arg:tt)*) => {{
         let line = format!("[daemon pid={}] {}\n", std::process::id(), format_args!($($arg)*));
@@ -183,7 +183,7 @@ fn run(
 ) -> Result<(), Box<dyn std::error::Error>> {
     // First: a new generation starts with SIGHUP at its default disposition (death).
     // Each signal comes with its origin: who sent it, or whether the kernel did.
-    let signals = SignalsInfo::<WithOrigin>::new([SIGHUP, SIGTERM, SIGINT])?;
+    let signals = Signals::new()?;
     let upg = Arc::new(Upgrader::new(options.pid_file(&pid_file))?);
 
     // Inherited (from the previous generation, or a fd store) or bound now: the
@@ -306,13 +306,10 @@ fn run(
 
 /// Upgrades on `SIGHUP` (on a thread of its own: `upgrade()` blocks until the new
 /// generation is ready or has failed), stops on `SIGTERM` and `SIGINT`.
-fn on_signals(
-    mut signals: SignalsInfo<WithOrigin>,
-    upg: Arc<Upgrader>,
-    upgrades: Arc<Mutex<Vec<JoinHandle<()>>>>,
-) {
-    for signal in signals.forever() {
-        match asked(&signal) {
+fn on_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: Arc<Mutex<Vec<JoinHandle<()>>>>) {
+    for request in signals.forever() {
+        log!("{}", request.line);
+        match request.asked {
             Asked::Upgrade => {}
             Asked::Stop => {
                 upg.stop();
@@ -333,40 +330,6 @@ fn on_signals(
         match spawned {
             Ok(t) => threads.push(t),
             Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
-        }
-    }
-}
-
-/// What a signal asks of this process.
-enum Asked {
-    Upgrade,
-    Stop,
-    Nothing,
-}
-
-/// What `signal` asks for, logged in one line. A `SIGHUP` that a process sent (`kill
-/// -HUP`, systemd's `ExecReload=`, the keeper) asks for an upgrade. One that the kernel
-/// sent does not: the terminal went away, or the process that led its session exited,
-/// which is the first generation when it was started from a shell (`script`, tmux, a
-/// terminal emulator). The terminal is gone either way: serve on, as a daemon does.
-/// `SIGTERM` and `SIGINT` ask to stop.
-fn asked(signal: &Origin) -> Asked {
-    let name = signal_hook::low_level::signal_name(signal.signal).unwrap_or("signal");
-    let from = signal
-        .process
-        .map_or(String::new(), |p| format!(" from pid {}", p.pid));
-    match signal.signal {
-        SIGHUP if signal.cause == Cause::Kernel => {
-            log!("SIGHUP from the kernel (the terminal is gone): no upgrade; serving on");
-            Asked::Nothing
-        }
-        SIGHUP => {
-            log!("SIGHUP{from}: upgrading");
-            Asked::Upgrade
-        }
-        _ => {
-            log!("{name}{from}: stopping");
-            Asked::Stop
         }
     }
 }

@@ -60,10 +60,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::exfiltrator::origin::{Origin, WithOrigin};
-use signal_hook::iterator::SignalsInfo;
-use signal_hook::low_level::siginfo::Cause;
+use signals::{Asked, Signals};
 use tableflip::{Options, Upgrader};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -90,6 +87,9 @@ const USAGE: &str = "usage: http_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--fd-store] [--keeper] [--control PATH|@NAME] [--upgrade]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
+#[path = "common/signals.rs"]
+mod signals;
+
 macro_rules! log {
     ($($arg:tt)*) => {{
         let line = format!("[http_server pid={}] {}\n", std::process::id(), format_args!($($arg)*));
@@ -192,7 +192,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
 fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // Before anything else: a new generation starts with SIGHUP at its default (death).
     // Each signal comes with its origin: who sent it, or whether the kernel did.
-    let signals = SignalsInfo::<WithOrigin>::new([SIGHUP, SIGTERM, SIGINT])?;
+    let signals = Signals::new()?;
 
     let mut options = Options::new()
         .upgrade_timeout(config.upgrade_timeout)
@@ -275,13 +275,10 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
 /// the exit fd fires: the upgrade has succeeded, or `stop()` has cancelled it.
 type UpgradeThreads = Arc<Mutex<Vec<JoinHandle<()>>>>;
 
-fn handle_signals(
-    mut signals: SignalsInfo<WithOrigin>,
-    upg: Arc<Upgrader>,
-    upgrades: UpgradeThreads,
-) {
-    for signal in signals.forever() {
-        match asked(&signal) {
+fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThreads) {
+    for request in signals.forever() {
+        log!("{}", request.line);
+        match request.asked {
             Asked::Upgrade => {}
             Asked::Stop => {
                 upg.stop();
@@ -303,40 +300,6 @@ fn handle_signals(
         match spawned {
             Ok(thread) => threads.push(thread),
             Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
-        }
-    }
-}
-
-/// What a signal asks of this process.
-enum Asked {
-    Upgrade,
-    Stop,
-    Nothing,
-}
-
-/// What `signal` asks for, logged in one line. A `SIGHUP` that a process sent (`kill
-/// -HUP`, systemd's `ExecReload=`, the keeper) asks for an upgrade. One that the kernel
-/// sent does not: the terminal went away, or the process that led its session exited,
-/// which is the first generation when it was started from a shell (`script`, tmux, a
-/// terminal emulator). The terminal is gone either way: serve on, as a daemon does.
-/// `SIGTERM` and `SIGINT` ask to stop.
-fn asked(signal: &Origin) -> Asked {
-    let name = signal_hook::low_level::signal_name(signal.signal).unwrap_or("signal");
-    let from = signal
-        .process
-        .map_or(String::new(), |p| format!(" from pid {}", p.pid));
-    match signal.signal {
-        SIGHUP if signal.cause == Cause::Kernel => {
-            log!("SIGHUP from the kernel (the terminal is gone): no upgrade; serving on");
-            Asked::Nothing
-        }
-        SIGHUP => {
-            log!("SIGHUP{from}: upgrading");
-            Asked::Upgrade
-        }
-        _ => {
-            log!("{name}{from}: stopping");
-            Asked::Stop
         }
     }
 }

@@ -57,10 +57,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::exfiltrator::origin::{Origin, WithOrigin};
-use signal_hook::iterator::SignalsInfo;
-use signal_hook::low_level::siginfo::Cause;
+use signals::{Asked, Signals};
 use tableflip::{control, Options, UnixAddr, Upgrader, Wake};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -81,6 +78,9 @@ const USAGE: &str = "usage: tcp_server [--listen HOST:PORT] [--pid-file PATH] \
 /// Logs one line to stderr with this process's pid. A single `write` per line, so the
 /// lines of two generations sharing a log file do not interleave, and a closed stderr
 /// is ignored instead of panicking like `eprintln!`.
+#[path = "common/signals.rs"]
+mod signals;
+
 macro_rules! log {
     ($($arg:tt)*) => {{
         let line = format!("[tcp_server pid={}] {}\n", std::process::id(), format_args!($($arg)*));
@@ -220,7 +220,7 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // First of all: a new generation starts with every signal at its default
     // disposition, and the default for SIGHUP is to die. Each signal comes with its
     // origin: who sent it, or whether the kernel did.
-    let signals = SignalsInfo::<WithOrigin>::new([SIGHUP, SIGTERM, SIGINT])?;
+    let signals = Signals::new()?;
 
     let mut options = Options::new()
         .upgrade_timeout(config.upgrade_timeout)
@@ -371,13 +371,10 @@ impl UpgradeWorker {
     }
 }
 
-fn handle_signals(
-    mut signals: SignalsInfo<WithOrigin>,
-    upg: Arc<Upgrader>,
-    requests: SyncSender<()>,
-) {
-    for signal in signals.forever() {
-        match asked(&signal) {
+fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, requests: SyncSender<()>) {
+    for request in signals.forever() {
+        log!("{}", request.line);
+        match request.asked {
             Asked::Upgrade => {
                 trace("sighup");
                 // upgrade() blocks until the new generation is ready or has failed: it
@@ -388,40 +385,6 @@ fn handle_signals(
             }
             Asked::Stop => upg.stop(),
             Asked::Nothing => {}
-        }
-    }
-}
-
-/// What a signal asks of this process.
-enum Asked {
-    Upgrade,
-    Stop,
-    Nothing,
-}
-
-/// What `signal` asks for, logged in one line. A `SIGHUP` that a process sent (`kill
-/// -HUP`, systemd's `ExecReload=`, the keeper) asks for an upgrade. One that the kernel
-/// sent does not: the terminal went away, or the process that led its session exited,
-/// which is the first generation when it was started from a shell (`script`, tmux, a
-/// terminal emulator). The terminal is gone either way: serve on, as a daemon does.
-/// `SIGTERM` and `SIGINT` ask to stop.
-fn asked(signal: &Origin) -> Asked {
-    let name = signal_hook::low_level::signal_name(signal.signal).unwrap_or("signal");
-    let from = signal
-        .process
-        .map_or(String::new(), |p| format!(" from pid {}", p.pid));
-    match signal.signal {
-        SIGHUP if signal.cause == Cause::Kernel => {
-            log!("SIGHUP from the kernel (the terminal is gone): no upgrade; serving on");
-            Asked::Nothing
-        }
-        SIGHUP => {
-            log!("SIGHUP{from}: upgrading");
-            Asked::Upgrade
-        }
-        _ => {
-            log!("{name}{from}: stopping");
-            Asked::Stop
         }
     }
 }

@@ -27,10 +27,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::exfiltrator::origin::{Origin, WithOrigin};
-use signal_hook::iterator::SignalsInfo;
-use signal_hook::low_level::siginfo::Cause;
+use signals::{Asked, Signals};
 use tableflip::{Options, Upgrader, Wake};
 
 /// Connections accepted per wake-up before the exit fd is looked at again.
@@ -39,6 +36,9 @@ const ACCEPT_BATCH: usize = 64;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 const USAGE: &str = "usage: thread_per_core [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS] [--workers N]";
+
+#[path = "common/signals.rs"]
+mod signals;
 
 macro_rules! log {
     ($($arg:tt)*) => {{
@@ -104,7 +104,7 @@ fn run(
 ) -> Result<(), Box<dyn std::error::Error>> {
     // Before anything else: a new generation starts with SIGHUP at its default (death).
     // Each signal comes with its origin: who sent it, or whether the kernel did.
-    let mut signals = SignalsInfo::<WithOrigin>::new([SIGHUP, SIGTERM, SIGINT])?;
+    let mut signals = Signals::new()?;
 
     let mut options = Options::new().upgrade_timeout(timeout).before_bind(|fd| {
         // Called for every socket the registry creates, before bind().
@@ -134,8 +134,9 @@ fn run(
 
     let u = Arc::clone(&upg);
     thread::spawn(move || {
-        for signal in signals.forever() {
-            match asked(&signal) {
+        for request in signals.forever() {
+            log!("{}", request.line);
+            match request.asked {
                 Asked::Upgrade => {
                     let u = Arc::clone(&u);
                     // upgrade() blocks until the next generation is ready or has failed.
@@ -177,40 +178,6 @@ fn run(
     }
     log!("exit");
     Ok(())
-}
-
-/// What a signal asks of this process.
-enum Asked {
-    Upgrade,
-    Stop,
-    Nothing,
-}
-
-/// What `signal` asks for, logged in one line. A `SIGHUP` that a process sent (`kill
-/// -HUP`, systemd's `ExecReload=`, the keeper) asks for an upgrade. One that the kernel
-/// sent does not: the terminal went away, or the process that led its session exited,
-/// which is the first generation when it was started from a shell (`script`, tmux, a
-/// terminal emulator). The terminal is gone either way: serve on, as a daemon does.
-/// `SIGTERM` and `SIGINT` ask to stop.
-fn asked(signal: &Origin) -> Asked {
-    let name = signal_hook::low_level::signal_name(signal.signal).unwrap_or("signal");
-    let from = signal
-        .process
-        .map_or(String::new(), |p| format!(" from pid {}", p.pid));
-    match signal.signal {
-        SIGHUP if signal.cause == Cause::Kernel => {
-            log!("SIGHUP from the kernel (the terminal is gone): no upgrade; serving on");
-            Asked::Nothing
-        }
-        SIGHUP => {
-            log!("SIGHUP{from}: upgrading");
-            Asked::Upgrade
-        }
-        _ => {
-            log!("{name}{from}: stopping");
-            Asked::Stop
-        }
-    }
 }
 
 /// Serves one listener until the exit fd fires. Each connection is answered on the spot,
