@@ -9,10 +9,11 @@
 //!
 //! It stays in the foreground (no double fork: systemd does the daemonizing), logs to
 //! stderr (the journal) with its pid, answers every TCP connection on `--listen`
-//! (default `127.0.0.1:8080`) with `hello from pid=<pid>`, upgrades on `SIGHUP` and
-//! stops gracefully on `SIGTERM` or `SIGINT`. The pid changes at every upgrade, so
-//! systemd must follow the pid file, which each generation rewrites when it is ready,
-//! before the previous one exits:
+//! (default `127.0.0.1:8080`) with `hello from pid=<pid>`, upgrades on `SIGHUP` (not on
+//! one the kernel sent when a terminal went away: see [`asked`]) and stops gracefully
+//! on `SIGTERM` or `SIGINT`. The pid changes at every upgrade, so systemd must follow
+//! the pid file, which each generation rewrites when it is ready, before the previous
+//! one exits:
 //!
 //! ```ini
 //! # /etc/systemd/system/daemon.service
@@ -60,8 +61,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signals::{Asked, Signals};
 use tableflip::{Options, UnixAddr, Upgrader, Wake};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -73,6 +73,9 @@ const USAGE: &str = "usage: daemon --pid-file PATH [--listen HOST:PORT] \
                      daemon --control PATH|@NAME [--control-uid UID] --upgrade";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
+#[path = "common/signals.rs"]
+mod signals;
+
 macro_rules! log {
     ($($arg:tt)*) => {{
         let line = format!("[daemon pid={}] {}\n", std::process::id(), format_args!($($arg)*));
@@ -92,6 +95,10 @@ fn main() -> ExitCode {
     let mut wait = Duration::from_secs(60 + 10);
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--help" || arg == "-h" {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         if arg == "--fd-store" {
             options = options.fd_store(true);
             continue;
@@ -190,12 +197,21 @@ fn run(
     control: Option<UnixAddr>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     // First: a new generation starts with SIGHUP at its default disposition (death).
-    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    // Each signal comes with its origin: who sent it, or whether the kernel did.
+    let signals = Signals::new()?;
     let upg = Arc::new(Upgrader::new(options.pid_file(&pid_file))?);
 
+    // Inherited (from the previous generation, or a fd store) or bound now: the
+    // registry knows which.
+    let inherited = upg.fds().inherited().len();
     let listener = upg.fds().listen_tcp(listen)?;
+    let inherited = upg.fds().inherited().len() < inherited;
     listener.set_nonblocking(true)?; // in every generation alike: the flag is shared
-    log!("listening on {}", listener.local_addr()?);
+    log!(
+        "listening on {} ({})",
+        listener.local_addr()?,
+        if inherited { "inherited" } else { "new socket" }
+    );
 
     // The threads running upgrade(): the last one is joined before exiting, so that
     // its result is logged. Once the exit fd fires, they all return promptly.
@@ -306,16 +322,15 @@ fn run(
 /// Upgrades on `SIGHUP` (on a thread of its own: `upgrade()` blocks until the new
 /// generation is ready or has failed), stops on `SIGTERM` and `SIGINT`.
 fn on_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: Arc<Mutex<Vec<JoinHandle<()>>>>) {
-    for signal in signals.forever() {
-        if signal != SIGHUP {
-            let name = if signal == SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            };
-            log!("{name}: stopping");
-            upg.stop();
-            continue;
+    for request in signals.forever() {
+        log!("{}", request.line);
+        match request.asked {
+            Asked::Upgrade => {}
+            Asked::Stop => {
+                upg.stop();
+                continue;
+            }
+            Asked::Nothing => continue,
         }
         let upg = Arc::clone(&upg);
         // Locked before the thread starts, so that the exiting main thread finds it.
@@ -323,12 +338,9 @@ fn on_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: Arc<Mutex<Vec<
         threads.retain(|t| !t.is_finished());
         let spawned = thread::Builder::new()
             .name("upgrade".into())
-            .spawn(move || {
-                log!("SIGHUP: starting a new generation");
-                match upg.upgrade() {
-                    Ok(pid) => log!("upgrade succeeded: pid {pid} took over; handing over"),
-                    Err(e) => log!("upgrade failed: {}", error_chain(&e)),
-                }
+            .spawn(move || match upg.upgrade() {
+                Ok(pid) => log!("upgrade succeeded: pid {pid} took over; handing over"),
+                Err(e) => log!("upgrade failed: {}", error_chain(&e)),
             });
         match spawned {
             Ok(t) => threads.push(t),

@@ -27,6 +27,8 @@
 //! kill -TERM "$(cat "$pid_file")"          # graceful stop
 //! ```
 //!
+//! `SIGHUP` upgrades, unless the kernel sent it (the terminal went away: see [`asked`]).
+//!
 //! When the next generation is ready (or on `SIGTERM`/`SIGINT`) this one:
 //!
 //! 1. stops accepting (the accept loop waits on the listener and the exit fd together,
@@ -62,8 +64,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signals::{Asked, Signals};
 use tableflip::{Options, Upgrader};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -91,6 +92,9 @@ const USAGE: &str = "usage: http_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--control-uid UID] [--upgrade]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
+#[path = "common/signals.rs"]
+mod signals;
+
 macro_rules! log {
     ($($arg:tt)*) => {{
         let line = format!("[http_server pid={}] {}\n", std::process::id(), format_args!($($arg)*));
@@ -200,7 +204,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
 
 fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // Before anything else: a new generation starts with SIGHUP at its default (death).
-    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    // Each signal comes with its origin: who sent it, or whether the kernel did.
+    let signals = Signals::new()?;
 
     let mut options = Options::new()
         .upgrade_timeout(config.upgrade_timeout)
@@ -210,17 +215,17 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         options = options.pid_file(path);
     }
     let upg = Arc::new(Upgrader::new(options)?);
+    // Inherited (from the previous generation, or a fd store) or bound now: the
+    // registry knows which.
+    let inherited = upg.fds().inherited().len();
     let listener = upg.fds().listen_tcp(config.listen.as_str())?;
+    let inherited = upg.fds().inherited().len() < inherited;
     // The same mode in every generation: O_NONBLOCK is shared between them.
     listener.set_nonblocking(true)?;
     log!(
         "listening on http://{} ({})",
         listener.local_addr()?,
-        if upg.has_parent() {
-            "inherited from the previous generation"
-        } else {
-            "new socket"
-        }
+        if inherited { "inherited" } else { "new socket" }
     );
 
     let upgrades = UpgradeThreads::default();
@@ -284,36 +289,30 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
 type UpgradeThreads = Arc<Mutex<Vec<JoinHandle<()>>>>;
 
 fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThreads) {
-    for signal in signals.forever() {
-        if signal == SIGHUP {
-            // upgrade() blocks until the new generation is ready or has failed.
-            let upg = Arc::clone(&upg);
-            // Locked before the thread starts, so that the exiting main thread finds it.
-            let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
-            threads.retain(|t| !t.is_finished());
-            let spawned = thread::Builder::new()
-                .name("upgrade".into())
-                .spawn(move || {
-                    log!("SIGHUP: upgrading");
-                    match upg.upgrade() {
-                        Ok(pid) => {
-                            log!("upgrade succeeded: the new generation (pid {pid}) is ready")
-                        }
-                        Err(e) => log!("upgrade failed: {}", error_chain(&e)),
-                    }
-                });
-            match spawned {
-                Ok(thread) => threads.push(thread),
-                Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
+    for request in signals.forever() {
+        log!("{}", request.line);
+        match request.asked {
+            Asked::Upgrade => {}
+            Asked::Stop => {
+                upg.stop();
+                continue;
             }
-        } else {
-            let name = if signal == SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            };
-            log!("{name}: stopping");
-            upg.stop();
+            Asked::Nothing => continue,
+        }
+        // upgrade() blocks until the new generation is ready or has failed.
+        let upg = Arc::clone(&upg);
+        // Locked before the thread starts, so that the exiting main thread finds it.
+        let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
+        threads.retain(|t| !t.is_finished());
+        let spawned = thread::Builder::new()
+            .name("upgrade".into())
+            .spawn(move || match upg.upgrade() {
+                Ok(pid) => log!("upgrade succeeded: the new generation (pid {pid}) is ready"),
+                Err(e) => log!("upgrade failed: {}", error_chain(&e)),
+            });
+        match spawned {
+            Ok(thread) => threads.push(thread),
+            Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
         }
     }
 }

@@ -25,7 +25,9 @@
 //! ```
 //!
 //! - `SIGHUP` starts the next generation (same binary path and arguments) on a thread of
-//!   its own. If it fails, the reason is logged and this process keeps serving.
+//!   its own. If it fails, the reason is logged and this process keeps serving. A
+//!   `SIGHUP` that the kernel sent (the terminal went away, or the process leading its
+//!   session exited: see [`asked`]) is logged and changes nothing.
 //! - `--control PATH` (or `@NAME`, an abstract name) serves a control socket on a thread
 //!   of its own (see `tableflip::control`). `tcp_server --control PATH --upgrade` asks
 //!   the server there to upgrade, waits, prints the new generation's pid and exits 0, or
@@ -60,8 +62,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signals::{Asked, Signals};
 use tableflip::{control, Options, UnixAddr, Upgrader, Wake};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -82,6 +83,9 @@ const USAGE: &str = "usage: tcp_server [--listen HOST:PORT] [--pid-file PATH] \
 /// Logs one line to stderr with this process's pid. A single `write` per line, so the
 /// lines of two generations sharing a log file do not interleave, and a closed stderr
 /// is ignored instead of panicking like `eprintln!`.
+#[path = "common/signals.rs"]
+mod signals;
+
 macro_rules! log {
     ($($arg:tt)*) => {{
         let line = format!("[tcp_server pid={}] {}\n", std::process::id(), format_args!($($arg)*));
@@ -231,8 +235,9 @@ fn seconds(flag: &str, v: &OsString) -> Result<Option<Duration>, String> {
 
 fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // First of all: a new generation starts with every signal at its default
-    // disposition, and the default for SIGHUP is to die.
-    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    // disposition, and the default for SIGHUP is to die. Each signal comes with its
+    // origin: who sent it, or whether the kernel did.
+    let signals = Signals::new()?;
 
     let mut options = Options::new()
         .upgrade_timeout(config.upgrade_timeout)
@@ -244,18 +249,17 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     let upg = Arc::new(Upgrader::new(options)?);
     trace("new");
 
-    // Inherited from the previous generation, or bound now.
+    // Inherited (from the previous generation, or the keeper's or systemd's fd store),
+    // or bound now: the registry knows which.
+    let inherited = upg.fds().inherited().len();
     let listener = upg.fds().listen_tcp(config.listen.as_str())?;
+    let inherited = upg.fds().inherited().len() < inherited;
     // The same mode in every generation: the flag is shared with the other generation.
     listener.set_nonblocking(true)?;
     log!(
         "listening on {} ({})",
         listener.local_addr()?,
-        if upg.has_parent() {
-            "inherited from the previous generation"
-        } else {
-            "new socket"
-        }
+        if inherited { "inherited" } else { "new socket" }
     );
 
     // The control socket: inherited from the previous generation, or bound now. Taken
@@ -369,7 +373,6 @@ impl UpgradeWorker {
             .spawn(move || {
                 while rx.recv().is_ok() {
                     let _busy = held.lock().unwrap_or_else(|e| e.into_inner());
-                    log!("SIGHUP: upgrading");
                     trace("upgrade");
                     let result = upg.upgrade();
                     trace("upgraded");
@@ -386,22 +389,19 @@ impl UpgradeWorker {
 }
 
 fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, requests: SyncSender<()>) {
-    for signal in signals.forever() {
-        if signal == SIGHUP {
-            trace("sighup");
-            // upgrade() blocks until the new generation is ready or has failed: it runs
-            // on the worker, so that SIGTERM is still handled meanwhile.
-            if requests.try_send(()).is_err() {
-                log!("upgrade failed: another upgrade is in progress");
+    for request in signals.forever() {
+        log!("{}", request.line);
+        match request.asked {
+            Asked::Upgrade => {
+                trace("sighup");
+                // upgrade() blocks until the new generation is ready or has failed: it
+                // runs on the worker, so that SIGTERM is still handled meanwhile.
+                if requests.try_send(()).is_err() {
+                    log!("upgrade failed: another upgrade is in progress");
+                }
             }
-        } else {
-            let name = if signal == SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            };
-            log!("{name}: stopping");
-            upg.stop();
+            Asked::Stop => upg.stop(),
+            Asked::Nothing => {}
         }
     }
 }

@@ -472,6 +472,7 @@ impl Upgrader {
             ready: st.phase == Phase::Ready,
             // While not ready, `busy` is ready() waiting for the commit.
             upgrading: st.busy && st.phase != Phase::Starting,
+            started_by: self.parent.as_ref().map(|p| p.pid()),
             last_upgrade: st.last_upgrade.clone(),
         }
     }

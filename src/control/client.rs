@@ -122,6 +122,7 @@ pub fn status(addr: impl Into<UnixAddr>, config: impl Into<ClientConfig>) -> Res
         pid,
         ready: yes("ready"),
         upgrading: yes("upgrading"),
+        started_by: answer.field("started-by").and_then(|p| p.parse().ok()),
         last_upgrade,
     })
 }

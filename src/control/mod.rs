@@ -136,14 +136,17 @@
 //! pid: 4242
 //! ready: yes
 //! upgrading: no
+//! started-by: 4237
 //! last-upgrade: error ChildExited
 //! last-upgrade-message: new generation (pid 4249) exited before it was ready: exit status: 3
 //! last-upgrade-ended: 1767225600.250
 //!
 //! ```
 //!
-//! `last-upgrade` is `none`, `ok` (with `last-upgrade-pid:`) or `error KIND` (with
-//! `last-upgrade-message:`); `last-upgrade-ended` is in seconds since the Unix epoch.
+//! `started-by` is the pid of the generation whose upgrade started this one (absent
+//! for a first start). `last-upgrade` is `none`, `ok` (with `last-upgrade-pid:`) or
+//! `error KIND` (with `last-upgrade-message:`); `last-upgrade-ended` is in seconds since
+//! the Unix epoch.
 //! Values are one line each, control characters replaced by spaces, at most
 //! [`MAX_VALUE`] bytes; an answer is at most [`MAX_ANSWER`] bytes. Clients ignore keys
 //! they do not know; a later version adds keys or commands and changes the version
