@@ -6,6 +6,7 @@
 mod util;
 
 use std::io::{Read, Write};
+use std::time::{Duration, Instant};
 
 use util::*;
 
@@ -325,13 +326,21 @@ fn logs_say_inherited_or_new_and_the_new_pid() {
         let mut server = Server::start(&example(binary), &[], probe);
         let first = server.current;
         let second = server.upgrade();
-        let log = server.log();
+        // A line may still be on its way: the old generation logs its success after the
+        // new one already answers.
         let line = |pid: u32, what: &str| {
             let tag = format!(" pid={pid}] {what}");
-            log.lines()
-                .find(|l| l.contains(&tag))
-                .unwrap_or_else(|| panic!("{binary}: no {what:?} line from pid {pid}:\n{log}"))
-                .to_owned()
+            let deadline = Instant::now() + DEADLINE;
+            loop {
+                let log = server.log();
+                if let Some(l) = log.lines().find(|l| l.contains(&tag)) {
+                    return l.to_owned();
+                }
+                if Instant::now() > deadline {
+                    panic!("{binary}: no {what:?} line from pid {pid}:\n{log}");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         };
         let listening = line(first, "listening on");
         assert!(listening.contains("new socket"), "{binary}: {listening}");
