@@ -243,6 +243,8 @@ mod linux {
     /// At most this many rejection lines per [`COMPLAINT_WINDOW`].
     const COMPLAINTS: u32 = 20;
     const COMPLAINT_WINDOW: Duration = Duration::from_secs(10);
+    /// How long a successor's claim waits for the main generation to finish exiting.
+    const CLAIM_WAIT: Duration = Duration::from_millis(100);
     /// The most of a rejected message that is logged.
     const LOGGED_BYTES: usize = 200;
 
@@ -279,6 +281,9 @@ mod linux {
         main: Option<Verified>,
         /// The child the main generation announced as its upgrade.
         successor: Option<Verified>,
+        /// The successor claimed the service while the main generation still looked
+        /// alive: it takes over as soon as the main generation is found dead.
+        claimed: bool,
         /// The main generation died during its upgrade: until when its successor may
         /// claim the service.
         takeover_until: Option<Instant>,
@@ -320,6 +325,7 @@ mod linux {
                 store: Store::default(),
                 main: None,
                 successor: None,
+                claimed: false,
                 takeover_until: None,
                 stop: None,
                 last_status: None,
@@ -420,6 +426,7 @@ mod linux {
             let child = self.program.spawn(&exe, &env, pid_var, &[], &moves)?;
             self.main = Some(Verified::child(child.pid()));
             self.successor = None;
+            self.claimed = false;
             Ok(())
         }
 
@@ -542,6 +549,7 @@ mod linux {
                 return Err("not a child of the main generation".into());
             }
             self.successor = Some(child);
+            self.claimed = false;
             Ok(())
         }
 
@@ -574,27 +582,43 @@ mod linux {
             if procs::parse_pid(value)? != sender {
                 return Err("the successor may only name itself".into());
             }
-            if let Some(status) = self.main.as_ref().map(|m| m.reap_or_peek()) {
-                match status {
+            if let Some(main) = &self.main {
+                // The successor claims when its lifeline to the main generation closes,
+                // which happens a moment before the main generation is a zombie.
+                match main.wait_exit(CLAIM_WAIT) {
                     Some(status) => self.main_died(status),
                     None => {
+                        self.claimed = true;
                         return Err(format!(
-                            "the main generation (pid {}) is alive: only it commits",
-                            self.main.as_ref().map_or(0, |m| m.pid())
-                        ))
+                            "the main generation (pid {}) is alive: only it commits (the claim \
+                             holds if it dies before)",
+                            main.pid()
+                        ));
                     }
                 }
             }
+            if self.successor.as_ref().is_some_and(|s| s.pid() == sender) {
+                self.take_over();
+            }
+            Ok(())
+        }
+
+        /// The successor becomes the main generation, the main one being dead.
+        fn take_over(&mut self) {
+            let Some(s) = self.successor.take() else {
+                return;
+            };
             eprintln!(
-                "tableflip keeper: pid {sender}, the announced successor, takes over from the \
-                 main generation that died during the upgrade"
+                "tableflip keeper: pid {}, the announced successor, takes over from the main \
+                 generation that died during the upgrade",
+                s.pid()
             );
-            self.main = self.successor.take();
+            self.main = Some(s);
+            self.claimed = false;
             self.takeover_until = None;
             if self.restart_at.take().is_some() {
                 self.restarts.pop_back();
             }
-            Ok(())
         }
 
         /// `FDSTORE=1` / `FDSTOREREMOVE=1` from the main generation.
@@ -748,6 +772,10 @@ mod linux {
                 return;
             }
             let successor = self.successor.as_ref().filter(|s| !s.exited());
+            if successor.is_some() && self.claimed {
+                self.take_over();
+                return;
+            }
             if let Some(s) = successor {
                 eprintln!(
                     "tableflip keeper: the main generation (pid {}) ended during its upgrade \

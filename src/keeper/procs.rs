@@ -94,6 +94,22 @@ impl Verified {
         }
     }
 
+    /// Waits at most `limit` for the process to exit, then [`reap_or_peek`](Self::reap_or_peek).
+    pub(super) fn wait_exit(&self, limit: std::time::Duration) -> Option<ExitStatus> {
+        let deadline = crate::os::deadline(Some(limit));
+        match &self.pidfd {
+            Some(fd) => {
+                let _ = crate::os::readable(fd.as_fd(), deadline);
+            }
+            None => {
+                while !self.exited() && crate::os::left(deadline) != Some(Default::default()) {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
+        self.reap_or_peek()
+    }
+
     /// How it ended, if it has: from `waitpid` when it is the keeper's child (reaping
     /// it), else from `/proc` while it is a zombie. `None` while it runs.
     pub(super) fn reap_or_peek(&self) -> Option<ExitStatus> {
