@@ -16,6 +16,10 @@
 #[path = "util/harness.rs"]
 mod harness;
 
+#[cfg(target_os = "linux")]
+#[path = "util/pidns.rs"]
+mod pidns;
+
 fn main() {
     #[cfg(target_os = "linux")]
     suite::main();
@@ -23,7 +27,7 @@ fn main() {
 
 #[cfg(target_os = "linux")]
 mod suite {
-    use super::harness;
+    use super::{harness, pidns};
 
     use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -250,19 +254,6 @@ mod suite {
         LOCK.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Why these tests cannot run here, if they cannot.
-    fn unsupported() -> Option<String> {
-        if let Some(why) = harness::needs_root("a PID namespace needs it") {
-            return Some(why);
-        }
-        let ok = Command::new("unshare")
-            .args(["-pf", "--mount-proc", "true"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        (!ok).then(|| "unshare -pf --mount-proc does not work here".into())
-    }
-
     /// The keeper (scenario `gen`) and its service.
     struct Service {
         child: Child,
@@ -286,7 +277,7 @@ mod suite {
 
     impl Service {
         fn start(tag: &str, setup: Setup<'_>) -> Service {
-            if let Some(why) = unsupported() {
+            if let Some(why) = pidns::unsupported() {
                 harness::skip(why);
             }
             static N: AtomicUsize = AtomicUsize::new(0);
@@ -386,25 +377,13 @@ mod suite {
                 .ok_or_else(|| std::io::Error::other(format!("bad reply {reply:?}")))
         }
 
-        /// The keeper's descendants: (host pid, pid in the service's namespace).
+        /// The keeper's live descendants: (host pid, pid in the service's namespace).
         fn descendants(&self) -> Vec<(u32, u32)> {
-            let mut out = Vec::new();
-            let mut todo = children(self.keeper);
-            while let Some(pid) = todo.pop() {
-                todo.extend(children(pid));
-                let status =
-                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                if status.lines().any(|l| l.starts_with("State:\tZ")) {
-                    continue;
-                }
-                let ns = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("NSpid:"))
-                    .and_then(|l| l.split_whitespace().last()?.parse().ok())
-                    .unwrap_or(0);
-                out.push((pid, ns));
-            }
-            out
+            pidns::descendants(self.keeper)
+                .into_iter()
+                .filter(|(_, _, state)| *state != 'Z')
+                .map(|(host, ns, _)| (host, ns))
+                .collect()
         }
 
         /// The host pid of the process the service knows as `ns`.
@@ -475,17 +454,7 @@ mod suite {
         l.local_addr().unwrap().port()
     }
 
-    fn children(pid: u32) -> Vec<u32> {
-        let mut out = Vec::new();
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for t in tasks.flatten() {
-                if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-                    out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-                }
-            }
-        }
-        out
-    }
+    use pidns::children;
 
     fn signal(pid: u32, sig: i32) {
         assert_eq!(
@@ -497,15 +466,8 @@ mod suite {
     }
 
     #[track_caller]
-    fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-        let t = Instant::now();
-        loop {
-            if let Some(v) = f() {
-                return v;
-            }
-            assert!(t.elapsed() < DEADLINE, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+    fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+        pidns::wait_for(what, DEADLINE, f)
     }
 
     /// Waits until a generation other than `old` answers.
