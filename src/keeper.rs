@@ -87,10 +87,11 @@ pub(crate) const VAR: &str = "TABLEFLIP_KEEPER";
 ///   of two containers of one pod) do not collide, and nobody can take the name first.
 ///
 /// Limits: a descendant with `CAP_SYS_ADMIN` can send credentials naming another pid (as
-/// it can to systemd): run the generations without it. A child of the main generation
-/// that claims the service after the main generation died, before the main generation
-/// named it (the few microseconds between its start and the announcement), is refused:
-/// the keeper starts the service again, and that child serves until the next stop.
+/// it can to systemd): run the generations without it. A new generation whose parent
+/// is killed after starting it but before naming it (the moment between the new
+/// generation's `execve` and the announcement, which follows it at once) is refused when
+/// it claims the service: the keeper starts the service again, and that orphan serves
+/// beside it until the next stop.
 ///
 /// # Stopping
 ///
@@ -205,6 +206,16 @@ impl Keeper {
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod linux {
+    /// One line on stderr, in one `write(2)`: the generations share the keeper's stderr,
+    /// and `eprintln!` writes a line in pieces that their lines can cut.
+    macro_rules! say {
+        ($($arg:tt)*) => {{
+            use std::io::Write as _;
+            let line = format!("{}\n", format_args!($($arg)*));
+            let _ = std::io::stderr().write_all(line.as_bytes());
+        }};
+    }
+
     use std::collections::VecDeque;
     use std::io;
     use std::mem::MaybeUninit;
@@ -251,6 +262,9 @@ mod linux {
     /// A stop under way.
     #[derive(Debug)]
     struct Stop {
+        /// What the main generation was told (`SIGTERM`, `SIGINT` or `SIGQUIT`): a
+        /// generation that becomes the main one during the stop is told too.
+        signal: libc::c_int,
         deadline: Instant,
         /// Whether the rest got `SIGTERM` (once the main generation is gone).
         rest_told: bool,
@@ -354,7 +368,7 @@ mod linux {
         /// The loop; returns the exit code.
         pub(super) fn run(&mut self) -> i32 {
             if let Err(e) = self.start_generation() {
-                eprintln!("tableflip keeper: cannot start the service: {e}");
+                say!("tableflip keeper: cannot start the service: {e}");
                 return 1;
             }
             loop {
@@ -565,6 +579,7 @@ mod linux {
                         return Err("the announced successor has exited".into());
                     }
                     self.main = self.successor.take();
+                    self.tell_new_main();
                     Ok(())
                 }
                 _ => Err(format!(
@@ -608,16 +623,25 @@ mod linux {
             let Some(s) = self.successor.take() else {
                 return;
             };
-            eprintln!(
+            say!(
                 "tableflip keeper: pid {}, the announced successor, takes over from the main \
                  generation that died during the upgrade",
                 s.pid()
             );
             self.main = Some(s);
+            self.tell_new_main();
             self.claimed = false;
             self.takeover_until = None;
             if self.restart_at.take().is_some() {
                 self.restarts.pop_back();
+            }
+        }
+
+        /// During a stop, a generation that has just become the main one (the commit
+        /// crossed the stop signal) gets the signal too.
+        fn tell_new_main(&self) {
+            if let (Some(stop), Some(main)) = (&self.stop, &self.main) {
+                main.signal(stop.signal);
             }
         }
 
@@ -691,7 +715,7 @@ mod linux {
             let c = &mut self.complaints;
             if c.since.elapsed() >= COMPLAINT_WINDOW {
                 if c.dropped > 0 {
-                    eprintln!(
+                    say!(
                         "tableflip keeper: {} more rejected messages were not logged",
                         c.dropped
                     );
@@ -704,7 +728,7 @@ mod linux {
             }
             if c.lines < COMPLAINTS {
                 c.lines += 1;
-                eprintln!("{line}");
+                say!("{line}");
             } else {
                 c.dropped += 1;
             }
@@ -716,7 +740,7 @@ mod linux {
                 return;
             }
             if matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGQUIT) {
-                self.begin_stop();
+                self.begin_stop(sig);
             }
             // To the main generation; during a takeover, to the successor if it is told
             // to stop.
@@ -777,7 +801,7 @@ mod linux {
                 return;
             }
             if let Some(s) = successor {
-                eprintln!(
+                say!(
                     "tableflip keeper: the main generation (pid {}) ended during its upgrade \
                      ({status}); pid {} may take over within {:?}",
                     main.pid(),
@@ -790,14 +814,14 @@ mod linux {
             self.successor = None;
             if status.success() {
                 // It stopped on purpose: so does the service.
-                eprintln!(
+                say!(
                     "tableflip keeper: the main generation (pid {}) exited: stopping",
                     main.pid()
                 );
-                self.begin_stop();
+                self.begin_stop(libc::SIGTERM);
                 return;
             }
-            eprintln!("tableflip keeper: the service died ({status}); starting it again");
+            say!("tableflip keeper: the service died ({status}); starting it again");
             self.restart_later();
         }
 
@@ -806,7 +830,7 @@ mod linux {
                 return;
             };
             if self.main.is_none() && self.stop.is_none() {
-                eprintln!(
+                say!(
                     "tableflip keeper: pid {}, the announced successor, ended before taking \
                      over; starting the service again",
                     s.pid()
@@ -821,14 +845,14 @@ mod linux {
             if self.restart_at.is_some_and(|t| now >= t) {
                 self.restart_at = None;
                 if let Err(e) = self.start_generation() {
-                    eprintln!("tableflip keeper: cannot start the service again: {e}");
+                    say!("tableflip keeper: cannot start the service again: {e}");
                     self.restart_later();
                 }
             }
             if self.takeover_until.is_some_and(|t| now >= t) {
                 self.takeover_until = None;
                 if let Some(s) = &self.successor {
-                    eprintln!(
+                    say!(
                         "tableflip keeper: pid {}, the announced successor, did not take over \
                          within {:?}: killing it",
                         s.pid(),
@@ -851,13 +875,13 @@ mod linux {
                 self.restarts.pop_front();
             }
             if self.restarts.len() >= self.config.restarts {
-                eprintln!(
+                say!(
                     "tableflip keeper: {} restarts within {:?}: giving up",
                     self.restarts.len(),
                     self.config.window
                 );
                 self.last_status = Some(ExitStatus::from_raw(1 << 8));
-                self.begin_stop();
+                self.begin_stop(libc::SIGTERM);
                 return;
             }
             let shift = self.restarts.len().min(16) as u32;
@@ -870,12 +894,13 @@ mod linux {
             self.restart_at = now.checked_add(delay);
         }
 
-        fn begin_stop(&mut self) {
+        fn begin_stop(&mut self, signal: libc::c_int) {
             if self.stop.is_some() {
                 return;
             }
             let now = Instant::now();
             self.stop = Some(Stop {
+                signal,
                 deadline: now.checked_add(self.config.stop_timeout).unwrap_or(now),
                 rest_told: false,
                 killed: None,
@@ -901,10 +926,10 @@ mod linux {
                 let left = procs::descendants(me);
                 if !left.is_empty() {
                     if stop.killed.is_none() {
-                        eprintln!(
+                        say!(
                             "tableflip keeper: the stop timeout ({timeout:?}) has passed: \
-                             killing the {} processes left",
-                            left.len()
+                             SIGKILL to what is left (pids {:?})",
+                            left
                         );
                     }
                     kill_the_rest(me);
