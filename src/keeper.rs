@@ -19,7 +19,7 @@
 //! allocates per event only what reading a message or `/proc` needs.
 //!
 //! Linux only (a child subreaper, pidfds, `SCM_CREDENTIALS`): elsewhere
-//! [`Keeper::run`] fails with [`Error::Unsupported`].
+//! [`Keeper::run`] fails with [`Error::Unsupported`](crate::Error::Unsupported).
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod procs;
