@@ -329,6 +329,10 @@ impl Upgrader {
                 passed,
             )
         })?;
+        // Under a keeper: the child is named before it can claim the service.
+        if let Some(n) = &self.notify {
+            n.announce(handoff.pid());
+        }
         let handoff = handoff
             .wait_ready(self.timeout, cancel)?
             .probation(self.probation, cancel)?;
