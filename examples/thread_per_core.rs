@@ -140,9 +140,12 @@ fn run(
                 Asked::Upgrade => {
                     let u = Arc::clone(&u);
                     // upgrade() blocks until the next generation is ready or has failed.
-                    thread::spawn(move || match u.upgrade() {
-                        Ok(pid) => log!("upgrade succeeded: pid {pid} took over; handing over"),
-                        Err(e) => log!("upgrade failed, still serving: {e}"),
+                    // On success the exit notification fires first and main() may
+                    // return before this thread logs: main() says it, from the status.
+                    thread::spawn(move || {
+                        if let Err(e) = u.upgrade() {
+                            log!("upgrade failed, still serving: {e}");
+                        }
                     });
                 }
                 Asked::Stop => u.stop(),
@@ -175,6 +178,11 @@ fn run(
         {
             log!("worker failed: {e}");
         }
+    }
+    // The result of the upgrade that ended this generation is recorded before its exit
+    // notification fires.
+    if let Some(Ok(pid)) = upg.status().last_upgrade.map(|l| l.result) {
+        log!("upgrade succeeded: pid {pid} took over");
     }
     log!("exit");
     Ok(())

@@ -78,53 +78,10 @@ impl State {
     /// One notification (`KEY=value` lines) from `sender` (0: no credentials, or
     /// outside the keeper's PID namespace).
     fn message(&mut self, sender: u32, text: &str, fds: Vec<OwnedFd>) {
-        let field = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        };
-        let was_main = self.main.as_ref().is_some_and(|m| m.pid() == sender);
-        let is_successor = self.successor.as_ref().is_some_and(|s| s.pid() == sender);
-        if !was_main && !is_successor {
-            let why = match &self.main {
-                _ if sender == 0 => "no sender in the keeper's PID namespace".to_string(),
-                Some(m) => format!("not the main generation, pid {}", m.pid()),
-                None => "no generation is the main one".to_string(),
-            };
-            self.reject(sender, text, &why);
+        if !self.heard(sender, text) {
             return;
         }
-        if was_main {
-            if let Some(value) = field(SUCCESSOR_FIELD) {
-                if let Err(why) = self.announce(value) {
-                    self.reject_field(sender, &format!("{SUCCESSOR_FIELD}={value}"), &why);
-                }
-            }
-        }
-        let mut speaks = was_main;
-        if let Some(value) = field("MAINPID") {
-            let result = if was_main {
-                self.commit(sender, value)
-            } else {
-                self.claim(sender, value)
-            };
-            match result {
-                Ok(()) => speaks = true,
-                // The successor's claim refused: nothing else it says counts.
-                Err(why) if !was_main => {
-                    let why = format!("the announced successor's claim: {why}");
-                    return self.reject(sender, text, &why);
-                }
-                Err(why) => self.reject_field(sender, &format!("MAINPID={value}"), &why),
-            }
-        }
-        if !speaks {
-            self.reject(
-                sender,
-                text,
-                "the announced successor, not the main generation",
-            );
-            return;
-        }
+        let field = |key: &str| field(text, key);
         let mut relay: Vec<String> = Vec::new();
         for key in ["RELOADING", "READY", "STOPPING"] {
             if field(key) == Some("1") {
@@ -144,6 +101,59 @@ impl State {
         );
         if let (Some(up), false) = (&self.upstream, relay.is_empty()) {
             up.relay(&relay.join("\n"));
+        }
+    }
+
+    /// Whether the rest of `sender`'s message counts: it comes from the main generation,
+    /// or from the announced successor whose `MAINPID=` claim was accepted. Takes the
+    /// announcement and the change of main pid the message asks for first; logs what it
+    /// rejects.
+    fn heard(&mut self, sender: u32, text: &str) -> bool {
+        let was_main = self.main.as_ref().is_some_and(|m| m.pid() == sender);
+        let is_successor = self.successor.as_ref().is_some_and(|s| s.pid() == sender);
+        if !was_main && !is_successor {
+            let why = match &self.main {
+                _ if sender == 0 => "no sender in the keeper's PID namespace".to_string(),
+                Some(m) => format!("not the main generation, pid {}", m.pid()),
+                None => "no generation is the main one".to_string(),
+            };
+            self.reject(sender, text, &why);
+            return false;
+        }
+        if was_main {
+            if let Some(value) = field(text, SUCCESSOR_FIELD) {
+                if let Err(why) = self.announce(value) {
+                    self.reject_field(sender, &format!("{SUCCESSOR_FIELD}={value}"), &why);
+                }
+            }
+        }
+        let Some(value) = field(text, "MAINPID") else {
+            if !was_main {
+                self.reject(
+                    sender,
+                    text,
+                    "the announced successor, not the main generation",
+                );
+            }
+            return was_main;
+        };
+        let result = if was_main {
+            self.commit(sender, value)
+        } else {
+            self.claim(sender, value)
+        };
+        match result {
+            Ok(()) => true,
+            // The successor's claim refused: nothing else it says counts.
+            Err(why) if !was_main => {
+                let why = format!("the announced successor's claim: {why}");
+                self.reject(sender, text, &why);
+                false
+            }
+            Err(why) => {
+                self.reject_field(sender, &format!("MAINPID={value}"), &why);
+                true
+            }
         }
     }
 
@@ -364,4 +374,10 @@ fn random() -> io::Result<u128> {
         got += n as usize;
     }
     Ok(u128::from_ne_bytes(bytes))
+}
+
+/// The value of `KEY=` in a notify message, from its first line that has it.
+fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
 }
