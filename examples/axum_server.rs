@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! axum_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
-//!             [--probation SECS] [--fd-store]
+//!             [--probation SECS] [--fd-store] [--keeper]
 //!             [--lame-duck SECS]
 //! ```
 //!
@@ -13,11 +13,12 @@
 //! (`curl --http2-prior-knowledge`, `h2load`), next to HTTP/1.1 on the same port.
 //!
 //! ```text
-//! cargo run --example axum_server -- --pid-file /tmp/axum_server.pid &
+//! pid_file="${XDG_RUNTIME_DIR:-.}/axum_server.pid"  # a directory of your own, not /tmp
+//! cargo run --example axum_server -- --pid-file "$pid_file" &
 //! curl http://127.0.0.1:8080/               # hello from pid=1234
-//! kill -HUP "$(cat /tmp/axum_server.pid)"   # upgrade
+//! kill -HUP "$(cat "$pid_file")"            # upgrade
 //! curl --http2-prior-knowledge http://127.0.0.1:8080/   # hello from pid=1240
-//! kill -TERM "$(cat /tmp/axum_server.pid)"  # graceful stop
+//! kill -TERM "$(cat "$pid_file")"           # graceful stop
 //! ```
 //!
 //! How tableflip meets tokio:
@@ -26,7 +27,9 @@
 //!   non-blocking, and goes into [`tokio::net::TcpListener::from_std`]. `O_NONBLOCK` is
 //!   shared by the generations (it lives on the open file description), so every
 //!   generation must use the same mode; the std examples set it too.
-//! - `SIGHUP` arrives through tokio's signal handling; `upgrade()` blocks until the new
+//! - Signals are read on a thread of their own with signal-hook, as in the std examples:
+//!   tokio's signal streams do not say who sent a signal, and a `SIGHUP` that the kernel
+//!   sent is no upgrade request (see [`asked`]). `upgrade()` blocks until the new
 //!   generation is ready or has failed, so it runs in `spawn_blocking`.
 //! - The exit notification is awaited through `Upgrader::exit_handle`, taken by
 //!   tokio as the pipe read end it is (`tokio::net::unix::pipe::Receiver`): no thread is
@@ -52,8 +55,8 @@
 //!    sent its first request gets [`FIRST_REQUEST_GRACE`] instead of the lame duck;
 //! 5. the process exits once every connection is done, or after [`DRAIN_TIMEOUT`].
 //!
-//! One current-thread runtime keeps it small (tokio features `rt`, `net`, `signal`,
-//! `sync`, `time`; no macros); a busy server would use the multi-thread runtime.
+//! One current-thread runtime keeps it small (tokio features `rt`, `net`, `sync`, `time`;
+//! no macros); a busy server would use the multi-thread runtime.
 
 use std::convert::Infallible;
 use std::error::Error;
@@ -77,10 +80,10 @@ use hyper::{Request, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use signals::{Asked, Signals};
 use tableflip::{Options, Upgrader};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, timeout, Instant};
@@ -101,6 +104,9 @@ const USAGE: &str = "usage: axum_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--fd-store] [--keeper]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
+#[path = "common/signals.rs"]
+mod signals;
+
 macro_rules! log {
     ($($arg:tt)*) => {{
         let line = format!("[axum_server pid={}] {}\n", std::process::id(), format_args!($($arg)*));
@@ -198,11 +204,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
 
 async fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // Before anything else: a new generation starts with SIGHUP at its default (death).
-    let signals = [
-        signal(SignalKind::hangup())?,
-        signal(SignalKind::terminate())?,
-        signal(SignalKind::interrupt())?,
-    ];
+    // Each signal comes with its origin: who sent it, or whether the kernel did.
+    let signals = Signals::new()?;
 
     let mut options = Options::new()
         .upgrade_timeout(config.upgrade_timeout)
@@ -212,7 +215,11 @@ async fn run(config: Config) -> Result<(), Box<dyn Error>> {
         options = options.pid_file(path);
     }
     let upg = Arc::new(Upgrader::new(options)?);
+    // Inherited (from the previous generation, or a fd store) or bound now: the
+    // registry knows which.
+    let inherited = upg.fds().inherited().len();
     let listener: std::net::TcpListener = upg.fds().listen(config.listen.as_str())?;
+    let inherited = upg.fds().inherited().len() < inherited;
     // tokio needs it non-blocking; and since O_NONBLOCK is shared with the other
     // generation, every generation sets it (and none clears it).
     listener.set_nonblocking(true)?;
@@ -220,21 +227,18 @@ async fn run(config: Config) -> Result<(), Box<dyn Error>> {
     log!(
         "listening on http://{} ({})",
         listener.local_addr()?,
-        if upg.has_parent() {
-            "inherited from the previous generation"
-        } else {
-            "new socket"
-        }
+        if inherited { "inherited" } else { "new socket" }
     );
     // The exit notification, owned, as tokio's pipe receiver (it is a pipe's read end):
     // awaited, never read; no thread is parked on it.
     let exit = tokio::net::unix::pipe::Receiver::from_owned_fd(upg.exit_handle()?.into())?;
 
     let upgrades = UpgradeTasks::default();
-    let [hup, term, int] = signals;
-    tokio::spawn(on_sighup(hup, Arc::clone(&upg), Arc::clone(&upgrades)));
-    tokio::spawn(on_stop(term, "SIGTERM", Arc::clone(&upg)));
-    tokio::spawn(on_stop(int, "SIGINT", Arc::clone(&upg)));
+    let (signal_upg, signal_upgrades) = (Arc::clone(&upg), Arc::clone(&upgrades));
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || handle_signals(signals, signal_upg, signal_upgrades, runtime))?;
 
     // Report ready while serving (below): with a probation the previous generation
     // commits only after the window. ready() blocks: on a blocking thread. Which
@@ -315,28 +319,34 @@ async fn run(config: Config) -> Result<(), Box<dyn Error>> {
 /// exit fd fires: the upgrade has succeeded, or `stop()` has cancelled it.
 type UpgradeTasks = Arc<Mutex<Vec<JoinHandle<()>>>>;
 
-async fn on_sighup(mut hup: Signal, upg: Arc<Upgrader>, upgrades: UpgradeTasks) {
-    while hup.recv().await.is_some() {
-        let upg = Arc::clone(&upg);
-        // upgrade() blocks until the new generation is ready or has failed.
-        let task = tokio::task::spawn_blocking(move || {
-            log!("SIGHUP: upgrading");
-            match upg.upgrade() {
-                Ok(_) => log!("upgrade succeeded: the new generation is ready"),
-                Err(e) => log!("upgrade failed: {}", error_chain(&e)),
+/// Upgrades on `SIGHUP` (in `spawn_blocking`: `upgrade()` blocks until the new
+/// generation is ready or has failed), stops on `SIGTERM` and `SIGINT`.
+fn handle_signals(
+    mut signals: Signals,
+    upg: Arc<Upgrader>,
+    upgrades: UpgradeTasks,
+    runtime: tokio::runtime::Handle,
+) {
+    for request in signals.forever() {
+        log!("{}", request.line);
+        match request.asked {
+            Asked::Upgrade => {}
+            // stop() cancels an upgrade in progress and reaps its child: it may block,
+            // which this thread may.
+            Asked::Stop => {
+                upg.stop();
+                continue;
             }
-        });
+            Asked::Nothing => continue,
+        }
+        let upg = Arc::clone(&upg);
+        // Locked before the task starts, so that the exiting main task finds it.
         let mut tasks = upgrades.lock().unwrap_or_else(|e| e.into_inner());
         tasks.retain(|t| !t.is_finished());
-        tasks.push(task);
-    }
-}
-
-async fn on_stop(mut sig: Signal, name: &'static str, upg: Arc<Upgrader>) {
-    if sig.recv().await.is_some() {
-        log!("{name}: stopping");
-        // stop() cancels an upgrade in progress and reaps its child: it may block.
-        let _ = tokio::task::spawn_blocking(move || upg.stop()).await;
+        tasks.push(runtime.spawn_blocking(move || match upg.upgrade() {
+            Ok(pid) => log!("upgrade succeeded: the new generation (pid {pid}) is ready"),
+            Err(e) => log!("upgrade failed: {}", error_chain(&e)),
+        }));
     }
 }
 

@@ -4,15 +4,16 @@
 //! ```text
 //! daemon --pid-file PATH [--listen HOST:PORT] [--upgrade-timeout SECS] [--probation SECS]
 //!        [--fd-store] [--keeper] [--control PATH|@NAME]
-//! daemon --control PATH|@NAME --upgrade
+//! daemon --control PATH|@NAME [--control-uid UID] --upgrade
 //! ```
 //!
 //! It stays in the foreground (no double fork: systemd does the daemonizing), logs to
 //! stderr (the journal) with its pid, answers every TCP connection on `--listen`
-//! (default `127.0.0.1:8080`) with `hello from pid=<pid>`, upgrades on `SIGHUP` and
-//! stops gracefully on `SIGTERM` or `SIGINT`. The pid changes at every upgrade, so
-//! systemd must follow the pid file, which each generation rewrites when it is ready,
-//! before the previous one exits:
+//! (default `127.0.0.1:8080`) with `hello from pid=<pid>`, upgrades on `SIGHUP` (not on
+//! one the kernel sent when a terminal went away: see [`asked`]) and stops gracefully
+//! on `SIGTERM` or `SIGINT`. The pid changes at every upgrade, so systemd must follow
+//! the pid file, which each generation rewrites when it is ready, before the previous
+//! one exits:
 //!
 //! ```ini
 //! # /etc/systemd/system/daemon.service
@@ -42,7 +43,12 @@
 //!
 //! `--control` serves a control socket (see `tableflip::control`) on a thread of its own;
 //! `daemon --control PATH --upgrade` asks the daemon there to upgrade, prints the new
-//! pid and exits 0, or prints why it failed and exits 1.
+//! pid and exits 0, or prints why it failed and exits 1. It believes only the answer of
+//! root, of its own user, or of the owner of a socket file in a directory only that
+//! owner and root can write to, as `/run/daemon` above is (with `User=www`, systemd
+//! makes it belong to `www`: root's `ExecReload=` still just works). `--control-uid
+//! UID` names the uid the daemon runs as: needed for an abstract name when it runs as
+//! another user than the client, since anyone can bind one first.
 //!
 //! The serving loop is that of the `tcp_server` example, shortened; see there why it
 //! waits on the listener and the exit fd together and accepts without blocking.
@@ -55,8 +61,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signals::{Asked, Signals};
 use tableflip::{Options, UnixAddr, Upgrader, Wake};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -65,9 +70,12 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const USAGE: &str = "usage: daemon --pid-file PATH [--listen HOST:PORT] \
                      [--upgrade-timeout SECS] [--probation SECS] [--fd-store] \
                      [--keeper] [--control PATH|@NAME]\n       \
-                     daemon --control PATH|@NAME --upgrade";
+                     daemon --control PATH|@NAME [--control-uid UID] --upgrade";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
+#[path = "common/signals.rs"]
+mod signals;
+
 macro_rules! log {
     ($($arg:tt)*) => {{
         let line = format!("[daemon pid={}] {}\n", std::process::id(), format_args!($($arg)*));
@@ -80,12 +88,17 @@ fn main() -> ExitCode {
     let mut listen = String::from("127.0.0.1:8080");
     let mut options = Options::new();
     let mut control: Option<UnixAddr> = None;
+    let mut control_uid: Option<u32> = None;
     let mut upgrade = false;
     let mut keeper = false;
     // What the client waits for: the server's upgrade timeout plus its probation.
     let mut wait = Duration::from_secs(60 + 10);
     let mut args = std::env::args_os().skip(1);
     while let Some(arg) = args.next() {
+        if arg == "--help" || arg == "-h" {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         if arg == "--fd-store" {
             options = options.fd_store(true);
             continue;
@@ -125,6 +138,11 @@ fn main() -> ExitCode {
                     None => UnixAddr::Path(v.into()),
                 })
             }
+            (Some("--control-uid"), Some(v))
+                if v.to_str().is_some_and(|s| s.parse::<u32>().is_ok()) =>
+            {
+                control_uid = v.to_str().and_then(|s| s.parse().ok());
+            }
             _ => {
                 eprintln!("daemon: bad argument {arg:?}\n{USAGE}");
                 return ExitCode::from(2);
@@ -136,7 +154,11 @@ fn main() -> ExitCode {
             eprintln!("daemon: --upgrade needs --control\n{USAGE}");
             return ExitCode::from(2);
         };
-        return match tableflip::control::request_upgrade(addr, wait) {
+        let mut client = tableflip::control::ClientConfig::new(wait);
+        if let Some(uid) = control_uid {
+            client = client.server_uid(uid);
+        }
+        return match tableflip::control::request_upgrade(addr, client) {
             Ok(pid) => {
                 println!("{pid}");
                 ExitCode::SUCCESS
@@ -175,12 +197,21 @@ fn run(
     control: Option<UnixAddr>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     // First: a new generation starts with SIGHUP at its default disposition (death).
-    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    // Each signal comes with its origin: who sent it, or whether the kernel did.
+    let signals = Signals::new()?;
     let upg = Arc::new(Upgrader::new(options.pid_file(&pid_file))?);
 
+    // Inherited (from the previous generation, or a fd store) or bound now: the
+    // registry knows which.
+    let inherited = upg.fds().inherited().len();
     let listener = upg.fds().listen::<TcpListener>(listen)?;
+    let inherited = upg.fds().inherited().len() < inherited;
     listener.set_nonblocking(true)?; // in every generation alike: the flag is shared
-    log!("listening on {}", listener.local_addr()?);
+    log!(
+        "listening on {} ({})",
+        listener.local_addr()?,
+        if inherited { "inherited" } else { "new socket" }
+    );
 
     // The threads running upgrade(): the last one is joined before exiting, so that
     // its result is logged. Once the exit fd fires, they all return promptly.
@@ -291,16 +322,15 @@ fn run(
 /// Upgrades on `SIGHUP` (on a thread of its own: `upgrade()` blocks until the new
 /// generation is ready or has failed), stops on `SIGTERM` and `SIGINT`.
 fn on_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: Arc<Mutex<Vec<JoinHandle<()>>>>) {
-    for signal in signals.forever() {
-        if signal != SIGHUP {
-            let name = if signal == SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            };
-            log!("{name}: stopping");
-            upg.stop();
-            continue;
+    for request in signals.forever() {
+        log!("{}", request.line);
+        match request.asked {
+            Asked::Upgrade => {}
+            Asked::Stop => {
+                upg.stop();
+                continue;
+            }
+            Asked::Nothing => continue,
         }
         let upg = Arc::clone(&upg);
         // Locked before the thread starts, so that the exiting main thread finds it.
@@ -308,12 +338,9 @@ fn on_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: Arc<Mutex<Vec<
         threads.retain(|t| !t.is_finished());
         let spawned = thread::Builder::new()
             .name("upgrade".into())
-            .spawn(move || {
-                log!("SIGHUP: starting a new generation");
-                match upg.upgrade() {
-                    Ok(pid) => log!("upgrade succeeded: pid {pid} took over; handing over"),
-                    Err(e) => log!("upgrade failed: {}", error_chain(&e)),
-                }
+            .spawn(move || match upg.upgrade() {
+                Ok(pid) => log!("upgrade succeeded: pid {pid} took over; handing over"),
+                Err(e) => log!("upgrade failed: {}", error_chain(&e)),
             });
         match spawned {
             Ok(t) => threads.push(t),

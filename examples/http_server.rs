@@ -5,7 +5,7 @@
 //! http_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
 //!             [--probation SECS] [--fd-store] [--keeper]
 //!             [--lame-duck SECS] [--control PATH|@NAME]
-//! http_server --control PATH|@NAME --upgrade
+//! http_server --control PATH|@NAME [--control-uid UID] --upgrade
 //! ```
 //!
 //! Defaults: `127.0.0.1:8080`, no pid file, 60 s, 2 s. `GET` (and `HEAD`) of any path
@@ -13,15 +13,21 @@
 //!
 //! `--control` serves a control socket (see `tableflip::control`) on a thread of its
 //! own; `--upgrade` asks the server there to upgrade, prints the new pid and exits 0,
-//! or prints why it failed and exits 1.
+//! or prints why it failed and exits 1. It believes only the answer of root, of its own
+//! user, or of the owner of a socket file in a directory only that owner and root can
+//! write to (`/run/http_server`, not `/tmp`); `--control-uid UID` names the uid the
+//! server runs as (for an abstract name, when it runs as another user than the client).
 //!
 //! ```text
-//! cargo run --example http_server -- --pid-file /tmp/http_server.pid &
+//! pid_file="${XDG_RUNTIME_DIR:-.}/http_server.pid"  # a directory of your own, not /tmp
+//! cargo run --example http_server -- --pid-file "$pid_file" &
 //! curl http://127.0.0.1:8080/              # hello from pid=1234
-//! kill -HUP "$(cat /tmp/http_server.pid)"  # upgrade
+//! kill -HUP "$(cat "$pid_file")"           # upgrade
 //! curl http://127.0.0.1:8080/              # hello from pid=1240
-//! kill -TERM "$(cat /tmp/http_server.pid)" # graceful stop
+//! kill -TERM "$(cat "$pid_file")"          # graceful stop
 //! ```
+//!
+//! `SIGHUP` upgrades, unless the kernel sent it (the terminal went away: see [`asked`]).
 //!
 //! When the next generation is ready (or on `SIGTERM`/`SIGINT`) this one:
 //!
@@ -58,8 +64,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signals::{Asked, Signals};
 use tableflip::{Options, Upgrader};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -83,9 +88,13 @@ const ACCEPT_BATCH: usize = 64;
 
 const USAGE: &str = "usage: http_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--upgrade-timeout SECS] [--lame-duck SECS] [--probation SECS] \
-                     [--fd-store] [--keeper] [--control PATH|@NAME] [--upgrade]";
+                     [--fd-store] [--keeper] [--control PATH|@NAME] \
+                     [--control-uid UID] [--upgrade]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
+#[path = "common/signals.rs"]
+mod signals;
+
 macro_rules! log {
     ($($arg:tt)*) => {{
         let line = format!("[http_server pid={}] {}\n", std::process::id(), format_args!($($arg)*));
@@ -102,6 +111,8 @@ struct Config {
     fd_store: bool,
     keeper: bool,
     control: Option<tableflip::UnixAddr>,
+    /// `--control-uid`: the uid the server on the control socket runs as.
+    control_uid: Option<u32>,
     upgrade: bool,
 }
 
@@ -149,6 +160,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         fd_store: false,
         keeper: false,
         control: None,
+        control_uid: None,
         upgrade: false,
     };
     while let Some(arg) = args.next() {
@@ -177,6 +189,11 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
                 }
             }
             "--control" => config.control = Some(control::addr(value()?)),
+            "--control-uid" => {
+                let v = value()?;
+                let uid = v.to_str().and_then(|s| s.parse().ok());
+                config.control_uid = Some(uid.ok_or_else(|| format!("{flag}: bad uid {v:?}"))?);
+            }
             "--upgrade" => config.upgrade = true,
             "-h" | "--help" => return Ok(None),
             _ => return Err(format!("unknown argument {flag:?}")),
@@ -187,7 +204,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
 
 fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // Before anything else: a new generation starts with SIGHUP at its default (death).
-    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    // Each signal comes with its origin: who sent it, or whether the kernel did.
+    let signals = Signals::new()?;
 
     let mut options = Options::new()
         .upgrade_timeout(config.upgrade_timeout)
@@ -197,17 +215,17 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         options = options.pid_file(path);
     }
     let upg = Arc::new(Upgrader::new(options)?);
+    // Inherited (from the previous generation, or a fd store) or bound now: the
+    // registry knows which.
+    let inherited = upg.fds().inherited().len();
     let listener = upg.fds().listen::<TcpListener>(config.listen.as_str())?;
+    let inherited = upg.fds().inherited().len() < inherited;
     // The same mode in every generation: O_NONBLOCK is shared between them.
     listener.set_nonblocking(true)?;
     log!(
         "listening on http://{} ({})",
         listener.local_addr()?,
-        if upg.has_parent() {
-            "inherited from the previous generation"
-        } else {
-            "new socket"
-        }
+        if inherited { "inherited" } else { "new socket" }
     );
 
     let upgrades = UpgradeThreads::default();
@@ -271,36 +289,30 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
 type UpgradeThreads = Arc<Mutex<Vec<JoinHandle<()>>>>;
 
 fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThreads) {
-    for signal in signals.forever() {
-        if signal == SIGHUP {
-            // upgrade() blocks until the new generation is ready or has failed.
-            let upg = Arc::clone(&upg);
-            // Locked before the thread starts, so that the exiting main thread finds it.
-            let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
-            threads.retain(|t| !t.is_finished());
-            let spawned = thread::Builder::new()
-                .name("upgrade".into())
-                .spawn(move || {
-                    log!("SIGHUP: upgrading");
-                    match upg.upgrade() {
-                        Ok(pid) => {
-                            log!("upgrade succeeded: the new generation (pid {pid}) is ready")
-                        }
-                        Err(e) => log!("upgrade failed: {}", error_chain(&e)),
-                    }
-                });
-            match spawned {
-                Ok(thread) => threads.push(thread),
-                Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
+    for request in signals.forever() {
+        log!("{}", request.line);
+        match request.asked {
+            Asked::Upgrade => {}
+            Asked::Stop => {
+                upg.stop();
+                continue;
             }
-        } else {
-            let name = if signal == SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            };
-            log!("{name}: stopping");
-            upg.stop();
+            Asked::Nothing => continue,
+        }
+        // upgrade() blocks until the new generation is ready or has failed.
+        let upg = Arc::clone(&upg);
+        // Locked before the thread starts, so that the exiting main thread finds it.
+        let mut threads = upgrades.lock().unwrap_or_else(|e| e.into_inner());
+        threads.retain(|t| !t.is_finished());
+        let spawned = thread::Builder::new()
+            .name("upgrade".into())
+            .spawn(move || match upg.upgrade() {
+                Ok(pid) => log!("upgrade succeeded: the new generation (pid {pid}) is ready"),
+                Err(e) => log!("upgrade failed: {}", error_chain(&e)),
+            });
+        match spawned {
+            Ok(thread) => threads.push(thread),
+            Err(e) => log!("upgrade failed: cannot start a thread: {e}"),
         }
     }
 }
@@ -751,7 +763,7 @@ mod control {
     use std::thread::{self, JoinHandle};
     use std::time::Duration;
 
-    use tableflip::control::{request_upgrade, Server};
+    use tableflip::control::{request_upgrade, ClientConfig, Server};
     use tableflip::{UnixAddr, Upgrader};
 
     use super::{error_chain, Config};
@@ -772,7 +784,11 @@ mod control {
             return ExitCode::from(2);
         };
         let wait = config.upgrade_timeout + config.probation + Duration::from_secs(10);
-        match request_upgrade(addr, wait) {
+        let mut client = ClientConfig::new(wait);
+        if let Some(uid) = config.control_uid {
+            client = client.server_uid(uid);
+        }
+        match request_upgrade(addr, client) {
             Ok(pid) => {
                 println!("{pid}");
                 ExitCode::SUCCESS

@@ -5,7 +5,7 @@
 //! tcp_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
 //!            [--probation SECS] [--fd-store] [--keeper]
 //!            [--control PATH|@NAME]
-//! tcp_server --control PATH|@NAME --upgrade | --status
+//! tcp_server --control PATH|@NAME [--control-uid UID] --upgrade | --status
 //! ```
 //!
 //! Defaults: `127.0.0.1:8080`, no pid file, 60 s, no probation (`--probation 2` keeps
@@ -16,22 +16,29 @@
 //! `hello from pid=<pid>`, and is closed. Try it:
 //!
 //! ```text
-//! cargo run --example tcp_server -- --pid-file /tmp/tcp_server.pid &
+//! pid_file="${XDG_RUNTIME_DIR:-.}/tcp_server.pid"  # a directory of your own, not /tmp
+//! cargo run --example tcp_server -- --pid-file "$pid_file" &
 //! nc 127.0.0.1 8080                       # hello from pid=1234
-//! kill -HUP "$(cat /tmp/tcp_server.pid)"  # upgrade: a new process takes over
+//! kill -HUP "$(cat "$pid_file")"          # upgrade: a new process takes over
 //! nc 127.0.0.1 8080                       # hello from pid=1240
-//! kill -TERM "$(cat /tmp/tcp_server.pid)" # graceful stop
+//! kill -TERM "$(cat "$pid_file")"         # graceful stop
 //! ```
 //!
 //! - `SIGHUP` starts the next generation (same binary path and arguments) on a thread of
-//!   its own. If it fails, the reason is logged and this process keeps serving.
+//!   its own. If it fails, the reason is logged and this process keeps serving. A
+//!   `SIGHUP` that the kernel sent (the terminal went away, or the process leading its
+//!   session exited: see [`asked`]) is logged and changes nothing.
 //! - `--control PATH` (or `@NAME`, an abstract name) serves a control socket on a thread
 //!   of its own (see `tableflip::control`). `tcp_server --control PATH --upgrade` asks
 //!   the server there to upgrade, waits, prints the new generation's pid and exits 0, or
 //!   prints why it failed (the new generation's own reason, if it gave one) and exits
 //!   1: a command for systemd's `ExecReload=`. `--status` prints what the server is
 //!   doing. The client waits `--upgrade-timeout` plus `--probation` plus 10 s at most,
-//!   so give it the server's values if they are larger than the defaults.
+//!   so give it the server's values if they are larger than the defaults. It believes
+//!   only the answer of root, of its own user, or of the owner of a socket file in a
+//!   directory only that owner and root can write to (`/run/tcp_server`, not `/tmp`);
+//!   `--control-uid UID` names the uid the server runs as (needed for an abstract name
+//!   when the server runs as another user than the client: anyone can bind one first).
 //! - A generation accepts from the moment it has its listener, before it reports ready:
 //!   with a probation both generations serve until the old one commits.
 //! - When the next generation is ready (or on `SIGTERM`/`SIGINT`) this process stops
@@ -55,8 +62,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signals::{Asked, Signals};
 use tableflip::{control, Options, UnixAddr, Upgrader, Wake};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -72,11 +78,14 @@ const ACCEPT_BATCH: usize = 64;
 const USAGE: &str = "usage: tcp_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--upgrade-timeout SECS] [--probation SECS] [--fd-store] \
                      [--keeper] [--control PATH|@NAME]\n       \
-                     tcp_server --control PATH|@NAME --upgrade | --status";
+                     tcp_server --control PATH|@NAME [--control-uid UID] --upgrade | --status";
 
 /// Logs one line to stderr with this process's pid. A single `write` per line, so the
 /// lines of two generations sharing a log file do not interleave, and a closed stderr
 /// is ignored instead of panicking like `eprintln!`.
+#[path = "common/signals.rs"]
+mod signals;
+
 macro_rules! log {
     ($($arg:tt)*) => {{
         let line = format!("[tcp_server pid={}] {}\n", std::process::id(), format_args!($($arg)*));
@@ -92,6 +101,8 @@ struct Config {
     fd_store: bool,
     keeper: bool,
     control: Option<UnixAddr>,
+    /// `--control-uid`: the uid the server on the control socket runs as.
+    control_uid: Option<u32>,
     /// `--upgrade` or `--status`: a client of the control socket, not a server.
     ask: Option<&'static str>,
 }
@@ -140,6 +151,7 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, St
         fd_store: false,
         keeper: false,
         control: None,
+        control_uid: None,
         ask: None,
     };
     let mut args = args;
@@ -160,6 +172,11 @@ fn parse_args(args: impl Iterator<Item = OsString>) -> Result<Option<Config>, St
             "--fd-store" => config.fd_store = true,
             "--keeper" => config.keeper = true,
             "--control" => config.control = Some(control_addr(value()?)),
+            "--control-uid" => {
+                let v = value()?;
+                let uid = v.to_str().and_then(|s| s.parse().ok());
+                config.control_uid = Some(uid.ok_or_else(|| format!("{flag}: bad uid {v:?}"))?);
+            }
             "--upgrade" => config.ask = Some("upgrade"),
             "--status" => config.ask = Some("status"),
             "-h" | "--help" => return Ok(None),
@@ -187,9 +204,13 @@ fn ask(config: &Config, command: &str) -> ExitCode {
     };
     // The server answers when its upgrade has ended: its timeout plus its probation.
     let timeout = config.upgrade_timeout + config.probation + Duration::from_secs(10);
+    let mut client = control::ClientConfig::new(timeout);
+    if let Some(uid) = config.control_uid {
+        client = client.server_uid(uid);
+    }
     let answer = match command {
-        "upgrade" => control::request_upgrade(addr, timeout).map(|pid| pid.to_string()),
-        _ => control::status(addr, timeout).map(|status| status.to_string()),
+        "upgrade" => control::request_upgrade(addr, client).map(|pid| pid.to_string()),
+        _ => control::status(addr, client).map(|status| status.to_string()),
     };
     match answer {
         Ok(line) => {
@@ -214,8 +235,9 @@ fn seconds(flag: &str, v: &OsString) -> Result<Option<Duration>, String> {
 
 fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // First of all: a new generation starts with every signal at its default
-    // disposition, and the default for SIGHUP is to die.
-    let signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    // disposition, and the default for SIGHUP is to die. Each signal comes with its
+    // origin: who sent it, or whether the kernel did.
+    let signals = Signals::new()?;
 
     let mut options = Options::new()
         .upgrade_timeout(config.upgrade_timeout)
@@ -227,18 +249,17 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     let upg = Arc::new(Upgrader::new(options)?);
     trace("new");
 
-    // Inherited from the previous generation, or bound now.
+    // Inherited (from the previous generation, or the keeper's or systemd's fd store),
+    // or bound now: the registry knows which.
+    let inherited = upg.fds().inherited().len();
     let listener = upg.fds().listen::<TcpListener>(config.listen.as_str())?;
+    let inherited = upg.fds().inherited().len() < inherited;
     // The same mode in every generation: the flag is shared with the other generation.
     listener.set_nonblocking(true)?;
     log!(
         "listening on {} ({})",
         listener.local_addr()?,
-        if upg.has_parent() {
-            "inherited from the previous generation"
-        } else {
-            "new socket"
-        }
+        if inherited { "inherited" } else { "new socket" }
     );
 
     // The control socket: inherited from the previous generation, or bound now. Taken
@@ -352,7 +373,6 @@ impl UpgradeWorker {
             .spawn(move || {
                 while rx.recv().is_ok() {
                     let _busy = held.lock().unwrap_or_else(|e| e.into_inner());
-                    log!("SIGHUP: upgrading");
                     trace("upgrade");
                     let result = upg.upgrade();
                     trace("upgraded");
@@ -369,22 +389,19 @@ impl UpgradeWorker {
 }
 
 fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, requests: SyncSender<()>) {
-    for signal in signals.forever() {
-        if signal == SIGHUP {
-            trace("sighup");
-            // upgrade() blocks until the new generation is ready or has failed: it runs
-            // on the worker, so that SIGTERM is still handled meanwhile.
-            if requests.try_send(()).is_err() {
-                log!("upgrade failed: another upgrade is in progress");
+    for request in signals.forever() {
+        log!("{}", request.line);
+        match request.asked {
+            Asked::Upgrade => {
+                trace("sighup");
+                // upgrade() blocks until the new generation is ready or has failed: it
+                // runs on the worker, so that SIGTERM is still handled meanwhile.
+                if requests.try_send(()).is_err() {
+                    log!("upgrade failed: another upgrade is in progress");
+                }
             }
-        } else {
-            let name = if signal == SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            };
-            log!("{name}: stopping");
-            upg.stop();
+            Asked::Stop => upg.stop(),
+            Asked::Nothing => {}
         }
     }
 }

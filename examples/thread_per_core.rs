@@ -17,6 +17,8 @@
 //!   between `socket()` and `bind()` for every socket the registry creates.
 //! - Each worker waits with `poll(2)` on its listener and on the upgrader's exit fd: no busy
 //!   loop, and it stops accepting the moment the next generation is ready.
+//! - `SIGHUP` upgrades, unless the kernel sent it (the terminal went away: see
+//!   [`request`]); `SIGTERM` and `SIGINT` stop.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener};
@@ -25,8 +27,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use signals::{Asked, Signals};
 use tableflip::{Options, Upgrader, Wake};
 
 /// Connections accepted per wake-up before the exit fd is looked at again.
@@ -35,6 +36,9 @@ const ACCEPT_BATCH: usize = 64;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 const USAGE: &str = "usage: thread_per_core [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS] [--workers N]";
+
+#[path = "common/signals.rs"]
+mod signals;
 
 macro_rules! log {
     ($($arg:tt)*) => {{
@@ -50,6 +54,10 @@ fn main() -> ExitCode {
     let mut workers = thread::available_parallelism().map_or(1, |n| n.get());
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--help" || flag == "-h" {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         let value = args.next();
         let ok = match (flag.as_str(), value) {
             ("--listen", Some(v)) => {
@@ -95,7 +103,8 @@ fn run(
     workers: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
     // Before anything else: a new generation starts with SIGHUP at its default (death).
-    let mut signals = Signals::new([SIGHUP, SIGTERM, SIGINT])?;
+    // Each signal comes with its origin: who sent it, or whether the kernel did.
+    let mut signals = Signals::new()?;
 
     let mut options = Options::new().upgrade_timeout(timeout).before_bind(|fd| {
         // Called for every socket the registry creates, before bind().
@@ -107,31 +116,40 @@ fn run(
     }
     let upg = Arc::new(Upgrader::new(options)?);
 
+    // Inherited (from the previous generation, or a fd store) or bound now: the
+    // registry knows which, socket by socket.
+    let inherited = upg.fds().inherited().len();
     let listeners = upg.fds().listen_group::<TcpListener>(listen, workers)?;
+    let inherited = inherited - upg.fds().inherited().len();
     log!(
         "listening on {} with {} workers ({})",
         listeners[0].local_addr()?,
         listeners.len(),
-        if upg.has_parent() {
-            "inherited"
-        } else {
-            "new sockets"
+        match inherited {
+            0 => "new sockets".to_string(),
+            n if n == listeners.len() => "inherited".to_string(),
+            n => format!("{n} inherited, {} new sockets", listeners.len() - n),
         }
     );
 
     let u = Arc::clone(&upg);
     thread::spawn(move || {
-        for signal in signals.forever() {
-            if signal == SIGHUP {
-                let u = Arc::clone(&u);
-                // upgrade() blocks until the next generation is ready or has failed.
-                thread::spawn(move || match u.upgrade() {
-                    Ok(pid) => log!("upgrade succeeded: pid {pid} took over; handing over"),
-                    Err(e) => log!("upgrade failed, still serving: {e}"),
-                });
-            } else {
-                log!("stopping");
-                u.stop();
+        for request in signals.forever() {
+            log!("{}", request.line);
+            match request.asked {
+                Asked::Upgrade => {
+                    let u = Arc::clone(&u);
+                    // upgrade() blocks until the next generation is ready or has failed.
+                    // On success the exit notification fires first and main() may
+                    // return before this thread logs: main() says it, from the status.
+                    thread::spawn(move || {
+                        if let Err(e) = u.upgrade() {
+                            log!("upgrade failed, still serving: {e}");
+                        }
+                    });
+                }
+                Asked::Stop => u.stop(),
+                Asked::Nothing => {}
             }
         }
     });
@@ -160,6 +178,11 @@ fn run(
         {
             log!("worker failed: {e}");
         }
+    }
+    // The result of the upgrade that ended this generation is recorded before its exit
+    // notification fires.
+    if let Some(Ok(pid)) = upg.status().last_upgrade.map(|l| l.result) {
+        log!("upgrade succeeded: pid {pid} took over");
     }
     log!("exit");
     Ok(())

@@ -155,6 +155,17 @@ pub enum Error {
         /// The OS error, or what was wrong with the answer.
         source: io::Error,
     },
+    /// The process that answered on a [control socket](crate::control) is not one the
+    /// client believes (see [whom a client believes](crate::control#whom-a-client-believes)):
+    /// another user may have taken the name first. Nothing was sent to it.
+    ControlPeer {
+        /// The control socket's address (a path, or `@name`).
+        addr: String,
+        /// The uid that process runs as.
+        uid: u32,
+        /// Why it is not believed.
+        reason: String,
+    },
     /// The generation behind a [control socket](crate::control) answered a request
     /// with an error.
     Remote {
@@ -223,6 +234,7 @@ impl Error {
             Error::Timeout { .. } => "Timeout",
             Error::PidFile { .. } => "PidFile",
             Error::Control { .. } => "Control",
+            Error::ControlPeer { .. } => "ControlPeer",
             Error::Remote { .. } => "Remote",
             Error::Unsupported { .. } => "Unsupported",
             Error::Io { .. } => "Io",
@@ -312,6 +324,11 @@ impl Error {
             Error::Control { addr, op, .. } => {
                 write!(f, "control socket {addr}: {op} failed")
             }
+            Error::ControlPeer { addr, uid, reason } => write!(
+                f,
+                "control socket {addr}: the process answering runs as uid {uid}, \
+                 which this client does not believe: {reason}"
+            ),
             Error::Remote { addr, message, .. } => {
                 write!(f, "{message} (answered by the control socket {addr})")
             }
@@ -354,6 +371,7 @@ impl From<Error> for io::Error {
             | Error::Control { source, .. }
             | Error::Io { source, .. } => source.kind(),
             Error::Timeout { .. } => io::ErrorKind::TimedOut,
+            Error::ControlPeer { .. } => io::ErrorKind::PermissionDenied,
             Error::Remote { kind, .. } if kind == "PermissionDenied" => {
                 io::ErrorKind::PermissionDenied
             }

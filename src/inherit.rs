@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::io::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::adoption::InheritedFd;
 use crate::error::{clip, Error, Result};
@@ -94,21 +94,27 @@ pub(crate) fn adopt(
     entries: Vec<wire::Entry>,
     inherited_only: bool,
 ) -> Result<Vec<Inherited>> {
-    use rustix::io::FdFlags;
     for wire::Entry { fd, key, .. } in &entries {
         let entry = || format!("{fd},{}", key.tag());
-        // SAFETY: only used for the duration of this fcntl call; an fd that is not open
-        // yields EBADF, which is reported.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(*fd) };
-        let reason = match rustix::io::fcntl_getfd(borrowed) {
-            Ok(flags) if !inherited_only || !flags.contains(FdFlags::CLOEXEC) => continue,
-            Ok(_) => (
+        // On the number itself: a `BorrowedFd` may only be made of an open fd, and
+        // whether this one is open is the question.
+        // SAFETY: F_GETFD reads the descriptor flags of a number and touches no memory;
+        // a number that is not open gives EBADF, which is reported.
+        let flags = unsafe { libc::fcntl(*fd, libc::F_GETFD) };
+        let reason = if flags == -1 {
+            (
+                format!("fd {fd} is not open"),
+                Some(std::io::Error::last_os_error()),
+            )
+        } else if !inherited_only || flags & libc::FD_CLOEXEC == 0 {
+            continue;
+        } else {
+            (
                 format!(
                     "fd {fd} is close-on-exec, so it was not inherited from the previous generation"
                 ),
                 None,
-            ),
-            Err(e) => (format!("fd {fd} is not open"), Some(e.into())),
+            )
         };
         return Err(Error::FdTable {
             var,

@@ -7,56 +7,52 @@
 //! `RELOADING=1`, `STOPPING=1` and `STATUS=`, and holds the sockets sent with `FDSTORE=1`
 //! (the fd store: the same generation code runs under systemd or under the keeper). It
 //! forwards `SIGHUP`, `SIGTERM`, `SIGINT`, `SIGQUIT`, `SIGUSR1` and `SIGUSR2` to the
-//! current generation, reaps every descendant (it is PID 1 or a child subreaper), and
-//! when the current generation dies without a successor, it starts a new one on the
-//! sockets it holds (`$LISTEN_FDS`), with a bounded number of restarts and a back-off.
-//! `SIGTERM`, `SIGINT` and `SIGQUIT` stop the service: the keeper exits with the last
-//! generation's status once every process is gone. With a `$NOTIFY_SOCKET` of its own
-//! (under systemd), it relays readiness and status with its own pid as the main one.
+//! main generation, reaps every descendant (it is PID 1 or a child subreaper), and when
+//! the main generation dies without a successor, it starts a new one on the sockets it
+//! holds (`$LISTEN_FDS`), with a bounded number of restarts and a back-off. With a
+//! `$NOTIFY_SOCKET` of its own (under systemd), it relays the main generation's
+//! readiness and status with its own pid as the main one. What it believes, and whom, is
+//! in [`Keeper`]'s docs ("Trust").
 //!
-//! The loop starts no thread; it waits in one `poll` on its notify socket and a
-//! `signalfd`, and allocates per event only what reading a message or `/proc` needs.
+//! The loop ([`state`]) starts no thread; it waits in one `poll` on its notify socket
+//! ([`messages`]: whom it believes), the pipe its signal handler writes to ([`signals`])
+//! and the generations' pidfds ([`procs`]), and allocates per event only what reading a
+//! message or `/proc` needs. The fd store is [`store`].
 //!
-//! Linux only (a child subreaper, `signalfd`): elsewhere the machinery below is compiled
-//! but never called, and [`Keeper::run`] fails with [`Error::Unsupported`].
-#![cfg_attr(
-    not(any(target_os = "linux", target_os = "android")),
-    allow(dead_code, unused_imports)
-)]
+//! Linux only (a child subreaper, pidfds, `SCM_CREDENTIALS`): elsewhere
+//! [`Keeper::run`] fails with [`Error::Unsupported`](crate::Error::Unsupported).
 
-use std::collections::VecDeque;
-use std::io;
-use std::mem::MaybeUninit;
-use std::os::unix::io::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::ExitStatusExt;
-use std::process::ExitStatus;
-use std::time::{Duration, Instant};
+/// One line on stderr, in one `write(2)`: the generations share the keeper's stderr, and
+/// `eprintln!` writes a line in pieces that their lines can cut.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let line = format!("{}\n", format_args!($($arg)*));
+        let _ = std::io::stderr().write_all(line.as_bytes());
+    }};
+}
 
-use rustix::net::{
-    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SocketAddrUnix, SocketType,
-};
-use rustix::process::{Pid, Signal, WaitOptions};
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod messages;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod procs;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod signals;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod state;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod store;
 
-use crate::error::{Error, Result};
-use crate::os;
-use crate::process::Child;
-use crate::spawn::{PidVar, Program};
-use crate::systemd::Notifier;
+use std::time::Duration;
+
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+use crate::error::Error;
+use crate::error::Result;
 
 /// Set in the environment of every generation a keeper starts (and so inherited by
 /// their upgrades): its value is the keeper's pid.
-const VAR: &str = "TABLEFLIP_KEEPER";
-/// The signals the keeper forwards to the current generation.
-const FORWARDED: [libc::c_int; 6] = [
-    libc::SIGHUP,
-    libc::SIGTERM,
-    libc::SIGINT,
-    libc::SIGQUIT,
-    libc::SIGUSR1,
-    libc::SIGUSR2,
-];
-/// The most fds the keeper holds for the generations.
-const MAX_HELD: usize = 1024;
+pub(crate) const VAR: &str = "TABLEFLIP_KEEPER";
 
 /// A keeper for this service: call [`Keeper::run`] first thing in `main` when asked for
 /// one (the examples take `--keeper`).
@@ -75,13 +71,75 @@ const MAX_HELD: usize = 1024;
 /// }
 /// ```
 ///
-/// Linux only (it needs a child subreaper and `signalfd`); elsewhere `run` fails.
+/// # Trust
+///
+/// Every process the service starts inherits `$NOTIFY_SOCKET` (a CGI script, a helper),
+/// so the keeper believes nothing for being said on its socket. Each datagram comes with
+/// its sender's credentials (`SCM_CREDENTIALS`, checked by the kernel), and:
+///
+/// - The **main generation** is the one the keeper started, and after it only the
+///   generation it handed over to. Only the main generation is heard: its `READY=1`,
+///   `RELOADING=1`, `STOPPING=1` and `STATUS=` are relayed upstream (what systemd's
+///   default `NotifyAccess=main` would take), its `FDSTORE=1` is kept, and the keeper's
+///   signals go to it.
+/// - It may name **one successor**: its own child, with the keeper-only field
+///   `X_TABLEFLIP_SUCCESSOR=<pid>` (sent by [`Upgrader::upgrade`](crate::Upgrader::upgrade)
+///   under a keeper, as soon as the new generation runs; systemd never sees it). The
+///   successor becomes the main generation by the commit (`MAINPID=<successor>` from the
+///   main generation) or, when the main generation died during the handoff, by claiming
+///   itself (`MAINPID=<own pid>`, as a generation whose parent died does). A pending
+///   restart is then cancelled: one generation is main at a time.
+/// - A `MAINPID=` outside `1..=2147483647`, naming a pid that is not a live descendant
+///   of the keeper, or from anyone else, is rejected; so is everything from any other
+///   process. A rejected message is logged on stderr with the sender's pid and what it
+///   asked (at most 20 lines in 10 s), and changes nothing. Every pid the keeper
+///   signals was checked in `/proc` first and is held by a pidfd from then on.
+/// - The fd store takes fds from the main generation only, under names that systemd
+///   would take (printable ASCII without `:`, at most 255 bytes), up to half the soft fd
+///   limit counting the keeper's own fds; `FDSTOREREMOVE=1` drops a name. A rejected
+///   store is logged and its fds closed.
+/// - The notify socket has a random abstract name (`@tableflip-keeper/<pid>/<128 random
+///   bits>`), bound before it is published: two keepers in one network namespace (PID 1
+///   of two containers of one pod) do not collide, and nobody can take the name first.
+///
+/// Limits: a descendant with `CAP_SYS_ADMIN` can send credentials naming another pid (as
+/// it can to systemd): run the generations without it. A new generation whose parent
+/// is killed after starting it but before naming it (the moment between the new
+/// generation's `execve` and the announcement, which follows it at once) is refused when
+/// it claims the service: the keeper starts the service again, and that orphan serves
+/// beside it until the next stop.
+///
+/// # Stopping
+///
+/// `SIGTERM`, `SIGINT` or `SIGQUIT` to the keeper (or a restart limit reached, or the main
+/// generation exiting with status 0) stops the service: the signal goes to the main
+/// generation, and once that has exited every other descendant gets `SIGTERM` (older
+/// generations still draining, background jobs). When the
+/// [stop timeout](Keeper::stop_timeout) has passed, whatever is left gets `SIGKILL`: as
+/// PID 1, every process of the PID namespace; as a child subreaper (not PID 1), every
+/// descendant found in `/proc`. Then the keeper exits with the main generation's status
+/// (128 + the signal if it was killed). What the subreaper cannot reach: a process that
+/// a descendant had another service start (`systemd-run`, `at`, a daemon over IPC), and
+/// processes it may not signal (another user's, as a non-root keeper). Under systemd the
+/// unit's cgroup covers those.
+///
+/// # Signals and threads
+///
+/// `Keeper::run` installs a handler for the forwarded signals and `SIGCHLD` that writes
+/// to a pipe (see the `signals` module), so it works when other threads were started
+/// before it (a logger, a runtime): no signal mask has to be shared. It takes over those
+/// signals' dispositions in this process.
+///
+/// Linux only (it needs a child subreaper and pidfds); elsewhere `run` fails. `/proc`
+/// must be the one of the keeper's PID namespace (as in any container).
 #[derive(Debug, Clone)]
 pub struct Keeper {
     restarts: usize,
     window: Duration,
     backoff: Duration,
     max_backoff: Duration,
+    stop_timeout: Duration,
+    takeover_timeout: Duration,
 }
 
 impl Default for Keeper {
@@ -91,18 +149,20 @@ impl Default for Keeper {
             window: Duration::from_secs(60),
             backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
+            stop_timeout: Duration::from_secs(25),
+            takeover_timeout: Duration::from_secs(60),
         }
     }
 }
 
 impl Keeper {
     /// The defaults: at most 5 restarts within 60 s, waiting 100 ms before the first and
-    /// doubling up to 5 s.
+    /// doubling up to 5 s; a stop timeout of 25 s; 60 s for a successor to take over.
     pub fn new() -> Keeper {
         Keeper::default()
     }
 
-    /// Gives up (exits with a non-zero status) when the current generation had to be
+    /// Gives up (exits with a non-zero status) when the main generation had to be
     /// started again more than `restarts` times within `within`.
     pub fn restart_limit(mut self, restarts: usize, within: Duration) -> Self {
         self.restarts = restarts;
@@ -118,6 +178,26 @@ impl Keeper {
         self
     }
 
+    /// How long a stop may take before the keeper sends `SIGKILL` to every process left
+    /// (see "Stopping"). Set it a little below the time whoever stops the keeper allows:
+    /// Kubernetes' `terminationGracePeriodSeconds` (30 s by default), `docker stop -t`
+    /// (10 s by default: use 8 s), systemd's `TimeoutStopSec=` (90 s by default). Then the
+    /// keeper, not the runtime, ends what is left, and exits with the main generation's
+    /// status. Default: 25 s.
+    pub fn stop_timeout(mut self, timeout: Duration) -> Self {
+        self.stop_timeout = timeout;
+        self
+    }
+
+    /// When the main generation dies during an upgrade, how long its announced successor
+    /// may take to claim the service (it does once it is ready) before the keeper kills
+    /// it and starts the service again. Default: 60 s, the default
+    /// [upgrade timeout](crate::Options::upgrade_timeout).
+    pub fn takeover_timeout(mut self, timeout: Duration) -> Self {
+        self.takeover_timeout = timeout;
+        self
+    }
+
     /// Turns this process into the keeper and starts the first generation: this binary
     /// (`argv[0]`, resolved as for an upgrade) with the same arguments. Never returns in
     /// the keeper. In a generation a keeper started (or an upgrade of one), returns
@@ -128,7 +208,7 @@ impl Keeper {
         }
         #[cfg(any(target_os = "linux", target_os = "android"))]
         {
-            let mut keeper = State::new(self)?;
+            let mut keeper = state::State::new(self)?;
             let code = keeper.run();
             std::process::exit(code)
         }
@@ -138,430 +218,4 @@ impl Keeper {
             needs: "Linux",
         })
     }
-}
-
-/// An fd held for the generations, under the name it was stored with.
-struct Held {
-    name: String,
-    fd: OwnedFd,
-    id: (u64, u64),
-}
-
-/// The keeper at work.
-struct State {
-    config: Keeper,
-    program: Program,
-    pid: u32,
-    socket: OwnedFd,
-    target: String,
-    signals: OwnedFd,
-    /// The keeper's own systemd, if any.
-    upstream: Option<Notifier>,
-    held: Vec<Held>,
-    /// The generation that serves (or is starting), as `MAINPID=` named it.
-    main: Option<u32>,
-    /// The direct child the keeper started last, until reaped.
-    started: Option<Child>,
-    ready: bool,
-    stopping: bool,
-    /// How the last generation that was the main one ended.
-    last_status: Option<ExitStatus>,
-    restarts: VecDeque<Instant>,
-    /// When to start a generation again after a crash.
-    restart_at: Option<Instant>,
-}
-
-#[cfg(any(target_os = "linux", target_os = "android"))]
-impl State {
-    fn new(config: Keeper) -> Result<State> {
-        let pid = std::process::id();
-        if pid != 1 {
-            // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes integers only.
-            if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } == -1 {
-                return Err(Error::io(
-                    "prctl(PR_SET_CHILD_SUBREAPER)",
-                    None,
-                    io::Error::last_os_error(),
-                ));
-            }
-        }
-        let name = format!("tableflip-keeper/{pid}");
-        let socket = notify_socket(name.as_bytes())
-            .map_err(|e| Error::io("bind the keeper's notify socket", None, e))?;
-        let signals = signal_fd().map_err(|e| Error::io("signalfd", None, e))?;
-        // Sockets systemd passed to the keeper (socket activation) go to the generations.
-        let held = crate::systemd::activated()?
-            .into_iter()
-            .filter_map(|i| {
-                let name =
-                    crate::systemd::store_name(&i.key, i.extra).unwrap_or_else(|| i.key.key_text());
-                hold(name, i.fd)
-            })
-            .collect();
-        Ok(State {
-            config,
-            program: Program::current(None)?,
-            pid,
-            socket,
-            target: format!("@{name}"),
-            signals,
-            upstream: Notifier::from_env(),
-            held,
-            main: None,
-            started: None,
-            ready: false,
-            stopping: false,
-            last_status: None,
-            restarts: VecDeque::new(),
-            restart_at: None,
-        })
-    }
-
-    /// The loop; returns the exit code.
-    fn run(&mut self) -> i32 {
-        if let Err(e) = self.start_generation() {
-            eprintln!("tableflip keeper: cannot start the service: {e}");
-            return 1;
-        }
-        loop {
-            let ready = match os::poll_in(
-                &[self.socket.as_fd(), self.signals.as_fd()],
-                self.restart_at,
-            ) {
-                Ok(ready) => ready,
-                Err(_) => {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-            };
-            // Messages first: a `MAINPID=` is always sent before its sender exits.
-            if ready[0] {
-                self.read_messages();
-            }
-            if ready[1] {
-                if let Some(code) = self.read_signals() {
-                    return code;
-                }
-            }
-            if self.restart_at.is_some_and(|t| Instant::now() >= t) {
-                self.restart_at = None;
-                if let Err(e) = self.start_generation() {
-                    eprintln!("tableflip keeper: cannot start the service again: {e}");
-                    self.restart_later();
-                }
-            }
-            if let Some(code) = self.done() {
-                return code;
-            }
-        }
-    }
-
-    /// Starts a generation on the held sockets.
-    fn start_generation(&mut self) -> Result<()> {
-        let exe = self.program.resolve()?;
-        let names: Vec<&str> = self.held.iter().map(|h| h.name.as_str()).collect();
-        let count = self.held.len().to_string();
-        let names = names.join(":");
-        let keeper = self.pid.to_string();
-        let store_max = MAX_HELD.to_string();
-        // `$FDSTORE` (as systemd 254+ sets it) turns the generations' fd store on.
-        let mut env: Vec<(&str, &str)> = vec![
-            ("NOTIFY_SOCKET", &self.target),
-            (VAR, &keeper),
-            ("FDSTORE", &store_max),
-        ];
-        let moves: Vec<[RawFd; 2]> = self
-            .held
-            .iter()
-            .zip(3..)
-            .map(|(h, to)| [h.fd.as_raw_fd(), to])
-            .collect();
-        let pid_var = (!moves.is_empty()).then_some(PidVar {
-            name: "LISTEN_PID",
-            value: "0000000000",
-            slot: 0,
-        });
-        if !moves.is_empty() {
-            env.push(("LISTEN_FDS", &count));
-            env.push(("LISTEN_FDNAMES", &names));
-        }
-        let child = self.program.spawn(&exe, &env, pid_var, &[], &moves)?;
-        self.main = Some(child.pid());
-        self.started = Some(child);
-        Ok(())
-    }
-
-    /// Reads every queued notification.
-    fn read_messages(&mut self) {
-        let mut buf = [0u8; 4096];
-        let mut space =
-            [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(253), ScmCredentials(1))];
-        loop {
-            let mut control = RecvAncillaryBuffer::new(&mut space);
-            let mut iov = [io::IoSliceMut::new(&mut buf)];
-            let flags = RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC;
-            let Ok(msg) = rustix::net::recvmsg(&self.socket, &mut iov, &mut control, flags) else {
-                return;
-            };
-            let mut sender = None;
-            let mut fds: Vec<OwnedFd> = Vec::new();
-            for m in control.drain() {
-                match m {
-                    RecvAncillaryMessage::ScmCredentials(c) => {
-                        sender = Some(c.pid.as_raw_nonzero().get() as u32)
-                    }
-                    RecvAncillaryMessage::ScmRights(rights) => fds.extend(rights),
-                    _ => {}
-                }
-            }
-            let text = String::from_utf8_lossy(&buf[..msg.bytes.min(buf.len())]).into_owned();
-            // Only the service's own processes speak for it (`NotifyAccess=all` within
-            // the keeper's tree); fds from anyone else are closed.
-            if sender.is_some_and(|pid| self.is_descendant(pid)) {
-                self.message(&text, fds);
-            }
-        }
-    }
-
-    /// One notification: `KEY=value` lines.
-    fn message(&mut self, text: &str, fds: Vec<OwnedFd>) {
-        let field = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        };
-        if let Some(pid) = field("MAINPID").and_then(|p| p.parse().ok()) {
-            self.main = Some(pid);
-        }
-        let mut relay: Vec<String> = Vec::new();
-        if field("RELOADING") == Some("1") {
-            relay.push("RELOADING=1".into());
-        }
-        if field("READY") == Some("1") {
-            self.ready = true;
-            relay.push("READY=1".into());
-        }
-        if field("STOPPING") == Some("1") {
-            relay.push("STOPPING=1".into());
-        }
-        if let Some(status) = field("STATUS") {
-            relay.push(format!("STATUS={status}"));
-        }
-        let name = field("FDNAME").unwrap_or("stored").to_string();
-        if field("FDSTOREREMOVE") == Some("1") {
-            self.held.retain(|h| h.name != name);
-        }
-        if field("FDSTORE") == Some("1") {
-            for fd in fds {
-                self.keep(&name, fd);
-            }
-        }
-        if let (Some(up), false) = (&self.upstream, relay.is_empty()) {
-            up.relay(&relay.join("\n"));
-        }
-    }
-
-    /// Holds `fd` under `name`, once (systemd's fd store keeps one copy of a socket too).
-    fn keep(&mut self, name: &str, fd: OwnedFd) {
-        let Some(held) = hold(name.to_string(), fd) else {
-            return;
-        };
-        if self.held.len() < MAX_HELD && !self.held.iter().any(|h| h.id == held.id) {
-            self.held.push(held);
-        }
-    }
-
-    /// Whether `pid` is this keeper's descendant (its ancestry in `/proc` reaches us).
-    fn is_descendant(&self, mut pid: u32) -> bool {
-        for _ in 0..64 {
-            if pid == self.pid {
-                return true;
-            }
-            match parent_of(pid) {
-                Some(ppid) if ppid > 1 || self.pid == 1 => pid = ppid,
-                _ => return false,
-            }
-        }
-        false
-    }
-
-    /// Handles the signals that arrived; `Some(code)` to exit now.
-    fn read_signals(&mut self) -> Option<i32> {
-        // SAFETY: an all-zero signalfd_siginfo is a valid value of this plain C struct.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        loop {
-            // SAFETY: reading at most `size` bytes into `info`, which has that size.
-            let n = unsafe {
-                libc::read(
-                    self.signals.as_raw_fd(),
-                    (&mut info as *mut libc::signalfd_siginfo).cast(),
-                    size,
-                )
-            };
-            if n != size as isize {
-                return None;
-            }
-            let sig = info.ssi_signo as libc::c_int;
-            if sig == libc::SIGCHLD {
-                self.reap();
-            } else {
-                if matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGQUIT) {
-                    self.stopping = true;
-                    self.restart_at = None;
-                }
-                if let Some(main) = self.main {
-                    forward(main, sig);
-                }
-            }
-        }
-    }
-
-    /// Reaps every exited descendant; restarts the service when the main one died.
-    fn reap(&mut self) {
-        loop {
-            match rustix::process::waitpid(None, WaitOptions::NOHANG) {
-                Ok(Some((pid, status))) => {
-                    let pid = pid.as_raw_nonzero().get() as u32;
-                    let status = ExitStatus::from_raw(status.as_raw());
-                    if self.started.as_ref().is_some_and(|c| c.pid() == pid) {
-                        self.started = None;
-                    }
-                    if self.main == Some(pid) {
-                        self.main_died(status);
-                    }
-                }
-                Ok(None) => return,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(_) => return,
-            }
-        }
-    }
-
-    fn main_died(&mut self, status: ExitStatus) {
-        self.main = None;
-        self.last_status = Some(status);
-        if self.stopping {
-            return;
-        }
-        if status.success() {
-            // It stopped on purpose: so does the service.
-            self.stopping = true;
-            return;
-        }
-        eprintln!("tableflip keeper: the service died ({status}); starting it again");
-        self.restart_later();
-    }
-
-    /// Schedules a restart after the back-off, or gives up past the limit.
-    fn restart_later(&mut self) {
-        let now = Instant::now();
-        while self
-            .restarts
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > self.config.window)
-        {
-            self.restarts.pop_front();
-        }
-        if self.restarts.len() >= self.config.restarts {
-            eprintln!(
-                "tableflip keeper: {} restarts within {:?}: giving up",
-                self.restarts.len(),
-                self.config.window
-            );
-            self.stopping = true;
-            self.last_status = Some(ExitStatus::from_raw(1 << 8));
-            return;
-        }
-        let shift = self.restarts.len().min(16) as u32;
-        let delay = self
-            .config
-            .backoff
-            .saturating_mul(1 << shift)
-            .min(self.config.max_backoff);
-        self.restarts.push_back(now);
-        self.restart_at = now.checked_add(delay);
-    }
-
-    /// When stopping and every process is gone: the exit code.
-    fn done(&mut self) -> Option<i32> {
-        if !self.stopping {
-            return None;
-        }
-        // Anyone left? (`ECHILD`: no child at all, reparented orphans included.)
-        match rustix::process::waitpid(None, WaitOptions::NOHANG) {
-            Err(rustix::io::Errno::CHILD) => Some(exit_code(self.last_status)),
-            Ok(Some(_)) => {
-                self.reap();
-                None
-            }
-            _ => None,
-        }
-    }
-}
-
-/// The keeper's exit code for the last generation's status (128 + signal when killed).
-fn exit_code(status: Option<ExitStatus>) -> i32 {
-    match status {
-        Some(s) => s.code().or(s.signal().map(|sig| 128 + sig)).unwrap_or(1),
-        None => 0,
-    }
-}
-
-fn forward(pid: u32, sig: libc::c_int) {
-    if let (Some(pid), Some(sig)) = (Pid::from_raw(pid as i32), Signal::from_named_raw(sig)) {
-        let _ = rustix::process::kill_process(pid, sig);
-    }
-}
-
-/// The parent pid of `pid`, from `/proc/<pid>/stat`.
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// `fd` with its identity, to hold.
-fn hold(name: String, fd: OwnedFd) -> Option<Held> {
-    let st = rustix::fs::fstat(&fd).ok()?;
-    #[allow(clippy::unnecessary_cast)]
-    let id = (st.st_dev as u64, st.st_ino as u64);
-    Some(Held { name, fd, id })
-}
-
-/// The keeper's notify socket: a datagram socket on an abstract name, non-blocking,
-/// with the senders' credentials.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn notify_socket(name: &[u8]) -> io::Result<OwnedFd> {
-    let fd = crate::socket::new_socket(AddressFamily::UNIX, SocketType::DGRAM)?;
-    rustix::io::ioctl_fionbio(&fd, true)?;
-    rustix::net::sockopt::set_socket_passcred(&fd, true)?;
-    let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&fd, 1 << 20);
-    rustix::net::bind(&fd, &SocketAddrUnix::new_abstract_name(name)?)?;
-    Ok(fd)
-}
-
-/// A `signalfd` for the forwarded signals and `SIGCHLD`, which are blocked from now on
-/// (the generations start with an empty mask: the child resets it before `execve`).
-#[cfg(any(target_os = "linux", target_os = "android"))]
-fn signal_fd() -> io::Result<OwnedFd> {
-    // SAFETY: sigset_t is a plain C value; sigemptyset/sigaddset initialise it.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid pointer to the set above.
-    unsafe { libc::sigemptyset(&mut set) };
-    for sig in FORWARDED.into_iter().chain([libc::SIGCHLD]) {
-        // SAFETY: valid pointer, valid signal number.
-        unsafe { libc::sigaddset(&mut set, sig) };
-    }
-    // SAFETY: valid set pointer; the keeper has no other thread.
-    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    if rc != 0 {
-        return Err(io::Error::from_raw_os_error(rc));
-    }
-    // SAFETY: -1 asks for a new signalfd; valid set pointer.
-    let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) };
-    if fd == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

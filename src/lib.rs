@@ -13,20 +13,29 @@
 //! ```no_run
 //! use std::io::Write;
 //! use std::sync::Arc;
+//! use signal_hook::iterator::{exfiltrator::WithOrigin, SignalsInfo};
+//! use signal_hook::low_level::siginfo::Cause;
 //! use tableflip::{Options, Upgrader, Wake};
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     let upg = Arc::new(Upgrader::new(Options::new().pid_file("/tmp/myapp.pid"))?);
+//!     // First: a new generation starts with SIGHUP at its default, which is to die.
+//!     let mut signals = SignalsInfo::<WithOrigin>::new([signal_hook::consts::SIGHUP])?;
+//!     let upg = Arc::new(Upgrader::new(Options::new().pid_file("/run/myapp/myapp.pid"))?);
 //!
 //!     // Upgrade on SIGHUP, from a thread of our own (signal-hook, or any other way).
-//!     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP])?;
 //!     let u = Arc::clone(&upg);
 //!     std::thread::spawn(move || {
-//!         for _ in signals.forever() {
-//!             match u.upgrade() {
-//!                 Ok(pid) => eprintln!("upgraded: pid {pid} serves now"),
-//!                 Err(e) => eprintln!("upgrade failed: {e}"),
-//!             }
+//!         for signal in signals.forever() {
+//!             // Not on one the kernel sent: the terminal went away, or the process that
+//!             // led its session (the first generation, started from a shell) exited.
+//!             let line = match signal.cause {
+//!                 Cause::Kernel => "SIGHUP from the kernel: not an upgrade request".into(),
+//!                 _ => match u.upgrade() {
+//!                     Ok(pid) => format!("upgraded: pid {pid} serves now"),
+//!                     Err(e) => format!("upgrade failed: {e}"),
+//!                 },
+//!             };
+//!             let _ = writeln!(std::io::stderr(), "{line}"); // unlike eprintln!, never panics
 //!         }
 //!     });
 //!
@@ -48,7 +57,8 @@
 //!                     }
 //!                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
 //!                     Err(e) => {
-//!                         eprintln!("accept: {e}"); // EMFILE and friends: back off
+//!                         // EMFILE and friends: back off.
+//!                         let _ = writeln!(std::io::stderr(), "accept: {e}");
 //!                         std::thread::sleep(std::time::Duration::from_millis(10));
 //!                         break;
 //!                     }
@@ -63,7 +73,8 @@
 //! ```
 //!
 //! `examples/tcp_server.rs` is the complete version, with connection threads and a
-//! drain before exit.
+//! drain before exit. It logs with `writeln!` to `stderr`, ignoring errors: `eprintln!`
+//! panics once the terminal it writes to is gone.
 //!
 //! # Anatomy of an upgrade
 //!
@@ -92,8 +103,11 @@
 //!   opens everything close-on-exec.
 //! - **Signals.** The crate installs no signal handler: decide yourself what triggers
 //!   an upgrade (SIGHUP through `signal-hook`, the [control socket](control), ...). A
-//!   signal cannot carry the upgrade's result back to whoever sent it; the control
-//!   socket can ([`control::request_upgrade`]). The new process
+//!   SIGHUP that the kernel sent (`si_code` `SI_KERNEL`: the terminal went away, or
+//!   the process leading its session exited) is no upgrade request: a first generation
+//!   started from a shell leads the session, and when it exits after an upgrade the
+//!   kernel sends SIGHUP to the new one. A signal cannot carry the upgrade's result back
+//!   to whoever sent it; the control socket can ([`control::request_upgrade`]). The new process
 //!   starts with an empty signal mask and every disposition at its default. Do not
 //!   reap children with `waitpid(-1)` elsewhere in the process (or set `SIGCHLD` to
 //!   `SIG_IGN`) while an upgrade runs: the crate reaps its own child by pid.
@@ -159,6 +173,8 @@ mod portable;
 #[cfg(unix)]
 mod process;
 #[cfg(unix)]
+mod safe_dir;
+#[cfg(unix)]
 mod socket;
 #[cfg(unix)]
 mod spawn;
@@ -195,6 +211,11 @@ pub use upgrader::{ExitHandle, Upgrader, Wake};
 
 #[cfg(not(unix))]
 pub use unsupported::{ExitHandle, Fds, Keeper, Upgrader, Wake, MAX_STATE_SIZE};
+
+/// The README's Rust examples, compiled and run as doctests (`no_run` ones compiled).
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 /// Not public API: entry points for the fuzzer and benchmarks. No stability promise.
 #[cfg(unix)]

@@ -109,7 +109,9 @@ impl Options {
 
     /// A file that [`Upgrader::ready`](crate::Upgrader::ready) writes this process's pid
     /// to (atomically). A relative path is resolved against the working directory at
-    /// [`Upgrader::new`](crate::Upgrader::new).
+    /// [`Upgrader::new`](crate::Upgrader::new). Its directory must be one that only root
+    /// and this process's user can write to (`/run/NAME`, `$XDG_RUNTIME_DIR`, not
+    /// `/tmp`): otherwise writing it fails with [`Error::PidFile`](crate::Error::PidFile).
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.pid_file = Some(path.into());
         self

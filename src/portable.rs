@@ -38,7 +38,9 @@ fn types() {
 fn keeper() -> Result<()> {
     let keeper: Keeper = Keeper::new()
         .restart_limit(5, Duration::ZERO)
-        .backoff(Duration::ZERO, Duration::ZERO);
+        .backoff(Duration::ZERO, Duration::ZERO)
+        .stop_timeout(Duration::ZERO)
+        .takeover_timeout(Duration::ZERO);
     shared::<Keeper>();
     let _: Keeper = keeper.clone();
     let _: Keeper = Keeper::default();

@@ -177,6 +177,51 @@ pub(crate) fn unix_sockaddr(addr: &UnixAddr) -> io::Result<SocketAddrUnix> {
     })
 }
 
+/// The uid and gid of the process at the other end of a Unix stream connection: as they
+/// were when it called `connect(2)`, or `listen(2)` for the client's end of an accepted
+/// connection (`SO_PEERCRED`, `getpeereid(3)`). Both ends of the control socket check it.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn peer_ids(conn: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    let cred = rustix::net::sockopt::socket_peercred(conn)?;
+    Ok((cred.uid.as_raw(), cred.gid.as_raw()))
+}
+
+/// The uid and gid of the process at the other end of a Unix stream connection.
+#[cfg(any(
+    target_vendor = "apple",
+    target_os = "freebsd",
+    target_os = "openbsd",
+    target_os = "netbsd",
+    target_os = "dragonfly"
+))]
+pub(crate) fn peer_ids(conn: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    use std::os::unix::io::AsRawFd;
+    let mut uid: libc::uid_t = 0;
+    let mut gid: libc::gid_t = 0;
+    // SAFETY: getpeereid writes one uid_t and one gid_t through the two pointers, which
+    // point to locals that outlive the call; `conn` is an open fd for the whole call.
+    let rc = unsafe { libc::getpeereid(conn.as_raw_fd(), &mut uid, &mut gid) };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((uid, gid))
+}
+
+/// No way to know the peer here: the server serves nobody unless `allow_any_uid`, the
+/// client believes nobody.
+#[cfg(not(any(
+    target_os = "linux",
+    target_os = "android",
+    target_vendor = "apple",
+    target_os = "freebsd",
+    target_os = "openbsd",
+    target_os = "netbsd",
+    target_os = "dragonfly"
+)))]
+pub(crate) fn peer_ids(_conn: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
 /// Why an fd is not the socket it was declared as: the reason, and the OS error behind
 /// it if there is one.
 #[derive(Debug)]

@@ -18,6 +18,9 @@ pub struct Status {
     pub ready: bool,
     /// Whether an upgrade is running now.
     pub upgrading: bool,
+    /// The pid of the generation whose upgrade started this one, if one did. `None` for
+    /// a first start, and for a generation that a keeper or systemd started again.
+    pub started_by: Option<u32>,
     /// How the last upgrade this generation ran ended, if it ran one. Refused attempts
     /// (`UpgradeInProgress`, `NotReady`, `ParentAlive`, ...) do not count.
     pub last_upgrade: Option<LastUpgrade>,
@@ -60,17 +63,59 @@ impl LastUpgrade {
 }
 
 impl fmt::Display for Status {
-    /// One line for a log: `pid 4242, ready, last upgrade: ok (pid 4250)`.
+    /// One line for a log: `pid 4250, ready, started by an upgrade from pid 4242, last
+    /// upgrade: ok (pid 4260)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "pid {}", self.pid)?;
         f.write_str(if self.ready { ", ready" } else { ", not ready" })?;
         if self.upgrading {
             f.write_str(", upgrading")?;
         }
+        if let Some(pid) = self.started_by {
+            write!(f, ", started by an upgrade from pid {pid}")?;
+        }
         match self.last_upgrade.as_ref().map(|l| &l.result) {
+            None if self.started_by.is_some() => f.write_str(", no upgrade since"),
             None => f.write_str(", no upgrade yet"),
             Some(Ok(pid)) => write!(f, ", last upgrade: ok (pid {pid})"),
             Some(Err(e)) => write!(f, ", last upgrade failed: {} ({})", e.message, e.kind),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(
+        started_by: Option<u32>,
+        last: Option<std::result::Result<u32, UpgradeFailure>>,
+    ) -> Status {
+        Status {
+            pid: 4250,
+            ready: true,
+            upgrading: false,
+            started_by,
+            last_upgrade: last.map(|result| LastUpgrade {
+                ended: SystemTime::UNIX_EPOCH,
+                result,
+            }),
+        }
+    }
+
+    #[test]
+    fn says_which_upgrade_started_the_generation() {
+        assert_eq!(
+            status(None, None).to_string(),
+            "pid 4250, ready, no upgrade yet"
+        );
+        assert_eq!(
+            status(Some(4242), None).to_string(),
+            "pid 4250, ready, started by an upgrade from pid 4242, no upgrade since"
+        );
+        assert_eq!(
+            status(Some(4242), Some(Ok(4260))).to_string(),
+            "pid 4250, ready, started by an upgrade from pid 4242, last upgrade: ok (pid 4260)"
+        );
     }
 }

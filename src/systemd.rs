@@ -26,6 +26,11 @@ const COMMIT_WAIT: Duration = Duration::from_secs(1);
 /// The longest the commit waits, once its message is queued, for systemd to read it.
 const COMMIT_READ_WAIT: Duration = Duration::from_millis(500);
 
+/// The keeper-only field with which the main generation names the child that may follow
+/// it (see [`Keeper`](crate::Keeper), "Trust"). Sent only under a keeper; systemd would
+/// ignore it.
+pub(crate) const SUCCESSOR_FIELD: &str = "X_TABLEFLIP_SUCCESSOR";
+
 /// Where and how to send notifications: read once from `$NOTIFY_SOCKET`.
 ///
 /// Sending never blocks, but for the one message that commits an upgrade (`MAINPID=` of
@@ -35,6 +40,8 @@ pub(crate) struct Notifier {
     socket: OwnedFd,
     addr: SocketAddrUnix,
     target: String,
+    /// Whether `$NOTIFY_SOCKET` is a [`Keeper`](crate::Keeper)'s (its variable is set).
+    keeper: bool,
     /// Whether this generation has set a `STATUS=` that the next success must clear.
     status_set: AtomicBool,
 }
@@ -70,6 +77,7 @@ impl Notifier {
             socket,
             addr,
             target: target.to_string_lossy().into_owned(),
+            keeper: std::env::var_os(crate::keeper::VAR).is_some(),
             status_set: AtomicBool::new(false),
         })
     }
@@ -137,6 +145,15 @@ impl Notifier {
     /// parent died before it committed): with `MAINPID=`, so systemd follows this pid.
     pub(crate) fn ready_alone(&self) {
         self.tell(&format!("MAINPID={}\nREADY=1", std::process::id()));
+    }
+
+    /// Under a keeper: names the new generation `pid`, this process's child, as the one
+    /// that may follow it, so that the keeper takes its claim if this process dies
+    /// before the commit. One datagram, only under a keeper.
+    pub(crate) fn announce(&self, pid: u32) {
+        if self.keeper {
+            self.tell(&format!("{SUCCESSOR_FIELD}={pid}"));
+        }
     }
 
     /// An upgrade starts (what `Type=notify-reload` waits for after its SIGHUP).

@@ -202,6 +202,16 @@ impl Keeper {
         self
     }
 
+    /// How long a stop may take before what is left is killed (where there is a keeper).
+    pub fn stop_timeout(self, _timeout: Duration) -> Self {
+        self
+    }
+
+    /// How long a successor may take to take over (where there is a keeper).
+    pub fn takeover_timeout(self, _timeout: Duration) -> Self {
+        self
+    }
+
     /// Fails with [`Error::Unsupported`].
     pub fn run(self) -> Result<()> {
         unsupported("Keeper::run")

@@ -329,6 +329,10 @@ impl Upgrader {
                 passed,
             )
         })?;
+        // Under a keeper: the child is named before it can claim the service.
+        if let Some(n) = &self.notify {
+            n.announce(handoff.pid());
+        }
         let handoff = handoff
             .wait_ready(self.timeout, cancel)?
             .probation(self.probation, cancel)?;
@@ -472,6 +476,7 @@ impl Upgrader {
             ready: st.phase == Phase::Ready,
             // While not ready, `busy` is ready() waiting for the commit.
             upgrading: st.busy && st.phase != Phase::Starting,
+            started_by: self.parent.as_ref().map(|p| p.pid()),
             last_upgrade: st.last_upgrade.clone(),
         }
     }

@@ -1,7 +1,9 @@
 //! The control socket against real upgrading processes: the client API gets the new
 //! pid or the new generation's own reason, a second request during an upgrade is
 //! refused at once, a client that hangs up cancels nothing, hostile clients get an
-//! error or are disconnected in time, and peers of another uid are refused.
+//! error or are disconnected in time, and peers of another uid are refused. The client
+//! believes only whom it should: a squatter on an abstract name is not, a service of
+//! another user in a directory of its own is.
 
 #[cfg(target_os = "linux")]
 mod util;
@@ -10,6 +12,12 @@ mod util;
 #[path = "util/harness.rs"]
 mod harness;
 
+// The example binaries, for the operator's view of a squatter (`--upgrade`).
+#[cfg(target_os = "linux")]
+#[allow(dead_code)]
+#[path = "util/examples.rs"]
+mod examples;
+
 fn main() {
     #[cfg(target_os = "linux")]
     suite::main();
@@ -17,7 +25,7 @@ fn main() {
 
 #[cfg(target_os = "linux")]
 mod suite {
-    use super::{harness, util};
+    use super::{examples, harness, util};
 
     use std::io::{Read, Write};
     use std::net::SocketAddr;
@@ -26,7 +34,7 @@ mod suite {
     use std::path::{Path, PathBuf};
     use std::time::{Duration, Instant};
 
-    use tableflip::control::{self, Status};
+    use tableflip::control::{self, ClientConfig, Status};
     use tableflip::{Error, UnixAddr};
     use util::{ask, signal, Run};
 
@@ -35,6 +43,10 @@ mod suite {
 
     /// The entry point of the processes the tests start (`util::scenario_args`).
     fn scenario_entry() {
+        // A squatter (for the squatting test): binds the name first, answers anyone.
+        if let Ok(name) = std::env::var("TF_SQUAT") {
+            squat(&name);
+        }
         // A client process (for the uid tests): one status request, one line of result.
         if let Ok(addr) = std::env::var("TF_CLIENT_ADDR") {
             let addr = match addr.strip_prefix('@') {
@@ -511,6 +523,208 @@ mod suite {
         run.expect_all_exited();
     }
 
+    /// Binds the abstract name `name` and answers every connection with a made-up pid,
+    /// as a user who took the name before the service started would.
+    fn squat(name: &str) -> ! {
+        use std::os::linux::net::SocketAddrExt;
+        // SAFETY: alarm(2) only arms a timer: a squatter never outlives a minute.
+        unsafe { libc::alarm(60) };
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
+        println!("\nsquatting");
+        for mut conn in listener.incoming().flatten() {
+            let _ = conn.write_all(b"tableflip-control/1 ok\npid: 4242\n\n");
+        }
+        std::process::exit(0);
+    }
+
+    /// A process of this test binary running as uid 65534; killed on drop.
+    struct Squatter(std::process::Child);
+
+    impl Squatter {
+        fn start(name: &str) -> Squatter {
+            use std::io::BufRead;
+            use std::os::unix::process::CommandExt;
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(util::scenario_args())
+                .env("TF_SQUAT", name)
+                .env_remove("TF_SCENARIO")
+                .current_dir("/")
+                .uid(65534)
+                .gid(65534)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("start the squatter");
+            let out = std::io::BufReader::new(child.stdout.take().unwrap());
+            let bound = out
+                .lines()
+                .map_while(|l| l.ok())
+                .any(|l| l.starts_with("squatting"));
+            assert!(bound, "the squatter did not bind {name}");
+            Squatter(child)
+        }
+    }
+
+    impl Drop for Squatter {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// The client's refusal: the socket, the uid found, why.
+    #[track_caller]
+    fn not_believed<T: std::fmt::Debug>(
+        result: tableflip::Result<T>,
+        addr: &str,
+        uid: u32,
+    ) -> String {
+        let err = match result {
+            Err(e @ Error::ControlPeer { .. }) => e,
+            other => panic!("expected the answer not to be believed, got {other:?}"),
+        };
+        let Error::ControlPeer {
+            addr: a,
+            uid: u,
+            reason,
+        } = &err
+        else {
+            unreachable!()
+        };
+        assert_eq!((a.as_str(), *u), (addr, uid), "{err}");
+        let reason = reason.clone();
+        let msg = err.to_string();
+        assert!(
+            msg.contains(addr) && msg.contains(&format!("uid {uid}")),
+            "{msg}"
+        );
+        assert_eq!(
+            std::io::Error::from(err).kind(),
+            std::io::ErrorKind::PermissionDenied
+        );
+        reason
+    }
+
+    /// Another user binds the service's abstract name before it starts and answers with
+    /// a made-up pid: the service cannot listen, and root's client, as a library call or
+    /// as the example's `--upgrade`, is not fooled (it was: it printed the made-up pid
+    /// and exited 0). Named as the service's uid, the squatter is believed.
+    fn a_squatter_on_an_abstract_name_is_not_believed() {
+        harness::require_root("to run a squatter as another uid");
+        let name = format!("tf-ctl-squat-{}", std::process::id());
+        let at = format!("@{name}");
+        let squatter = Squatter::start(&name);
+        let mut run = Run::start("ctl-squat", &[("TF_CONTROL", at.clone())]);
+        let err = run.expect("control-error");
+        assert!(err.rest.contains("kind=Listen"), "{err:?}");
+        let pid1 = run.expect("ready").pid;
+
+        let addr = UnixAddr::abstract_name(&name);
+        let reason = not_believed(
+            control::request_upgrade(addr.clone(), CLIENT_TIMEOUT),
+            &at,
+            65534,
+        );
+        assert!(reason.contains("an abstract name has no owner"), "{reason}");
+        not_believed(control::status(addr.clone(), CLIENT_TIMEOUT), &at, 65534);
+        // Named, it is believed: the caller said whom to expect.
+        let named = ClientConfig::new(CLIENT_TIMEOUT).server_uid(65534);
+        assert_eq!(control::request_upgrade(addr, named).unwrap(), 4242);
+
+        // What an operator's unit file runs.
+        let ask = |extra: &[&str]| {
+            std::process::Command::new("timeout")
+                .arg("60")
+                .arg(examples::example("tcp_server"))
+                .args(["--control", &at, "--upgrade"])
+                .args(extra)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("run the example's client")
+        };
+        let out = ask(&[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "stderr {stderr:?}");
+        assert!(
+            out.stdout.is_empty(),
+            "{:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(stderr.contains(&format!("control socket {at}")), "{stderr}");
+        assert!(stderr.contains("runs as uid 65534"), "{stderr}");
+        let out = ask(&["--control-uid", "65534"]);
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4242");
+
+        drop(squatter);
+        signal(pid1, libc::SIGTERM);
+        run.expect_all_exited();
+    }
+
+    /// A service running as uid 65534, its socket file in a directory of its own: root's
+    /// client believes it and upgrades it. It stops believing it when the socket file
+    /// belongs to someone else, or when every user can write to the directory (anyone
+    /// could have bound the name), unless told the service's uid.
+    fn root_asks_a_service_that_runs_as_another_user() {
+        harness::require_root("to run a service as another uid");
+        let home = util::scratch_dir("ctl-www");
+        std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+        let sock = home.join("ctl.sock");
+        let env = [
+            ("TF_CONTROL", sock.to_string_lossy().into_owned()),
+            (
+                "TF_PIDFILE",
+                home.join("app.pid").to_string_lossy().into_owned(),
+            ),
+        ];
+        let mut run = Run::start_with("ctl-www", &env, None, |cmd| {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(65534).gid(65534);
+        });
+        run.expect("control");
+        let pid1 = run.expect("ready").pid;
+        assert_eq!(std::fs::symlink_metadata(&sock).unwrap().uid(), 65534);
+        assert_eq!(status_of(&sock).pid, pid1);
+        let pid2 = control::request_upgrade(&sock, CLIENT_TIMEOUT).expect("upgrade");
+        assert_eq!(run.expect_not_from("ready", pid1).pid, pid2);
+        run.expect_from("control-done", pid1);
+        assert_eq!(
+            std::fs::read_to_string(home.join("app.pid"))
+                .unwrap()
+                .trim(),
+            pid2.to_string()
+        );
+        let name = sock.to_string_lossy().into_owned();
+
+        // The listener is not the socket file's owner.
+        std::os::unix::fs::lchown(&sock, Some(1), None).unwrap();
+        let reason = not_believed(control::status(&sock, CLIENT_TIMEOUT), &name, 65534);
+        assert!(
+            reason.contains("the socket file belongs to uid 1"),
+            "{reason}"
+        );
+        std::os::unix::fs::lchown(&sock, Some(65534), None).unwrap();
+
+        // Anyone could have bound the name.
+        for mode in [0o1777, 0o777] {
+            std::fs::set_permissions(&home, PermissionsExt::from_mode(mode)).unwrap();
+            let reason = not_believed(control::status(&sock, CLIENT_TIMEOUT), &name, 65534);
+            let why = format!(
+                "its directory {} is not the service's own: every user can write to it (mode {mode:04o})",
+                home.display()
+            );
+            assert!(reason.contains(&why), "{reason}");
+        }
+        let named = ClientConfig::new(CLIENT_TIMEOUT).server_uid(65534);
+        assert_eq!(control::status(&sock, named).unwrap().pid, pid2);
+        std::fs::set_permissions(&home, PermissionsExt::from_mode(0o755)).unwrap();
+        assert_eq!(status_of(&sock).pid, pid2);
+
+        signal(pid2, libc::SIGTERM);
+        run.expect_all_exited();
+        let _ = std::fs::remove_dir_all(&home);
+    }
+
     pub fn main() {
         harness::main_with_entry(
             scenario_entry,
@@ -524,6 +738,8 @@ mod suite {
                 crate::trial!(a_mode_is_set_exactly_whatever_the_umask),
                 crate::trial!(a_stale_socket_file_is_replaced_and_a_live_one_is_not),
                 crate::trial!(peers_of_another_uid_are_refused),
+                crate::trial!(a_squatter_on_an_abstract_name_is_not_believed),
+                crate::trial!(root_asks_a_service_that_runs_as_another_user),
             ],
         )
     }

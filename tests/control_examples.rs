@@ -174,3 +174,49 @@ fn upgrade_flag_without_a_server_exits_1() {
         "{stderr}"
     );
 }
+
+/// `--status` of a generation that an upgrade started says so, and from which pid; the
+/// first generation says it has run no upgrade, until it runs one.
+#[test]
+fn tcp_server_status_names_the_upgrade_that_started_it() {
+    let _lock = lock();
+    let dir = TempDir::new("ctl-status");
+    let sock = dir.path().join("ctl.sock");
+    let sock_arg = sock.to_string_lossy().into_owned();
+    let binary = example("tcp_server");
+    let mut server = Server::start(&binary, &["--control", &sock_arg], line_probe);
+    let first = server.current;
+    let status = |server: &Server| {
+        let out = Command::new("timeout")
+            .arg("60")
+            .arg(&binary)
+            .args(["--control", &sock_arg, "--status"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the client");
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(out.status.success(), "--status: {out:?}\n{}", server.log());
+        stdout
+    };
+    let before = status(&server);
+    assert!(
+        before.starts_with(&format!("pid {first}, ready")),
+        "{before}"
+    );
+    assert!(before.contains("no upgrade yet"), "{before}");
+    assert!(!before.contains("started by"), "{before}");
+
+    let second = upgraded(&ask_upgrade(&binary, &sock));
+    follow(&mut server, second, line_probe);
+    let after = status(&server);
+    assert!(
+        after.starts_with(&format!("pid {second}, ready")),
+        "{after}"
+    );
+    assert!(
+        after.contains(&format!("started by an upgrade from pid {first}")),
+        "{after}"
+    );
+    assert!(!after.contains("no upgrade yet"), "{after}");
+    server.stop(libc::SIGTERM);
+}

@@ -6,6 +6,7 @@
 mod util;
 
 use std::io::{Read, Write};
+use std::time::{Duration, Instant};
 
 use util::*;
 
@@ -252,4 +253,252 @@ fn finishes_requests_in_flight(binary: &str) {
     // Neither connection was cut off by the drain deadline.
     server.assert_drained();
     server.stop(libc::SIGTERM);
+}
+
+/// The examples that upgrade on `SIGHUP`, with the probe each answers.
+const SIGHUP_EXAMPLES: [(&str, Probe); 5] = [
+    ("tcp_server", line_probe),
+    ("daemon", line_probe),
+    ("thread_per_core", line_probe),
+    ("http_server", http_probe),
+    ("axum_server", http_probe),
+];
+
+/// Run from a terminal (`script -c`, a tmux window, a terminal emulator), the first
+/// generation leads the session. When it exits after the upgrade, the kernel sends
+/// `SIGHUP` to the terminal's foreground process group, which holds the new generation.
+/// That `SIGHUP` is no upgrade request: one `kill -HUP`, one upgrade; the new generation
+/// serves on.
+fn one_upgrade_per_sighup_from_a_terminal(binary: &str, probe: Probe) {
+    let _lock = lock();
+    let mut server = Server::start_in_terminal(&example(binary), &[], probe);
+    let second = server.upgrade();
+    // The kernel's SIGHUP went out as the first generation exited: upgrade() saw it go.
+    let log = server.wait_for("the kernel's SIGHUP to be handled", |s| {
+        let log = s.log();
+        let done = log.contains("SIGHUP from the kernel")
+            || log.contains("upgrade failed")
+            || log.matches("] ready").count() > 2;
+        done.then_some(log)
+    });
+    assert_eq!(
+        log.matches("] ready").count(),
+        2,
+        "one SIGHUP, more than one upgrade:\n{log}"
+    );
+    assert!(!log.contains("upgrade failed"), "{log}");
+    assert_eq!(probe(server.addr).expect("probe after the hangup"), second);
+    server.assert_pid_file(second);
+    server.stop(libc::SIGTERM);
+}
+
+#[test]
+fn tcp_server_upgrades_once_per_sighup_from_a_terminal() {
+    one_upgrade_per_sighup_from_a_terminal("tcp_server", line_probe);
+}
+
+#[test]
+fn daemon_upgrades_once_per_sighup_from_a_terminal() {
+    one_upgrade_per_sighup_from_a_terminal("daemon", line_probe);
+}
+
+#[test]
+fn thread_per_core_upgrades_once_per_sighup_from_a_terminal() {
+    one_upgrade_per_sighup_from_a_terminal("thread_per_core", line_probe);
+}
+
+#[test]
+fn http_server_upgrades_once_per_sighup_from_a_terminal() {
+    one_upgrade_per_sighup_from_a_terminal("http_server", http_probe);
+}
+
+#[test]
+fn axum_server_upgrades_once_per_sighup_from_a_terminal() {
+    one_upgrade_per_sighup_from_a_terminal("axum_server", http_probe);
+}
+
+/// The log says where each generation's listener came from, and the old generation's
+/// success line names the new pid.
+#[test]
+fn logs_say_inherited_or_new_and_the_new_pid() {
+    let _lock = lock();
+    for (binary, probe) in SIGHUP_EXAMPLES {
+        let mut server = Server::start(&example(binary), &[], probe);
+        let first = server.current;
+        let second = server.upgrade();
+        // A line may still be on its way: the old generation logs its success after the
+        // new one already answers.
+        let line = |pid: u32, what: &str| {
+            let tag = format!(" pid={pid}] {what}");
+            let deadline = Instant::now() + DEADLINE;
+            loop {
+                let log = server.log();
+                if let Some(l) = log.lines().find(|l| l.contains(&tag)) {
+                    return l.to_owned();
+                }
+                if Instant::now() > deadline {
+                    panic!("{binary}: no {what:?} line from pid {pid}:\n{log}");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let listening = line(first, "listening on");
+        assert!(listening.contains("new socket"), "{binary}: {listening}");
+        let listening = line(second, "listening on");
+        assert!(listening.contains("inherited"), "{binary}: {listening}");
+        let succeeded = line(first, "upgrade succeeded");
+        assert!(
+            succeeded.contains(&format!("pid {second}")),
+            "{binary}: the new pid is missing: {succeeded}"
+        );
+        server.stop(libc::SIGTERM);
+    }
+}
+
+/// A generation the keeper starts again after the serving one died takes the listener
+/// the keeper held (its fd store): the log says it is inherited, as the adoption report
+/// does, not "new socket".
+#[test]
+fn tcp_server_restarted_by_the_keeper_says_inherited() {
+    let _lock = lock();
+    let mut server = Server::start_with_keeper(&example("tcp_server"), &[], line_probe);
+    let keeper = server.generations[0];
+    let first = server.current;
+    server.signal(first, libc::SIGKILL);
+    let second = server.wait_for("the keeper to start another generation", |s| {
+        line_probe(s.addr).ok().filter(|&pid| pid != first)
+    });
+    server.generations.push(second);
+    // It serves before it reports ready.
+    let ready = format!(" pid={second}] ready");
+    let log = server.wait_for("the new generation to be ready", |s| {
+        Some(s.log()).filter(|log| log.contains(&ready))
+    });
+    let line = |what: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!(" pid={second}] {what}")))
+            .unwrap_or_else(|| panic!("no {what:?} line from pid {second}:\n{log}"))
+    };
+    let listening = line("listening on");
+    assert!(
+        listening.contains("inherited") && !listening.contains("new socket"),
+        "{listening}"
+    );
+    // What the adoption report said already.
+    assert!(line("ready").contains("took 1 inherited fd(s)"), "{log}");
+    // SIGTERM to the keeper stops the service; it exits once every process is gone.
+    server.current = keeper;
+    server.stop(libc::SIGTERM);
+}
+
+/// Every example answers `--help` with exit 0 and a usage naming the flags its header
+/// documents, and accepts each flag the usage names.
+#[test]
+fn every_example_answers_help_with_its_flags() {
+    let _lock = lock();
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        let (name, source) = if path.is_dir() {
+            (path.file_name(), path.join("main.rs"))
+        } else {
+            (path.file_stem(), path.clone())
+        };
+        let name = name.unwrap().to_string_lossy().into_owned();
+        let Ok(source) = std::fs::read_to_string(&source) else {
+            continue;
+        };
+        seen += 1;
+        let binary = example(&name);
+        let out = run(&binary, &["--help"]);
+        let usage = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name} --help: {:?}, stderr {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(usage.starts_with("usage: "), "{name} --help: {usage:?}");
+        let documented = flags(header_synopsis(&source));
+        let listed = flags(&usage);
+        let names = |f: &[(String, Option<String>)]| {
+            f.iter()
+                .map(|(flag, _)| flag.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        assert_eq!(
+            names(&listed),
+            names(&documented),
+            "{name}: --help and the header's synopsis name different flags"
+        );
+        for (flag, value) in &listed {
+            let mut args = vec![flag.as_str()];
+            if let Some(placeholder) = value {
+                args.push(sample_value(placeholder));
+            }
+            args.push("--help");
+            let out = run(&binary, &args);
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{name} {args:?}: the usage names a flag it refuses: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    assert!(
+        seen >= 6,
+        "only {seen} examples found in {}",
+        examples.display()
+    );
+}
+
+fn run(binary: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(binary)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run example")
+}
+
+/// The first ```text block of the module docs: the example's synopsis.
+fn header_synopsis(source: &str) -> &str {
+    let start = source.find("//! ```text\n").expect("a ```text synopsis") + 12;
+    let len = source[start..].find("//! ```").expect("its end");
+    &source[start..start + len]
+}
+
+/// The flags a usage text names (`--flag`), each with its value's placeholder, if it
+/// takes one (`--listen HOST:PORT`).
+fn flags(usage: &str) -> Vec<(String, Option<String>)> {
+    let words: Vec<&str> = usage
+        .split(|c: char| c.is_whitespace() || c == '[' || c == ']')
+        .map(|w| w.trim_start_matches("//!"))
+        .filter(|w| !w.is_empty())
+        .collect();
+    let mut out: Vec<(String, Option<String>)> = Vec::new();
+    for (i, w) in words.iter().enumerate() {
+        if let Some(flag) = w.strip_prefix("--").filter(|f| !f.is_empty()) {
+            let value = words
+                .get(i + 1)
+                .filter(|v| v.starts_with(|c: char| c.is_ascii_uppercase()))
+                .map(|v| v.to_string());
+            if !out.iter().any(|(f, _)| f[2..] == *flag) {
+                out.push((format!("--{flag}"), value));
+            }
+        }
+    }
+    out
+}
+
+/// A value that each placeholder accepts.
+fn sample_value(placeholder: &str) -> &'static str {
+    match placeholder {
+        "HOST:PORT" => "127.0.0.1:1",
+        "PATH|@NAME" => "@tableflip-help-test",
+        "PATH" => "/nonexistent",
+        _ => "1", // SECS, N, K
+    }
 }

@@ -12,6 +12,10 @@ mod util;
 #[path = "util/harness.rs"]
 mod harness;
 
+#[cfg(target_os = "linux")]
+#[path = "util/pidns.rs"]
+mod pidns;
+
 fn main() {
     #[cfg(target_os = "linux")]
     suite::main();
@@ -19,7 +23,7 @@ fn main() {
 
 #[cfg(target_os = "linux")]
 mod suite {
-    use super::{harness, util};
+    use super::{harness, pidns, util};
 
     use std::net::SocketAddr;
     use std::process::{Child, Command, Stdio};
@@ -29,19 +33,6 @@ mod suite {
 
     const CLIENTS: [Client; 2] = [probing_client::<true> as Client; 2];
     const DEADLINE: Duration = Duration::from_secs(20);
-
-    /// Why these tests cannot run here, if they cannot.
-    fn unsupported() -> Option<String> {
-        if let Some(why) = harness::needs_root("a PID namespace needs it") {
-            return Some(why);
-        }
-        let ok = Command::new("unshare")
-            .args(["-pf", "--mount-proc", "true"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        (!ok).then(|| "unshare -pf --mount-proc does not work here".into())
-    }
 
     /// `tcp_server --keeper` as PID 1 of a PID namespace of its own.
     struct Contained {
@@ -54,7 +45,7 @@ mod suite {
 
     impl Contained {
         fn start(tag: &str) -> Contained {
-            if let Some(why) = unsupported() {
+            if let Some(why) = pidns::unsupported() {
                 harness::skip(why);
             }
             let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -95,25 +86,7 @@ mod suite {
 
         /// The keeper's descendants on the host, with their namespace pid and state.
         fn descendants(&self) -> Vec<(u32, u32, char)> {
-            let mut out = Vec::new();
-            let mut todo = children(self.keeper);
-            while let Some(pid) = todo.pop() {
-                todo.extend(children(pid));
-                let status =
-                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                let ns = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("NSpid:"))
-                    .and_then(|l| l.split_whitespace().last()?.parse().ok())
-                    .unwrap_or(0);
-                let state = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("State:"))
-                    .and_then(|l| l.trim().chars().next())
-                    .unwrap_or('?');
-                out.push((pid, ns, state));
-            }
-            out
+            pidns::descendants(self.keeper)
         }
 
         /// The host pid of the generation whose namespace pid is `ns`.
@@ -162,28 +135,11 @@ mod suite {
         }
     }
 
-    fn children(pid: u32) -> Vec<u32> {
-        let mut out = Vec::new();
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for t in tasks.flatten() {
-                if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
-                    out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-                }
-            }
-        }
-        out
-    }
+    use pidns::children;
 
     #[track_caller]
-    fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-        let t = Instant::now();
-        loop {
-            if let Some(v) = f() {
-                return v;
-            }
-            assert!(t.elapsed() < DEADLINE, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+    fn wait_for<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+        pidns::wait_for(what, DEADLINE, f)
     }
 
     /// Waits until the service answers from a generation other than `old` (namespace pids).

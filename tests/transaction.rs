@@ -72,6 +72,19 @@ impl Notify {
             .next_back()
             .and_then(|pid| pid.parse().ok())
     }
+
+    /// The last `MAINPID=`, once it is `want` or a few seconds have passed: the reading
+    /// thread may not have caught up with a message already sent (a loaded machine).
+    fn main_pid_settled(&mut self, want: Option<u32>) -> Option<u32> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let last = self.main_pid();
+            if last == want || Instant::now() > deadline {
+                return last;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 }
 
 fn pid_file(path: &Path) -> Option<u32> {
@@ -120,7 +133,7 @@ fn probation_rolls_back_a_generation_that_dies_after_ready() {
     );
     // Nothing changed: the pid file, systemd's main pid, the fds; it serves on.
     assert_eq!(pid_file(&pid_path), Some(pid1));
-    assert_eq!(notify.main_pid(), Some(pid1));
+    assert_eq!(notify.main_pid_settled(Some(pid1)), Some(pid1));
     assert_eq!(fd_count(pid1), fds);
     assert_eq!(ask(addr).unwrap(), pid1);
 
@@ -135,7 +148,7 @@ fn probation_rolls_back_a_generation_that_dies_after_ready() {
         t.elapsed()
     );
     assert_eq!(pid_file(&pid_path), Some(pid3));
-    assert_eq!(notify.main_pid(), Some(pid3));
+    assert_eq!(notify.main_pid_settled(Some(pid3)), Some(pid3));
     run.wait_first();
     assert_eq!(ask(addr).unwrap(), pid3);
     signal(pid3, libc::SIGTERM);
@@ -175,7 +188,11 @@ fn a_report_at_the_deadline_is_committed_whole_or_not_at_all() {
             }
         }
         assert_eq!(pid_file(&pid_path), Some(current), "trial {trial}");
-        assert_eq!(notify.main_pid(), Some(current), "trial {trial}");
+        assert_eq!(
+            notify.main_pid_settled(Some(current)),
+            Some(current),
+            "trial {trial}"
+        );
     }
     eprintln!("{ok} committed, {timeouts} timed out, last delay {delay_us} µs");
     signal(current, libc::SIGTERM);
@@ -199,7 +216,7 @@ fn a_new_generation_whose_parent_dies_undecided_carries_on_alone() {
     let ready = run.expect_from("ready", pid2);
     assert_eq!(ready.pid, pid2);
     assert_eq!(pid_file(&pid_path), Some(pid2));
-    assert_eq!(notify.main_pid(), Some(pid2));
+    assert_eq!(notify.main_pid_settled(Some(pid2)), Some(pid2));
     assert_eq!(ask(addr).unwrap(), pid2);
     signal(pid2, libc::SIGTERM);
     run.expect_all_exited();
@@ -220,7 +237,7 @@ fn stop_during_probation_kills_the_new_generation_and_changes_nothing() {
     assert!(err.rest.contains("kind=Stopped"), "{err:?}");
     wait_gone(pid2);
     assert_eq!(pid_file(&run.path("app.pid")), Some(pid1));
-    assert_eq!(notify.main_pid(), Some(pid1));
+    assert_eq!(notify.main_pid_settled(Some(pid1)), Some(pid1));
     run.expect_all_exited();
 }
 
@@ -247,7 +264,7 @@ fn a_new_generation_stopped_on_probation_gives_the_old_one_back() {
         "{err:?}"
     );
     assert_eq!(pid_file(&run.path("app.pid")), Some(pid1));
-    assert_eq!(notify.main_pid(), Some(pid1));
+    assert_eq!(notify.main_pid_settled(Some(pid1)), Some(pid1));
     assert_eq!(ask(addr).unwrap(), pid1);
     signal(pid1, libc::SIGTERM);
     run.expect_all_exited();

@@ -2,13 +2,18 @@
 //! load and every fault scenario), and in its HTTP mode against `http_server` and
 //! `axum_server` (20 upgrades under keep-alive and `Connection: close` load), with no
 //! failed connection or request and nothing left behind. The full measurements (100
-//! upgrades, release build) are in the README.
+//! upgrades, release build) are in the README; the fd counts it gives are checked
+//! against this run's.
 #![cfg(target_os = "linux")]
 
 // The examples' harness: `lock()` and `example()` (which builds the examples once).
 #[allow(dead_code)]
 #[path = "util/examples.rs"]
 mod util;
+
+#[allow(dead_code)]
+#[path = "util/docs.rs"]
+mod docs;
 
 use std::io::{ErrorKind, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -91,6 +96,45 @@ fn kill_group(pgid: i32) {
 fn tcp_server_upgrades_with_zero_downtime() {
     let summary = upgrade_check("tcp_server", &["--faults"]);
     assert!(summary.contains("connections "), "{summary}");
+    docs_give_the_fd_counts(&summary);
+}
+
+/// The fd counts the docs give for `tcp_server` (idle, in the first and in an upgraded
+/// generation) are the ones measured.
+fn docs_give_the_fd_counts(summary: &str) {
+    // "server fds, idle    11 in the first generation, 13 in each upgraded one"
+    let measured = summary
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("server fds, idle"))
+        .unwrap_or_else(|| panic!("no fd count in the summary:\n{summary}"));
+    let (first, upgraded) = measured
+        .split_once(" in the first generation, ")
+        .unwrap_or_else(|| panic!("unexpected fd count: {measured}"));
+    let first = docs::first_number(first).expect("first generation's count");
+    let upgraded = docs::first_number(upgraded).expect("upgraded generations' count");
+    let mut found = 0;
+    for doc in docs::docs() {
+        // "| fds, idle | 13 in every upgraded generation (11 in the first, ...) |"
+        for row in doc.text.lines().filter(|l| l.starts_with("| fds, idle |")) {
+            found += 1;
+            let claim = &row["| fds, idle |".len()..];
+            let (said_upgraded, said_first) = claim
+                .split_once("in every upgraded generation")
+                .unwrap_or_else(|| panic!("unexpected row in {}: {row}", doc.path.display()));
+            assert_eq!(
+                (
+                    docs::first_number(said_first),
+                    docs::first_number(said_upgraded)
+                ),
+                (Some(first), Some(upgraded)),
+                "{}: {row}\nmeasured: {measured}",
+                doc.path.display()
+            );
+        }
+    }
+    if found == 0 {
+        docs::not_found("tcp_server's fd count");
+    }
 }
 
 /// Keep-alive clients and `Connection: close` clients; every request counts.

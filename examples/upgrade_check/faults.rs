@@ -58,6 +58,17 @@ pub fn faults() -> [Fault; 5] {
     ]
 }
 
+/// The scenario in which the old generation is killed while a slow deploy starts.
+pub const KILLED_MID_UPGRADE: &str = "old generation SIGKILLed mid-upgrade";
+
+/// Every fault scenario `--faults` runs, in order (`--list-faults` prints them).
+pub fn scenario_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = faults().iter().map(|f| f.name).collect();
+    names.push(KILLED_MID_UPGRADE);
+    names.push(probation_fault().name);
+    names
+}
+
 /// The deploy that becomes ready and crashes 300 ms later, under `--probation 1`.
 pub fn probation_fault() -> Fault {
     Fault {
@@ -230,7 +241,7 @@ pub fn failed_upgrade(
 /// comes up on its own, then upgrades.
 pub fn killed_mid_upgrade(server: &mut Server, load: &Load, deploy: &Deploy) -> Res<FaultOutcome> {
     let old = server.current;
-    let mut outcome = FaultOutcome::new("old generation SIGKILLed mid-upgrade");
+    let mut outcome = FaultOutcome::new(KILLED_MID_UPGRADE);
     let failed_before = load.shared.failed.load(SeqCst);
 
     // If the good binary is not back in place when the wrapper wakes up, `exec "$0"`

@@ -6,6 +6,7 @@
 //! ```text
 //! upgrade_check [--server PATH] [--upgrades N] [--clients K] [--faults]
 //!               [--fault-timeout SECS] [--time-limit SECS] [--http [--keep-alive N]]
+//! upgrade_check --list-faults
 //! ```
 //!
 //! Measure the examples' `tcp_server` (the default `--server` is the `tcp_server` next to
@@ -42,6 +43,8 @@
 //!
 //! The server runs from a copy of its binary in a temporary directory, started with
 //! `argv[0]` = that path, so an upgrade re-executes whatever a "deploy" last put there.
+//! It inherits stdin, stdout and stderr only (not the fds this tool inherited), so its
+//! fd count is its own.
 //! This tool makes itself the child subreaper: every generation is reparented to it when
 //! its parent exits, so it can check how each one ended, and kill everything at the end.
 //!
@@ -69,7 +72,10 @@
 //!    wrapper sleeps: the new generation must come up alone, write the pid file, answer
 //!    the connections that queued meanwhile, and upgrade cleanly itself. (The clients
 //!    are paused around the `SIGKILL`: a killed server loses the connections it was
-//!    handling, and that is not what is measured.)
+//!    handling, and that is not what is measured.) Then, on a third server with
+//!    `--probation 1`, a deploy that becomes ready and dies 300 ms later: the old
+//!    generation must roll it back and serve on, and only the connections the dying
+//!    generation had accepted may be lost. `--list-faults` prints the scenarios' names.
 //!
 //! At the end no process may be left: every generation has exited and was reaped, and
 //! nothing else was reparented to the tool. The summary goes to stdout, progress to
@@ -104,17 +110,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deploy::Deploy;
-use faults::fault_scenarios;
+use faults::{fault_scenarios, scenario_names};
 use load::{idle_fd_count, ClientKind, Load, Proto};
 use procs::{
-    become_subreaper, descendants, describe_process, reap_all, reaped_strays, Limits, Workspace,
-    LIMITS, START,
+    become_subreaper, descendants, describe_process, reap_all, reaped_strays,
+    withhold_inherited_fds, Limits, Workspace, LIMITS, START,
 };
 use report::{ms, LoadPhase, Progress, Report};
 use server::Server;
 
 const USAGE: &str = "usage: upgrade_check [--server PATH] [--upgrades N] [--clients K] [--faults]
-                     [--fault-timeout SECS] [--time-limit SECS] [--http [--keep-alive N]]";
+                     [--fault-timeout SECS] [--time-limit SECS] [--http [--keep-alive N]]
+       upgrade_check --list-faults";
 
 const MAX_CLIENTS: usize = 64;
 const MAX_UPGRADES: usize = 10_000;
@@ -145,6 +152,8 @@ struct Config {
     proto: Proto,
     /// How many of the HTTP clients keep their connections alive.
     keep_alive: usize,
+    /// `--list-faults`: print the fault scenarios' names, run nothing.
+    list_faults: bool,
 }
 
 impl Config {
@@ -173,6 +182,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if config.list_faults {
+        for name in scenario_names() {
+            println!("{name}");
+        }
+        return ExitCode::SUCCESS;
+    }
     let mut report = Report::new(&config);
     if let Err(e) = run(&config, &mut report) {
         report.problems.push(e);
@@ -196,6 +211,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         time_limit: Duration::from_secs(900),
         proto: Proto::Line,
         keep_alive: 0,
+        list_faults: false,
     };
     let mut server = None;
     let mut keep_alive = None;
@@ -224,6 +240,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
             "--time-limit" => config.time_limit = seconds(value()?)?,
             "--http" => config.proto = Proto::Http,
             "--keep-alive" => keep_alive = Some(number(value()?, MAX_CLIENTS)?),
+            "--list-faults" => config.list_faults = true,
             "-h" | "--help" => return Ok(None),
             _ => return Err(format!("unknown argument {flag:?}")),
         }
@@ -272,6 +289,7 @@ fn run(config: &Config, report: &mut Report) -> Res<()> {
         interrupted,
     });
     become_subreaper()?;
+    withhold_inherited_fds()?;
     // Kills whatever is left and removes the copies, however this returns.
     let dir = Workspace::new()?;
     let deploy = Deploy::new(dir.path(), &config.server)?;

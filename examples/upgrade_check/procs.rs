@@ -222,6 +222,28 @@ pub fn fd_count(pid: u32) -> Option<usize> {
     Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
+/// Marks close-on-exec every fd above stderr that this program inherited (from a shell,
+/// a test harness): the servers it starts get stdin, stdout and stderr only, so the fd
+/// counts it reports are the server's own, wherever it runs.
+pub fn withhold_inherited_fds() -> Res<()> {
+    let dir = fs::read_dir("/proc/self/fd").map_err(|e| format!("/proc/self/fd: {e}"))?;
+    for entry in dir.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if fd > 2 {
+            // SAFETY: F_SETFD on an fd number touches no memory; an fd that is not open
+            // (the directory's own, closed by now) fails with EBADF, which is ignored.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+    Ok(())
+}
+
 /// SIGKILLs every descendant until none is left. Only this program's own children are
 /// signalled (their pids cannot be reused before they are reaped); grandchildren are
 /// reparented here as their parents die, and signalled in the next round.

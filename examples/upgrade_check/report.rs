@@ -4,7 +4,7 @@
 use std::io::{self, IsTerminal};
 use std::time::{Duration, Instant};
 
-use crate::faults::faults;
+use crate::faults::scenario_names;
 use crate::load::{LoadStats, Proto, FAILURES};
 use crate::server::Upgrade;
 use crate::{Config, MAX_CONNECTIONS};
@@ -170,7 +170,7 @@ impl Report {
                 && !s.capped
         });
         let faults_ok = !self.faults_planned
-            || (self.faults.len() == faults().len() + 2
+            || (self.faults.len() == scenario_names().len()
                 && self.faults.iter().all(FaultOutcome::passed)
                 && stats_ok(&self.fault_stats)
                 && probation_ok);

@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::io::AsFd;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustix::fs::FileType;
 use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketType};
 
@@ -16,24 +17,67 @@ use crate::unix_addr::UnixAddr;
 
 // ---- The client ------------------------------------------------------------------------
 
+/// How a client asks: how long it waits for the answer, and whom it believes.
+///
+/// A [`Duration`] converts into one that names no uid, so `request_upgrade(addr,
+/// Duration::from_secs(90))` is the usual call. Name the uid the service runs as when
+/// it listens on an abstract name as another user than the client's, or when its socket
+/// file is in a directory other users can write to: see [whom a client
+/// believes](crate::control#whom-a-client-believes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientConfig {
+    timeout: Duration,
+    server_uid: Option<u32>,
+}
+
+impl ClientConfig {
+    /// Waits at most `timeout` for the whole exchange, and names no uid.
+    pub fn new(timeout: Duration) -> ClientConfig {
+        ClientConfig {
+            timeout,
+            server_uid: None,
+        }
+    }
+
+    /// The uid the service runs as: a process answering as that uid is believed
+    /// wherever its socket is, and no other but root and the client's own user (the
+    /// socket file's owner no longer is).
+    pub fn server_uid(mut self, uid: u32) -> ClientConfig {
+        self.server_uid = Some(uid);
+        self
+    }
+}
+
+impl From<Duration> for ClientConfig {
+    fn from(timeout: Duration) -> ClientConfig {
+        ClientConfig::new(timeout)
+    }
+}
+
 /// Asks the generation serving the control socket at `addr` to upgrade, and returns the
 /// new generation's pid once it has taken over.
 ///
-/// `timeout` bounds the whole exchange. The server answers when its upgrade has ended,
-/// which may take the upgrade timeout ([`Options::upgrade_timeout`], 60 s by default)
-/// plus the probation ([`Options::probation`]) plus the time to spawn: pass at least
-/// their sum and a margin. A client that gives up does not cancel the upgrade.
+/// `config` is the timeout (a [`Duration`]), or a [`ClientConfig`]. The timeout bounds
+/// the whole exchange. The server answers when its upgrade has ended, which may take
+/// the upgrade timeout ([`Options::upgrade_timeout`], 60 s by default) plus the
+/// probation ([`Options::probation`]) plus the time to spawn: pass at least their sum
+/// and a margin. A client that gives up does not cancel the upgrade.
+///
+/// Before it sends anything, the client checks who answered (see [whom a client
+/// believes](crate::control#whom-a-client-believes)).
 ///
 /// Errors: [`Error::Remote`] when the server answered with an error (its `kind` is the
 /// server's `Error` variant, `message` says why, with the new generation's own reason
-/// for `ChildFailed`); [`Error::Control`] when it could not be asked (no socket there,
-/// permission denied, no answer within `timeout`, an answer that is not the protocol).
+/// for `ChildFailed`); [`Error::ControlPeer`] when the process that answered is not
+/// believed; [`Error::Control`] when it could not be asked (no socket there,
+/// permission denied, no answer within the timeout, an answer that is not the
+/// protocol).
 ///
 /// [`Options::upgrade_timeout`]: crate::Options::upgrade_timeout
 /// [`Options::probation`]: crate::Options::probation
-pub fn request_upgrade(addr: impl Into<UnixAddr>, timeout: Duration) -> Result<u32> {
+pub fn request_upgrade(addr: impl Into<UnixAddr>, config: impl Into<ClientConfig>) -> Result<u32> {
     let addr = addr.into();
-    let answer = exchange(&addr, "upgrade", timeout)?;
+    let answer = exchange(&addr, "upgrade", config.into())?;
     answer
         .field("pid")
         .and_then(|p| p.parse().ok())
@@ -41,10 +85,10 @@ pub fn request_upgrade(addr: impl Into<UnixAddr>, timeout: Duration) -> Result<u
 }
 
 /// Asks the generation serving the control socket at `addr` for its [`Status`].
-/// Errors as for [`request_upgrade`].
-pub fn status(addr: impl Into<UnixAddr>, timeout: Duration) -> Result<Status> {
+/// `config` and errors as for [`request_upgrade`].
+pub fn status(addr: impl Into<UnixAddr>, config: impl Into<ClientConfig>) -> Result<Status> {
     let addr = addr.into();
-    let answer = exchange(&addr, "status", timeout)?;
+    let answer = exchange(&addr, "status", config.into())?;
     let yes = |key| answer.field(key) == Some("yes");
     let pid = answer
         .field("pid")
@@ -78,6 +122,7 @@ pub fn status(addr: impl Into<UnixAddr>, timeout: Duration) -> Result<Status> {
         pid,
         ready: yes("ready"),
         upgrading: yes("upgrading"),
+        started_by: answer.field("started-by").and_then(|p| p.parse().ok()),
         last_upgrade,
     })
 }
@@ -97,8 +142,10 @@ pub(super) fn invalid(addr: &UnixAddr, what: &str) -> Error {
     }
 }
 
-/// Sends one request and reads the answer; an error answer is [`Error::Remote`].
-pub(super) fn exchange(addr: &UnixAddr, command: &str, timeout: Duration) -> Result<Answer> {
+/// Connects, checks who answered, sends one request and reads the answer; an error
+/// answer is [`Error::Remote`].
+pub(super) fn exchange(addr: &UnixAddr, command: &str, config: ClientConfig) -> Result<Answer> {
+    let timeout = config.timeout;
     let name = addr.to_string();
     let fail = |op: &'static str, source: io::Error| Error::Control {
         addr: name.clone(),
@@ -132,6 +179,19 @@ pub(super) fn exchange(addr: &UnixAddr, command: &str, timeout: Duration) -> Res
             ))
         }
         Err(e) => return Err(fail("connect", e.into())),
+    }
+    let peer_op = if cfg!(any(target_os = "linux", target_os = "android")) {
+        "getsockopt(SO_PEERCRED)"
+    } else {
+        "getpeereid"
+    };
+    let (uid, gid) = socket::peer_ids(conn.as_fd()).map_err(|e| fail(peer_op, e))?;
+    if let Err(reason) = believe(addr, uid, gid, config.server_uid) {
+        return Err(Error::ControlPeer {
+            addr: name,
+            uid,
+            reason,
+        });
     }
     // A server that refuses us may answer and close before it reads: then the answer
     // is what to report, not the broken pipe.
@@ -195,5 +255,64 @@ pub(super) fn exchange(addr: &UnixAddr, command: &str, timeout: Duration) -> Res
             kind: kind.clone(),
             message: answer.field("message").unwrap_or_default().to_string(),
         }),
+    }
+}
+
+/// Whether the process that answered at `addr`, running as `uid` (primary group `gid`),
+/// is believed; why not if it is not. See the module docs, "Whom a client believes".
+///
+/// The peer's identity is the connected socket's (`SO_PEERCRED`: whoever listens there
+/// now), not the file's owner alone: a file can be replaced after it was looked at.
+/// For a path, the file's owner and its directory then say whether that identity is
+/// the one the name belongs to. Both are looked at after `connect`: a swap between the
+/// two is seen as a peer that is not the file's owner, and refused.
+fn believe(addr: &UnixAddr, uid: u32, gid: u32, server_uid: Option<u32>) -> Result<(), String> {
+    let me = rustix::process::geteuid().as_raw();
+    if uid == 0 || uid == me || Some(uid) == server_uid {
+        return Ok(());
+    }
+    let path = match (addr, server_uid) {
+        (_, Some(expected)) => {
+            return Err(format!("the service was expected to run as uid {expected}"))
+        }
+        (UnixAddr::Abstract(_), None) => {
+            return Err(format!(
+                "an abstract name has no owner: anyone could have bound it first, so only \
+                 root and this client's own uid ({me}) are believed unless the service's \
+                 uid is named (ClientConfig::server_uid)"
+            ))
+        }
+        (UnixAddr::Path(path), None) => path,
+    };
+    let file = rustix::fs::lstat(path)
+        .map_err(|e| format!("cannot look at the socket file: {}", io::Error::from(e)))?;
+    match FileType::from_raw_mode(file.st_mode) {
+        FileType::Socket => {}
+        FileType::Symlink => {
+            return Err("the path is a symbolic link: name the socket file itself".into())
+        }
+        _ => return Err("the path is no longer a socket file".into()),
+    }
+    #[allow(clippy::unnecessary_cast)]
+    let owner = file.st_uid as u32;
+    if owner != uid {
+        return Err(format!("the socket file belongs to uid {owner}"));
+    }
+    let dir = crate::safe_dir::dir_of(path);
+    let st = rustix::fs::stat(dir).map_err(|e| {
+        format!(
+            "cannot look at the socket's directory {}: {}",
+            dir.display(),
+            io::Error::from(e)
+        )
+    })?;
+    match crate::safe_dir::others_can_write(&st, &[uid, me], gid) {
+        None => Ok(()),
+        Some(why) => Err(format!(
+            "its directory {} is not the service's own: {why}, so another user could have \
+             bound the name first; put the socket in a directory only the service's user \
+             and root can write to, or name the service's uid (ClientConfig::server_uid)",
+            dir.display()
+        )),
     }
 }

@@ -6,7 +6,13 @@
 //! [`request_upgrade`], asks the running generation to upgrade and waits for the new
 //! generation's pid or the error, with the new generation's own reason when it gave up
 //! ([`Upgrader::fail`](crate::Upgrader::fail)). [`status`] asks what a generation is doing. The examples use it
-//! as their own `ExecReload=`: `tcp_server --control /run/tcp_server.sock --upgrade`.
+//! as their own `ExecReload=`: `tcp_server --control /run/tcp_server/control.sock --upgrade`.
+//!
+//! Put the socket file in a directory of the service's own, that only its user and root
+//! can write to (systemd's `RuntimeDirectory=`: `/run/NAME`), not in `/tmp`. An abstract
+//! name (Linux) has no file and no owner: whoever binds it first has it, and another
+//! user can bind it before the service starts. A client believes only some answers:
+//! see [whom a client believes](#whom-a-client-believes).
 //!
 //! # Serving
 //!
@@ -65,6 +71,30 @@
 //! connection the other one took. It is the one socket whose flags the crate changes.
 //! Never `SIGPIPE`: answers are sent with `MSG_NOSIGNAL` (`SO_NOSIGPIPE` on Apple).
 //!
+//! # Whom a client believes
+//!
+//! Before it sends its request, [`request_upgrade`] (and [`status`]) checks who listens
+//! on the socket it reached: `SO_PEERCRED` (`getpeereid(3)` on BSD and macOS) of the
+//! connected socket, the uid of the process listening there (as it was at `listen(2)`).
+//! Otherwise a user who bound the name first could make root's `--upgrade` print a
+//! made-up pid and succeed. The answer of a process running as root or as the client's
+//! own user is always believed. When the caller names the uid the service runs as
+//! ([`ClientConfig::server_uid`]), that uid's too, and no other. When it names none, a
+//! process running as another uid is believed:
+//!
+//! - at a path, when that uid owns the socket file and the file's directory can be
+//!   written only by root and that user (or the client's user), and by no group but
+//!   the service user's own: then nobody else could have made the name. So root asking
+//!   a service that runs as `www` on `/run/www/control.sock`, where `/run/www` belongs
+//!   to `www`, just works. A socket in a directory every user can write to (`/tmp`,
+//!   sticky or not) is refused: another user could have bound its name first. Only the
+//!   socket's own directory is looked at, not those above it.
+//! - at an abstract name, never: it has no owner. Name the service's uid.
+//!
+//! A process that is not believed is sent nothing; the client fails with
+//! [`Error::ControlPeer`](crate::Error::ControlPeer), which names the socket, the uid
+//! found and why.
+//!
 //! # The protocol, version 1
 //!
 //! One request per connection. The client sends one line (at most [`MAX_REQUEST`]
@@ -106,14 +136,17 @@
 //! pid: 4242
 //! ready: yes
 //! upgrading: no
+//! started-by: 4237
 //! last-upgrade: error ChildExited
 //! last-upgrade-message: new generation (pid 4249) exited before it was ready: exit status: 3
 //! last-upgrade-ended: 1767225600.250
 //!
 //! ```
 //!
-//! `last-upgrade` is `none`, `ok` (with `last-upgrade-pid:`) or `error KIND` (with
-//! `last-upgrade-message:`); `last-upgrade-ended` is in seconds since the Unix epoch.
+//! `started-by` is the pid of the generation whose upgrade started this one (absent
+//! for a first start). `last-upgrade` is `none`, `ok` (with `last-upgrade-pid:`) or
+//! `error KIND` (with `last-upgrade-message:`); `last-upgrade-ended` is in seconds since
+//! the Unix epoch.
 //! Values are one line each, control characters replaced by spaces, at most
 //! [`MAX_VALUE`] bytes; an answer is at most [`MAX_ANSWER`] bytes. Clients ignore keys
 //! they do not know; a later version adds keys or commands and changes the version
@@ -133,7 +166,7 @@ mod protocol;
 mod server;
 
 pub use crate::status::{LastUpgrade, Status, UpgradeFailure};
-pub use client::{request_upgrade, status};
+pub use client::{request_upgrade, status, ClientConfig};
 pub use server::{Config, Server};
 
 /// The protocol and its version: the first word of every request and answer.

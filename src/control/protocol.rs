@@ -209,6 +209,9 @@ pub(super) fn status_answer(status: &Status) -> Answer {
         ("ready", yes_no(status.ready)),
         ("upgrading", yes_no(status.upgrading)),
     ];
+    if let Some(pid) = status.started_by {
+        fields.push(("started-by", pid.to_string()));
+    }
     match &status.last_upgrade {
         None => fields.push(("last-upgrade", "none".into())),
         Some(last) => {
@@ -304,6 +307,7 @@ mod tests {
             pid: 42,
             ready: true,
             upgrading: false,
+            started_by: Some(41),
             last_upgrade: Some(LastUpgrade {
                 ended: UNIX_EPOCH + Duration::from_millis(1_767_225_600_250),
                 result: Err(UpgradeFailure {
@@ -313,6 +317,7 @@ mod tests {
             }),
         };
         let answer = Answer::decode(&status_answer(&status).encode()).unwrap();
+        assert_eq!(answer.field("started-by"), Some("41"));
         assert_eq!(answer.field("last-upgrade"), Some("error ChildExited"));
         assert_eq!(answer.field("last-upgrade-ended"), Some("1767225600.250"));
         assert_eq!(

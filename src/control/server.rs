@@ -14,6 +14,7 @@ use rustix::io::Errno;
 
 use crate::error::{Error, Result};
 use crate::os;
+use crate::socket;
 use crate::unix_addr::UnixAddr;
 use crate::upgrader::Upgrader;
 
@@ -291,7 +292,8 @@ impl Server {
         if self.config.any_uid {
             return Ok(());
         }
-        let uid = peer_uid(conn).map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
+        let (uid, _) = socket::peer_ids(conn)
+            .map_err(|e| format!("cannot read the peer's credentials: {e}"))?;
         if uid == 0 || uid == self.euid || self.config.uids.contains(&uid) {
             Ok(())
         } else {
@@ -441,46 +443,6 @@ pub(super) fn is_transient(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO)
     )
-}
-
-/// The uid of the process at the other end of a Unix stream connection.
-#[cfg(any(target_os = "linux", target_os = "android"))]
-pub(super) fn peer_uid(conn: BorrowedFd<'_>) -> io::Result<u32> {
-    Ok(rustix::net::sockopt::socket_peercred(conn)?.uid.as_raw())
-}
-
-/// The uid of the process at the other end of a Unix stream connection.
-#[cfg(any(
-    target_vendor = "apple",
-    target_os = "freebsd",
-    target_os = "openbsd",
-    target_os = "netbsd",
-    target_os = "dragonfly"
-))]
-pub(super) fn peer_uid(conn: BorrowedFd<'_>) -> io::Result<u32> {
-    let mut uid: libc::uid_t = 0;
-    let mut gid: libc::gid_t = 0;
-    // SAFETY: getpeereid writes one uid_t and one gid_t through the two pointers, which
-    // point to locals that outlive the call; `conn` is an open fd for the whole call.
-    let rc = unsafe { libc::getpeereid(conn.as_raw_fd(), &mut uid, &mut gid) };
-    if rc == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(uid)
-}
-
-/// No way to know the peer here: nobody is served unless `allow_any_uid`.
-#[cfg(not(any(
-    target_os = "linux",
-    target_os = "android",
-    target_vendor = "apple",
-    target_os = "freebsd",
-    target_os = "openbsd",
-    target_os = "netbsd",
-    target_os = "dragonfly"
-)))]
-pub(super) fn peer_uid(_conn: BorrowedFd<'_>) -> io::Result<u32> {
-    Err(io::ErrorKind::Unsupported.into())
 }
 
 /// Before `bind()`: on Linux the socket inode's mode, less the umask, becomes the

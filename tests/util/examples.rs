@@ -10,6 +10,8 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -58,6 +60,35 @@ pub fn example(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(path.is_file(), "{} was not built", path.display());
     path
+}
+
+/// A pseudo-terminal: the master, our copy of the terminal end, and its path.
+pub fn open_pty() -> (OwnedFd, fs::File, PathBuf) {
+    // SAFETY: posix_openpt(3) takes flags and returns a new fd or -1.
+    let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    assert!(fd >= 0, "posix_openpt: {}", io::Error::last_os_error());
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    let master = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: `master` is an open pty master; `name` is writable for its whole length.
+    unsafe {
+        assert_eq!(libc::unlockpt(master.as_raw_fd()), 0, "unlockpt");
+        assert_eq!(
+            libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()),
+            0,
+            "ptsname_r"
+        );
+    }
+    // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated string.
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    let path = PathBuf::from(path.to_string_lossy().into_owned());
+    let slave = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    (master, slave, path)
 }
 
 /// A port that was free a moment ago.
@@ -140,6 +171,17 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
+/// What runs in front of the first generation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Front {
+    /// Nothing: it is started directly, in a process group of its own.
+    None,
+    /// A terminal whose session it leads.
+    Terminal,
+    /// A keeper (`--keeper`), started directly.
+    Keeper,
+}
+
 /// An example server and every generation it has started.
 pub struct Server {
     pub addr: SocketAddr,
@@ -155,6 +197,9 @@ pub struct Server {
     /// Set once the group is known to be empty: nothing left to kill.
     finished: bool,
     _watchdog: mpsc::Sender<()>,
+    /// The terminal's master end, with [`start_in_terminal`](Server::start_in_terminal):
+    /// closing it would hang the terminal up, so it is closed once the group is gone.
+    _terminal: Option<OwnedFd>,
     /// Holds the pid file and the log; removed last.
     _dir: TempDir,
 }
@@ -163,6 +208,25 @@ impl Server {
     /// Starts `binary` with `args` (plus `--listen` and `--pid-file` unless `args`
     /// gives them), and waits until it answers.
     pub fn start(binary: &Path, args: &[&str], probe: Probe) -> Server {
+        Server::start_with(binary, args, probe, Front::None)
+    }
+
+    /// Like [`start`](Server::start), run as from a terminal: the first generation leads
+    /// a new session whose controlling terminal (and stdin) is a pseudo-terminal of the
+    /// test's, as under `script -c`, in a tmux window or a terminal emulator. When it
+    /// exits, the kernel sends `SIGHUP` to the terminal's foreground process group,
+    /// where the later generations are.
+    pub fn start_in_terminal(binary: &Path, args: &[&str], probe: Probe) -> Server {
+        Server::start_with(binary, args, probe, Front::Terminal)
+    }
+
+    /// Like [`start`](Server::start), with `--keeper`: the process started is the
+    /// keeper, `generations[0]`, and the generation serving is its child.
+    pub fn start_with_keeper(binary: &Path, args: &[&str], probe: Probe) -> Server {
+        Server::start_with(binary, args, probe, Front::Keeper)
+    }
+
+    fn start_with(binary: &Path, args: &[&str], probe: Probe, front: Front) -> Server {
         become_subreaper();
         let dir = TempDir::new(&binary.file_name().unwrap().to_string_lossy());
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -179,10 +243,33 @@ impl Server {
             .arg(&pid_file)
             .args(args)
             .current_dir(dir.path())
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        if front == Front::Keeper {
+            cmd.arg("--keeper");
+        }
+        let mut master = None;
+        if front == Front::Terminal {
+            let (m, slave, _) = open_pty();
+            master = Some(m);
+            cmd.stdin(slave);
+            // SAFETY: setsid(2) and ioctl(2) are async-signal-safe, and the closure
+            // touches no memory of the parent's.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    // A session of its own (and a process group: its pid), whose
+                    // controlling terminal is stdin, the pty; its group is in the
+                    // terminal's foreground.
+                    if libc::setsid() == -1 || libc::ioctl(0, libc::TIOCSCTTY, 0) == -1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+            };
+        } else {
+            cmd.stdin(Stdio::null());
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         let child = cmd.spawn().expect("start example");
         let pid = child.id();
         // Reaped with waitpid like every later generation; dropping a Child neither
@@ -199,7 +286,7 @@ impl Server {
             }
         });
 
-        let server = Server {
+        let mut server = Server {
             addr,
             pid_file,
             log,
@@ -209,13 +296,21 @@ impl Server {
             generations: vec![pid],
             finished: false,
             _watchdog: tx,
+            _terminal: master,
             _dir: dir,
         };
         let answered =
             server.wait_for("the first generation to answer", |s| (s.probe)(s.addr).ok());
-        assert_eq!(answered, pid, "answered by an unknown pid");
+        if front == Front::Keeper {
+            server.current = answered;
+            server.generations.push(answered);
+        } else {
+            assert_eq!(answered, pid, "answered by an unknown pid");
+        }
         // A generation serves before it reports ready; the pid file follows.
-        server.wait_for("the pid file", |s| s.pid_from_file().filter(|&p| p == pid));
+        server.wait_for("the pid file", |s| {
+            s.pid_from_file().filter(|&p| p == answered)
+        });
         server
     }
 

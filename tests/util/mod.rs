@@ -45,6 +45,16 @@ pub fn scratch_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// The names in `dir`, sorted.
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 /// One event line: `@@ <pid> <event> <rest>`.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -498,6 +508,7 @@ pub fn kind(e: &Error) -> &'static str {
         Error::StateTooLarge { .. } => "StateTooLarge",
         Error::PidFile { .. } => "PidFile",
         Error::Control { .. } => "Control",
+        Error::ControlPeer { .. } => "ControlPeer",
         Error::Remote { .. } => "Remote",
         Error::Io { .. } => "Io",
         _ => "Other",

@@ -2,7 +2,7 @@
 //! mount, UTS and cgroup namespaces, with the test's units and nothing from the host's
 //! boot, and drives it with `systemctl` through `nsenter`.
 //!
-//! What keeps the host safe (see "A real systemd, here" in PITFALLS.md):
+//! What keeps the host safe (booting systemd naively empties the host's /tmp):
 //! - systemd starts only [`TARGET`], a target of our own that wants nothing, so none of
 //!   the host's sysinit runs (`systemd-tmpfiles-setup` would empty the host's /tmp).
 //!   Every test unit gets a drop-in with `DefaultDependencies=no`.
@@ -29,8 +29,7 @@ use std::cell::Cell;
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -39,7 +38,7 @@ use std::sync::{mpsc, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::util::{lock, DEADLINE};
+use crate::util::{lock, open_pty, DEADLINE};
 
 /// The systemd binary under test.
 pub const SYSTEMD: &str = "/lib/systemd/systemd";
@@ -778,35 +777,6 @@ pub fn cgroup_procs(dir: &Path) -> Vec<u32> {
         }
     }
     out
-}
-
-/// A pseudo-terminal: the master, our copy of the terminal end, and its path.
-fn open_pty() -> (OwnedFd, fs::File, PathBuf) {
-    // SAFETY: posix_openpt(3) takes flags and returns a new fd or -1.
-    let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
-    assert!(fd >= 0, "posix_openpt: {}", io::Error::last_os_error());
-    // SAFETY: `fd` was just opened and is owned by nothing else.
-    let master = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut name = [0 as libc::c_char; 128];
-    // SAFETY: `master` is an open pty master; `name` is writable for its whole length.
-    unsafe {
-        assert_eq!(libc::unlockpt(master.as_raw_fd()), 0, "unlockpt");
-        assert_eq!(
-            libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()),
-            0,
-            "ptsname_r"
-        );
-    }
-    // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated string.
-    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
-    let path = PathBuf::from(path.to_string_lossy().into_owned());
-    let slave = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    (master, slave, path)
 }
 
 /// Copies what arrives on the pty `master` to `log` until the pty is hung up, each line
