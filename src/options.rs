@@ -40,7 +40,8 @@ pub struct Options {
     pub(crate) before_bind: Option<BeforeBind>,
     pub(crate) backlog: i32,
     pub(crate) upgrade_during_drain: bool,
-    pub(crate) fd_store: bool,
+    /// `None`: as `$FDSTORE` says.
+    pub(crate) fd_store: Option<bool>,
 }
 
 impl Default for Options {
@@ -53,7 +54,7 @@ impl Default for Options {
             before_bind: None,
             backlog: BACKLOG,
             upgrade_during_drain: false,
-            fd_store: false,
+            fd_store: None,
         }
     }
 }
@@ -161,8 +162,20 @@ impl Options {
     /// outlive every generation: if the serving one dies (OOM killer, `kill -9`, a crash
     /// after the handoff), systemd restarts the service (`Restart=`) on the same sockets,
     /// and connections wait in their queues instead of being refused. Needs
-    /// `FileDescriptorStoreMax=` in the unit (and `$NOTIFY_SOCKET`). On by default when
-    /// systemd sets `$FDSTORE` (systemd 254 and later); off otherwise.
+    /// `FileDescriptorStoreMax=` in the unit (and `$NOTIFY_SOCKET`).
+    ///
+    /// Unless this is called, the store is on when systemd sets `$FDSTORE` to a number
+    /// above zero (systemd 254 and later, from `FileDescriptorStoreMax=`; the
+    /// [keeper](crate::Keeper) sets it too) and off otherwise. `fd_store(true)` turns it
+    /// on, `fd_store(false)` off, whatever `$FDSTORE` says. (A command-line flag that
+    /// asks for the store should call `fd_store(true)` when it is given, and nothing
+    /// when it is not.)
+    ///
+    /// A store that is on while `$NOTIFY_SOCKET` is not set (nobody could hold the
+    /// sockets) makes [`Upgrader::new`](crate::Upgrader::new) write one line to stderr,
+    /// `tableflip: ...`, saying so and why the store is on; it does nothing else. systemd
+    /// 253 and older set no `$FDSTORE`, and a unit without `FileDescriptorStoreMax=`
+    /// drops what it is sent: that cannot be seen from here.
     ///
     /// Each generation, once it has taken over, sends its sockets with `FDSTORE=1` under
     /// a name that encodes its registry key (`FDNAME=tableflip.tcp,[::1]%3A80`), and takes
@@ -171,7 +184,7 @@ impl Options {
     /// sockets of a socket unit. A key whose name would be over systemd's 255 bytes (a
     /// Unix path of some 240 bytes) is not stored.
     pub fn fd_store(mut self, keep: bool) -> Self {
-        self.fd_store = keep;
+        self.fd_store = Some(keep);
         self
     }
 

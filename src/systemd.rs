@@ -313,6 +313,31 @@ pub(crate) fn store_offered() -> bool {
         .is_some_and(|n| n > 0)
 }
 
+/// The fd store is on and nobody can hold the sockets (no usable `$NOTIFY_SOCKET`):
+/// says so on stderr, once per process, naming what turned it on (`explicit`:
+/// `Options::fd_store(true)`; otherwise `$FDSTORE`).
+pub(crate) fn warn_store_unheld(explicit: bool) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if WARNED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let why = if explicit {
+        "Options::fd_store(true) asks for systemd's fd store".to_string()
+    } else {
+        let n = std::env::var("FDSTORE").unwrap_or_default();
+        format!("$FDSTORE={n} asks for systemd's fd store")
+    };
+    let missing = match std::env::var_os("NOTIFY_SOCKET") {
+        None => "$NOTIFY_SOCKET is not set".to_string(),
+        Some(v) => format!("$NOTIFY_SOCKET={} cannot be used", v.to_string_lossy()),
+    };
+    let line = format!(
+        "tableflip: {why}, but {missing}: no systemd (or keeper) to hold the sockets, \
+         which are not kept\n"
+    );
+    let _ = io::Write::write_all(&mut io::stderr().lock(), line.as_bytes());
+}
+
 /// `RELOADING=1` with the `MONOTONIC_USEC=` that systemd 253+ expects next to it.
 fn reloading_message() -> String {
     let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);

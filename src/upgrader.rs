@@ -131,8 +131,13 @@ impl Upgrader {
         } else {
             inherited()?
         };
-        let exit = ExitSignal::new()?;
         let pid_file = options.pid_file.map(|p| program.cwd().join(p));
+        let notify = Notifier::from_env();
+        let fd_store = options.fd_store.unwrap_or_else(systemd::store_offered);
+        if fd_store && notify.is_none() {
+            systemd::warn_store_unheld(options.fd_store.is_some());
+        }
+        let exit = ExitSignal::new()?;
         guard.0 = true;
         Ok(Upgrader {
             fds: Fds::new(inheritance.fds, options.before_bind, options.backlog),
@@ -141,9 +146,9 @@ impl Upgrader {
             probation: options.probation,
             pid_file,
             upgrade_during_drain: options.upgrade_during_drain,
-            fd_store: options.fd_store || systemd::store_offered(),
+            fd_store,
             parent: inheritance.parent,
-            notify: Notifier::from_env(),
+            notify,
             state: Mutex::new(State {
                 phase: Phase::Starting,
                 busy: false,

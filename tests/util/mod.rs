@@ -613,8 +613,9 @@ pub fn scenario(name: &str) -> ! {
     if env("TF_OVERLAP").is_some() {
         opts = opts.upgrade_during_drain(true);
     }
-    if env("TF_FD_STORE").is_some() {
-        opts = opts.fd_store(true);
+    // `TF_FD_STORE=1` asks for the fd store, `0` refuses it (unset: as `$FDSTORE` says).
+    if let Some(v) = env("TF_FD_STORE") {
+        opts = opts.fd_store(v != "0");
     }
     if let Some(ms) = env("TF_PROBATION_MS") {
         opts = opts.probation(Duration::from_millis(ms.parse().unwrap()));
