@@ -133,8 +133,9 @@
 //!   activation (`$LISTEN_FDS`) are adopted on a first start. The commit waits up to
 //!   1 s for room in systemd's queue, and `upgrade()` returns only once systemd has
 //!   read it (at most 500 ms), so that the old process never exits before systemd knows
-//!   its successor; a notify socket that nobody reads slows each upgrade by that much. See the README for unit
-//!   files.
+//!   its successor; a notify socket that nobody reads slows each upgrade by that much
+//!   (on top of the upgrade timeout, which does not count these waits). See the README
+//!   for unit files.
 //! - **`SIGPIPE`** must stay ignored (as Rust programs start): the handshake writes to
 //!   pipes whose reader may have died.
 //! - **One table variable.** Linux caps one environment string at 128 KiB, which bounds
@@ -192,7 +193,7 @@ mod upgrader;
 mod wire;
 
 pub use adoption::{Adoption, InheritedFd};
-pub use error::{Error, Result};
+pub use error::{Error, Result, WaitingFor};
 pub use options::Options;
 
 #[cfg(unix)]

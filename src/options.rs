@@ -81,8 +81,28 @@ impl Options {
         Self::default()
     }
 
-    /// How long a new generation may take to call [`Upgrader::ready`](crate::Upgrader::ready)
-    /// before it is killed and the upgrade fails. Default: 60 s.
+    /// How long a new generation may take to start and take over. Default: 60 s.
+    ///
+    /// It is one budget for the new generation's part of the handshake: it runs from
+    /// the spawn until the new generation reports ready
+    /// ([`Upgrader::ready`](crate::Upgrader::ready)), stops, and runs again from the
+    /// commit until the new generation confirms that it has taken over (it writes its
+    /// pid file, then confirms: normally a fraction of a millisecond). A new
+    /// generation that runs out of it is killed, and
+    /// [`upgrade`](crate::Upgrader::upgrade) fails with
+    /// [`Error::Timeout`](crate::Error::Timeout), which says which of the two it was
+    /// waiting for. One that reports ready with nothing of the budget left is not
+    /// committed to.
+    ///
+    /// Not counted, between the two: the [probation](Options::probation), and, under
+    /// systemd (`$NOTIFY_SOCKET`), the wait for room in systemd's queue for the commit's
+    /// message (at most 1 s; [`Error::Notify`](crate::Error::Notify) beyond). After the
+    /// confirmation `upgrade()` waits, at most 500 ms, until systemd has read that
+    /// message (a failed upgrade waits as long, at most, for systemd to read that this
+    /// generation is the main one again). So `upgrade()` returns at most the timeout
+    /// plus the probation plus 1.5 s after the spawn (without systemd: the timeout plus
+    /// the probation), give or take the moment it takes to kill and reap a new
+    /// generation that failed.
     pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
         self.upgrade_timeout = timeout;
         self

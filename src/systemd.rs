@@ -188,7 +188,11 @@ impl Notifier {
         }
     }
 
-    /// An upgrade failed: this generation is (again) the main one, and serves.
+    /// An upgrade failed: this generation is (again) the main one, and serves. Waits, as
+    /// the commit does and at most [`COMMIT_READ_WAIT`], until systemd has read it: after
+    /// a failure past the commit systemd's main pid is the killed new generation until
+    /// then, and an `ExecReload=` that exits on the failure could make systemd 252 look
+    /// at that pid first (see [`wait_commit_read`](Notifier::wait_commit_read)).
     pub(crate) fn upgrade_failed(&self, why: &Error) {
         self.status_set.store(true, Ordering::SeqCst);
         self.tell(&format!(
@@ -196,6 +200,7 @@ impl Notifier {
             std::process::id(),
             status_text("upgrade failed", why)
         ));
+        self.wait_read(COMMIT_READ_WAIT);
     }
 
     /// An upgrade was refused before it started: answer a reload that systemd may be

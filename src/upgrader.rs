@@ -332,6 +332,7 @@ impl Upgrader {
                 &exe,
                 state.as_ref().map(|s| s.as_fd()),
                 passed,
+                self.timeout,
             )
         })?;
         // Under a keeper: the child is named before it can claim the service.
@@ -339,7 +340,7 @@ impl Upgrader {
             n.announce(handoff.pid());
         }
         let handoff = handoff
-            .wait_ready(self.timeout, cancel)?
+            .wait_ready(cancel)?
             .probation(self.probation, cancel)?;
         // The commit: systemd hears it from this process, still its main one.
         if let Some(n) = &self.notify {
@@ -347,7 +348,7 @@ impl Upgrader {
                 return Err(handoff.kill(e));
             }
         }
-        let pid = handoff.commit(self.timeout, cancel).map_err(|e| {
+        let pid = handoff.commit(cancel).map_err(|e| {
             // The child may have written its pid into the pid file before it died.
             if let Some(path) = &self.pid_file {
                 let _ = crate::pidfile::write(path, std::process::id());

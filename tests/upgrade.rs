@@ -579,3 +579,50 @@ fn a_child_dropping_its_upgrader_before_ready_changes_nothing() {
     assert!(!sock.exists());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The upgrade timeout is one budget for the new generation: the time to report ready
+/// plus the time to confirm after the commit, the probation not counted. A new
+/// generation ready after 1 s of a 2 s timeout has 1 s left to confirm; stopped
+/// (SIGSTOP) for 2.6 s across the commit it is killed for that, and the error says it was
+/// the confirmation that was late. (With a timeout for each phase it would have had 2 s
+/// after the commit, and taken over.) Unstopped, the same generation takes over although
+/// ready + probation (2.5 s) is over the timeout.
+#[test]
+fn the_upgrade_timeout_is_one_budget_for_ready_and_confirmation() {
+    let mut run = Run::start(
+        "budget",
+        &[
+            ("TF_TCP", "127.0.0.1:0".into()),
+            ("TF_TIMEOUT_MS", "2000".into()),
+            ("TF_PROBATION_MS", "1500".into()),
+        ],
+    );
+    let addr: SocketAddr = run.expect("tcp").field("addr").unwrap().parse().unwrap();
+    let pid = run.expect("ready").pid;
+    run.next("delay-us 1000000");
+    signal(pid, libc::SIGHUP);
+    let child = run.expect_not_from("reporting", pid).pid;
+    // It has sent R (ready() sends it at once); the commit comes 1.5 s after that.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    signal(child, libc::SIGSTOP);
+    std::thread::sleep(std::time::Duration::from_millis(2600));
+    signal(child, libc::SIGCONT);
+    let err = run.expect_from("upgrade-error", pid);
+    assert!(err.rest.contains("kind=Timeout"), "{err:?}");
+    assert!(
+        err.rest.contains("did_not_confirm") && err.rest.contains(&format!("pid_{child}")),
+        "the error names the phase and the pid: {err:?}"
+    );
+    assert!(err.rest.contains("2s"), "{err:?}");
+    assert!(!exists(child), "the late child was not reaped");
+    assert_eq!(
+        ask(addr).unwrap(),
+        pid,
+        "the old generation stopped serving"
+    );
+
+    let new = upgrade_ok(&mut run, pid);
+    assert_eq!(ask(addr).unwrap(), new);
+    signal(new, libc::SIGTERM);
+    run.expect_all_exited();
+}
