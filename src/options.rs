@@ -132,7 +132,10 @@ impl Options {
     /// to (atomically). A relative path is resolved against the working directory at
     /// [`Upgrader::new`](crate::Upgrader::new). Its directory must be one that only root
     /// and this process's user can write to (`/run/NAME`, `$XDG_RUNTIME_DIR`, not
-    /// `/tmp`): otherwise writing it fails with [`Error::PidFile`](crate::Error::PidFile).
+    /// `/tmp`): otherwise [`Upgrader::new`](crate::Upgrader::new) fails with
+    /// [`Error::PidFile`](crate::Error::PidFile), before anything is bound.
+    /// [`Upgrader::stop`](crate::Upgrader::stop) (or the drop) of the last generation
+    /// removes it, if it still names that process.
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.pid_file = Some(path.into());
         self

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::io;
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -113,7 +113,14 @@ impl Upgrader {
     /// Fails with [`Error::AlreadyCreated`] while another `Upgrader` is alive, and with
     /// [`Error::FdTable`] when the inherited fd table is malformed or names an fd that is
     /// not open or was not inherited. A table addressed to another process (one this
-    /// process merely inherited) is ignored: this is then a fresh start.
+    /// process merely inherited) is ignored: this is then a fresh start. Fails with
+    /// [`Error::PidFile`] when the [pid file](Options::pid_file)'s directory does not
+    /// exist, or other users can write to it: now, before the application binds or
+    /// serves anything, rather than at
+    /// [`ready`](Upgrader::ready) (in a new generation, the previous generation's
+    /// `upgrade()` then fails with this as the reason, [`Error::ChildFailed`]). Writes one
+    /// line to stderr when the [fd store](Options::fd_store) is on and nobody can hold
+    /// it.
     ///
     /// Call it early: the working directory and `argv` it sees are the ones the next
     /// generation gets.
@@ -132,6 +139,11 @@ impl Upgrader {
             inherited()?
         };
         let pid_file = options.pid_file.map(|p| program.cwd().join(p));
+        if let Some(path) = &pid_file {
+            // Now, before the application binds anything, rather than at ready().
+            crate::pidfile::check_dir(path)
+                .map_err(|e| pid_file_failed(inheritance.parent.as_ref(), path, e))?;
+        }
         let notify = Notifier::from_env();
         let fd_store = options.fd_store.unwrap_or_else(systemd::store_offered);
         if fd_store && notify.is_none() {
@@ -388,6 +400,10 @@ impl Upgrader {
         if !upgraded && !self.upgraded.load(Ordering::SeqCst) {
             self.fds
                 .unlink_socket_files(was_ready || self.parent.is_none());
+            // Only a generation that became ready wrote it; only one naming us goes.
+            if let Some(path) = self.pid_file.as_ref().filter(|_| was_ready) {
+                let _ = crate::pidfile::remove_if_names(path, std::process::id());
+            }
             if let Some(n) = self.notify.as_ref().filter(|_| was_ready) {
                 n.stopping();
             }
@@ -547,17 +563,9 @@ impl Upgrader {
     /// start, or a parent that died undecided).
     fn take_over(&self, alone: bool) -> Result<Adoption> {
         if let Some(path) = &self.pid_file {
-            if let Err(source) = crate::pidfile::write(path, std::process::id()) {
-                let err = Error::PidFile {
-                    path: path.clone(),
-                    source,
-                };
-                // The parent rolls back.
-                if let Some(parent) = &self.parent {
-                    parent.fail(&err.to_string());
-                }
-                return Err(err);
-            }
+            // The parent rolls back.
+            crate::pidfile::write(path, std::process::id())
+                .map_err(|e| pid_file_failed(self.parent.as_ref(), path, e))?;
         }
         if let Some(n) = self.notify.as_ref().filter(|_| alone) {
             n.ready_alone();
@@ -614,6 +622,19 @@ fn inherited() -> Result<Inheritance> {
         inheritance.fds = systemd::activated()?;
     }
     Ok(inheritance)
+}
+
+/// The pid file at `path` cannot be checked or written: the error, which the previous
+/// generation (if any) is also told as the reason this one gives up.
+fn pid_file_failed(parent: Option<&Parent>, path: &Path, source: io::Error) -> Error {
+    let err = Error::PidFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = parent {
+        parent.fail(&err.to_string());
+    }
+    err
 }
 
 /// A lock that survives a panic of another holder: every state guarded here stays
