@@ -378,10 +378,18 @@ impl Upgrader {
     /// (its child killed and reaped, its `upgrade()` returning [`Error::Stopped`]) before
     /// the exit notification fires and `stop` returns. A `ready()` waiting for the
     /// previous generation's commit returns [`Error::Stopped`] (the previous generation
-    /// then serves on). If no upgrade ever succeeded, the socket files of the Unix
-    /// sockets this process listened on are removed, except, in a new generation that
-    /// never became ready, those it inherited (the previous generation still serves on
-    /// them). Calling it again does nothing.
+    /// then serves on).
+    ///
+    /// When it returns, the registry's copies of the fds are closed, as with Go's
+    /// `Stop`: a pipe's write end passed to the next generation reaches EOF once that
+    /// generation and your own handles have closed it. The sockets you took from
+    /// [`fds`](Upgrader::fds) stay open. If no upgrade ever succeeded, the socket files
+    /// of the Unix sockets this process listened on are removed, except, in a new
+    /// generation that never became ready, those it inherited (the previous generation
+    /// still serves on them); and the [pid file](Options::pid_file) of a generation that
+    /// became ready is removed if it still names this process (one written by any other
+    /// process, a later generation among them, is left alone). Calling it again does
+    /// nothing.
     pub fn stop(&self) {
         let mut st = self.lock();
         if st.phase == Phase::Stopped {
@@ -408,6 +416,10 @@ impl Upgrader {
                 n.stopping();
             }
         }
+        // Go's Stop: nothing is passed on any more, and the registry's copies go now
+        // (a pipe's write end that the new generation took reaches EOF once it closes
+        // it too).
+        self.fds.close_copies();
         drop(st);
         self.exit.fire();
     }

@@ -477,7 +477,7 @@ pub fn fd_count() -> usize {
 // The scenario program: what every generation runs.
 // ---------------------------------------------------------------------------------------
 
-fn say(msg: impl AsRef<str>) {
+pub fn say(msg: impl AsRef<str>) {
     let line = format!("\n@@ {} {}\n", std::process::id(), msg.as_ref());
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(line.as_bytes());
