@@ -90,10 +90,14 @@
 //! 3. The old process keeps the new one on [probation](Options::probation) if asked,
 //!    then commits: it tells systemd the new main pid, and tells the new process, which
 //!    writes its pid file and confirms. The old process's `upgrade()` returns the new
-//!    pid, its [exit fd](Upgrader::exit_fd) becomes readable (just before), and it
-//!    drains and exits. If the new process exits, crashes or hangs instead (before the
-//!    commit, or during the probation), `upgrade()` returns the reason, the old process
-//!    keeps serving with everything as it was, and the next upgrade can be tried.
+//!    pid, its [exit fd](Upgrader::exit_fd) becomes readable (just before: the new pid
+//!    is in [`Upgrader::status`] by then, for code that ends the process when the exit
+//!    fd fires), and it drains, [stops](Upgrader::stop) and exits. If the new process
+//!    exits, crashes or hangs instead (before the commit, or during the probation),
+//!    `upgrade()` returns the reason, the old process keeps serving with everything as
+//!    it was, and the next upgrade can be tried. The [upgrade
+//!    timeout](Options::upgrade_timeout) is one budget for the new process: from its
+//!    start until it reports ready, and from the commit until it confirms.
 //!
 //! # Limitations
 //!

@@ -280,10 +280,20 @@ impl Upgrader {
     /// [`Options::probation`], until it has stayed alive for the window), commits, and
     /// returns its pid.
     ///
-    /// On success this generation should stop accepting, finish its work and exit: the
-    /// [exit notification](Upgrader::wait_for_exit) has fired (just before `upgrade`
-    /// returns, once the new generation has confirmed the commit) and the registry has
-    /// let go of the passed fds (its copies are closed when the `Upgrader` is dropped).
+    /// On success this generation should stop accepting, finish its work and exit. The
+    /// [exit notification](Upgrader::wait_for_exit) fires *before* `upgrade` returns
+    /// (once the new generation has confirmed the commit), so that this generation stops
+    /// accepting as soon as it can. Code that ends the process when the notification
+    /// fires (a `select!` on [`exit_handle`](Upgrader::exit_handle), a `main` that
+    /// returns after `wait_for_exit`) may therefore exit before the thread that called
+    /// `upgrade` has seen its result. The result is recorded before the notification
+    /// fires: a waiter that wakes on it finds [`upgraded`](Upgrader::upgraded) true and
+    /// the new pid in [`status`](Upgrader::status)`().last_upgrade` (see
+    /// [`wait_for_exit`](Upgrader::wait_for_exit)). The registry passes nothing on any
+    /// more; its copies of the fds are closed by [`stop`](Upgrader::stop) or the drop
+    /// (not on this path). The [upgrade timeout](Options::upgrade_timeout) says how
+    /// long it may take.
+    ///
     /// On failure nothing changed: this generation keeps its fds and keeps serving, it
     /// is systemd's main pid and its pid file names it, the child (if any) was reaped,
     /// and another upgrade may be tried. The error says what happened: [`Error::Exec`],
@@ -426,6 +436,23 @@ impl Upgrader {
 
     /// Blocks until this process should exit: an upgrade succeeded or [`stop`](Upgrader::stop)
     /// was called.
+    ///
+    /// After an upgrade it returns (as [`exit_fd`](Upgrader::exit_fd) and
+    /// [`exit_handle`](Upgrader::exit_handle) fire) *before* [`upgrade`](Upgrader::upgrade)
+    /// returns in the thread that called it, so a program that exits when it returns can
+    /// exit before that thread has logged the result. The result is recorded first; the
+    /// waiter reads it:
+    ///
+    /// ```no_run
+    /// # fn drain(upg: &tableflip::Upgrader) {
+    /// upg.wait_for_exit();
+    /// if upg.upgraded() {
+    ///     // Recorded before the notification fired: always there.
+    ///     let new_pid = upg.status().last_upgrade.and_then(|l| l.result.ok());
+    ///     eprintln!("upgraded to pid {new_pid:?}; draining");
+    /// }
+    /// # }
+    /// ```
     pub fn wait_for_exit(&self) {
         self.exit.wait();
     }
@@ -434,7 +461,10 @@ impl Upgrader {
     /// at the same moment [`wait_for_exit`](Upgrader::wait_for_exit) returns. Register it
     /// with `poll`, epoll, mio or tokio's `AsyncFd` next to your listeners. Do not read
     /// from it or change its flags. [`exit_handle`](Upgrader::exit_handle) gives an owned
-    /// one, for code that must not borrow the `Upgrader`.
+    /// one, for code that must not borrow the `Upgrader`. After an upgrade it fires before
+    /// [`upgrade`](Upgrader::upgrade) returns; the new pid is in
+    /// [`status`](Upgrader::status) by then (see
+    /// [`wait_for_exit`](Upgrader::wait_for_exit)).
     pub fn exit_fd(&self) -> BorrowedFd<'_> {
         self.exit.fd()
     }
@@ -461,6 +491,12 @@ impl Upgrader {
     /// needs no `unsafe`. It sets `O_NONBLOCK` on the shared description, which the
     /// crate's own waits do not mind: they only poll it. For mio, register
     /// `SourceFd(&handle.as_raw_fd())`.)
+    ///
+    /// After an upgrade the handle fires before [`upgrade`](Upgrader::upgrade) returns:
+    /// a task that shuts down on it may end the program before the thread running
+    /// `upgrade` logs the result. Keep an `Arc<Upgrader>` next to the handle and read
+    /// the new pid from [`status`](Upgrader::status), recorded before the handle fires
+    /// (see [`wait_for_exit`](Upgrader::wait_for_exit)).
     pub fn exit_handle(&self) -> Result<ExitHandle> {
         let fd = self.exit.fd();
         fd.try_clone_to_owned()

@@ -726,3 +726,31 @@ fn the_upgrade_timeout_is_one_budget_for_ready_and_confirmation() {
     signal(new, libc::SIGTERM);
     run.expect_all_exited();
 }
+
+/// After an upgrade the exit notification fires before `upgrade()` returns; a thread
+/// that waits on `exit_handle()` (as a tokio task would) learns the new pid from
+/// `status()`, recorded before it fired, even in a process that exits as soon as that
+/// thread is done (where the upgrading thread's own report may be lost). After `stop()`
+/// it learns that there was none.
+#[test]
+fn a_thread_waiting_on_the_exit_handle_learns_the_new_pid() {
+    let mut env = tcp_env();
+    env.push(("TF_EXIT_WAITER", "1".into()));
+    let mut run = Run::start("exit-waiter", &env);
+    let pid = run.expect("ready").pid;
+    signal(pid, libc::SIGHUP);
+    let waiter = run.expect_from("exit-waiter", pid);
+    let new = run.expect_not_from("ready", pid).pid;
+    assert_eq!(waiter.field("upgraded"), Some("true"), "{waiter:?}");
+    assert_eq!(
+        waiter.field("new_pid"),
+        Some(new.to_string().as_str()),
+        "{waiter:?}"
+    );
+    wait_gone_or_zombie_of_test(&mut run, pid);
+    signal(new, libc::SIGTERM);
+    let stopped = run.expect_from("exit-waiter", new);
+    assert_eq!(stopped.field("upgraded"), Some("false"), "{stopped:?}");
+    assert_eq!(stopped.field("new_pid"), Some("none"), "{stopped:?}");
+    run.expect_all_exited();
+}

@@ -542,7 +542,9 @@ fn ignored_signals() -> String {
 /// Environment: `TF_DIR` (scratch dir, also the initial working directory), `TF_TCP`
 /// (comma-separated addresses to listen on), `TF_UNIX` (a path), `TF_ABSTRACT` (a name),
 /// `TF_PIDFILE`, `TF_EXE`, `TF_TIMEOUT_MS`, `TF_FAILS` (run that many upgrades in a row
-/// right after ready and report fd counts).
+/// right after ready and report fd counts), `TF_FD_STORE` (`1`/`0`: `Options::fd_store`),
+/// `TF_EXIT_WAITER` (a thread on the exit handle reports what it learns, and the process
+/// exits when it is done).
 ///
 /// The file `$TF_DIR/next` holds space-separated words for the generation that reads it
 /// at start-up: `exit N` (exit before `Upgrader::new`), `abort` (die by SIGABRT),
@@ -633,6 +635,27 @@ pub fn scenario(name: &str) -> ! {
         }
     };
     say(format!("new has_parent={}", upg.has_parent()));
+    // `TF_EXIT_WAITER`: a thread that waits on the exit handle, as a tokio task would,
+    // and then reports what it can learn: whether it was an upgrade, and the new pid.
+    // The process then exits as soon as that thread is done, as a program whose `main`
+    // ends with that task would: the upgrade threads are not waited for.
+    let exit_waiter = env("TF_EXIT_WAITER").map(|_| {
+        let handle = upg.exit_handle().unwrap();
+        let u = Arc::clone(&upg);
+        std::thread::spawn(move || {
+            handle.wait();
+            let last = u.status().last_upgrade.map(|l| l.result);
+            say(format!(
+                "exit-waiter upgraded={} new_pid={}",
+                u.upgraded(),
+                match last {
+                    Some(Ok(pid)) => pid.to_string(),
+                    Some(Err(e)) => format!("error:{}", e.kind),
+                    None => "none".into(),
+                }
+            ));
+        })
+    });
     let inherited: Vec<String> = upg
         .fds()
         .inherited()
@@ -895,6 +918,11 @@ pub fn scenario(name: &str) -> ! {
         })
     });
     serve(&upg, &listeners);
+    if let Some(waiter) = exit_waiter {
+        let _ = waiter.join();
+        say("exit");
+        std::process::exit(0);
+    }
     // The control socket answers the request that ended this generation, then returns.
     if let Some(control) = control {
         let _ = control.join();
