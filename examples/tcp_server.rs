@@ -241,8 +241,11 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
 
     let mut options = Options::new()
         .upgrade_timeout(config.upgrade_timeout)
-        .probation(config.probation)
-        .fd_store(config.fd_store);
+        .probation(config.probation);
+    // Only when asked: otherwise the store follows `$FDSTORE` (systemd 254+, the keeper).
+    if config.fd_store {
+        options = options.fd_store(true);
+    }
     if let Some(path) = &config.pid_file {
         options = options.pid_file(path);
     }

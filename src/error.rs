@@ -128,13 +128,18 @@ pub enum Error {
         /// The bound, [`MAX_STATE_SIZE`](crate::MAX_STATE_SIZE).
         max: u64,
     },
-    /// The new generation did not become ready within the upgrade timeout; it was killed
-    /// and reaped.
+    /// The new generation ran out of the upgrade timeout
+    /// ([`Options::upgrade_timeout`](crate::Options::upgrade_timeout)): it was not ready
+    /// in time, or, after the commit, did not confirm in time that it had taken over.
+    /// It was killed and reaped; after the commit the upgrade was also rolled back (this
+    /// generation serves on, and systemd's main pid and the pid file name it again).
     Timeout {
         /// Its pid.
         pid: u32,
-        /// The timeout that ran out.
+        /// The upgrade timeout.
         timeout: Duration,
+        /// What it was waiting for when the time ran out.
+        waiting_for: WaitingFor,
     },
     /// The pid file could not be written.
     PidFile {
@@ -199,6 +204,18 @@ pub enum Error {
         /// The OS error.
         source: io::Error,
     },
+}
+
+/// What an upgrade was waiting for when its timeout ran out: see [`Error::Timeout`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WaitingFor {
+    /// The new generation's ready report: it had not called
+    /// [`Upgrader::ready`](crate::Upgrader::ready) in time. Nothing had been committed.
+    Ready,
+    /// The new generation's confirmation, after the commit, that it had taken over
+    /// (written its pid file). The commit was undone.
+    Confirmation,
 }
 
 impl Error {
@@ -314,9 +331,22 @@ impl Error {
                 f,
                 "state of {size} bytes is larger than the limit of {max} bytes"
             ),
-            Error::Timeout { pid, timeout } => write!(
+            Error::Timeout {
+                pid,
+                timeout,
+                waiting_for: WaitingFor::Ready,
+            } => write!(
                 f,
                 "new generation (pid {pid}) was not ready after {timeout:?}; it was killed"
+            ),
+            Error::Timeout {
+                pid,
+                timeout,
+                waiting_for: WaitingFor::Confirmation,
+            } => write!(
+                f,
+                "new generation (pid {pid}) did not confirm that it took over within the \
+                 upgrade timeout of {timeout:?}; it was killed and the upgrade rolled back"
             ),
             Error::PidFile { path, .. } => {
                 write!(f, "cannot write pid file {}", path.display())

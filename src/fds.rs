@@ -28,9 +28,12 @@ use crate::wire::{Extra, Key, VAR};
 /// register a socket you made yourself.
 ///
 /// The registry keeps its own copy (a `dup`) of every fd it hands out or is given, so
-/// dropping the std socket you got back does not stop it from being passed on. After
-/// a successful upgrade the registry lets go of its copies (they are closed with the
-/// registry).
+/// dropping the std socket you got back does not stop it from being passed on.
+/// [`Upgrader::stop`](crate::Upgrader::stop) (or dropping the `Upgrader`) closes those
+/// copies, as Go's `Stop` does: once it has returned, this process holds only the
+/// handles you took (a pipe's write end passed on reaches EOF when the new generation
+/// and your own handles have closed it). After a successful upgrade nothing is passed
+/// on any more either way.
 ///
 /// An inherited fd is checked before it is trusted (it is open, a socket of the declared
 /// type, family and address, listening or not as declared) and is close-on-exec again.
@@ -109,7 +112,8 @@ struct Registry {
     used: Vec<Used>,
     /// The inherited fds taken so far, for the adoption report.
     taken: Vec<InheritedFd>,
-    /// Let go of after a successful upgrade; closed on drop.
+    /// Let go of after a successful upgrade; closed by `close_copies` (`stop()`) or on
+    /// drop.
     retired: Vec<OwnedFd>,
 }
 
@@ -558,8 +562,9 @@ impl Fds {
     }
 
     /// Lets go of every fd: after a successful upgrade the new generation owns them.
-    /// They are closed when the registry is dropped (with the `Upgrader`, or at exit),
-    /// not now: closing thousands of fds would delay `upgrade()` for nothing.
+    /// They are closed by [`close_copies`](Fds::close_copies) (`stop()`, or the
+    /// `Upgrader`'s drop), not now: closing thousands of fds would delay `upgrade()` for
+    /// nothing.
     pub(crate) fn retire_all(&self) {
         let mut reg = self.lock();
         reg.used_keys.clear();
@@ -570,6 +575,15 @@ impl Fds {
                 .map(|u| u.fd)
                 .chain(inherited.into_iter().map(|i| i.fd)),
         );
+    }
+
+    /// Closes the registry's copies of every fd: those it would pass on, the inherited
+    /// ones nobody took, and those let go of after an upgrade. Called by `stop()`, after
+    /// which nothing is passed on; the handles the application took stay open.
+    pub(crate) fn close_copies(&self) {
+        self.retire_all();
+        let retired = std::mem::take(&mut self.lock().retired);
+        crate::batch::close_all(retired);
     }
 
     /// Removes the socket files of the Unix sockets in use. Called by `stop()` when no

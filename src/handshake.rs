@@ -15,15 +15,21 @@
 //!
 //! 1. The child gets ready (sockets taken, serving threads started) and sends `R`. It has
 //!    changed nothing outside its own process.
-//! 2. The parent, on `R` (at its deadline it looks once more before it kills), keeps the
-//!    child on probation if asked: both serve the shared sockets, and a child that dies
-//!    meanwhile is reaped and the upgrade fails with nothing to undo.
+//! 2. The parent, on `R`, keeps the child on probation if asked: both serve the shared
+//!    sockets, and a child that dies meanwhile is reaped and the upgrade fails with
+//!    nothing to undo.
 //! 3. The parent commits: it tells systemd `MAINPID=<child>` and `READY=1` (it is still
 //!    the main process, so the default `NotifyAccess=main` accepts it), then sends `C`.
 //! 4. The child, on `C`, writes its pid file and sends `D`; then it closes the inherited
 //!    fds nobody took (unlinking their socket files) and its `ready()` returns.
 //! 5. The parent, on `D`, has been upgraded. It keeps its end of the lifeline open until
 //!    it exits.
+//!
+//! The upgrade timeout is one budget for the child's part: it runs from the spawn to `R`
+//! and again from `C` to `D`, not during the probation or the commit's message to
+//! systemd in between. At the deadline the parent looks once more before it kills (a
+//! report that landed just then counts), but an `R` found with nothing left of the
+//! budget ends the upgrade before the commit: there would be no time left for `D`.
 //!
 //! A child that dies, gives up or falls silent before `D` is killed and reaped, and the
 //! parent undoes what the commit told the world (`MAINPID=` itself again, its own pid
@@ -36,7 +42,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::error::{clip, Error, Result};
+use crate::error::{clip, Error, Result, WaitingFor};
 use crate::os;
 use crate::process::Child;
 use crate::spawn::{PidVar, Program};
@@ -67,6 +73,39 @@ pub(crate) struct Handoff {
     lifeline: OwnedFd,
     /// When the child reported ready.
     ready_at: Option<Instant>,
+    /// The upgrade timeout, from the spawn.
+    budget: Budget,
+}
+
+/// The upgrade timeout, one budget for the child's part of the handshake: its clock runs
+/// from the spawn to `R`, stops, and runs again from `C` to `D`.
+#[derive(Debug)]
+struct Budget {
+    timeout: Duration,
+    /// When it runs out if the child takes all of it to report ready (`None`: never).
+    deadline: Option<Instant>,
+    /// What was left of it at `R` (`None`: no limit).
+    left: Option<Duration>,
+}
+
+impl Budget {
+    fn start(timeout: Duration) -> Budget {
+        Budget {
+            timeout,
+            deadline: os::deadline(Some(timeout)),
+            left: Some(timeout),
+        }
+    }
+
+    /// At `R`: the clock stops.
+    fn stop(&mut self) {
+        self.left = os::left(self.deadline);
+    }
+
+    /// At `C`: the clock runs again. When the budget runs out now.
+    fn resume(&self) -> Option<Instant> {
+        self.left.and_then(|left| Instant::now().checked_add(left))
+    }
 }
 
 /// What the child did while we waited.
@@ -91,12 +130,14 @@ enum Message {
 
 impl Handoff {
     /// Starts the next generation: makes the pipes, writes the fd table (the handshake
-    /// entries, the state if any, then `passed`) and spawns `exe`.
+    /// entries, the state if any, then `passed`) and spawns `exe`. The upgrade timeout,
+    /// `timeout`, starts to run at the spawn.
     pub(crate) fn start(
         program: &Program,
         exe: &Path,
         state: Option<BorrowedFd<'_>>,
         passed: &[(BorrowedFd<'_>, &Key, Extra)],
+        timeout: Duration,
     ) -> Result<Handoff> {
         let pipe = || os::pipe().map_err(|e| Error::io("pipe2", None, e));
         let (ready_rd, ready_wr) = pipe()?;
@@ -137,6 +178,7 @@ impl Handoff {
             value: &table,
             slot: wire::PID_OFFSET,
         };
+        let budget = Budget::start(timeout);
         let child = program.spawn(exe, &[], Some(table_var), &fds, &[])?;
         // The child's ends close here: only the child holds them now.
         Ok(Handoff {
@@ -145,6 +187,7 @@ impl Handoff {
             commit: commit_wr,
             lifeline: life_wr,
             ready_at: None,
+            budget,
         })
     }
 
@@ -153,30 +196,38 @@ impl Handoff {
         self.child.pid()
     }
 
-    /// Waits up to `timeout` for the child to report ready.
-    pub(crate) fn wait_ready(mut self, timeout: Duration, cancel: BorrowedFd<'_>) -> Result<Self> {
-        let deadline = os::deadline(Some(timeout));
+    /// Waits, until the upgrade timeout runs out, for the child to report ready.
+    pub(crate) fn wait_ready(mut self, cancel: BorrowedFd<'_>) -> Result<Self> {
+        let deadline = self.budget.deadline;
         match self.next_event(deadline, cancel)? {
+            // Found at the deadline: nothing is left to confirm with after the commit,
+            // so it ends here, with nothing to undo.
+            Event::Said(Message::Ready) if os::left(deadline) == Some(Duration::ZERO) => {
+                Err(self.timed_out(WaitingFor::Ready))
+            }
             Event::Said(Message::Ready) => {
                 self.ready_at = Some(Instant::now());
+                self.budget.stop();
                 Ok(self)
             }
             Event::Said(Message::Failed(reason)) => Err(self.gave_up(reason, deadline)),
             Event::Said(Message::Done | Message::Closed) | Event::Exited => {
                 let pid = self.pid();
+                let timeout = self.budget.timeout;
                 Err(match self.child.wait_until(deadline)? {
                     Ok(status) => Error::ChildExited { pid, status },
                     Err(child) => {
                         let _ = child.kill_and_reap();
-                        Error::Timeout { pid, timeout }
+                        Error::Timeout {
+                            pid,
+                            timeout,
+                            waiting_for: WaitingFor::Ready,
+                        }
                     }
                 })
             }
             Event::Cancelled => Err(self.kill(Error::Stopped)),
-            Event::Deadline => {
-                let pid = self.pid();
-                Err(self.kill(Error::Timeout { pid, timeout }))
-            }
+            Event::Deadline => Err(self.timed_out(WaitingFor::Ready)),
         }
     }
 
@@ -195,15 +246,17 @@ impl Handoff {
         }
     }
 
-    /// Commits: sends `C` and waits up to `timeout` for the child to confirm that it has
-    /// taken over. Returns its pid. On an error the child has been killed and reaped,
-    /// and the caller must undo what it told the world for the commit.
-    pub(crate) fn commit(self, timeout: Duration, cancel: BorrowedFd<'_>) -> Result<u32> {
+    /// Commits: sends `C` and waits, with what was left of the upgrade timeout when the
+    /// child reported ready, for it to confirm that it has taken over. Returns its pid.
+    /// On an error the child has been killed and reaped, and the caller must undo what
+    /// it told the world for the commit.
+    pub(crate) fn commit(self, cancel: BorrowedFd<'_>) -> Result<u32> {
+        // The probation and systemd's queue were not counted.
+        let deadline = self.budget.resume();
         if os::write_all(&self.commit, &[COMMIT]).is_err() {
             // EPIPE: the child is gone (or closed its end, which only dying does).
-            return Err(self.died(os::deadline(Some(timeout))));
+            return Err(self.died(deadline));
         }
-        let deadline = os::deadline(Some(timeout));
         match self.next_event(deadline, cancel)? {
             Event::Said(Message::Done) => {
                 let pid = self.pid();
@@ -216,11 +269,18 @@ impl Handoff {
             Event::Said(Message::Failed(reason)) => Err(self.gave_up(reason, deadline)),
             Event::Said(_) | Event::Exited => Err(self.died(deadline)),
             Event::Cancelled => Err(self.kill(Error::Stopped)),
-            Event::Deadline => {
-                let pid = self.pid();
-                Err(self.kill(Error::Timeout { pid, timeout }))
-            }
+            Event::Deadline => Err(self.timed_out(WaitingFor::Confirmation)),
         }
+    }
+
+    /// The upgrade timeout ran out waiting for `what`: kills and reaps the child.
+    fn timed_out(self, waiting_for: WaitingFor) -> Error {
+        let err = Error::Timeout {
+            pid: self.pid(),
+            timeout: self.budget.timeout,
+            waiting_for,
+        };
+        self.kill(err)
     }
 
     /// Gives up on the child: kills and reaps it, and returns `err`.

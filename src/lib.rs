@@ -90,10 +90,14 @@
 //! 3. The old process keeps the new one on [probation](Options::probation) if asked,
 //!    then commits: it tells systemd the new main pid, and tells the new process, which
 //!    writes its pid file and confirms. The old process's `upgrade()` returns the new
-//!    pid, its [exit fd](Upgrader::exit_fd) becomes readable (just before), and it
-//!    drains and exits. If the new process exits, crashes or hangs instead (before the
-//!    commit, or during the probation), `upgrade()` returns the reason, the old process
-//!    keeps serving with everything as it was, and the next upgrade can be tried.
+//!    pid, its [exit fd](Upgrader::exit_fd) becomes readable (just before: the new pid
+//!    is in [`Upgrader::status`] by then, for code that ends the process when the exit
+//!    fd fires), and it drains, [stops](Upgrader::stop) and exits. If the new process
+//!    exits, crashes or hangs instead (before the commit, or during the probation),
+//!    `upgrade()` returns the reason, the old process keeps serving with everything as
+//!    it was, and the next upgrade can be tried. The [upgrade
+//!    timeout](Options::upgrade_timeout) is one budget for the new process: from its
+//!    start until it reports ready, and from the commit until it confirms.
 //!
 //! # Limitations
 //!
@@ -133,8 +137,9 @@
 //!   activation (`$LISTEN_FDS`) are adopted on a first start. The commit waits up to
 //!   1 s for room in systemd's queue, and `upgrade()` returns only once systemd has
 //!   read it (at most 500 ms), so that the old process never exits before systemd knows
-//!   its successor; a notify socket that nobody reads slows each upgrade by that much. See the README for unit
-//!   files.
+//!   its successor; a notify socket that nobody reads slows each upgrade by that much
+//!   (on top of the upgrade timeout, which does not count these waits). See the README
+//!   for unit files.
 //! - **`SIGPIPE`** must stay ignored (as Rust programs start): the handshake writes to
 //!   pipes whose reader may have died.
 //! - **One table variable.** Linux caps one environment string at 128 KiB, which bounds
@@ -193,7 +198,7 @@ mod upgrader;
 mod wire;
 
 pub use adoption::{Adoption, InheritedFd};
-pub use error::{Error, Result};
+pub use error::{Error, Result, WaitingFor};
 #[cfg(unix)]
 pub use kinds::SeqpacketListener;
 pub use kinds::{Address, Group, Listen, Named};

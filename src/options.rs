@@ -40,7 +40,8 @@ pub struct Options {
     pub(crate) before_bind: Option<BeforeBind>,
     pub(crate) backlog: i32,
     pub(crate) upgrade_during_drain: bool,
-    pub(crate) fd_store: bool,
+    /// `None`: as `$FDSTORE` says.
+    pub(crate) fd_store: Option<bool>,
 }
 
 impl Default for Options {
@@ -53,7 +54,7 @@ impl Default for Options {
             before_bind: None,
             backlog: BACKLOG,
             upgrade_during_drain: false,
-            fd_store: false,
+            fd_store: None,
         }
     }
 }
@@ -80,8 +81,28 @@ impl Options {
         Self::default()
     }
 
-    /// How long a new generation may take to call [`Upgrader::ready`](crate::Upgrader::ready)
-    /// before it is killed and the upgrade fails. Default: 60 s.
+    /// How long a new generation may take to start and take over. Default: 60 s.
+    ///
+    /// It is one budget for the new generation's part of the handshake: it runs from
+    /// the spawn until the new generation reports ready
+    /// ([`Upgrader::ready`](crate::Upgrader::ready)), stops, and runs again from the
+    /// commit until the new generation confirms that it has taken over (it writes its
+    /// pid file, then confirms: normally a fraction of a millisecond). A new
+    /// generation that runs out of it is killed, and
+    /// [`upgrade`](crate::Upgrader::upgrade) fails with
+    /// [`Error::Timeout`](crate::Error::Timeout), which says which of the two it was
+    /// waiting for. One that reports ready with nothing of the budget left is not
+    /// committed to.
+    ///
+    /// Not counted, between the two: the [probation](Options::probation), and, under
+    /// systemd (`$NOTIFY_SOCKET`), the wait for room in systemd's queue for the commit's
+    /// message (at most 1 s; [`Error::Notify`](crate::Error::Notify) beyond). After the
+    /// confirmation `upgrade()` waits, at most 500 ms, until systemd has read that
+    /// message (a failed upgrade waits as long, at most, for systemd to read that this
+    /// generation is the main one again). So `upgrade()` returns at most the timeout
+    /// plus the probation plus 1.5 s after the spawn (without systemd: the timeout plus
+    /// the probation), give or take the moment it takes to kill and reap a new
+    /// generation that failed.
     pub fn upgrade_timeout(mut self, timeout: Duration) -> Self {
         self.upgrade_timeout = timeout;
         self
@@ -111,7 +132,10 @@ impl Options {
     /// to (atomically). A relative path is resolved against the working directory at
     /// [`Upgrader::new`](crate::Upgrader::new). Its directory must be one that only root
     /// and this process's user can write to (`/run/NAME`, `$XDG_RUNTIME_DIR`, not
-    /// `/tmp`): otherwise writing it fails with [`Error::PidFile`](crate::Error::PidFile).
+    /// `/tmp`): otherwise [`Upgrader::new`](crate::Upgrader::new) fails with
+    /// [`Error::PidFile`](crate::Error::PidFile), before anything is bound.
+    /// [`Upgrader::stop`](crate::Upgrader::stop) (or the drop) of the last generation
+    /// removes it, if it still names that process.
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.pid_file = Some(path.into());
         self
@@ -161,8 +185,20 @@ impl Options {
     /// outlive every generation: if the serving one dies (OOM killer, `kill -9`, a crash
     /// after the handoff), systemd restarts the service (`Restart=`) on the same sockets,
     /// and connections wait in their queues instead of being refused. Needs
-    /// `FileDescriptorStoreMax=` in the unit (and `$NOTIFY_SOCKET`). On by default when
-    /// systemd sets `$FDSTORE` (systemd 254 and later); off otherwise.
+    /// `FileDescriptorStoreMax=` in the unit (and `$NOTIFY_SOCKET`).
+    ///
+    /// Unless this is called, the store is on when systemd sets `$FDSTORE` to a number
+    /// above zero (systemd 254 and later, from `FileDescriptorStoreMax=`; the
+    /// [keeper](crate::Keeper) sets it too) and off otherwise. `fd_store(true)` turns it
+    /// on, `fd_store(false)` off, whatever `$FDSTORE` says. (A command-line flag that
+    /// asks for the store should call `fd_store(true)` when it is given, and nothing
+    /// when it is not.)
+    ///
+    /// A store that is on while `$NOTIFY_SOCKET` is not set (nobody could hold the
+    /// sockets) makes [`Upgrader::new`](crate::Upgrader::new) write one line to stderr,
+    /// `tableflip: ...`, saying so and why the store is on; it does nothing else. systemd
+    /// 253 and older set no `$FDSTORE`, and a unit without `FileDescriptorStoreMax=`
+    /// drops what it is sent: that cannot be seen from here.
     ///
     /// Each generation, once it has taken over, sends its sockets with `FDSTORE=1` under
     /// a name that encodes its registry key (`FDNAME=tableflip.tcp,[::1]%3A80`), and takes
@@ -171,7 +207,7 @@ impl Options {
     /// sockets of a socket unit. A key whose name would be over systemd's 255 bytes (a
     /// Unix path of some 240 bytes) is not stored.
     pub fn fd_store(mut self, keep: bool) -> Self {
-        self.fd_store = keep;
+        self.fd_store = Some(keep);
         self
     }
 

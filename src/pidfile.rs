@@ -6,6 +6,8 @@
 //! name it is written under, before this process does: a lie, or a start that fails.
 //! So the directory must be one that only root and this process's user can write to
 //! ([`check_dir`]), and every name is used relative to that directory, opened once.
+//! The last generation removes the file when it stops, if it still names it
+//! ([`remove_if_names`]).
 
 use std::ffi::OsStr;
 use std::io::{self, Write};
@@ -70,9 +72,61 @@ pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
 /// [`others_can_write`](crate::safe_dir::others_can_write)) can write to it. Otherwise
 /// another user could take the pid file's name, or its temporary name, first. The error
 /// is the OS error (`ENOENT`, `ENOTDIR`, ...), or says why the directory is not safe.
-#[allow(dead_code)] // Also for `Upgrader::new`, to report a bad directory before binding.
 pub(crate) fn check_dir(path: &Path) -> io::Result<()> {
     open_dir(path).map(drop)
+}
+
+/// Removes the pid file at `path` if, and only if, it names `pid`; returns whether it
+/// did. A file that names another process (a later generation, another instance of the
+/// service) is never removed, even one renamed over `path` while this runs: the file is
+/// first renamed to a temporary name of this process's own and read again there, and
+/// one that turns out to name another process goes back (with `link`, so that a newer
+/// file written meanwhile is not overwritten). Only in that race is the path missing,
+/// for the moment between the two renames. A temporary name left by a kill in between
+/// is removed by the next writer ([`remove_stale`]).
+pub(crate) fn remove_if_names(path: &Path, pid: u32) -> io::Result<bool> {
+    let (dir, name) = open_dir(path)?;
+    let dirfd = dir.fd()?;
+    if !names(dirfd, name, pid)? {
+        return Ok(false);
+    }
+    let claimed = temp_name(name, std::process::id(), random()?);
+    match rustix::fs::renameat(dirfd, name, dirfd, claimed.as_slice()) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::NOENT) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    }
+    let ours = matches!(names(dirfd, OsStr::from_bytes(&claimed), pid), Ok(true));
+    if !ours {
+        // Swapped in since we looked: put it back, unless a newer one is there already.
+        let _ = rustix::fs::linkat(dirfd, claimed.as_slice(), dirfd, name, AtFlags::empty());
+    }
+    rustix::fs::unlinkat(dirfd, claimed.as_slice(), AtFlags::empty())?;
+    Ok(ours)
+}
+
+/// Whether `name` in `dirfd` is a regular file that holds `pid` (and a newline), as
+/// [`write`] writes it. Never follows a symlink, never blocks on a FIFO.
+fn names(dirfd: BorrowedFd<'_>, name: &OsStr, pid: u32) -> io::Result<bool> {
+    let fd = match rustix::fs::openat(
+        dirfd,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        // A symlink: ELOOP, or EMLINK on FreeBSD. Not a file this crate wrote.
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::LOOP | rustix::io::Errno::MLINK) => {
+            return Ok(false)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if FileType::from_raw_mode(rustix::fs::fstat(&fd)?.st_mode) != FileType::RegularFile {
+        return Ok(false);
+    }
+    let mut buf = [0u8; 24];
+    let n = crate::os::read(&fd, &mut buf)?;
+    Ok(buf[..n] == *format!("{pid}\n").as_bytes())
 }
 
 /// The pid file's directory, opened and checked, and the file's name in it.

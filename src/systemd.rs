@@ -188,7 +188,11 @@ impl Notifier {
         }
     }
 
-    /// An upgrade failed: this generation is (again) the main one, and serves.
+    /// An upgrade failed: this generation is (again) the main one, and serves. Waits, as
+    /// the commit does and at most [`COMMIT_READ_WAIT`], until systemd has read it: after
+    /// a failure past the commit systemd's main pid is the killed new generation until
+    /// then, and an `ExecReload=` that exits on the failure could make systemd 252 look
+    /// at that pid first (see [`wait_commit_read`](Notifier::wait_commit_read)).
     pub(crate) fn upgrade_failed(&self, why: &Error) {
         self.status_set.store(true, Ordering::SeqCst);
         self.tell(&format!(
@@ -196,6 +200,7 @@ impl Notifier {
             std::process::id(),
             status_text("upgrade failed", why)
         ));
+        self.wait_read(COMMIT_READ_WAIT);
     }
 
     /// An upgrade was refused before it started: answer a reload that systemd may be
@@ -311,6 +316,31 @@ pub(crate) fn store_offered() -> bool {
         .ok()
         .and_then(|v| v.parse::<u32>().ok())
         .is_some_and(|n| n > 0)
+}
+
+/// The fd store is on and nobody can hold the sockets (no usable `$NOTIFY_SOCKET`):
+/// says so on stderr, once per process, naming what turned it on (`explicit`:
+/// `Options::fd_store(true)`; otherwise `$FDSTORE`).
+pub(crate) fn warn_store_unheld(explicit: bool) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if WARNED.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let why = if explicit {
+        "Options::fd_store(true) asks for systemd's fd store".to_string()
+    } else {
+        let n = std::env::var("FDSTORE").unwrap_or_default();
+        format!("$FDSTORE={n} asks for systemd's fd store")
+    };
+    let missing = match std::env::var_os("NOTIFY_SOCKET") {
+        None => "$NOTIFY_SOCKET is not set".to_string(),
+        Some(v) => format!("$NOTIFY_SOCKET={} cannot be used", v.to_string_lossy()),
+    };
+    let line = format!(
+        "tableflip: {why}, but {missing}: no systemd (or keeper) to hold the sockets, \
+         which are not kept\n"
+    );
+    let _ = io::Write::write_all(&mut io::stderr().lock(), line.as_bytes());
 }
 
 /// `RELOADING=1` with the `MONOTONIC_USEC=` that systemd 253+ expects next to it.

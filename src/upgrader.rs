@@ -9,7 +9,7 @@
 use std::fmt;
 use std::io;
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -113,7 +113,14 @@ impl Upgrader {
     /// Fails with [`Error::AlreadyCreated`] while another `Upgrader` is alive, and with
     /// [`Error::FdTable`] when the inherited fd table is malformed or names an fd that is
     /// not open or was not inherited. A table addressed to another process (one this
-    /// process merely inherited) is ignored: this is then a fresh start.
+    /// process merely inherited) is ignored: this is then a fresh start. Fails with
+    /// [`Error::PidFile`] when the [pid file](Options::pid_file)'s directory does not
+    /// exist, or other users can write to it: now, before the application binds or
+    /// serves anything, rather than at
+    /// [`ready`](Upgrader::ready) (in a new generation, the previous generation's
+    /// `upgrade()` then fails with this as the reason, [`Error::ChildFailed`]). Writes one
+    /// line to stderr when the [fd store](Options::fd_store) is on and nobody can hold
+    /// it.
     ///
     /// Call it early: the working directory and `argv` it sees are the ones the next
     /// generation gets.
@@ -131,8 +138,18 @@ impl Upgrader {
         } else {
             inherited()?
         };
-        let exit = ExitSignal::new()?;
         let pid_file = options.pid_file.map(|p| program.cwd().join(p));
+        if let Some(path) = &pid_file {
+            // Now, before the application binds anything, rather than at ready().
+            crate::pidfile::check_dir(path)
+                .map_err(|e| pid_file_failed(inheritance.parent.as_ref(), path, e))?;
+        }
+        let notify = Notifier::from_env();
+        let fd_store = options.fd_store.unwrap_or_else(systemd::store_offered);
+        if fd_store && notify.is_none() {
+            systemd::warn_store_unheld(options.fd_store.is_some());
+        }
+        let exit = ExitSignal::new()?;
         guard.0 = true;
         Ok(Upgrader {
             fds: Fds::new(inheritance.fds, options.before_bind, options.backlog),
@@ -141,9 +158,9 @@ impl Upgrader {
             probation: options.probation,
             pid_file,
             upgrade_during_drain: options.upgrade_during_drain,
-            fd_store: options.fd_store || systemd::store_offered(),
+            fd_store,
             parent: inheritance.parent,
-            notify: Notifier::from_env(),
+            notify,
             state: Mutex::new(State {
                 phase: Phase::Starting,
                 busy: false,
@@ -263,10 +280,20 @@ impl Upgrader {
     /// [`Options::probation`], until it has stayed alive for the window), commits, and
     /// returns its pid.
     ///
-    /// On success this generation should stop accepting, finish its work and exit: the
-    /// [exit notification](Upgrader::wait_for_exit) has fired (just before `upgrade`
-    /// returns, once the new generation has confirmed the commit) and the registry has
-    /// let go of the passed fds (its copies are closed when the `Upgrader` is dropped).
+    /// On success this generation should stop accepting, finish its work and exit. The
+    /// [exit notification](Upgrader::wait_for_exit) fires *before* `upgrade` returns
+    /// (once the new generation has confirmed the commit), so that this generation stops
+    /// accepting as soon as it can. Code that ends the process when the notification
+    /// fires (a `select!` on [`exit_handle`](Upgrader::exit_handle), a `main` that
+    /// returns after `wait_for_exit`) may therefore exit before the thread that called
+    /// `upgrade` has seen its result. The result is recorded before the notification
+    /// fires: a waiter that wakes on it finds [`upgraded`](Upgrader::upgraded) true and
+    /// the new pid in [`status`](Upgrader::status)`().last_upgrade` (see
+    /// [`wait_for_exit`](Upgrader::wait_for_exit)). The registry passes nothing on any
+    /// more; its copies of the fds are closed by [`stop`](Upgrader::stop) or the drop
+    /// (not on this path). The [upgrade timeout](Options::upgrade_timeout) says how
+    /// long it may take.
+    ///
     /// On failure nothing changed: this generation keeps its fds and keeps serving, it
     /// is systemd's main pid and its pid file names it, the child (if any) was reaped,
     /// and another upgrade may be tried. The error says what happened: [`Error::Exec`],
@@ -327,6 +354,7 @@ impl Upgrader {
                 &exe,
                 state.as_ref().map(|s| s.as_fd()),
                 passed,
+                self.timeout,
             )
         })?;
         // Under a keeper: the child is named before it can claim the service.
@@ -334,7 +362,7 @@ impl Upgrader {
             n.announce(handoff.pid());
         }
         let handoff = handoff
-            .wait_ready(self.timeout, cancel)?
+            .wait_ready(cancel)?
             .probation(self.probation, cancel)?;
         // The commit: systemd hears it from this process, still its main one.
         if let Some(n) = &self.notify {
@@ -342,7 +370,7 @@ impl Upgrader {
                 return Err(handoff.kill(e));
             }
         }
-        let pid = handoff.commit(self.timeout, cancel).map_err(|e| {
+        let pid = handoff.commit(cancel).map_err(|e| {
             // The child may have written its pid into the pid file before it died.
             if let Some(path) = &self.pid_file {
                 let _ = crate::pidfile::write(path, std::process::id());
@@ -360,10 +388,18 @@ impl Upgrader {
     /// (its child killed and reaped, its `upgrade()` returning [`Error::Stopped`]) before
     /// the exit notification fires and `stop` returns. A `ready()` waiting for the
     /// previous generation's commit returns [`Error::Stopped`] (the previous generation
-    /// then serves on). If no upgrade ever succeeded, the socket files of the Unix
-    /// sockets this process listened on are removed, except, in a new generation that
-    /// never became ready, those it inherited (the previous generation still serves on
-    /// them). Calling it again does nothing.
+    /// then serves on).
+    ///
+    /// When it returns, the registry's copies of the fds are closed, as with Go's
+    /// `Stop`: a pipe's write end passed to the next generation reaches EOF once that
+    /// generation and your own handles have closed it. The sockets you took from
+    /// [`fds`](Upgrader::fds) stay open. If no upgrade ever succeeded, the socket files
+    /// of the Unix sockets this process listened on are removed, except, in a new
+    /// generation that never became ready, those it inherited (the previous generation
+    /// still serves on them); and the [pid file](Options::pid_file) of a generation that
+    /// became ready is removed if it still names this process (one written by any other
+    /// process, a later generation among them, is left alone). Calling it again does
+    /// nothing.
     pub fn stop(&self) {
         let mut st = self.lock();
         if st.phase == Phase::Stopped {
@@ -382,16 +418,41 @@ impl Upgrader {
         if !upgraded && !self.upgraded.load(Ordering::SeqCst) {
             self.fds
                 .unlink_socket_files(was_ready || self.parent.is_none());
+            // Only a generation that became ready wrote it; only one naming us goes.
+            if let Some(path) = self.pid_file.as_ref().filter(|_| was_ready) {
+                let _ = crate::pidfile::remove_if_names(path, std::process::id());
+            }
             if let Some(n) = self.notify.as_ref().filter(|_| was_ready) {
                 n.stopping();
             }
         }
+        // Go's Stop: nothing is passed on any more, and the registry's copies go now
+        // (a pipe's write end that the new generation took reaches EOF once it closes
+        // it too).
+        self.fds.close_copies();
         drop(st);
         self.exit.fire();
     }
 
     /// Blocks until this process should exit: an upgrade succeeded or [`stop`](Upgrader::stop)
     /// was called.
+    ///
+    /// After an upgrade it returns (as [`exit_fd`](Upgrader::exit_fd) and
+    /// [`exit_handle`](Upgrader::exit_handle) fire) *before* [`upgrade`](Upgrader::upgrade)
+    /// returns in the thread that called it, so a program that exits when it returns can
+    /// exit before that thread has logged the result. The result is recorded first; the
+    /// waiter reads it:
+    ///
+    /// ```no_run
+    /// # fn drain(upg: &tableflip::Upgrader) {
+    /// upg.wait_for_exit();
+    /// if upg.upgraded() {
+    ///     // Recorded before the notification fired: always there.
+    ///     let new_pid = upg.status().last_upgrade.and_then(|l| l.result.ok());
+    ///     eprintln!("upgraded to pid {new_pid:?}; draining");
+    /// }
+    /// # }
+    /// ```
     pub fn wait_for_exit(&self) {
         self.exit.wait();
     }
@@ -400,7 +461,10 @@ impl Upgrader {
     /// at the same moment [`wait_for_exit`](Upgrader::wait_for_exit) returns. Register it
     /// with `poll`, epoll, mio or tokio's `AsyncFd` next to your listeners. Do not read
     /// from it or change its flags. [`exit_handle`](Upgrader::exit_handle) gives an owned
-    /// one, for code that must not borrow the `Upgrader`.
+    /// one, for code that must not borrow the `Upgrader`. After an upgrade it fires before
+    /// [`upgrade`](Upgrader::upgrade) returns; the new pid is in
+    /// [`status`](Upgrader::status) by then (see
+    /// [`wait_for_exit`](Upgrader::wait_for_exit)).
     pub fn exit_fd(&self) -> BorrowedFd<'_> {
         self.exit.fd()
     }
@@ -427,6 +491,12 @@ impl Upgrader {
     /// needs no `unsafe`. It sets `O_NONBLOCK` on the shared description, which the
     /// crate's own waits do not mind: they only poll it. For mio, register
     /// `SourceFd(&handle.as_raw_fd())`.)
+    ///
+    /// After an upgrade the handle fires before [`upgrade`](Upgrader::upgrade) returns:
+    /// a task that shuts down on it may end the program before the thread running
+    /// `upgrade` logs the result. Keep an `Arc<Upgrader>` next to the handle and read
+    /// the new pid from [`status`](Upgrader::status), recorded before the handle fires
+    /// (see [`wait_for_exit`](Upgrader::wait_for_exit)).
     pub fn exit_handle(&self) -> Result<ExitHandle> {
         let fd = self.exit.fd();
         fd.try_clone_to_owned()
@@ -541,17 +611,9 @@ impl Upgrader {
     /// start, or a parent that died undecided).
     fn take_over(&self, alone: bool) -> Result<Adoption> {
         if let Some(path) = &self.pid_file {
-            if let Err(source) = crate::pidfile::write(path, std::process::id()) {
-                let err = Error::PidFile {
-                    path: path.clone(),
-                    source,
-                };
-                // The parent rolls back.
-                if let Some(parent) = &self.parent {
-                    parent.fail(&err.to_string());
-                }
-                return Err(err);
-            }
+            // The parent rolls back.
+            crate::pidfile::write(path, std::process::id())
+                .map_err(|e| pid_file_failed(self.parent.as_ref(), path, e))?;
         }
         if let Some(n) = self.notify.as_ref().filter(|_| alone) {
             n.ready_alone();
@@ -608,6 +670,19 @@ fn inherited() -> Result<Inheritance> {
         inheritance.fds = systemd::activated()?;
     }
     Ok(inheritance)
+}
+
+/// The pid file at `path` cannot be checked or written: the error, which the previous
+/// generation (if any) is also told as the reason this one gives up.
+fn pid_file_failed(parent: Option<&Parent>, path: &Path, source: io::Error) -> Error {
+    let err = Error::PidFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = parent {
+        parent.fail(&err.to_string());
+    }
+    err
 }
 
 /// A lock that survives a panic of another holder: every state guarded here stays

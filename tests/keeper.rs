@@ -67,7 +67,15 @@ mod suite {
                 .spawn()
                 .unwrap();
             let pid = unshare.id();
-            let keeper = wait_for("the keeper to start", || children(pid).first().copied());
+            let mut unshare = unshare;
+            let keeper = wait_for("the keeper to start", || {
+                // An unshare that ended has said why in the log.
+                if let Ok(Some(status)) = unshare.try_wait() {
+                    let said = std::fs::read_to_string(&log).unwrap_or_default();
+                    panic!("unshare ended before the keeper started ({status}):\n{said}");
+                }
+                children(pid).first().copied()
+            });
             let c = Contained {
                 unshare,
                 keeper,

@@ -5,16 +5,22 @@
 
 mod util;
 
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
 
-use util::{signal, Run};
+use tableflip::{Options, Upgrader};
+use util::{say, signal, Run};
 
 #[test]
 #[ignore = "entry point of the processes the other tests start"]
 fn scenario_entry() {
-    if let Ok(name) = std::env::var("TF_SCENARIO") {
-        util::scenario(&name);
+    match std::env::var("TF_SCENARIO").as_deref() {
+        Ok("go-upgrader-on-os") => go_generation(),
+        Ok(name) => util::scenario(name),
+        Err(_) => {}
     }
 }
 
@@ -199,4 +205,123 @@ fn a_vanished_working_directory_is_named_in_the_error() {
     signal(pid, libc::SIGTERM);
     run.expect_all_exited();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The names of Go's test pipes.
+const NAMES: [&str; 2] = ["zaphod", "beeblebrox"];
+
+/// Go tableflip's `TestUpgraderOnOS` (and its `TestMain`), translated: the first
+/// generation passes the write ends of three pipes, upgrades, calls `stop()` and reads
+/// them; the new generation writes its pid and the names and exits.
+#[test]
+fn go_upgrader_on_os() {
+    let mut run = Run::start("go-upgrader-on-os", &[]);
+    let early = run.expect("upgrade-before-ready");
+    assert_eq!(early.field("ok"), Some("false"), "{early:?}");
+    let child = run.expect("child-ready").pid;
+    let got = run.expect("read");
+    assert_eq!(got.field("upgraded"), Some(child.to_string().as_str()));
+    assert_eq!(
+        got.field("pid"),
+        Some(child.to_string().as_str()),
+        "{got:?}"
+    );
+    assert_ne!(
+        child,
+        run.first_pid(),
+        "the child did not run in a new process"
+    );
+    for name in NAMES {
+        assert_eq!(
+            got.field(name),
+            Some(format!("{name}+eof").as_str()),
+            "{name}: no EOF after stop(): {got:?}"
+        );
+    }
+    run.expect_all_exited();
+}
+
+/// Both generations of [`go_upgrader_on_os`].
+fn go_generation() -> ! {
+    // Watchdog: never outlive a minute.
+    // SAFETY: alarm(2) only arms a timer.
+    unsafe { libc::alarm(60) };
+    let upg = Upgrader::new(Options::new()).unwrap();
+    if upg.has_parent() {
+        // Go's TestMain in the child: write the pid, write the names (left open until
+        // this process exits), ready.
+        if let Some(fd) = upg.fds().take_named::<OwnedFd>("pid").unwrap() {
+            let pid = u64::from(std::process::id());
+            std::fs::File::from(fd)
+                .write_all(&pid.to_le_bytes())
+                .unwrap();
+        }
+        let mut open = Vec::new();
+        for name in NAMES {
+            if let Some(fd) = upg.fds().take_named::<OwnedFd>(name).unwrap() {
+                let mut file = std::fs::File::from(fd);
+                file.write_all(name.as_bytes()).unwrap();
+                open.push(file);
+            }
+        }
+        upg.ready().unwrap();
+        say("child-ready");
+        std::process::exit(0);
+    }
+    let pipe = || rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+    let (r_pid, w_pid) = pipe();
+    upg.fds().add_named("pid", &w_pid).unwrap();
+    drop(w_pid);
+    let mut readers = Vec::new();
+    for name in NAMES {
+        let (r, w) = pipe();
+        upg.fds().add_named(name, &w).unwrap();
+        drop(w);
+        readers.push(r);
+    }
+    say(format!("upgrade-before-ready ok={}", upg.upgrade().is_ok()));
+    upg.ready().unwrap();
+    let child = upg.upgrade().unwrap();
+    // Go: "Close copies of write pipes, so that reads below return EOF."
+    upg.stop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (pid, _) = read_until(&r_pid, 8, deadline);
+    let pid = <[u8; 8]>::try_from(pid.as_slice()).map_or(0, u64::from_le_bytes);
+    let mut line = format!("read upgraded={child} pid={pid}");
+    for (name, r) in NAMES.iter().zip(&readers) {
+        let (bytes, eof) = read_until(r, usize::MAX, deadline);
+        let eof = if eof { "+eof" } else { "+no-eof" };
+        line.push_str(&format!(" {name}={}{eof}", String::from_utf8_lossy(&bytes)));
+    }
+    say(line);
+    std::process::exit(0);
+}
+
+/// Reads `fd` until `max` bytes, EOF (`true`) or `deadline`.
+fn read_until(fd: &OwnedFd, max: usize, deadline: Instant) -> (Vec<u8>, bool) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut out = Vec::new();
+    while out.len() < max {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return (out, false);
+        }
+        let timeout = Timespec {
+            tv_sec: left.as_secs() as _,
+            tv_nsec: left.subsec_nanos() as _,
+        };
+        let mut pfd = [PollFd::new(fd, PollFlags::IN)];
+        if poll(&mut pfd, Some(&timeout)).unwrap_or(0) == 0 {
+            continue;
+        }
+        let mut buf = [0u8; 64];
+        let want = buf.len().min(max - out.len());
+        match rustix::io::read(fd.as_fd(), &mut buf[..want]) {
+            Ok(0) => return (out, true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return (out, false),
+        }
+    }
+    (out, false)
 }

@@ -37,7 +37,7 @@ mod suite {
         Run::start(tag, &[("TF_PIDFILE", pid_file)])
     }
 
-    /// Its pid file is written: it names it, and the run is stopped.
+    /// Its pid file is written: it names it, and the run is stopped (which removes it).
     #[track_caller]
     fn written(mut run: Run, dir: &Path) {
         let pid = run.expect("ready").pid;
@@ -47,11 +47,12 @@ mod suite {
         run.expect_all_exited();
     }
 
-    /// Its pid file is refused for the directory `dir`: the message names the directory
-    /// and `why`, and nothing was created there.
+    /// Its pid file is refused for the directory `dir`, by `Upgrader::new` (before
+    /// anything is bound): the message names the directory and `why`, and nothing was
+    /// created there.
     #[track_caller]
     fn refused(mut run: Run, dir: &Path, why: &str) {
-        let err = run.expect("ready-error");
+        let err = run.expect("new-error");
         assert_eq!(err.field("kind"), Some("PidFile"), "{err:?}");
         let msg = err.rest.replace('_', " ");
         let named = format!("the directory {} is not safe for a pid file", dir.display());
@@ -152,7 +153,7 @@ mod suite {
 
         written(writer("pid-stale", &dir), &dir);
         let mut want: Vec<String> = kept.to_vec();
-        want.extend([link, subdir, "app.pid".into(), "victim".into()]);
+        want.extend([link, subdir, "victim".into()]);
         want.sort();
         assert_eq!(listing(&dir), want);
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
@@ -170,7 +171,7 @@ mod suite {
         let ours = temp(dead, "fedcba9876543210");
         std::fs::write(dir.join(&ours), "4242").unwrap();
         written(writer("pid-stale-other", &dir), &dir);
-        assert_eq!(listing(&dir), [theirs.as_str(), "app.pid"]);
+        assert_eq!(listing(&dir), [theirs.as_str()]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -471,3 +471,92 @@ fn sockets_from_the_fd_store_are_found_under_their_keys() {
     signal(ready.pid, libc::SIGTERM);
     run.expect_all_exited();
 }
+
+/// `fd_store(false)` turns off the store that systemd offers (`$FDSTORE`); without a call
+/// the store follows `$FDSTORE`.
+#[test]
+fn fd_store_false_turns_off_the_store_systemd_offers() {
+    for (refuse, stores) in [(true, false), (false, true)] {
+        let dir = util::scratch_dir("fdstore-off");
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        let mut env = vec![
+            ("TF_TCP", "127.0.0.1:0".to_string()),
+            ("FDSTORE", "16".into()),
+            ("NOTIFY_SOCKET", path.display().to_string()),
+        ];
+        if refuse {
+            env.push(("TF_FD_STORE", "0".into()));
+        }
+        let mut run = Run::start("fdstore-off", &env);
+        let ready = run.expect("ready");
+        // The store is filled before ready() returns.
+        let heard = drain(&sock, Duration::from_millis(300));
+        assert!(
+            heard.iter().any(|m| m.contains("READY=1")),
+            "refuse={refuse}: {heard:?}"
+        );
+        assert_eq!(
+            heard.iter().any(|m| m.starts_with("FDSTORE=1")),
+            stores,
+            "refuse={refuse}: {heard:?}"
+        );
+        signal(ready.pid, libc::SIGTERM);
+        run.expect_all_exited();
+        drop(run);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// A store that is on with no `$NOTIFY_SOCKET` (nobody to hold the sockets) is named on
+/// stderr, once, with why it is on; with `$NOTIFY_SOCKET` nothing is written.
+#[test]
+fn a_store_nobody_can_hold_is_named_on_stderr() {
+    // ($TF_FD_STORE, $FDSTORE, whether $NOTIFY_SOCKET is set, what the line names)
+    let cases = [
+        (Some("1"), None, false, Some("Options::fd_store(true)")),
+        (None, Some("16"), false, Some("$FDSTORE=16")),
+        (Some("1"), None, true, None),
+    ];
+    for case @ (ask, offer, has_notify, warns) in cases {
+        let dir = util::scratch_dir("fdstore-warn");
+        let notify = dir.join("notify.sock");
+        let _sock = UnixDatagram::bind(&notify).unwrap();
+        let stderr_path = dir.join("stderr");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut env = vec![("TF_TCP", "127.0.0.1:0".to_string())];
+        if let Some(v) = ask {
+            env.push(("TF_FD_STORE", v.into()));
+        }
+        if let Some(v) = offer {
+            env.push(("FDSTORE", v.into()));
+        }
+        if has_notify {
+            env.push(("NOTIFY_SOCKET", notify.display().to_string()));
+        }
+        let mut run = Run::start_with("fdstore-warn", &env, None, |cmd| {
+            cmd.stderr(stderr);
+            if !has_notify {
+                cmd.env_remove("NOTIFY_SOCKET");
+            }
+        });
+        let ready = run.expect("ready");
+        signal(ready.pid, libc::SIGTERM);
+        run.expect_all_exited();
+        drop(run);
+        let text = std::fs::read_to_string(&stderr_path).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("tableflip:"))
+            .collect();
+        match warns {
+            Some(why) => {
+                assert_eq!(lines.len(), 1, "{case:?}: {text:?}");
+                assert!(lines[0].contains(why), "{case:?}: {lines:?}");
+                assert!(lines[0].contains("$NOTIFY_SOCKET is not set"), "{lines:?}");
+            }
+            None => assert!(lines.is_empty(), "{case:?}: {lines:?}"),
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

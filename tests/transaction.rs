@@ -236,9 +236,11 @@ fn stop_during_probation_kills_the_new_generation_and_changes_nothing() {
     let err = run.expect_upgrade_result(pid1).unwrap_err();
     assert!(err.rest.contains("kind=Stopped"), "{err:?}");
     wait_gone(pid2);
-    assert_eq!(pid_file(&run.path("app.pid")), Some(pid1));
     assert_eq!(notify.main_pid_settled(Some(pid1)), Some(pid1));
     run.expect_all_exited();
+    // The stopped generation removed its own pid file; one the new generation had
+    // written (naming pid2) would have been left.
+    assert_eq!(pid_file(&run.path("app.pid")), None);
 }
 
 #[test]

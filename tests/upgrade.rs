@@ -579,3 +579,178 @@ fn a_child_dropping_its_upgrader_before_ready_changes_nothing() {
     assert!(!sock.exists());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A pid file in a directory that does not exist is refused by `Upgrader::new`, before
+/// anything is bound, naming the path; in a new generation (the directory removed since
+/// the first start) the old generation's upgrade fails with that reason, before any
+/// commit.
+#[test]
+fn the_pid_files_directory_is_checked_before_anything_is_bound() {
+    let dir = util::scratch_dir("piddir");
+    let missing = dir.join("missing").join("app.pid");
+    let mut run = Run::start(
+        "piddir",
+        &[
+            ("TF_TCP", "127.0.0.1:0".into()),
+            ("TF_PIDFILE", missing.display().to_string()),
+        ],
+    );
+    let err = run.expect("new-error");
+    assert!(err.rest.contains("kind=PidFile"), "{err:?}");
+    assert!(
+        err.rest.contains(&missing.display().to_string()),
+        "the error names the path: {err:?}"
+    );
+    assert!(err.rest.contains("No_such_file"), "{err:?}");
+    run.expect_all_exited();
+    assert!(!run.seen("tcp"), "a socket was bound before the error");
+    drop(run);
+
+    // The directory exists at the first start and is gone at the upgrade.
+    let piddir = dir.join("run");
+    std::fs::create_dir(&piddir).unwrap();
+    let path = piddir.join("app.pid");
+    let mut run = Run::start(
+        "piddir2",
+        &[
+            ("TF_TCP", "127.0.0.1:0".into()),
+            ("TF_PIDFILE", path.display().to_string()),
+        ],
+    );
+    let addr: SocketAddr = run.expect("tcp").field("addr").unwrap().parse().unwrap();
+    let pid = run.expect("ready").pid;
+    std::fs::remove_dir_all(&piddir).unwrap();
+    signal(pid, libc::SIGHUP);
+    let child_err = run.expect_not_from("new-error", pid);
+    assert!(child_err.rest.contains("kind=PidFile"), "{child_err:?}");
+    let err = run.expect_from("upgrade-error", pid);
+    assert!(err.rest.contains("kind=ChildFailed"), "{err:?}");
+    assert!(
+        err.rest.contains(&path.display().to_string()),
+        "the old generation hears the reason: {err:?}"
+    );
+    assert!(!run.seen("ready"), "{err:?}");
+    assert_eq!(ask(addr).unwrap(), pid);
+    signal(pid, libc::SIGTERM);
+    run.expect_all_exited();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `stop()` of the last generation removes the pid file, but only while it names that
+/// generation: the old generation of an upgrade leaves its successor's, and a file that
+/// names another process (another instance) stays.
+#[test]
+fn stop_removes_the_pid_file_only_while_it_names_this_process() {
+    let dir = util::scratch_dir("pidstop");
+    let path = dir.join("app.pid");
+    let env = [
+        ("TF_TCP", "127.0.0.1:0".to_string()),
+        ("TF_PIDFILE", path.display().to_string()),
+    ];
+    let mut run = Run::start("pidstop", &env);
+    let pid = run.expect("ready").pid;
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{pid}\n"));
+    let new = upgrade_ok(&mut run, pid);
+    // The old generation has exited (and stopped): the file names its successor still.
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), format!("{new}\n"));
+    signal(new, libc::SIGTERM);
+    run.expect_from("exit", new);
+    run.expect_all_exited();
+    assert!(
+        !path.exists(),
+        "stop() left the pid file of the last generation"
+    );
+    drop(run);
+
+    // Somebody else's pid file, written over ours: left alone.
+    let mut run = Run::start("pidstop-other", &env);
+    let pid = run.expect("ready").pid;
+    std::fs::write(&path, "4194305\n").unwrap();
+    signal(pid, libc::SIGTERM);
+    run.expect("exit");
+    run.expect_all_exited();
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "4194305\n");
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "app.pid")
+        .collect();
+    assert!(leftovers.is_empty(), "files left: {leftovers:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The upgrade timeout is one budget for the new generation: the time to report ready
+/// plus the time to confirm after the commit, the probation not counted. A new
+/// generation ready after 1 s of a 2 s timeout has 1 s left to confirm; stopped
+/// (SIGSTOP) for 2.6 s across the commit it is killed for that, and the error says it was
+/// the confirmation that was late. (With a timeout for each phase it would have had 2 s
+/// after the commit, and taken over.) Unstopped, the same generation takes over although
+/// ready + probation (2.5 s) is over the timeout.
+#[test]
+fn the_upgrade_timeout_is_one_budget_for_ready_and_confirmation() {
+    let mut run = Run::start(
+        "budget",
+        &[
+            ("TF_TCP", "127.0.0.1:0".into()),
+            ("TF_TIMEOUT_MS", "2000".into()),
+            ("TF_PROBATION_MS", "1500".into()),
+        ],
+    );
+    let addr: SocketAddr = run.expect("tcp").field("addr").unwrap().parse().unwrap();
+    let pid = run.expect("ready").pid;
+    run.next("delay-us 1000000");
+    signal(pid, libc::SIGHUP);
+    let child = run.expect_not_from("reporting", pid).pid;
+    // It has sent R (ready() sends it at once); the commit comes 1.5 s after that.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    signal(child, libc::SIGSTOP);
+    std::thread::sleep(std::time::Duration::from_millis(2600));
+    signal(child, libc::SIGCONT);
+    let err = run.expect_from("upgrade-error", pid);
+    assert!(err.rest.contains("kind=Timeout"), "{err:?}");
+    assert!(
+        err.rest.contains("did_not_confirm") && err.rest.contains(&format!("pid_{child}")),
+        "the error names the phase and the pid: {err:?}"
+    );
+    assert!(err.rest.contains("2s"), "{err:?}");
+    assert!(!exists(child), "the late child was not reaped");
+    assert_eq!(
+        ask(addr).unwrap(),
+        pid,
+        "the old generation stopped serving"
+    );
+
+    let new = upgrade_ok(&mut run, pid);
+    assert_eq!(ask(addr).unwrap(), new);
+    signal(new, libc::SIGTERM);
+    run.expect_all_exited();
+}
+
+/// After an upgrade the exit notification fires before `upgrade()` returns; a thread
+/// that waits on `exit_handle()` (as a tokio task would) learns the new pid from
+/// `status()`, recorded before it fired, even in a process that exits as soon as that
+/// thread is done (where the upgrading thread's own report may be lost). After `stop()`
+/// it learns that there was none.
+#[test]
+fn a_thread_waiting_on_the_exit_handle_learns_the_new_pid() {
+    let mut env = tcp_env();
+    env.push(("TF_EXIT_WAITER", "1".into()));
+    let mut run = Run::start("exit-waiter", &env);
+    let pid = run.expect("ready").pid;
+    signal(pid, libc::SIGHUP);
+    let waiter = run.expect_from("exit-waiter", pid);
+    let new = run.expect_not_from("ready", pid).pid;
+    assert_eq!(waiter.field("upgraded"), Some("true"), "{waiter:?}");
+    assert_eq!(
+        waiter.field("new_pid"),
+        Some(new.to_string().as_str()),
+        "{waiter:?}"
+    );
+    wait_gone_or_zombie_of_test(&mut run, pid);
+    signal(new, libc::SIGTERM);
+    let stopped = run.expect_from("exit-waiter", new);
+    assert_eq!(stopped.field("upgraded"), Some("false"), "{stopped:?}");
+    assert_eq!(stopped.field("new_pid"), Some("none"), "{stopped:?}");
+    run.expect_all_exited();
+}

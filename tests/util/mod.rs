@@ -479,7 +479,7 @@ pub fn fd_count() -> usize {
 // The scenario program: what every generation runs.
 // ---------------------------------------------------------------------------------------
 
-fn say(msg: impl AsRef<str>) {
+pub fn say(msg: impl AsRef<str>) {
     let line = format!("\n@@ {} {}\n", std::process::id(), msg.as_ref());
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(line.as_bytes());
@@ -544,7 +544,9 @@ fn ignored_signals() -> String {
 /// Environment: `TF_DIR` (scratch dir, also the initial working directory), `TF_TCP`
 /// (comma-separated addresses to listen on), `TF_UNIX` (a path), `TF_ABSTRACT` (a name),
 /// `TF_PIDFILE`, `TF_EXE`, `TF_TIMEOUT_MS`, `TF_FAILS` (run that many upgrades in a row
-/// right after ready and report fd counts).
+/// right after ready and report fd counts), `TF_FD_STORE` (`1`/`0`: `Options::fd_store`),
+/// `TF_EXIT_WAITER` (a thread on the exit handle reports what it learns, and the process
+/// exits when it is done).
 ///
 /// The file `$TF_DIR/next` holds space-separated words for the generation that reads it
 /// at start-up: `exit N` (exit before `Upgrader::new`), `abort` (die by SIGABRT),
@@ -615,8 +617,9 @@ pub fn scenario(name: &str) -> ! {
     if env("TF_OVERLAP").is_some() {
         opts = opts.upgrade_during_drain(true);
     }
-    if env("TF_FD_STORE").is_some() {
-        opts = opts.fd_store(true);
+    // `TF_FD_STORE=1` asks for the fd store, `0` refuses it (unset: as `$FDSTORE` says).
+    if let Some(v) = env("TF_FD_STORE") {
+        opts = opts.fd_store(v != "0");
     }
     if let Some(ms) = env("TF_PROBATION_MS") {
         opts = opts.probation(Duration::from_millis(ms.parse().unwrap()));
@@ -634,6 +637,27 @@ pub fn scenario(name: &str) -> ! {
         }
     };
     say(format!("new has_parent={}", upg.has_parent()));
+    // `TF_EXIT_WAITER`: a thread that waits on the exit handle, as a tokio task would,
+    // and then reports what it can learn: whether it was an upgrade, and the new pid.
+    // The process then exits as soon as that thread is done, as a program whose `main`
+    // ends with that task would: the upgrade threads are not waited for.
+    let exit_waiter = env("TF_EXIT_WAITER").map(|_| {
+        let handle = upg.exit_handle().unwrap();
+        let u = Arc::clone(&upg);
+        std::thread::spawn(move || {
+            handle.wait();
+            let last = u.status().last_upgrade.map(|l| l.result);
+            say(format!(
+                "exit-waiter upgraded={} new_pid={}",
+                u.upgraded(),
+                match last {
+                    Some(Ok(pid)) => pid.to_string(),
+                    Some(Err(e)) => format!("error:{}", e.kind),
+                    None => "none".into(),
+                }
+            ));
+        })
+    });
     let inherited: Vec<String> = upg
         .fds()
         .inherited()
@@ -896,6 +920,11 @@ pub fn scenario(name: &str) -> ! {
         })
     });
     serve(&upg, &listeners);
+    if let Some(waiter) = exit_waiter {
+        let _ = waiter.join();
+        say("exit");
+        std::process::exit(0);
+    }
     // The control socket answers the request that ended this generation, then returns.
     if let Some(control) = control {
         let _ = control.join();
