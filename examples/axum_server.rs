@@ -234,7 +234,7 @@ async fn run(config: Config) -> Result<(), Box<dyn Error>> {
     );
     // The exit notification, owned, as tokio's pipe receiver (it is a pipe's read end):
     // awaited, never read; no thread is parked on it.
-    let exit = tokio::net::unix::pipe::Receiver::from_owned_fd(upg.exit_handle()?.into())?;
+    let exit = tokio::net::unix::pipe::Receiver::from_owned_fd(upg.exit().try_clone()?.into())?;
 
     let upgrades = UpgradeTasks::default();
     let (signal_upg, signal_upgrades) = (Arc::clone(&upg), Arc::clone(&upgrades));

@@ -263,7 +263,7 @@ fn run(
 
     // Serve until told to exit.
     let mut handlers: Vec<JoinHandle<()>> = Vec::new();
-    while upg.wait_readable(&listener, None) == Wake::Readable {
+    while upg.exit().wait_readable(&listener, None) == Wake::Readable {
         handlers.retain(|h| !h.is_finished());
         // A bounded batch, so that a flood of connections cannot delay the exit check.
         for _ in 0..64 {

@@ -328,7 +328,7 @@ fn serve(
     lame_duck: Duration,
 ) {
     // The exit notification first: once told to exit, accept nothing more.
-    while upg.wait_readable(listener, None) == tableflip::Wake::Readable {
+    while upg.exit().wait_readable(listener, None) == tableflip::Wake::Readable {
         for _ in 0..ACCEPT_BATCH {
             match listener.accept() {
                 Ok((conn, _peer)) => spawn_handler(conn, upg, conns, lame_duck),
@@ -428,7 +428,7 @@ fn serve_connection(conn: &mut TcpStream, upg: &Upgrader, lame_duck: Duration) -
 
         // Lame duck: once this generation should exit, every response ends its
         // connection, and the client sends its next request to the new generation.
-        let keep_alive = request.keep_alive && !upg.should_exit();
+        let keep_alive = request.keep_alive && !upg.exit().fired();
         let head_only = request.method == "HEAD";
         if request.method == "GET" || head_only {
             let body = format!("hello from pid={}\n", std::process::id());
@@ -474,7 +474,7 @@ fn wait_for_request(
     lame_duck: Duration,
 ) -> io::Result<Wake> {
     let mut deadline = Instant::now() + IDLE_TIMEOUT;
-    let mut fds = [pollin(conn.as_raw_fd()), pollin(upg.exit_fd().as_raw_fd())];
+    let mut fds = [pollin(conn.as_raw_fd()), pollin(upg.exit().as_raw_fd())];
     let mut nfds = fds.len();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

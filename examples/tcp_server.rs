@@ -413,7 +413,7 @@ fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, requests: SyncSender
 fn serve(listener: &TcpListener, upg: &Upgrader, conns: &Arc<Connections>) {
     // The exit notification is looked at first: once told to exit, accept nothing more
     // (the next generation accepts from the same queue).
-    while upg.wait_readable(listener, None) == Wake::Readable {
+    while upg.exit().wait_readable(listener, None) == Wake::Readable {
         accept_batch(listener, conns);
     }
     trace("stopped-accepting");

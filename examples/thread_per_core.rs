@@ -194,7 +194,7 @@ fn worker(n: usize, listener: TcpListener, upg: &Upgrader) -> io::Result<()> {
     // The same mode in every generation: O_NONBLOCK is shared with the other generation.
     listener.set_nonblocking(true)?;
     let reply = format!("hello from pid={} worker={n}\n", std::process::id());
-    while upg.wait_readable(&listener, None) == Wake::Readable {
+    while upg.exit().wait_readable(&listener, None) == Wake::Readable {
         for _ in 0..ACCEPT_BATCH {
             match listener.accept() {
                 Ok((mut conn, _)) => {

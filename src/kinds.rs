@@ -5,7 +5,9 @@
 //! check and describe each kind, so the set is closed.
 
 use std::fmt;
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs, UdpSocket};
+#[cfg(unix)]
+use std::net::TcpStream;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs, UdpSocket};
 #[cfg(unix)]
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 #[cfg(unix)]
@@ -37,6 +39,17 @@ pub(crate) mod sealed {
         Inet(Vec<std::net::SocketAddr>),
         #[cfg(unix)]
         Unix(crate::unix_addr::UnixAddr),
+    }
+
+    /// What [`Upgrader::incoming`](crate::Upgrader::incoming) needs of a listener.
+    #[cfg(unix)]
+    pub trait Acceptor {
+        /// `accept(2)`, the connection as an fd (blocking, like every connection std
+        /// accepts, whatever the listener's mode).
+        fn accept_fd(&self) -> std::io::Result<std::os::unix::io::OwnedFd>;
+        /// `O_NONBLOCK` on the listener, as every generation's accept loop needs.
+        fn make_nonblocking(&self) -> std::io::Result<()>;
+        fn listener_fd(&self) -> std::os::unix::io::BorrowedFd<'_>;
     }
 
     /// Every kind, as the fd table names it.
@@ -79,7 +92,78 @@ pub trait Group: Listen {}
 /// [`take_named`](crate::Fds::take_named)): an established [`TcpStream`] or
 /// `UnixStream`, or any `OwnedFd` or `File` (a pipe, a file, an eventfd, a socket of
 /// another kind). Sealed.
+#[cfg(unix)]
 pub trait Named: Sealed {}
+
+/// A listening socket that [`Upgrader::incoming`](crate::Upgrader::incoming) accepts
+/// from: [`TcpListener`] (accepting [`TcpStream`]s), `UnixListener` and
+/// [`SeqpacketListener`] (accepting `UnixStream`s). Sealed.
+#[cfg(unix)]
+pub trait Accept: sealed::Acceptor {
+    /// What it accepts.
+    type Stream: From<OwnedFd>;
+}
+
+#[cfg(unix)]
+macro_rules! accept_kind {
+    ($ty:ty, $stream:ty, |$l:ident| $accept:expr) => {
+        impl sealed::Acceptor for $ty {
+            fn accept_fd(&self) -> std::io::Result<OwnedFd> {
+                let $l = self;
+                let stream: $stream = $accept?.0;
+                // BSD and macOS hand out a connection with the listener's O_NONBLOCK;
+                // Linux never does. The connection's description is its own.
+                #[cfg(not(any(target_os = "linux", target_os = "android")))]
+                stream.set_nonblocking(false)?;
+                Ok(OwnedFd::from(stream))
+            }
+            fn make_nonblocking(&self) -> std::io::Result<()> {
+                let $l = self;
+                $l.set_nonblocking_(true)
+            }
+            fn listener_fd(&self) -> BorrowedFd<'_> {
+                self.as_fd()
+            }
+        }
+        impl Accept for $ty {
+            type Stream = $stream;
+        }
+    };
+}
+
+/// `set_nonblocking` under one name for the listener types.
+#[cfg(unix)]
+trait SetNonblocking {
+    fn set_nonblocking_(&self, on: bool) -> std::io::Result<()>;
+}
+
+#[cfg(unix)]
+impl SetNonblocking for TcpListener {
+    fn set_nonblocking_(&self, on: bool) -> std::io::Result<()> {
+        self.set_nonblocking(on)
+    }
+}
+
+#[cfg(unix)]
+impl SetNonblocking for UnixListener {
+    fn set_nonblocking_(&self, on: bool) -> std::io::Result<()> {
+        self.set_nonblocking(on)
+    }
+}
+
+#[cfg(unix)]
+impl SetNonblocking for SeqpacketListener {
+    fn set_nonblocking_(&self, on: bool) -> std::io::Result<()> {
+        self.0.set_nonblocking(on)
+    }
+}
+
+#[cfg(unix)]
+accept_kind!(TcpListener, TcpStream, |l| l.accept());
+#[cfg(unix)]
+accept_kind!(UnixListener, UnixStream, |l| l.accept());
+#[cfg(unix)]
+accept_kind!(SeqpacketListener, UnixStream, |l| l.0.accept());
 
 /// What a socket of kind `S` is bound to: anything [`ToSocketAddrs`] (and `Debug`, to
 /// be named in errors) for TCP and UDP, anything `Into<UnixAddr>` for Unix sockets

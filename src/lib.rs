@@ -12,62 +12,48 @@
 //!
 //! ```no_run
 //! use std::io::Write;
+//! use std::net::TcpListener;
 //! use std::sync::Arc;
 //! use signal_hook::iterator::{exfiltrator::WithOrigin, SignalsInfo};
 //! use signal_hook::low_level::siginfo::Cause;
-//! use tableflip::{Options, Upgrader, Wake};
+//! use tableflip::{Options, Upgrader};
 //!
 //! fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     // First: a new generation starts with SIGHUP at its default, which is to die.
 //!     let mut signals = SignalsInfo::<WithOrigin>::new([signal_hook::consts::SIGHUP])?;
 //!     let upg = Arc::new(Upgrader::new(Options::new().pid_file("/run/myapp/myapp.pid"))?);
 //!
-//!     // Upgrade on SIGHUP, from a thread of our own (signal-hook, or any other way).
+//!     // Upgrade on an operator's SIGHUP, from a thread of our own.
 //!     let u = Arc::clone(&upg);
 //!     std::thread::spawn(move || {
 //!         for signal in signals.forever() {
 //!             // Not on one the kernel sent: the terminal went away, or the process that
 //!             // led its session (the first generation, started from a shell) exited.
-//!             let line = match signal.cause {
-//!                 Cause::Kernel => "SIGHUP from the kernel: not an upgrade request".into(),
-//!                 _ => match u.upgrade() {
-//!                     Ok(pid) => format!("upgraded: pid {pid} serves now"),
-//!                     Err(e) => format!("upgrade failed: {e}"),
-//!                 },
-//!             };
-//!             let _ = writeln!(std::io::stderr(), "{line}"); // unlike eprintln!, never panics
+//!             if signal.cause == Cause::Kernel {
+//!                 continue;
+//!             }
+//!             if let Err(e) = u.upgrade() {
+//!                 let _ = writeln!(std::io::stderr(), "upgrade failed: {e}"); // never panics
+//!             }
 //!         }
 //!     });
 //!
 //!     // Inherited from the previous generation, or bound now.
-//!     let listener = upg.fds().listen::<TcpListener>("127.0.0.1:8080")?;
-//!     listener.set_nonblocking(true)?; // in every generation alike: see "Limitations"
-//!
-//!     // Serve first, then report ready (the previous generation commits the upgrade).
+//!     let listener: TcpListener = upg.fds().listen("127.0.0.1:8080")?;
 //!     let u = Arc::clone(&upg);
 //!     let server = std::thread::spawn(move || {
 //!         // Until the next generation has taken over (or stop() was called).
-//!         while u.wait_readable(&listener, None) == Wake::Readable {
-//!             // Accept a bounded batch, so a flood cannot starve the exit check.
-//!             for _ in 0..64 {
-//!                 match listener.accept() {
-//!                     Ok((mut conn, _)) => {
-//!                         let _ = conn.set_nonblocking(false); // its own description
-//!                         let _ = writeln!(conn, "hello from pid {}", std::process::id());
-//!                     }
-//!                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-//!                     Err(e) => {
-//!                         // EMFILE and friends: back off.
-//!                         let _ = writeln!(std::io::stderr(), "accept: {e}");
-//!                         std::thread::sleep(std::time::Duration::from_millis(10));
-//!                         break;
-//!                     }
-//!                 }
+//!         for conn in u.incoming(&listener) {
+//!             if let Ok(mut conn) = conn {
+//!                 let _ = writeln!(conn, "hello from pid {}", std::process::id());
 //!             }
 //!         }
 //!     });
-//!     upg.ready()?;
+//!     upg.ready()?; // serving already: the previous generation commits now
 //!     server.join().ok(); // then finish in-flight work, and return
+//!     if let Some(Ok(pid)) = upg.status().last_upgrade.map(|u| u.result) {
+//!         let _ = writeln!(std::io::stderr(), "pid {pid} took over");
+//!     }
 //!     Ok(())
 //! }
 //! ```
@@ -154,68 +140,36 @@
 
 mod adoption;
 #[cfg(unix)]
-mod batch;
-#[cfg(unix)]
-mod child;
-#[cfg(unix)]
 pub mod control;
 mod error;
-#[cfg(unix)]
+mod exit;
 mod fds;
-#[cfg(unix)]
-mod handshake;
-#[cfg(unix)]
-mod inherit;
-#[cfg(unix)]
 mod keeper;
 mod kinds;
 mod options;
-#[cfg(unix)]
-mod os;
-#[cfg(unix)]
-mod pidfile;
-mod portable;
-#[cfg(unix)]
-mod process;
-#[cfg(unix)]
-mod safe_dir;
-#[cfg(unix)]
-mod socket;
-#[cfg(unix)]
-mod spawn;
-#[cfg(unix)]
-mod state;
-#[cfg(unix)]
 mod status;
-#[cfg(unix)]
-mod systemd;
 mod unix_addr;
-#[cfg(not(unix))]
-mod unsupported;
-#[cfg(unix)]
 mod upgrader;
-#[cfg(unix)]
-mod wire;
+
+// The platform, chosen once: everything behind the portable types above.
+#[cfg_attr(unix, path = "sys/unix/mod.rs")]
+#[cfg_attr(not(unix), path = "sys/unsupported.rs")]
+mod sys;
 
 pub use adoption::{Adoption, InheritedFd};
 pub use error::{Error, Result, WaitingFor};
 #[cfg(unix)]
-pub use kinds::SeqpacketListener;
-pub use kinds::{Address, Group, Listen, Named};
-pub use options::Options;
-
-#[cfg(unix)]
-pub use fds::Fds;
-#[cfg(unix)]
+pub use exit::Incoming;
+pub use exit::{Exit, Wake};
+pub use fds::{Fds, MAX_STATE_SIZE};
 pub use keeper::Keeper;
 #[cfg(unix)]
-pub use state::MAX_STATE_SIZE;
+pub use kinds::{Accept, Named, SeqpacketListener};
+pub use kinds::{Address, Group, Listen};
+pub use options::Options;
+pub use status::{LastUpgrade, Status, UpgradeFailure};
 pub use unix_addr::UnixAddr;
-#[cfg(unix)]
-pub use upgrader::{ExitHandle, Upgrader, Wake};
-
-#[cfg(not(unix))]
-pub use unsupported::{ExitHandle, Fds, Keeper, Upgrader, Wake, MAX_STATE_SIZE};
+pub use upgrader::Upgrader;
 
 /// The README's Rust examples, compiled and run as doctests (`no_run` ones compiled).
 #[cfg(doctest)]
@@ -230,11 +184,11 @@ pub mod __private {
     /// process with pid `pid`, touching no fd. `Ok(None)`: addressed to another process;
     /// `Ok(Some(n))`: `n` entries; `Err`: the entry at fault and the reason.
     pub fn decode_fd_table(value: &[u8], pid: u32) -> Result<Option<usize>, (String, String)> {
-        crate::wire::decode(value, pid)
+        crate::sys::wire::decode(value, pid)
             .map(|t| t.map(|t| t.entries.len()))
             .map_err(|e| (e.entry, e.reason))
     }
 
     /// The name of the environment variable that carries the fd table.
-    pub const FD_TABLE_VAR: &str = crate::wire::VAR;
+    pub const FD_TABLE_VAR: &str = crate::sys::wire::VAR;
 }

@@ -10,15 +10,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-#[cfg(unix)]
-use crate::socket::BeforeBind;
-#[cfg(not(unix))]
-use crate::unsupported::BeforeBind;
+/// Called on a socket the registry creates, after `socket()` and before `bind()`
+/// ([`Options::before_bind`]).
+#[cfg(any(unix, windows))]
+pub(crate) type Hook = dyn Fn(BorrowedFd<'_>) -> std::io::Result<()> + Send + Sync;
+/// Neither Unix nor Windows: no socket type to hand over, and no `before_bind` to set.
+#[cfg(not(any(unix, windows)))]
+pub(crate) type Hook = dyn Fn(std::convert::Infallible) -> std::io::Result<()> + Send + Sync;
+
+/// What [`Options::before_bind`] keeps.
+pub(crate) type BeforeBind = std::sync::Arc<Hook>;
 
 /// `listen()`'s backlog unless [`Options::backlog`] says otherwise.
 #[cfg(unix)]
 const BACKLOG: i32 = libc::SOMAXCONN;
-/// Not Unix: nothing listens (`unsupported.rs`); any value does.
+/// Not Unix: nothing listens (`sys/unsupported.rs`); any value does.
 #[cfg(not(unix))]
 const BACKLOG: i32 = 128;
 

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::time::SystemTime;
 
+#[cfg(unix)]
 use crate::error::Result;
 
 /// What a generation says about itself: [`Upgrader::status`](crate::Upgrader::status), or a control socket's
@@ -48,6 +49,7 @@ pub struct UpgradeFailure {
 
 impl LastUpgrade {
     /// The record of an upgrade that ends now with `result`.
+    #[cfg(unix)]
     pub(crate) fn of(result: &Result<u32>) -> LastUpgrade {
         LastUpgrade {
             ended: SystemTime::now(),

@@ -1,200 +1,115 @@
-//! The `Upgrader`: one per process, the story of a generation.
-//!
-//! A generation is born ([`Upgrader::new`]: it adopts what its parent passed), becomes
-//! ready ([`Upgrader::ready`]: it reports to its parent, which commits), serves, and
-//! ends by handing over ([`Upgrader::upgrade`]: it starts the next generation and
-//! commits to it) or by stopping ([`Upgrader::stop`]). How the two generations talk is
-//! in [`handshake`](crate::handshake).
+//! [`Upgrader`]: one per process, the story of a generation. Its life on Unix is in
+//! `sys/unix/generation.rs`; where upgrades are unsupported, [`Upgrader::new`] fails.
 
 use std::fmt;
-use std::io;
-use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::adoption::Adoption;
-use crate::error::{Error, Result};
+use crate::error::Result;
+use crate::exit::Exit;
+#[cfg(unix)]
+use crate::exit::Incoming;
 use crate::fds::Fds;
-use crate::handshake::{Decision, Handoff, Parent};
-use crate::inherit::{self, Inheritance};
+#[cfg(unix)]
+use crate::kinds::Accept;
 use crate::options::Options;
-use crate::os;
-use crate::spawn::Program;
-use crate::status::{LastUpgrade, Status};
-use crate::systemd::{self, Notifier};
-
-/// One `Upgrader` at a time per process.
-static ALIVE: AtomicBool = AtomicBool::new(false);
-/// The inherited fd table is read by the first `Upgrader` only.
-static TABLE_READ: AtomicBool = AtomicBool::new(false);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Not ready yet (possibly waiting for the parent to commit: see `State::busy`).
-    Starting,
-    Ready,
-    /// An upgrade succeeded; this generation should exit.
-    Upgraded,
-    Stopped,
-}
-
-#[derive(Debug)]
-struct State {
-    phase: Phase,
-    /// While an upgrade runs, or `ready()` waits for the parent's commit.
-    busy: bool,
-    /// The write end of the busy operation's cancel pipe: dropping it wakes the waiting
-    /// thread, which gives up (killing and reaping a child it started).
-    cancel: Option<OwnedFd>,
-    /// How the last upgrade that ran ended, for [`Upgrader::status`].
-    last_upgrade: Option<LastUpgrade>,
-}
+use crate::status::Status;
 
 /// Runs graceful upgrades for this process: Go tableflip's `Upgrader`.
 ///
 /// Create one early in `main` with [`Upgrader::new`], get your sockets from
-/// [`fds`](Upgrader::fds), start serving, call [`ready`](Upgrader::ready), call
-/// [`upgrade`](Upgrader::upgrade) (from a signal-handling thread, say) to start the next
-/// generation, and exit when [`wait_for_exit`](Upgrader::wait_for_exit) returns.
+/// [`fds`](Upgrader::fds), start serving ([`incoming`](Upgrader::incoming) accepts until
+/// it is time to go), call [`ready`](Upgrader::ready), call [`upgrade`](Upgrader::upgrade)
+/// (from a signal-handling thread, say) to start the next generation, and exit once the
+/// [exit notification](Upgrader::exit) has fired and your work in flight is done.
 ///
 /// Every method takes `&self`, so an `Upgrader` can be shared through an `Arc`.
 /// Dropping it is [`stop`](Upgrader::stop).
-pub struct Upgrader {
-    fds: Fds,
-    program: Program,
-    timeout: Duration,
-    probation: Duration,
-    pid_file: Option<PathBuf>,
-    upgrade_during_drain: bool,
-    /// Keep the sockets in systemd's fd store.
-    fd_store: bool,
-    /// The previous generation, if this one was started by an upgrade.
-    parent: Option<Parent>,
-    /// systemd's notify socket, if `$NOTIFY_SOCKET` was set at start.
-    notify: Option<Notifier>,
-    state: Mutex<State>,
-    changed: Condvar,
-    exit: ExitSignal,
-    /// Whether an upgrade ever succeeded.
-    upgraded: AtomicBool,
-    /// The state to hand to the next generation (`set_state`).
-    state_out: Mutex<Option<OwnedFd>>,
-    /// The state handed over by the previous generation, until `take_state` or `ready`.
-    state_in: Mutex<Option<OwnedFd>>,
-}
+pub struct Upgrader(pub(crate) crate::sys::Generation);
 
 impl fmt::Debug for Upgrader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upgrader")
-            .field("state", &*self.lock())
-            .field("parent", &self.parent.as_ref().map(Parent::pid))
-            .field("fds", &self.fds)
-            .finish()
-    }
-}
-
-/// Resets [`ALIVE`] if `Upgrader::new` fails half-way.
-struct AliveGuard(bool);
-
-impl Drop for AliveGuard {
-    fn drop(&mut self) {
-        if !self.0 {
-            ALIVE.store(false, Ordering::SeqCst);
-        }
+        self.0.fmt(f)
     }
 }
 
 impl Upgrader {
     /// Creates the process's `Upgrader`, adopting the fds passed by the previous
-    /// generation when this process is an upgrade child.
+    /// generation when this process is an upgrade child (or, on a first start, the
+    /// sockets of systemd's socket activation).
     ///
-    /// Fails with [`Error::AlreadyCreated`] while another `Upgrader` is alive, and with
-    /// [`Error::FdTable`] when the inherited fd table is malformed or names an fd that is
-    /// not open or was not inherited. A table addressed to another process (one this
-    /// process merely inherited) is ignored: this is then a fresh start. Fails with
-    /// [`Error::PidFile`] when the [pid file](Options::pid_file)'s directory does not
-    /// exist, or other users can write to it: now, before the application binds or
-    /// serves anything, rather than at
-    /// [`ready`](Upgrader::ready) (in a new generation, the previous generation's
-    /// `upgrade()` then fails with this as the reason, [`Error::ChildFailed`]). Writes one
-    /// line to stderr when the [fd store](Options::fd_store) is on and nobody can hold
-    /// it.
+    /// Fails with [`Error::AlreadyCreated`](crate::Error::AlreadyCreated) while another
+    /// `Upgrader` is alive, and with [`Error::FdTable`](crate::Error::FdTable) when the
+    /// inherited fd table is malformed or names an fd that is not open or was not
+    /// inherited. A table addressed to another process (one this process merely
+    /// inherited) is ignored: this is then a fresh start. Fails with
+    /// [`Error::PidFile`](crate::Error::PidFile) when the [pid file](Options::pid_file)'s
+    /// directory does not exist, or other users can write to it: now, before the
+    /// application binds or serves anything (in a new generation, the previous
+    /// generation's `upgrade()` then fails with this as the reason). Writes one line to
+    /// stderr when the [fd store](Options::fd_store) is on and nobody can hold it. Where
+    /// upgrades are unsupported (not Unix) it fails with
+    /// [`Error::Unsupported`](crate::Error::Unsupported).
     ///
     /// Call it early: the working directory and `argv` it sees are the ones the next
     /// generation gets.
     pub fn new(options: Options) -> Result<Upgrader> {
-        if ALIVE
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
-            return Err(Error::AlreadyCreated);
-        }
-        let mut guard = AliveGuard(false);
-        let program = Program::current(options.executable)?;
-        let inheritance = if TABLE_READ.swap(true, Ordering::SeqCst) {
-            Inheritance::default()
-        } else {
-            inherited()?
-        };
-        let pid_file = options.pid_file.map(|p| program.cwd().join(p));
-        if let Some(path) = &pid_file {
-            // Now, before the application binds anything, rather than at ready().
-            crate::pidfile::check_dir(path)
-                .map_err(|e| pid_file_failed(inheritance.parent.as_ref(), path, e))?;
-        }
-        let notify = Notifier::from_env();
-        let fd_store = options.fd_store.unwrap_or_else(systemd::store_offered);
-        if fd_store && notify.is_none() {
-            systemd::warn_store_unheld(options.fd_store.is_some());
-        }
-        let exit = ExitSignal::new()?;
-        guard.0 = true;
-        Ok(Upgrader {
-            fds: Fds::new(inheritance.fds, options.before_bind, options.backlog),
-            program,
-            timeout: options.upgrade_timeout,
-            probation: options.probation,
-            pid_file,
-            upgrade_during_drain: options.upgrade_during_drain,
-            fd_store,
-            parent: inheritance.parent,
-            notify,
-            state: Mutex::new(State {
-                phase: Phase::Starting,
-                busy: false,
-                cancel: None,
-                last_upgrade: None,
-            }),
-            changed: Condvar::new(),
-            exit,
-            upgraded: AtomicBool::new(false),
-            state_out: Mutex::new(None),
-            state_in: Mutex::new(inheritance.state),
-        })
+        crate::sys::Generation::new(options).map(Upgrader)
+    }
+
+    /// An `Upgrader` for tests of code that takes one (Go's `tableflip/testing`): any
+    /// number of them may exist at once, in parallel test threads, next to the process's
+    /// own. It inherits nothing (every socket is bound fresh), tells the world nothing
+    /// (no pid file, nothing to systemd), and never starts a process:
+    /// [`upgrade`](Upgrader::upgrade) succeeds at once, as if a new generation had taken
+    /// over, and returns this process's own pid, so that the code under test drains and
+    /// ends as it would after a real upgrade.
+    ///
+    /// ```
+    /// use std::net::TcpListener;
+    ///
+    /// // The code under test: serves until the upgrader says to go.
+    /// fn serve(upg: &tableflip::Upgrader, listener: &TcpListener) -> usize {
+    ///     upg.incoming(listener).count()
+    /// }
+    ///
+    /// # fn main() -> tableflip::Result<()> {
+    /// // In a #[test]:
+    /// let upg = tableflip::Upgrader::standalone(tableflip::Options::new())?;
+    /// let listener: TcpListener = upg.fds().listen("127.0.0.1:0")?;
+    /// upg.ready()?;
+    /// std::thread::scope(|s| {
+    ///     let server = s.spawn(|| serve(&upg, &listener));
+    ///     let _client = std::net::TcpStream::connect(listener.local_addr().unwrap());
+    ///     std::thread::sleep(std::time::Duration::from_millis(50));
+    ///     upg.upgrade().unwrap(); // the server stops accepting
+    ///     assert_eq!(server.join().unwrap(), 1);
+    /// });
+    /// assert!(upg.exit().upgraded());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn standalone(options: Options) -> Result<Upgrader> {
+        crate::sys::Generation::standalone(options).map(Upgrader)
     }
 
     /// The fd registry: listen on, inherit and add the sockets that travel to the next
-    /// generation.
+    /// generation, and the [state](Fds::set_state) handed over with them.
     pub fn fds(&self) -> &Fds {
-        &self.fds
+        self.0.fds()
     }
 
     /// Whether this process was started by an upgrade (it has a previous generation,
     /// which may have exited since).
     pub fn has_parent(&self) -> bool {
-        self.parent.is_some()
+        self.0.has_parent()
     }
 
     /// Waits until the previous generation has exited (every one of its threads).
     /// Returns `Ok(true)` once it has, or when there is none; `Ok(false)` if it is still
     /// running after `timeout`.
     pub fn wait_for_parent(&self, timeout: Duration) -> Result<bool> {
-        match &self.parent {
-            None => Ok(true),
-            Some(p) => p.gone_by(os::deadline(Some(timeout))),
-        }
+        self.0.wait_for_parent(timeout)
     }
 
     /// Tells the previous generation that this one is ready to serve, waits for it to
@@ -211,69 +126,21 @@ impl Upgrader {
     ///
     /// Returns the [adoption report](Adoption): which inherited fds were taken and which
     /// were closed because nobody asked for them. State handed over with
-    /// [`set_state`](Upgrader::set_state) and not read by now is discarded. Calling it
-    /// again does nothing (and reports nothing); after [`stop`](Upgrader::stop) it fails
-    /// with [`Error::Stopped`].
+    /// [`Fds::set_state`] and not read by now is discarded. Calling it again does
+    /// nothing (and reports nothing); after [`stop`](Upgrader::stop) it fails with
+    /// [`Error::Stopped`](crate::Error::Stopped).
     pub fn ready(&self) -> Result<Adoption> {
-        let (decision, mut st) = match &self.parent {
-            None => (Decision::Alone, self.lock()),
-            Some(parent) => {
-                let Some(cancel) = self.begin_ready()? else {
-                    return Ok(Adoption::default());
-                };
-                let decision = parent.report_ready(cancel.as_fd());
-                let st = self.end_busy();
-                (decision?, st)
-            }
-        };
-        match st.phase {
-            Phase::Starting if decision != Decision::Stopped => {}
-            Phase::Ready | Phase::Upgraded => return Ok(Adoption::default()),
-            Phase::Starting | Phase::Stopped => return Err(Error::Stopped),
-        }
-        let adoption = self.take_over(decision == Decision::Alone)?;
-        st.phase = Phase::Ready;
-        Ok(adoption)
+        self.0.ready()
     }
 
     /// Gives up instead of becoming ready: reports `reason` to the previous generation,
-    /// whose [`upgrade`](Upgrader::upgrade) fails with [`Error::ChildFailed`] carrying
-    /// it, and exits with status 1. For a new generation that cannot take over (a bad
-    /// configuration, a port it cannot get), so that whoever asked for the upgrade sees
-    /// why. The reason is also written to stderr; at most 4 KiB of it reaches the parent.
+    /// whose [`upgrade`](Upgrader::upgrade) fails with
+    /// [`Error::ChildFailed`](crate::Error::ChildFailed) carrying it, and exits with
+    /// status 1. For a new generation that cannot take over (a bad configuration, a port
+    /// it cannot get), so that whoever asked for the upgrade sees why. The reason is also
+    /// written to stderr; at most 4 KiB of it reaches the parent.
     pub fn fail(&self, reason: impl fmt::Display) -> ! {
-        let reason = reason.to_string();
-        let line = format!("tableflip: new generation gives up: {reason}\n");
-        let _ = io::Write::write_all(&mut io::stderr().lock(), line.as_bytes());
-        if let Some(parent) = &self.parent {
-            parent.fail(&reason);
-        }
-        std::process::exit(1)
-    }
-
-    /// Sets the state to hand to the next generation: an opaque blob (TLS session-ticket
-    /// keys, counters, a configuration digest) of at most
-    /// [`MAX_STATE_SIZE`](crate::MAX_STATE_SIZE) bytes. Call it before
-    /// [`upgrade`](Upgrader::upgrade); calling it again replaces it.
-    ///
-    /// The bytes are copied now into a sealed memory file (`memfd`, Linux) or an unlinked
-    /// temporary file (elsewhere), which travels in the fd table: the next generation
-    /// finds the whole blob as soon as it starts, so a parent that dies meanwhile cannot
-    /// leave it half-written.
-    pub fn set_state(&self, state: &[u8]) -> Result<()> {
-        let fd = crate::state::store(state)?;
-        *lock(&self.state_out) = Some(fd);
-        Ok(())
-    }
-
-    /// Takes the state the previous generation handed over with
-    /// [`set_state`](Upgrader::set_state): `Ok(None)` if there is none, or it was taken
-    /// already, or [`ready`](Upgrader::ready) has discarded it.
-    pub fn take_state(&self) -> Result<Option<Vec<u8>>> {
-        match lock(&self.state_in).take() {
-            None => Ok(None),
-            Some(fd) => crate::state::load(fd.as_fd()).map(Some),
-        }
+        self.0.fail(&reason.to_string())
     }
 
     /// Starts the next generation, waits until it is ready (and, with
@@ -281,114 +148,39 @@ impl Upgrader {
     /// returns its pid.
     ///
     /// On success this generation should stop accepting, finish its work and exit. The
-    /// [exit notification](Upgrader::wait_for_exit) fires *before* `upgrade` returns
-    /// (once the new generation has confirmed the commit), so that this generation stops
-    /// accepting as soon as it can. Code that ends the process when the notification
-    /// fires (a `select!` on [`exit_handle`](Upgrader::exit_handle), a `main` that
-    /// returns after `wait_for_exit`) may therefore exit before the thread that called
-    /// `upgrade` has seen its result. The result is recorded before the notification
-    /// fires: a waiter that wakes on it finds [`upgraded`](Upgrader::upgraded) true and
-    /// the new pid in [`status`](Upgrader::status)`().last_upgrade` (see
-    /// [`wait_for_exit`](Upgrader::wait_for_exit)). The registry passes nothing on any
-    /// more; its copies of the fds are closed by [`stop`](Upgrader::stop) or the drop
-    /// (not on this path). The [upgrade timeout](Options::upgrade_timeout) says how
-    /// long it may take.
+    /// [exit notification](Upgrader::exit) fires *before* `upgrade` returns (once the new
+    /// generation has confirmed the commit), so that this generation stops accepting as
+    /// soon as it can; the result is recorded before it fires (see [`Exit`]). The
+    /// registry passes nothing on any more; its copies of the fds are closed by
+    /// [`stop`](Upgrader::stop) or the drop (not on this path). The
+    /// [upgrade timeout](Options::upgrade_timeout) says how long it may take.
     ///
     /// On failure nothing changed: this generation keeps its fds and keeps serving, it
     /// is systemd's main pid and its pid file names it, the child (if any) was reaped,
-    /// and another upgrade may be tried. The error says what happened: [`Error::Exec`],
-    /// [`Error::ChildExited`], [`Error::ChildFailed`] (with the child's own reason),
-    /// [`Error::Timeout`] (the child was killed), [`Error::ChildDiedAfterReady`] (it
-    /// died during the probation), [`Error::Notify`], or [`Error::Stopped`].
+    /// and another upgrade may be tried. The error says what happened:
+    /// [`Exec`](crate::Error::Exec), [`ChildExited`](crate::Error::ChildExited),
+    /// [`ChildFailed`](crate::Error::ChildFailed) (with the child's own reason),
+    /// [`Timeout`](crate::Error::Timeout) (the child was killed),
+    /// [`ChildDiedAfterReady`](crate::Error::ChildDiedAfterReady) (it died during the
+    /// probation), [`Notify`](crate::Error::Notify), or
+    /// [`Stopped`](crate::Error::Stopped).
     ///
-    /// Refused with [`Error::NotReady`] before [`ready`](Upgrader::ready),
-    /// [`Error::UpgradeInProgress`] while another upgrade runs, [`Error::AlreadyUpgraded`]
-    /// after a successful one, [`Error::Stopped`] after [`stop`](Upgrader::stop), and
-    /// [`Error::ParentAlive`] while this generation's own parent has not exited.
+    /// Refused with [`NotReady`](crate::Error::NotReady) before
+    /// [`ready`](Upgrader::ready), [`UpgradeInProgress`](crate::Error::UpgradeInProgress)
+    /// while another upgrade runs, [`AlreadyUpgraded`](crate::Error::AlreadyUpgraded)
+    /// after a successful one, [`Stopped`](crate::Error::Stopped) after
+    /// [`stop`](Upgrader::stop), and [`ParentAlive`](crate::Error::ParentAlive) while this
+    /// generation's own parent has not exited.
     pub fn upgrade(&self) -> Result<u32> {
-        let cancel = match self.begin_upgrade() {
-            Ok(cancel) => cancel,
-            Err(e) => {
-                if let (Some(n), Error::ParentAlive { .. }) = (&self.notify, &e) {
-                    n.refused(&e);
-                }
-                return Err(e);
-            }
-        };
-        if let Some(n) = &self.notify {
-            n.reloading();
-        }
-        let result = self.hand_over(cancel.as_fd());
-        if let (Some(n), Err(e)) = (&self.notify, &result) {
-            // Whatever the commit may have told systemd: this generation is the main one.
-            n.upgrade_failed(e);
-        }
-        let mut st = self.end_busy();
-        st.last_upgrade = Some(LastUpgrade::of(&result));
-        if result.is_ok() {
-            if st.phase != Phase::Stopped {
-                st.phase = Phase::Upgraded;
-            }
-            self.upgraded.store(true, Ordering::SeqCst);
-            // Exit first: this generation stops accepting as soon as it can.
-            self.exit.fire();
-            self.fds.retire_all();
-        }
-        result
-    }
-
-    /// The upgrade itself: start, wait for ready, probation, commit.
-    fn hand_over(&self, cancel: BorrowedFd<'_>) -> Result<u32> {
-        let exe = self.program.resolve()?;
-        // A handle of our own, so that set_state() during the spawn cannot close it.
-        let state = match &*lock(&self.state_out) {
-            Some(fd) => Some(
-                fd.try_clone()
-                    .map_err(|e| Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(fd.as_raw_fd()), e))?,
-            ),
-            None => None,
-        };
-        let handoff = self.fds.with_passed(|passed| {
-            Handoff::start(
-                &self.program,
-                &exe,
-                state.as_ref().map(|s| s.as_fd()),
-                passed,
-                self.timeout,
-            )
-        })?;
-        // Under a keeper: the child is named before it can claim the service.
-        if let Some(n) = &self.notify {
-            n.announce(handoff.pid());
-        }
-        let handoff = handoff
-            .wait_ready(cancel)?
-            .probation(self.probation, cancel)?;
-        // The commit: systemd hears it from this process, still its main one.
-        if let Some(n) = &self.notify {
-            if let Err(e) = n.commit(handoff.pid()) {
-                return Err(handoff.kill(e));
-            }
-        }
-        let pid = handoff.commit(cancel).map_err(|e| {
-            // The child may have written its pid into the pid file before it died.
-            if let Some(path) = &self.pid_file {
-                let _ = crate::pidfile::write(path, std::process::id());
-            }
-            e
-        })?;
-        // Not gone before systemd knows who follows (see `wait_commit_read`).
-        if let Some(n) = &self.notify {
-            n.wait_commit_read();
-        }
-        Ok(pid)
+        self.0.upgrade()
     }
 
     /// Stops upgrading: no upgrade starts after this, and one in progress is cancelled
-    /// (its child killed and reaped, its `upgrade()` returning [`Error::Stopped`]) before
-    /// the exit notification fires and `stop` returns. A `ready()` waiting for the
-    /// previous generation's commit returns [`Error::Stopped`] (the previous generation
-    /// then serves on).
+    /// (its child killed and reaped, its `upgrade()` returning
+    /// [`Error::Stopped`](crate::Error::Stopped)) before the exit notification fires and
+    /// `stop` returns. A `ready()` waiting for the previous generation's commit returns
+    /// [`Error::Stopped`](crate::Error::Stopped) (the previous generation then serves
+    /// on).
     ///
     /// When it returns, the registry's copies of the fds are closed, as with Go's
     /// `Stop`: a pipe's write end passed to the next generation reaches EOF once that
@@ -401,411 +193,52 @@ impl Upgrader {
     /// process, a later generation among them, is left alone). Calling it again does
     /// nothing.
     pub fn stop(&self) {
-        let mut st = self.lock();
-        if st.phase == Phase::Stopped {
-            return;
-        }
-        let upgraded = st.phase == Phase::Upgraded;
-        // A generation that never became ready was not serving: the previous one (if
-        // any) still is, on the same sockets, and systemd must not hear STOPPING.
-        let was_ready = st.phase != Phase::Starting;
-        st.phase = Phase::Stopped;
-        drop(st.cancel.take());
-        while st.busy {
-            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-        // An upgrade that completed while we waited counts.
-        if !upgraded && !self.upgraded.load(Ordering::SeqCst) {
-            self.fds
-                .unlink_socket_files(was_ready || self.parent.is_none());
-            // Only a generation that became ready wrote it; only one naming us goes.
-            if let Some(path) = self.pid_file.as_ref().filter(|_| was_ready) {
-                let _ = crate::pidfile::remove_if_names(path, std::process::id());
-            }
-            if let Some(n) = self.notify.as_ref().filter(|_| was_ready) {
-                n.stopping();
-            }
-        }
-        // Go's Stop: nothing is passed on any more, and the registry's copies go now
-        // (a pipe's write end that the new generation took reaches EOF once it closes
-        // it too).
-        self.fds.close_copies();
-        drop(st);
-        self.exit.fire();
+        self.0.stop()
     }
 
-    /// Blocks until this process should exit: an upgrade succeeded or [`stop`](Upgrader::stop)
-    /// was called.
-    ///
-    /// After an upgrade it returns (as [`exit_fd`](Upgrader::exit_fd) and
-    /// [`exit_handle`](Upgrader::exit_handle) fire) *before* [`upgrade`](Upgrader::upgrade)
-    /// returns in the thread that called it, so a program that exits when it returns can
-    /// exit before that thread has logged the result. The result is recorded first; the
-    /// waiter reads it:
+    /// The exit notification: it fires once this generation should stop accepting and
+    /// exit (an upgrade succeeded, or [`stop`](Upgrader::stop) was called). Wait on it,
+    /// poll it next to your listeners, or clone it for a task of its own; see [`Exit`].
+    pub fn exit(&self) -> &Exit {
+        self.0.exit()
+    }
+
+    /// The connections accepted from `listener` until the exit notification fires: the
+    /// accept loop that never loses a connection at an upgrade.
     ///
     /// ```no_run
-    /// # fn drain(upg: &tableflip::Upgrader) {
-    /// upg.wait_for_exit();
-    /// if upg.upgraded() {
-    ///     // Recorded before the notification fired: always there.
-    ///     let new_pid = upg.status().last_upgrade.and_then(|l| l.result.ok());
-    ///     eprintln!("upgraded to pid {new_pid:?}; draining");
-    /// }
-    /// # }
-    /// ```
-    pub fn wait_for_exit(&self) {
-        self.exit.wait();
-    }
-
-    /// An fd that becomes readable (and stays readable) when this process should exit,
-    /// at the same moment [`wait_for_exit`](Upgrader::wait_for_exit) returns. Register it
-    /// with `poll`, epoll, mio or tokio's `AsyncFd` next to your listeners. Do not read
-    /// from it or change its flags. [`exit_handle`](Upgrader::exit_handle) gives an owned
-    /// one, for code that must not borrow the `Upgrader`. After an upgrade it fires before
-    /// [`upgrade`](Upgrader::upgrade) returns; the new pid is in
-    /// [`status`](Upgrader::status) by then (see
-    /// [`wait_for_exit`](Upgrader::wait_for_exit)).
-    pub fn exit_fd(&self) -> BorrowedFd<'_> {
-        self.exit.fd()
-    }
-
-    /// An owned, `'static` handle on the exit notification: an fd of its own (a
-    /// duplicate) that becomes readable when this process should exit, with
-    /// [`AsFd`](std::os::fd::AsFd), so an async runtime can wait on it without `unsafe`
-    /// and without a thread parked in [`wait_for_exit`](Upgrader::wait_for_exit):
-    ///
-    /// ```no_run
-    /// # async fn example(upg: &tableflip::Upgrader) -> std::io::Result<()> {
-    /// // The handle is the read end of a pipe: tokio takes it as one, safely.
-    /// let exit = tokio::net::unix::pipe::Receiver::from_owned_fd(upg.exit_handle()?.into())?;
-    /// // A future that completes when this generation should stop accepting: hand it to
-    /// // axum's `with_graceful_shutdown`, or `select!` on it next to `accept()`.
-    /// let shutdown = async move {
-    ///     let _ = exit.readable().await;
-    /// };
-    /// # shutdown.await;
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// (tokio 1.54 deprecated the safe `AsyncFd::new`; `pipe::Receiver::from_owned_fd`
-    /// needs no `unsafe`. It sets `O_NONBLOCK` on the shared description, which the
-    /// crate's own waits do not mind: they only poll it. For mio, register
-    /// `SourceFd(&handle.as_raw_fd())`.)
-    ///
-    /// After an upgrade the handle fires before [`upgrade`](Upgrader::upgrade) returns:
-    /// a task that shuts down on it may end the program before the thread running
-    /// `upgrade` logs the result. Keep an `Arc<Upgrader>` next to the handle and read
-    /// the new pid from [`status`](Upgrader::status), recorded before the handle fires
-    /// (see [`wait_for_exit`](Upgrader::wait_for_exit)).
-    pub fn exit_handle(&self) -> Result<ExitHandle> {
-        let fd = self.exit.fd();
-        fd.try_clone_to_owned()
-            .map(|fd| ExitHandle { fd })
-            .map_err(|e| Error::io("fcntl(F_DUPFD_CLOEXEC)", Some(fd.as_raw_fd()), e))
-    }
-
-    /// Waits until `fd` is readable (a connection waits on a listener, say), this
-    /// process should exit, or `timeout` passes (`None`: no timeout). The exit
-    /// notification wins a tie, so a generation stops accepting as soon as it is told.
-    ///
-    /// The accept loop of a std server, without `unsafe`:
-    ///
-    /// ```no_run
-    /// # fn serve(upg: &tableflip::Upgrader, listener: std::net::TcpListener) -> std::io::Result<()> {
-    /// use tableflip::Wake;
-    /// listener.set_nonblocking(true)?; // in every generation alike: the flag is shared
-    /// while upg.wait_readable(&listener, None) == Wake::Readable {
-    ///     // Accept a bounded batch, without blocking, so the exit check comes soon.
-    ///     for _ in 0..64 {
-    ///         match listener.accept() {
-    ///             Ok((conn, _)) => { /* hand it to a thread */ drop(conn) }
-    ///             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-    ///             Err(e) => { eprintln!("accept: {e}"); break }
-    ///         }
+    /// # fn serve(upg: &tableflip::Upgrader) -> tableflip::Result<()> {
+    /// use std::net::TcpListener;
+    /// let listener: TcpListener = upg.fds().listen("127.0.0.1:8080")?;
+    /// for conn in upg.incoming(&listener) {
+    ///     match conn {
+    ///         Ok(conn) => { /* hand it to a thread */ drop(conn) }
+    ///         Err(e) => eprintln!("accept: {e}"), // EMFILE and friends; it backs off
     ///     }
     /// }
+    /// // The next generation accepts from here on: finish what is in flight, then exit.
     /// # Ok(()) }
     /// ```
-    pub fn wait_readable(&self, fd: impl AsFd, timeout: Option<Duration>) -> Wake {
-        self.exit.wait_with(fd.as_fd(), timeout)
-    }
-
-    /// Whether an upgrade succeeded: the exit notification fired because a new
-    /// generation took over (rather than because of [`stop`](Upgrader::stop)).
-    pub fn upgraded(&self) -> bool {
-        self.upgraded.load(Ordering::SeqCst)
+    ///
+    /// It waits for the listener and the notification together and accepts only when the
+    /// listener is readable, without blocking, a batch at a time: a blocking `accept()`
+    /// is not woken when the notification fires (nor by closing the listener), and a
+    /// connection that the other generation accepted first would leave it blocked.
+    /// So it sets `O_NONBLOCK` on the listener, which the other generation shares (the
+    /// flag belongs to the open file description): serve every generation with
+    /// `incoming`, or with the same mode. The connections it yields are blocking, like
+    /// those std's `accept` returns. An error from `accept` (the fd limit reached, say)
+    /// is yielded, and the next accept waits 10 ms; the iterator ends when the
+    /// notification fires, or after an error setting the listener non-blocking.
+    #[cfg(unix)]
+    pub fn incoming<'a, L: Accept>(&'a self, listener: &'a L) -> Incoming<'a, L> {
+        Incoming::new(self.exit(), listener)
     }
 
     /// What this generation is doing: its pid, whether it is ready, whether an upgrade
-    /// runs now, and how the last one ended. The control socket's `status` command
-    /// answers with it.
+    /// runs now, whether an upgrade started it, and how the last one ended. The control
+    /// socket's `status` command answers with it.
     pub fn status(&self) -> Status {
-        let st = self.lock();
-        Status {
-            pid: std::process::id(),
-            ready: st.phase == Phase::Ready,
-            // While not ready, `busy` is ready() waiting for the commit.
-            upgrading: st.busy && st.phase != Phase::Starting,
-            started_by: self.parent.as_ref().map(|p| p.pid()),
-            last_upgrade: st.last_upgrade.clone(),
-        }
-    }
-
-    /// Whether this process should exit now (the exit fd is readable).
-    pub fn should_exit(&self) -> bool {
-        self.exit.fired()
-    }
-
-    /// Marks `ready()` busy waiting for the commit, with a cancel pipe for `stop()`.
-    /// `None` if there is nothing to do.
-    fn begin_ready(&self) -> Result<Option<OwnedFd>> {
-        let mut st = self.lock();
-        while st.busy {
-            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-        match st.phase {
-            Phase::Starting => {}
-            Phase::Ready | Phase::Upgraded => return Ok(None),
-            Phase::Stopped => return Err(Error::Stopped),
-        }
-        Ok(Some(self.set_busy(&mut st)?))
-    }
-
-    /// Checks that an upgrade may start, and marks it running.
-    fn begin_upgrade(&self) -> Result<OwnedFd> {
-        let mut st = self.lock();
-        match st.phase {
-            Phase::Starting => return Err(Error::NotReady),
-            Phase::Upgraded => return Err(Error::AlreadyUpgraded),
-            Phase::Stopped => return Err(Error::Stopped),
-            Phase::Ready => {}
-        }
-        if st.busy {
-            return Err(Error::UpgradeInProgress);
-        }
-        if let Some(p) = self.parent.as_ref().filter(|_| !self.upgrade_during_drain) {
-            if !p.gone_by(Some(std::time::Instant::now()))? {
-                return Err(Error::ParentAlive { pid: p.pid() });
-            }
-        }
-        self.set_busy(&mut st)
-    }
-
-    fn set_busy(&self, st: &mut State) -> Result<OwnedFd> {
-        let (cancel_rd, cancel_wr) = os::pipe().map_err(|e| Error::io("pipe2", None, e))?;
-        st.cancel = Some(cancel_wr);
-        st.busy = true;
-        Ok(cancel_rd)
-    }
-
-    /// Ends a busy operation; returns the state, still locked.
-    fn end_busy(&self) -> MutexGuard<'_, State> {
-        let mut st = self.lock();
-        st.busy = false;
-        st.cancel = None;
-        self.changed.notify_all();
-        st
-    }
-
-    /// This generation takes over: `alone` when no parent committed to it (a first
-    /// start, or a parent that died undecided).
-    fn take_over(&self, alone: bool) -> Result<Adoption> {
-        if let Some(path) = &self.pid_file {
-            // The parent rolls back.
-            crate::pidfile::write(path, std::process::id())
-                .map_err(|e| pid_file_failed(self.parent.as_ref(), path, e))?;
-        }
-        if let Some(n) = self.notify.as_ref().filter(|_| alone) {
-            n.ready_alone();
-        }
-        if let Some(parent) = &self.parent {
-            parent.confirm();
-        }
-        drop(lock(&self.state_in).take());
-        let (adoption, closed) = self.fds.close_unused();
-        if let Some(n) = self.notify.as_ref().filter(|_| self.fd_store) {
-            self.keep_in_store(n, &closed);
-        }
-        Ok(adoption)
-    }
-
-    /// The fd store follows this generation: what it closed out, what it uses in (in
-    /// that order: a socket group that shrank keeps its name).
-    fn keep_in_store(&self, n: &Notifier, closed: &[(crate::wire::Key, crate::wire::Extra)]) {
-        let mut gone: Vec<String> = closed
-            .iter()
-            .filter_map(|(key, extra)| systemd::store_name(key, *extra))
-            .collect();
-        gone.sort();
-        gone.dedup();
-        for name in &gone {
-            n.unstore(name);
-        }
-        self.fds.with_passed(|passed| {
-            let kept: Vec<(String, BorrowedFd<'_>)> = passed
-                .iter()
-                .filter_map(|(fd, key, extra)| Some((systemd::store_name(key, *extra)?, *fd)))
-                .collect();
-            n.store(&kept);
-        });
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
+        self.0.status()
     }
 }
-
-impl Drop for Upgrader {
-    fn drop(&mut self) {
-        self.stop();
-        ALIVE.store(false, Ordering::SeqCst);
-    }
-}
-
-/// What this process inherits: from the previous generation, or else from systemd's
-/// socket activation.
-fn inherited() -> Result<Inheritance> {
-    let mut inheritance = inherit::from_env()?;
-    if inheritance.parent.is_none() {
-        inheritance.fds = systemd::activated()?;
-    }
-    Ok(inheritance)
-}
-
-/// The pid file at `path` cannot be checked or written: the error, which the previous
-/// generation (if any) is also told as the reason this one gives up.
-fn pid_file_failed(parent: Option<&Parent>, path: &Path, source: io::Error) -> Error {
-    let err = Error::PidFile {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(parent) = parent {
-        parent.fail(&err.to_string());
-    }
-    err
-}
-
-/// A lock that survives a panic of another holder: every state guarded here stays
-/// consistent between statements.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// What [`Upgrader::wait_readable`] saw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wake {
-    /// The fd is readable: accept (without blocking) until `WouldBlock`.
-    Readable,
-    /// This process should exit: stop accepting, finish what is in flight.
-    Exit,
-    /// The timeout passed.
-    TimedOut,
-}
-
-/// An owned handle on the exit notification, from [`Upgrader::exit_handle`]: readable
-/// once the process should exit. It outlives the `Upgrader` (then it is readable).
-#[derive(Debug)]
-pub struct ExitHandle {
-    fd: OwnedFd,
-}
-
-impl ExitHandle {
-    /// Blocks until the process should exit.
-    pub fn wait(&self) {
-        while os::readable(self.fd.as_fd(), None).is_err() {
-            // poll on a valid fd fails only for lack of memory: back off, retry.
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Whether the process should exit now.
-    pub fn fired(&self) -> bool {
-        matches!(
-            os::readable(self.fd.as_fd(), Some(std::time::Instant::now())),
-            Ok(true)
-        )
-    }
-}
-
-impl AsFd for ExitHandle {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-}
-
-impl AsRawFd for ExitHandle {
-    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-impl From<ExitHandle> for OwnedFd {
-    fn from(handle: ExitHandle) -> OwnedFd {
-        handle.fd
-    }
-}
-
-/// The exit notification: a pipe whose only write end is closed when this process
-/// should exit, so the read end is readable (EOF) for every waiter from then on.
-#[derive(Debug)]
-struct ExitSignal {
-    rd: OwnedFd,
-    wr: Mutex<Option<OwnedFd>>,
-}
-
-impl ExitSignal {
-    fn new() -> Result<ExitSignal> {
-        let (rd, wr) = os::pipe().map_err(|e| Error::io("pipe2", None, e))?;
-        Ok(ExitSignal {
-            rd,
-            wr: Mutex::new(Some(wr)),
-        })
-    }
-
-    fn fire(&self) {
-        drop(lock(&self.wr).take());
-    }
-
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.rd.as_fd()
-    }
-
-    fn fired(&self) -> bool {
-        matches!(
-            os::readable(self.rd.as_fd(), Some(std::time::Instant::now())),
-            Ok(true)
-        )
-    }
-
-    fn wait(&self) {
-        loop {
-            match os::readable(self.rd.as_fd(), None) {
-                Ok(true) => return,
-                Ok(false) => {}
-                // poll on a valid fd fails only for lack of memory: back off, retry.
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
-    }
-
-    /// Waits for the exit notification, `fd` readable, or the timeout.
-    fn wait_with(&self, fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Wake {
-        let deadline = os::deadline(timeout);
-        loop {
-            match os::poll_in(&[self.rd.as_fd(), fd], deadline) {
-                Ok(ready) if ready[0] => return Wake::Exit,
-                Ok(ready) if ready[1] => return Wake::Readable,
-                Ok(_) if os::left(deadline) == Some(Duration::ZERO) => return Wake::TimedOut,
-                Ok(_) => {}
-                Err(_) => std::thread::sleep(Duration::from_millis(10)),
-            }
-        }
-    }
-}
-
-// An Upgrader is shared between the serving threads and the one that upgrades.
-const _: () = {
-    const fn is_send_sync<T: Send + Sync>() {}
-    is_send_sync::<Upgrader>();
-    is_send_sync::<Options>();
-};

@@ -227,7 +227,9 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 fn the_functions_allowed_over_the_limit_are_the_long_ones() {
     let lengths = function_lengths();
     assert!(
-        lengths.iter().any(|(name, _)| name == "child::child_main"),
+        lengths
+            .iter()
+            .any(|(name, _)| name.ends_with("child::child_main")),
         "the scan of src/ found no child::child_main: {lengths:?}"
     );
     let mut found = 0;

@@ -54,7 +54,7 @@ fn state_size_is_bounded() {
     let _lock = util::fork_lock();
     let upg = Upgrader::new(Options::new()).unwrap();
     let too_big = vec![7u8; MAX_STATE_SIZE as usize + 1];
-    match upg.set_state(&too_big) {
+    match upg.fds().set_state(&too_big) {
         Err(Error::StateTooLarge { size, max }) => {
             assert_eq!(size, MAX_STATE_SIZE + 1);
             assert_eq!(max, 64 << 20);
@@ -62,9 +62,11 @@ fn state_size_is_bounded() {
         other => panic!("expected StateTooLarge, got {other:?}"),
     }
     drop(too_big);
-    upg.set_state(&vec![7u8; MAX_STATE_SIZE as usize]).unwrap();
+    upg.fds()
+        .set_state(&vec![7u8; MAX_STATE_SIZE as usize])
+        .unwrap();
     // Nothing was handed to this process.
-    assert_eq!(upg.take_state().unwrap(), None);
+    assert_eq!(upg.fds().take_state().unwrap(), None);
 }
 
 #[test]

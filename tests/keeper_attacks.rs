@@ -108,7 +108,7 @@ mod suite {
         listener.set_nonblocking(true).unwrap();
         let u = Arc::clone(&upg);
         let server = std::thread::spawn(move || {
-            while u.wait_readable(&listener, None) == Wake::Readable {
+            while u.exit().wait_readable(&listener, None) == Wake::Readable {
                 while let Ok((mut conn, _)) = listener.accept() {
                     let _ = conn.set_nonblocking(false);
                     let _ = writeln!(conn, "pid={}", std::process::id());

@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tableflip::{Error, Fds, SeqpacketListener};
+use tableflip::{Error, Options, SeqpacketListener, Upgrader};
 
 fn scratch(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -41,7 +41,8 @@ fn errors_show_the_os_reason_once_and_name_the_address() {
     let dir = scratch("errors");
     let path = dir.join("busy.sock");
     let _live = UnixListener::bind(&path).unwrap();
-    let fds = Fds::standalone();
+    let fds_upg = standalone();
+    let fds = fds_upg.fds();
     let err = fds.listen::<UnixListener>(path.as_path()).unwrap_err();
     assert!(matches!(err, Error::Listen { .. }), "{err:?}");
     let shown = err.to_string();
@@ -63,7 +64,8 @@ fn errors_show_the_os_reason_once_and_name_the_address() {
 #[test]
 fn a_stale_socket_file_is_replaced_and_nothing_else_is_touched() {
     let dir = scratch("stale");
-    let fds = Fds::standalone();
+    let fds_upg = standalone();
+    let fds = fds_upg.fds();
 
     // Left by a process that died: std does not unlink on drop.
     let stale = dir.join("stale.sock");
@@ -130,7 +132,8 @@ fn a_stale_socket_file_is_replaced_and_nothing_else_is_touched() {
 fn seqpacket_listeners_keep_message_boundaries_and_can_be_added() {
     let dir = scratch("seqpacket");
     let path = dir.join("p.sock");
-    let fds = Fds::standalone();
+    let fds_upg = standalone();
+    let fds = fds_upg.fds();
     let ln = fds.listen::<SeqpacketListener>(path.as_path()).unwrap();
     let client = rustix::net::socket(
         rustix::net::AddressFamily::UNIX,
@@ -152,7 +155,8 @@ fn seqpacket_listeners_keep_message_boundaries_and_can_be_added() {
     assert!(fds.listen::<UnixListener>(path.as_path()).is_err());
 
     // One made elsewhere is registered as what it is.
-    let other = Fds::standalone();
+    let other_upg = standalone();
+    let other = other_upg.fds();
     other.add(&ln).unwrap();
     let found = other.listen::<SeqpacketListener>(path.as_path()).unwrap();
     assert_eq!(inode(found.as_fd()), inode(ln.as_fd()));
@@ -166,7 +170,8 @@ fn inode(fd: BorrowedFd<'_>) -> u64 {
 #[test]
 fn an_empty_path_lets_the_kernel_choose_each_name() {
     use std::os::linux::net::SocketAddrExt;
-    let fds = Fds::standalone();
+    let fds_upg = standalone();
+    let fds = fds_upg.fds();
     let a = fds.listen::<UnixListener>("").unwrap();
     let b = fds.listen::<UnixListener>("").unwrap();
     let d = fds.listen::<UnixDatagram>("").unwrap();
@@ -186,7 +191,8 @@ fn an_empty_path_lets_the_kernel_choose_each_name() {
 
 #[test]
 fn per_call_setup_runs_for_a_new_socket_only() {
-    let fds = Fds::standalone();
+    let fds_upg = standalone();
+    let fds = fds_upg.fds();
     let calls = AtomicUsize::new(0);
     let ln = fds
         .listen_with::<TcpListener>("127.0.0.1:0", |fd| {
@@ -221,17 +227,19 @@ fn per_call_setup_runs_for_a_new_socket_only() {
 /// The setup function runs without the registry's lock: it may use the registry.
 #[test]
 fn per_call_setup_may_use_the_registry() {
-    let fds = Arc::new(Fds::standalone());
+    let upg = Arc::new(standalone());
     let (tx, rx) = mpsc::channel();
-    let f = Arc::clone(&fds);
+    let f = Arc::clone(&upg);
     std::thread::spawn(move || {
         let inner = Arc::clone(&f);
-        let result = f.listen_with::<TcpListener>("127.0.0.1:0", move |fd| {
-            let _ = format!("{inner:?} {:?}", inner.inherited());
-            let _ = inner.listen::<UdpSocket>("127.0.0.1:0");
-            let _ = fd.as_raw_fd();
-            Ok(())
-        });
+        let result = f
+            .fds()
+            .listen_with::<TcpListener>("127.0.0.1:0", move |fd| {
+                let _ = format!("{:?} {:?}", inner.fds(), inner.fds().inherited());
+                let _ = inner.fds().listen::<UdpSocket>("127.0.0.1:0");
+                let _ = fd.as_raw_fd();
+                Ok(())
+            });
         let _ = tx.send(result.is_ok());
     });
     assert_eq!(
@@ -246,7 +254,8 @@ fn standalone_registries_work_side_by_side() {
     let threads: Vec<_> = (0..8)
         .map(|_| {
             std::thread::spawn(|| {
-                let fds = Fds::standalone();
+                let fds_upg = standalone();
+                let fds = fds_upg.fds();
                 let ln = fds.listen::<TcpListener>("127.0.0.1:0").unwrap();
                 assert!(fds.inherited().is_empty());
                 ln.local_addr().unwrap().port()
@@ -256,4 +265,9 @@ fn standalone_registries_work_side_by_side() {
     for t in threads {
         assert_ne!(t.join().unwrap(), 0);
     }
+}
+
+/// A registry of its own (an `Upgrader` for tests): any number at once.
+fn standalone() -> Upgrader {
+    Upgrader::standalone(Options::new()).unwrap()
 }

@@ -11,8 +11,8 @@ use rustix::io::Errno;
 use rustix::net::{AddressFamily, SocketType};
 
 use crate::error::{Error, Result};
-use crate::os;
-use crate::socket;
+use crate::sys::os;
+use crate::sys::socket;
 use crate::unix_addr::UnixAddr;
 
 // ---- The client ------------------------------------------------------------------------
@@ -298,7 +298,7 @@ fn believe(addr: &UnixAddr, uid: u32, gid: u32, server_uid: Option<u32>) -> Resu
     if owner != uid {
         return Err(format!("the socket file belongs to uid {owner}"));
     }
-    let dir = crate::safe_dir::dir_of(path);
+    let dir = crate::sys::safe_dir::dir_of(path);
     let st = rustix::fs::stat(dir).map_err(|e| {
         format!(
             "cannot look at the socket's directory {}: {}",
@@ -306,7 +306,7 @@ fn believe(addr: &UnixAddr, uid: u32, gid: u32, server_uid: Option<u32>) -> Resu
             io::Error::from(e)
         )
     })?;
-    match crate::safe_dir::others_can_write(&st, &[uid, me], gid) {
+    match crate::sys::safe_dir::others_can_write(&st, &[uid, me], gid) {
         None => Ok(()),
         Some(why) => Err(format!(
             "its directory {} is not the service's own: {why}, so another user could have \

@@ -5,7 +5,7 @@ use std::os::unix::io::OwnedFd;
 use std::time::UNIX_EPOCH;
 
 use crate::error::{clip, Result};
-use crate::os;
+use crate::sys::os;
 
 // ---- Requests and answers --------------------------------------------------------------
 

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use rustix::io::Errno;
 
 use crate::error::{Error, Result};
-use crate::os;
-use crate::socket;
+use crate::sys::os;
+use crate::sys::socket;
 use crate::unix_addr::UnixAddr;
 use crate::upgrader::Upgrader;
 
@@ -151,7 +151,7 @@ impl Server {
             let mut pending: Vec<Pending> = Vec::new();
             let result = loop {
                 let accepting = pending.len() < MAX_PENDING;
-                let mut fds = vec![upg.exit_fd()];
+                let mut fds = vec![upg.exit().as_fd()];
                 if accepting {
                     fds.push(self.listener.as_fd());
                 }

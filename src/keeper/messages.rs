@@ -18,7 +18,7 @@ use super::procs::{self, Verified};
 use super::state::State;
 use super::store::{self, Store};
 use crate::error::clip;
-use crate::systemd::SUCCESSOR_FIELD;
+use crate::sys::systemd::SUCCESSOR_FIELD;
 
 /// At most this many rejection lines per [`COMPLAINT_WINDOW`].
 const COMPLAINTS: u32 = 20;
@@ -340,7 +340,7 @@ impl State {
 /// non-blocking, with the senders' credentials. Returns it and its
 /// `$NOTIFY_SOCKET`.
 pub(super) fn notify_socket(pid: u32) -> io::Result<(OwnedFd, String)> {
-    let fd = crate::socket::new_socket(AddressFamily::UNIX, SocketType::DGRAM)?;
+    let fd = crate::sys::socket::new_socket(AddressFamily::UNIX, SocketType::DGRAM)?;
     rustix::io::ioctl_fionbio(&fd, true)?;
     rustix::net::sockopt::set_socket_passcred(&fd, true)?;
     let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&fd, 1 << 20);

@@ -96,13 +96,13 @@ impl Verified {
 
     /// Waits at most `limit` for the process to exit, then [`reap_or_peek`](Self::reap_or_peek).
     pub(super) fn wait_exit(&self, limit: std::time::Duration) -> Option<ExitStatus> {
-        let deadline = crate::os::deadline(Some(limit));
+        let deadline = crate::sys::os::deadline(Some(limit));
         match &self.pidfd {
             Some(fd) => {
-                let _ = crate::os::readable(fd.as_fd(), deadline);
+                let _ = crate::sys::os::readable(fd.as_fd(), deadline);
             }
             None => {
-                while !self.exited() && crate::os::left(deadline) != Some(Default::default()) {
+                while !self.exited() && crate::sys::os::left(deadline) != Some(Default::default()) {
                     std::thread::sleep(std::time::Duration::from_millis(1));
                 }
             }

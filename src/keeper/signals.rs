@@ -53,7 +53,7 @@ fn errno_ptr() -> *mut libc::c_int {
 /// Installs the handler for `signals` and unblocks them in the calling thread (so that
 /// at least one thread takes them whatever the others block).
 pub(super) fn install(signals: &[libc::c_int]) -> io::Result<SignalPipe> {
-    let (read, write) = crate::os::pipe()?;
+    let (read, write) = crate::sys::os::pipe()?;
     for fd in [&read, &write] {
         rustix::io::ioctl_fionbio(fd, true)?;
     }
@@ -97,7 +97,7 @@ impl SignalPipe {
     pub(super) fn take(&self) -> Vec<libc::c_int> {
         let mut out = Vec::new();
         let mut buf = [0u8; 64];
-        while let Ok(n @ 1..) = crate::os::read(&self.read, &mut buf) {
+        while let Ok(n @ 1..) = crate::sys::os::read(&self.read, &mut buf) {
             out.extend(buf[..n].iter().map(|&b| libc::c_int::from(b)));
         }
         out

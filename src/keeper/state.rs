@@ -18,9 +18,9 @@ use super::signals::{self, SignalPipe};
 use super::store::{self, Store};
 use super::{Keeper, VAR};
 use crate::error::{Error, Result};
-use crate::os;
-use crate::spawn::{PidVar, Program};
-use crate::systemd::Notifier;
+use crate::sys::os;
+use crate::sys::spawn::{PidVar, Program};
+use crate::sys::systemd::Notifier;
 
 /// The signals the keeper forwards to the main generation.
 const FORWARDED: [libc::c_int; 6] = [
@@ -121,9 +121,9 @@ impl State {
         };
         // Sockets systemd passed to the keeper (socket activation) go to the
         // generations.
-        for i in crate::systemd::activated()? {
-            let name =
-                crate::systemd::store_name(&i.key, i.extra).unwrap_or_else(|| i.key.key_text());
+        for i in crate::sys::systemd::activated()? {
+            let name = crate::sys::systemd::store_name(&i.key, i.extra)
+                .unwrap_or_else(|| i.key.key_text());
             let name = match store::check_name(&name) {
                 Ok(()) => name,
                 Err(_) => store::DEFAULT_NAME.to_string(),

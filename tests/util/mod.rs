@@ -642,14 +642,14 @@ pub fn scenario(name: &str) -> ! {
     // The process then exits as soon as that thread is done, as a program whose `main`
     // ends with that task would: the upgrade threads are not waited for.
     let exit_waiter = env("TF_EXIT_WAITER").map(|_| {
-        let handle = upg.exit_handle().unwrap();
+        let handle = upg.exit().try_clone().unwrap();
         let u = Arc::clone(&upg);
         std::thread::spawn(move || {
             handle.wait();
             let last = u.status().last_upgrade.map(|l| l.result);
             say(format!(
                 "exit-waiter upgraded={} new_pid={}",
-                u.upgraded(),
+                u.exit().upgraded(),
                 match last {
                     Some(Ok(pid)) => pid.to_string(),
                     Some(Err(e)) => format!("error:{}", e.kind),
@@ -673,14 +673,14 @@ pub fn scenario(name: &str) -> ! {
     // over N bytes of our own (see `state_bytes`).
     if let Some(n) = env("TF_STATE_BYTES") {
         if !has("nostate") {
-            match upg.take_state() {
+            match upg.fds().take_state() {
                 Ok(Some(b)) => say(format!("state len={} sum={}", b.len(), checksum(&b))),
                 Ok(None) => say("state none"),
                 Err(e) => say(format!("state-error {}", describe(&e))),
             }
         }
         let bytes = state_bytes(std::process::id(), n.parse().unwrap());
-        match upg.set_state(&bytes) {
+        match upg.fds().set_state(&bytes) {
             Ok(()) => say("state-set ok"),
             Err(e) => say(format!("state-set {}", describe(&e))),
         }
@@ -950,7 +950,7 @@ pub fn scenario(name: &str) -> ! {
 /// A poll loop around `Server::serve_one`, until the exit fd fires.
 fn serve_one_by_one(server: &tableflip::control::Server, upg: &Upgrader) -> tableflip::Result<()> {
     loop {
-        match upg.wait_readable(server, None) {
+        match upg.exit().wait_readable(server, None) {
             tableflip::Wake::Exit => return Ok(()),
             _ => {
                 server.serve_one(upg)?;
@@ -968,7 +968,7 @@ fn serve(upg: &Upgrader, listeners: &[std::net::TcpListener]) {
         let mut pfds: Vec<libc::pollfd> = listeners
             .iter()
             .map(|l| l.as_raw_fd())
-            .chain([upg.exit_fd().as_raw_fd()])
+            .chain([upg.exit().as_raw_fd()])
             .map(|fd| libc::pollfd {
                 fd,
                 events: libc::POLLIN,
@@ -1009,27 +1009,27 @@ fn api_checks(upg: &Upgrader) {
     upg.ready().unwrap();
     let again = upg.ready();
     say(format!("ready-again ok={}", again.is_ok()));
-    say(format!("should-exit before-stop={}", upg.should_exit()));
+    say(format!("should-exit before-stop={}", upg.exit().fired()));
     // The helpers for accept loops, before and after the exit notification.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let handle = upg.exit_handle().unwrap();
+    let handle = upg.exit().try_clone().unwrap();
     let short = Some(Duration::from_millis(20));
-    let idle = upg.wait_readable(&listener, short);
+    let idle = upg.exit().wait_readable(&listener, short);
     let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let pending = upg.wait_readable(&listener, short);
+    let pending = upg.exit().wait_readable(&listener, short);
     say(format!(
         "wait before-stop idle={idle:?} pending={pending:?} handle-fired={}",
         handle.fired()
     ));
     upg.stop();
-    say(format!("should-exit after-stop={}", upg.should_exit()));
+    say(format!("should-exit after-stop={}", upg.exit().fired()));
     handle.wait();
     say(format!(
         "wait after-stop pending={:?} handle-fired={}",
-        upg.wait_readable(&listener, None),
+        upg.exit().wait_readable(&listener, None),
         handle.fired()
     ));
-    upg.wait_for_exit();
+    upg.exit().wait();
     let r = upg.upgrade();
     say(format!(
         "upgrade-after-stop {}",

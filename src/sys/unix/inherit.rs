@@ -8,8 +8,8 @@ use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::adoption::InheritedFd;
 use crate::error::{clip, Error, Result};
-use crate::handshake;
-use crate::wire::{self, Extra, Key};
+use crate::sys::handshake;
+use crate::sys::wire::{self, Extra, Key};
 
 /// An inherited fd not yet taken.
 #[derive(Debug)]
@@ -134,7 +134,7 @@ pub(crate) fn adopt(
         })
         .collect();
     // Close-on-exec again, in one close_range per run of consecutive fds.
-    crate::batch::set_cloexec(adopted.iter().map(|e| e.fd.as_raw_fd()))
+    crate::sys::batch::set_cloexec(adopted.iter().map(|e| e.fd.as_raw_fd()))
         .map_err(|e| Error::io("fcntl(F_SETFD, FD_CLOEXEC)", None, e))?;
     Ok(adopted)
 }

@@ -1,5 +1,5 @@
 //! Starting the next generation: everything prepared before the fork, then
-//! [`child::spawn`](crate::child::spawn).
+//! [`child::spawn`](crate::sys::child::spawn).
 
 use std::ffi::{CString, OsString};
 use std::io;
@@ -8,10 +8,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 
-use crate::child::{self, ChildArgs, Step};
 use crate::error::{Error, Result};
-use crate::process::Child;
-use crate::wire;
+use crate::sys::child::{self, ChildArgs, Step};
+use crate::sys::process::Child;
+use crate::sys::wire;
 
 /// Variables that describe fds for this process only and must not reach the next one.
 const NOT_INHERITED: &[&str] = &[wire::VAR, "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
@@ -161,7 +161,7 @@ fn error_pipe_and_scratch(
     fds: &[RawFd],
     moves: &[[RawFd; 2]],
 ) -> Result<(OwnedFd, OwnedFd, RawFd)> {
-    let (err_rd, err_wr) = crate::os::pipe().map_err(|e| Error::io("pipe2", None, e))?;
+    let (err_rd, err_wr) = crate::sys::os::pipe().map_err(|e| Error::io("pipe2", None, e))?;
     // (The first copy is closed here: a write end left open in this process would
     // keep the parent's read from ever seeing EOF.)
     let err_wr = match moves.iter().map(|[_, to]| *to).max() {
@@ -270,7 +270,7 @@ fn exec_failure(err_rd: std::os::unix::io::OwnedFd) -> Option<(Option<Step>, i32
     let mut report = [0u8; 8];
     let mut got = 0;
     while got < report.len() {
-        match crate::os::read(&err_rd, &mut report[got..]) {
+        match crate::sys::os::read(&err_rd, &mut report[got..]) {
             Ok(0) | Err(_) => break,
             Ok(n) => got += n,
         }

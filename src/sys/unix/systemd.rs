@@ -16,9 +16,9 @@ use rustix::io::Errno;
 use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketType};
 
 use crate::error::{Error, Result};
-use crate::inherit::{self, Inherited};
-use crate::socket;
-use crate::wire::{self, Extra, Key};
+use crate::sys::inherit::{self, Inherited};
+use crate::sys::socket;
+use crate::sys::wire::{self, Extra, Key};
 
 /// The longest the commit message may wait for room in systemd's queue.
 const COMMIT_WAIT: Duration = Duration::from_secs(1);

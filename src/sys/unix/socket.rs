@@ -11,14 +11,10 @@ use std::path::{Path, PathBuf};
 use rustix::fs::FileType;
 use rustix::net::{AddressFamily, SocketAddrAny, SocketAddrUnix, SocketType};
 
+use crate::sys::wire::{FileId, Key};
 use crate::unix_addr::UnixAddr;
-use crate::wire::{FileId, Key};
 
-/// Called on a socket the registry creates, after `socket()` and before `bind()`.
-pub(crate) type Hook = dyn Fn(BorrowedFd<'_>) -> io::Result<()> + Send + Sync;
-
-/// [`Options::before_bind`](crate::Options::before_bind): called on every such socket.
-pub(crate) type BeforeBind = std::sync::Arc<Hook>;
+pub(crate) use crate::options::{BeforeBind, Hook};
 
 /// A new close-on-exec socket.
 pub(crate) fn new_socket(family: AddressFamily, ty: SocketType) -> io::Result<OwnedFd> {

@@ -80,7 +80,7 @@ impl Step {
 }
 
 /// Width of [`ChildArgs::pid_slot`].
-const PID_WIDTH: usize = crate::wire::PID_WIDTH;
+const PID_WIDTH: usize = crate::sys::wire::PID_WIDTH;
 
 /// Stack for the vfork-style child. It only calls a handful of libc wrappers.
 #[cfg(any(target_os = "linux", target_os = "android"))]

@@ -69,7 +69,7 @@ pub(crate) fn write(path: &Path, pid: u32) -> io::Result<()> {
 
 /// Checks the directory the pid file `path` goes in: it exists, it is a directory, and
 /// nobody but root and this process's user (and its primary group, see
-/// [`others_can_write`](crate::safe_dir::others_can_write)) can write to it. Otherwise
+/// [`others_can_write`](crate::sys::safe_dir::others_can_write)) can write to it. Otherwise
 /// another user could take the pid file's name, or its temporary name, first. The error
 /// is the OS error (`ENOENT`, `ENOTDIR`, ...), or says why the directory is not safe.
 pub(crate) fn check_dir(path: &Path) -> io::Result<()> {
@@ -125,7 +125,7 @@ fn names(dirfd: BorrowedFd<'_>, name: &OsStr, pid: u32) -> io::Result<bool> {
         return Ok(false);
     }
     let mut buf = [0u8; 24];
-    let n = crate::os::read(&fd, &mut buf)?;
+    let n = crate::sys::os::read(&fd, &mut buf)?;
     Ok(buf[..n] == *format!("{pid}\n").as_bytes())
 }
 
@@ -137,7 +137,7 @@ fn open_dir(path: &Path) -> io::Result<(Dir, &OsStr)> {
             "the pid file path has no file name",
         )
     })?;
-    let dir_path = crate::safe_dir::dir_of(path);
+    let dir_path = crate::sys::safe_dir::dir_of(path);
     let fd = rustix::fs::open(
         dir_path,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -148,7 +148,7 @@ fn open_dir(path: &Path) -> io::Result<(Dir, &OsStr)> {
         rustix::process::geteuid().as_raw(),
         rustix::process::getegid().as_raw(),
     );
-    if let Some(why) = crate::safe_dir::others_can_write(&st, &[uid], gid) {
+    if let Some(why) = crate::sys::safe_dir::others_can_write(&st, &[uid], gid) {
         let who = match uid {
             0 => "root".to_string(),
             uid => format!("root and uid {uid}"),

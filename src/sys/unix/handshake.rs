@@ -43,10 +43,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::{clip, Error, Result, WaitingFor};
-use crate::os;
-use crate::process::Child;
-use crate::spawn::{PidVar, Program};
-use crate::wire::{self, Extra, Key};
+use crate::sys::os;
+use crate::sys::process::Child;
+use crate::sys::spawn::{PidVar, Program};
+use crate::sys::wire::{self, Extra, Key};
 
 /// The child is ready (its first report).
 const READY: u8 = b'R';

@@ -97,12 +97,12 @@ impl Child {
             if let Some(status) = self.try_reap()? {
                 return Ok(Ok(status));
             }
-            if crate::os::left(deadline) == Some(Duration::ZERO) {
+            if crate::sys::os::left(deadline) == Some(Duration::ZERO) {
                 return Ok(Err(self));
             }
             match self.exit_fd() {
                 Some(fd) => {
-                    let _ = crate::os::readable(fd, deadline);
+                    let _ = crate::sys::os::readable(fd, deadline);
                 }
                 // No pidfd: look again after a short sleep. Only reached on systems
                 // without pidfd, once the child has closed its end of the handshake.

@@ -6,8 +6,7 @@ use std::os::unix::io::{AsRawFd, BorrowedFd, OwnedFd};
 
 use crate::error::{Error, Result};
 
-/// The largest state [`Upgrader::set_state`](crate::Upgrader::set_state) accepts: 64 MiB.
-pub const MAX_STATE_SIZE: u64 = 64 << 20;
+use crate::fds::MAX_STATE_SIZE;
 
 /// Copies `bytes` into a new close-on-exec file that is only ever read afterwards.
 pub(crate) fn store(bytes: &[u8]) -> Result<OwnedFd> {
