@@ -120,8 +120,8 @@ pub enum Error {
         /// The OS error.
         source: io::Error,
     },
-    /// The state given to [`Upgrader::set_state`](crate::Upgrader::set_state), or found by
-    /// [`Upgrader::take_state`](crate::Upgrader::take_state), is larger than the bound.
+    /// The state given to [`Fds::set_state`](crate::Fds::set_state), or found by
+    /// [`Fds::take_state`](crate::Fds::take_state), is larger than the bound.
     StateTooLarge {
         /// Its size in bytes.
         size: u64,
@@ -190,7 +190,7 @@ pub enum Error {
     /// fails with this. On Unix only what needs Linux does
     /// ([`Keeper::run`](crate::Keeper::run) on macOS and FreeBSD).
     Unsupported {
-        /// What was called: `"Upgrader::new"`, `"Fds::listen_tcp"`, `"Keeper::run"`, ...
+        /// What was called: `"Upgrader::new"`, `"Fds::listen"`, `"Keeper::run"`, ...
         op: &'static str,
         /// What it needs: `"Unix"`, `"Linux"`.
         needs: &'static str,

@@ -74,6 +74,7 @@ impl Exit {
     /// wins a tie, so a generation stops accepting as soon as it is told.
     /// [`Upgrader::incoming`](crate::Upgrader::incoming) is the accept loop built on it.
     #[cfg(unix)]
+    #[cfg_attr(docsrs, doc(cfg(unix)))]
     pub fn wait_readable(&self, fd: impl AsFd, timeout: Option<Duration>) -> Wake {
         self.0.wait_readable(fd.as_fd(), timeout)
     }
@@ -128,6 +129,7 @@ const BATCH: usize = 64;
 /// The connections accepted from a listener until the exit notification fires:
 /// [`Upgrader::incoming`](crate::Upgrader::incoming).
 #[cfg(unix)]
+#[cfg_attr(docsrs, doc(cfg(unix)))]
 pub struct Incoming<'a, L: Accept> {
     exit: &'a Exit,
     listener: &'a L,

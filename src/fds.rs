@@ -112,6 +112,7 @@ impl Fds {
     /// `ListenWithCallback`): socket options for this one socket. It runs only if a new
     /// socket is made, without the registry's lock held, so it may use the registry.
     #[cfg(unix)]
+    #[cfg_attr(docsrs, doc(cfg(unix)))]
     pub fn listen_with<S: Listen>(
         &self,
         addr: impl Address<S>,
@@ -124,6 +125,7 @@ impl Fds {
     /// `ListenWithCallback`). Here a `BorrowedSocket`, where Unix has a `BorrowedFd`, so
     /// that code written against std's sockets compiles on both.
     #[cfg(windows)]
+    #[cfg_attr(docsrs, doc(cfg(windows)))]
     pub fn listen_with<S: Listen>(
         &self,
         addr: impl Address<S>,
@@ -179,8 +181,9 @@ impl Fds {
     /// The registry keeps a duplicate; registering a name again replaces it.
     ///
     /// To move a connection that is in use when the upgrade starts, hand it over after
-    /// the upgrade instead (the [handover](crate::handover) channel).
+    /// the upgrade instead (the handover channel).
     #[cfg(unix)]
+    #[cfg_attr(docsrs, doc(cfg(unix)))]
     pub fn add_named<N: Named>(&self, name: &str, fd: &N) -> Result<()> {
         self.reg.add_named(name, fd)
     }
@@ -189,6 +192,7 @@ impl Fds {
     /// [`OwnedFd`](std::os::unix::io::OwnedFd) or [`File`](std::fs::File) takes what was registered as either; a
     /// connection is checked to be a connected socket of its family.
     #[cfg(unix)]
+    #[cfg_attr(docsrs, doc(cfg(unix)))]
     pub fn take_named<N: Named>(&self, name: &str) -> Result<Option<N>> {
         self.reg.take_named(name)
     }

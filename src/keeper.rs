@@ -50,9 +50,7 @@ use std::time::Duration;
 use crate::error::Error;
 use crate::error::Result;
 
-/// Set in the environment of every generation a keeper starts (and so inherited by
-/// their upgrades): its value is the keeper's pid.
-pub(crate) const VAR: &str = "TABLEFLIP_KEEPER";
+pub(crate) use crate::sys::systemd::KEEPER_VAR as VAR;
 
 /// A keeper for this service: call [`Keeper::run`] first thing in `main` when asked for
 /// one (the examples take `--keeper`).

@@ -93,12 +93,14 @@ pub trait Group: Listen {}
 /// `UnixStream`, or any `OwnedFd` or `File` (a pipe, a file, an eventfd, a socket of
 /// another kind). Sealed.
 #[cfg(unix)]
+#[cfg_attr(docsrs, doc(cfg(unix)))]
 pub trait Named: Sealed {}
 
 /// A listening socket that [`Upgrader::incoming`](crate::Upgrader::incoming) accepts
 /// from: [`TcpListener`] (accepting [`TcpStream`]s), `UnixListener` and
 /// [`SeqpacketListener`] (accepting `UnixStream`s). Sealed.
 #[cfg(unix)]
+#[cfg_attr(docsrs, doc(cfg(unix)))]
 pub trait Accept: sealed::Acceptor {
     /// What it accepts.
     type Stream: From<OwnedFd>;

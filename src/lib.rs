@@ -76,7 +76,7 @@
 //! 3. The old process keeps the new one on [probation](Options::probation) if asked,
 //!    then commits: it tells systemd the new main pid, and tells the new process, which
 //!    writes its pid file and confirms. The old process's `upgrade()` returns the new
-//!    pid, its [exit fd](Upgrader::exit_fd) becomes readable (just before: the new pid
+//!    pid, its [exit notification](Upgrader::exit) fires (just before: the new pid
 //!    is in [`Upgrader::status`] by then, for code that ends the process when the exit
 //!    fd fires), and it drains, [stops](Upgrader::stop) and exits. If the new process
 //!    exits, crashes or hangs instead (before the commit, or during the probation),
@@ -105,13 +105,13 @@
 //!   both generations share: setting a passed listener non-blocking in one generation
 //!   sets it in the other. Pick one mode for every generation (the examples use
 //!   non-blocking accept behind `poll`). The crate never changes it, except on a
-//!   [control socket](control)'s listener, which it makes non-blocking in every
-//!   generation.
+//!   listener you hand to [`Upgrader::incoming`] and on a control socket's listener,
+//!   which it makes non-blocking in every generation.
 //! - **Stopping a blocked `accept`.** Closing a listener does not wake a thread blocked
 //!   in `accept()` on it, and `shutdown()` would shut the socket for the new generation
 //!   too. Wait on the listener and the exit notification together
-//!   ([`Upgrader::wait_readable`], or [`Upgrader::exit_fd`] in your own event loop) and
-//!   accept only when the listener is readable, as the example above does.
+//!   and accept only when the listener is readable: [`Upgrader::incoming`] does, as the
+//!   example above shows ([`Exit`] is `AsFd`, for your own event loop).
 //! - **systemd.** The pid changes at every upgrade. When `$NOTIFY_SOCKET` is set the crate
 //!   speaks the notify protocol (`MAINPID=`, `READY=1`, `RELOADING=1`, `STOPPING=1`), and
 //!   the old process, still the main one, announces the new pid at the commit, so
@@ -138,12 +138,16 @@
 //!   fail) fails with [`Error::Unsupported`]; what takes Unix sockets or raw fds (the
 //!   control socket among them) is absent. See "Platforms" in the README.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod adoption;
-#[cfg(unix)]
+#[cfg(all(unix, feature = "control"))]
+#[cfg_attr(docsrs, doc(cfg(all(unix, feature = "control"))))]
 pub mod control;
 mod error;
 mod exit;
 mod fds;
+#[cfg(feature = "keeper")]
 mod keeper;
 mod kinds;
 mod options;
@@ -159,11 +163,15 @@ mod sys;
 pub use adoption::{Adoption, InheritedFd};
 pub use error::{Error, Result, WaitingFor};
 #[cfg(unix)]
+#[cfg_attr(docsrs, doc(cfg(unix)))]
 pub use exit::Incoming;
 pub use exit::{Exit, Wake};
 pub use fds::{Fds, MAX_STATE_SIZE};
+#[cfg(feature = "keeper")]
+#[cfg_attr(docsrs, doc(cfg(feature = "keeper")))]
 pub use keeper::Keeper;
 #[cfg(unix)]
+#[cfg_attr(docsrs, doc(cfg(unix)))]
 pub use kinds::{Accept, Named, SeqpacketListener};
 pub use kinds::{Address, Group, Listen};
 pub use options::Options;
@@ -172,7 +180,7 @@ pub use unix_addr::UnixAddr;
 pub use upgrader::Upgrader;
 
 /// The README's Rust examples, compiled and run as doctests (`no_run` ones compiled).
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "keeper", feature = "control"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 

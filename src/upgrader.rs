@@ -231,6 +231,7 @@ impl Upgrader {
     /// is yielded, and the next accept waits 10 ms; the iterator ends when the
     /// notification fires, or after an error setting the listener non-blocking.
     #[cfg(unix)]
+    #[cfg_attr(docsrs, doc(cfg(unix)))]
     pub fn incoming<'a, L: Accept>(&'a self, listener: &'a L) -> Incoming<'a, L> {
         Incoming::new(self.exit(), listener)
     }

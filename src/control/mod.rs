@@ -17,7 +17,7 @@
 //! # Serving
 //!
 //! The crate starts no thread of its own accord: run [`Server::serve`] on a thread of
-//! yours. It returns when the [exit notification](crate::Upgrader::exit_fd) fires. For a poll
+//! yours. It returns when the [exit notification](crate::Upgrader::exit) fires. For a poll
 //! loop there is [`Server::serve_one`] and [`AsFd`](std::os::unix::io::AsFd).
 //!
 //! The socket travels to the next generation like any other listener: [`Server::listen`]

@@ -137,7 +137,7 @@ impl Server {
     }
 
     /// Serves requests until this process should exit (the [exit
-    /// notification](Upgrader::exit_fd) fires), then answers the requests already
+    /// notification](Upgrader::exit) fires), then answers the requests already
     /// received and returns. An upgrade runs on a scoped thread that ends before
     /// `serve` returns (see [Concurrency](crate::control#concurrency)); the answer to the request
     /// that ended this generation is sent before `serve` returns, so join the thread

@@ -846,6 +846,7 @@ pub fn scenario(name: &str) -> ! {
     // once ready, with `TF_CONTROL_REQUEST_MS` as its request timeout,
     // `TF_CONTROL_MODE` (octal) as its file mode, `TF_CONTROL_ALLOW_UID` as one more uid
     // allowed; `TF_CONTROL_ONE` serves it with `serve_one` in a poll loop.
+    #[cfg(feature = "control")]
     let control = env("TF_CONTROL").and_then(|addr| {
         let addr = match addr.strip_prefix('@') {
             Some(name) => UnixAddr::abstract_name(name),
@@ -905,6 +906,7 @@ pub fn scenario(name: &str) -> ! {
         ));
     }
 
+    #[cfg(feature = "control")]
     let control = control.map(|server| {
         let u = Arc::clone(&upg);
         let one = env("TF_CONTROL_ONE").is_some();
@@ -926,6 +928,7 @@ pub fn scenario(name: &str) -> ! {
         std::process::exit(0);
     }
     // The control socket answers the request that ended this generation, then returns.
+    #[cfg(feature = "control")]
     if let Some(control) = control {
         let _ = control.join();
         say("control-done");
@@ -948,6 +951,7 @@ pub fn scenario(name: &str) -> ! {
 }
 
 /// A poll loop around `Server::serve_one`, until the exit fd fires.
+#[cfg(feature = "control")]
 fn serve_one_by_one(server: &tableflip::control::Server, upg: &Upgrader) -> tableflip::Result<()> {
     loop {
         match upg.exit().wait_readable(server, None) {

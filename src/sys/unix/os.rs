@@ -15,7 +15,7 @@ use rustix::io::Errno;
 /// application starts a process just then (`std::process::Command`, any fork + exec),
 /// that process keeps copies of them for as long as it runs. Every pipe of the crate
 /// signals by closing (EOF), so a leaked write end postpones that signal until the
-/// other process exits too: the exit notification ([`Upgrader::wait_for_exit`]), the
+/// other process exits too: the exit notification ([`Upgrader::exit`]), the
 /// lifeline a new generation watches for its parent's exit, the exec report that
 /// `upgrade()` waits for, and the handshake's ready and commit pipes (a child that
 /// dies before it reports is then found by the upgrade timeout rather than at once).
@@ -23,7 +23,7 @@ use rustix::io::Errno;
 /// while an `Upgrader` is created or an upgrade runs. FreeBSD and Linux have `pipe2`,
 /// and sockets are atomically close-on-exec there as well.
 ///
-/// [`Upgrader::wait_for_exit`]: crate::Upgrader::wait_for_exit
+/// [`Upgrader::exit`]: crate::Upgrader::exit
 pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     #[cfg(not(target_vendor = "apple"))]
     {
@@ -102,6 +102,7 @@ pub(crate) fn write_all(fd: impl AsFd, mut buf: &[u8]) -> io::Result<()> {
 /// `send(2)` on a socket until all of `buf` is sent, retried on `EINTR`, never raising
 /// `SIGPIPE`: `MSG_NOSIGNAL` where it exists; elsewhere (Apple) the caller sets
 /// `SO_NOSIGPIPE` on the socket.
+#[cfg_attr(not(feature = "control"), allow(dead_code))]
 pub(crate) fn send_all(fd: impl AsFd, mut buf: &[u8]) -> io::Result<()> {
     #[cfg(not(target_vendor = "apple"))]
     let flags = rustix::net::SendFlags::NOSIGNAL;

@@ -36,7 +36,7 @@ pub(crate) fn new_socket(family: AddressFamily, ty: SocketType) -> io::Result<Ow
     }
 }
 
-/// A per-call setup function (`Fds::listen_tcp_with` and friends).
+/// A per-call setup function (`Fds::listen_with`).
 pub(crate) type PerCall<'a> = &'a mut dyn FnMut(BorrowedFd<'_>) -> io::Result<()>;
 
 /// How the registry makes a socket: what to call between `socket()` and `bind()` (the
@@ -177,6 +177,7 @@ pub(crate) fn unix_sockaddr(addr: &UnixAddr) -> io::Result<SocketAddrUnix> {
 /// were when it called `connect(2)`, or `listen(2)` for the client's end of an accepted
 /// connection (`SO_PEERCRED`, `getpeereid(3)`). Both ends of the control socket check it.
 #[cfg(any(target_os = "linux", target_os = "android"))]
+#[cfg_attr(not(feature = "control"), allow(dead_code))]
 pub(crate) fn peer_ids(conn: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     let cred = rustix::net::sockopt::socket_peercred(conn)?;
     Ok((cred.uid.as_raw(), cred.gid.as_raw()))
@@ -190,6 +191,7 @@ pub(crate) fn peer_ids(conn: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     target_os = "netbsd",
     target_os = "dragonfly"
 ))]
+#[cfg_attr(not(feature = "control"), allow(dead_code))]
 pub(crate) fn peer_ids(conn: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     use std::os::unix::io::AsRawFd;
     let mut uid: libc::uid_t = 0;
@@ -214,6 +216,7 @@ pub(crate) fn peer_ids(conn: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     target_os = "netbsd",
     target_os = "dragonfly"
 )))]
+#[cfg_attr(not(feature = "control"), allow(dead_code))]
 pub(crate) fn peer_ids(_conn: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     Err(io::ErrorKind::Unsupported.into())
 }

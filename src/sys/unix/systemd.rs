@@ -20,6 +20,10 @@ use crate::sys::inherit::{self, Inherited};
 use crate::sys::socket;
 use crate::sys::wire::{self, Extra, Key};
 
+/// Set in the environment of every generation a keeper starts (and so inherited by
+/// their upgrades): its value is the keeper's pid.
+pub(crate) const KEEPER_VAR: &str = "TABLEFLIP_KEEPER";
+
 /// The longest the commit message may wait for room in systemd's queue.
 const COMMIT_WAIT: Duration = Duration::from_secs(1);
 
@@ -77,7 +81,7 @@ impl Notifier {
             socket,
             addr,
             target: target.to_string_lossy().into_owned(),
-            keeper: std::env::var_os(crate::keeper::VAR).is_some(),
+            keeper: std::env::var_os(KEEPER_VAR).is_some(),
             status_set: AtomicBool::new(false),
         })
     }
@@ -216,6 +220,7 @@ impl Notifier {
 
     /// Passes on what a keeper heard from its generations (best effort).
     #[cfg_attr(not(any(target_os = "linux", target_os = "android")), allow(dead_code))]
+    #[cfg_attr(not(feature = "keeper"), allow(dead_code))]
     pub(crate) fn relay(&self, msg: &str) {
         self.tell(msg);
     }
