@@ -201,11 +201,11 @@ fn run(
     let signals = Signals::new()?;
     let upg = Arc::new(Upgrader::new(options.pid_file(&pid_file))?);
 
-    // Inherited (from the previous generation, or a fd store) or bound now: the
-    // registry knows which.
-    let inherited = upg.fds().inherited().len();
-    let listener = upg.fds().listen::<TcpListener>(listen)?;
-    let inherited = upg.fds().inherited().len() < inherited;
+    // Inherited (from the previous generation, or a fd store), or bound now.
+    let (listener, inherited): (TcpListener, bool) = match upg.fds().take(listen)? {
+        Some(listener) => (listener, true),
+        None => (upg.fds().listen(listen)?, false),
+    };
     listener.set_nonblocking(true)?; // in every generation alike: the flag is shared
     log!(
         "listening on {} ({})",

@@ -218,11 +218,11 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         options = options.pid_file(path);
     }
     let upg = Arc::new(Upgrader::new(options)?);
-    // Inherited (from the previous generation, or a fd store) or bound now: the
-    // registry knows which.
-    let inherited = upg.fds().inherited().len();
-    let listener = upg.fds().listen::<TcpListener>(config.listen.as_str())?;
-    let inherited = upg.fds().inherited().len() < inherited;
+    // Inherited (from the previous generation, or a fd store), or bound now.
+    let (listener, inherited): (TcpListener, bool) = match upg.fds().take(config.listen.as_str())? {
+        Some(listener) => (listener, true),
+        None => (upg.fds().listen(config.listen.as_str())?, false),
+    };
     // The same mode in every generation: O_NONBLOCK is shared between them.
     listener.set_nonblocking(true)?;
     log!(

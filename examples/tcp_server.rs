@@ -63,7 +63,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use signals::{Asked, Signals};
-use tableflip::{control, Options, UnixAddr, Upgrader, Wake};
+use tableflip::{control, Options, UnixAddr, Upgrader};
 
 /// How long an exiting generation waits for its connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,9 +71,6 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// After replying, how long to wait for the client to close (see [`handle`]).
 const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
-/// Connections accepted per wake-up before the exit fd is looked at again: under a flood
-/// the listener never runs dry, and the old generation must still stop promptly.
-const ACCEPT_BATCH: usize = 64;
 
 const USAGE: &str = "usage: tcp_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--upgrade-timeout SECS] [--probation SECS] [--fd-store] \
@@ -252,13 +249,11 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     let upg = Arc::new(Upgrader::new(options)?);
     trace("new");
 
-    // Inherited (from the previous generation, or the keeper's or systemd's fd store),
-    // or bound now: the registry knows which.
-    let inherited = upg.fds().inherited().len();
-    let listener = upg.fds().listen::<TcpListener>(config.listen.as_str())?;
-    let inherited = upg.fds().inherited().len() < inherited;
-    // The same mode in every generation: the flag is shared with the other generation.
-    listener.set_nonblocking(true)?;
+    // Inherited (from the previous generation, or the keeper's or systemd's fd store), or bound now.
+    let (listener, inherited): (TcpListener, bool) = match upg.fds().take(config.listen.as_str())? {
+        Some(listener) => (listener, true),
+        None => (upg.fds().listen(config.listen.as_str())?, false),
+    };
     log!(
         "listening on {} ({})",
         listener.local_addr()?,
@@ -411,39 +406,19 @@ fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, requests: SyncSender
 
 /// Accepts connections until the upgrader's exit notification fires.
 fn serve(listener: &TcpListener, upg: &Upgrader, conns: &Arc<Connections>) {
-    // The exit notification is looked at first: once told to exit, accept nothing more
-    // (the next generation accepts from the same queue).
-    while upg.exit().wait_readable(listener, None) == Wake::Readable {
-        accept_batch(listener, conns);
-    }
-    trace("stopped-accepting");
-}
-
-fn accept_batch(listener: &TcpListener, conns: &Arc<Connections>) {
-    for _ in 0..ACCEPT_BATCH {
-        match listener.accept() {
-            Ok((conn, _peer)) => spawn_handler(conn, conns),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+    // Until the exit notification fires: then accept nothing more (the next generation
+    // accepts from the same queue).
+    for conn in upg.incoming(listener) {
+        match conn {
+            Ok(conn) => spawn_handler(conn, conns),
             // The client gave up before we accepted: nothing was lost.
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                ) => {}
-            Err(e) => {
-                log!("accept failed: {e}");
-                // Out of fds or memory: the connection stays queued; back off instead of
-                // spinning, since poll keeps reporting the listener readable.
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-                ) {
-                    thread::sleep(Duration::from_millis(100));
-                }
-                return;
-            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+            // Out of fds or memory: the connection stays queued, and incoming() waits a
+            // little before the next accept.
+            Err(e) => log!("accept failed: {e}"),
         }
     }
+    trace("stopped-accepting");
 }
 
 /// Runs [`handle`] on a thread of its own, counted in `conns` until it returns. If no
@@ -470,9 +445,6 @@ fn spawn_handler(conn: TcpStream, conns: &Arc<Connections>) {
 
 fn handle(mut conn: TcpStream) {
     let result = (|| -> io::Result<()> {
-        // An accepted socket is a new open file description: its mode is ours alone (on
-        // Linux it starts blocking anyway; BSDs copy O_NONBLOCK from the listener).
-        conn.set_nonblocking(false)?;
         conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
         conn.write_all(format!("hello from pid={}\n", std::process::id()).as_bytes())?;
         conn.shutdown(Shutdown::Write)?;

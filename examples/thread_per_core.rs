@@ -28,10 +28,8 @@ use std::thread;
 use std::time::Duration;
 
 use signals::{Asked, Signals};
-use tableflip::{Options, Upgrader, Wake};
+use tableflip::{Options, Upgrader};
 
-/// Connections accepted per wake-up before the exit fd is looked at again.
-const ACCEPT_BATCH: usize = 64;
 /// Longest a write to a client may block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -191,32 +189,22 @@ fn run(
 /// Serves one listener until the exit fd fires. Each connection is answered on the spot,
 /// so once the loop ends nothing is left in flight.
 fn worker(n: usize, listener: TcpListener, upg: &Upgrader) -> io::Result<()> {
-    // The same mode in every generation: O_NONBLOCK is shared with the other generation.
-    listener.set_nonblocking(true)?;
     let reply = format!("hello from pid={} worker={n}\n", std::process::id());
-    while upg.exit().wait_readable(&listener, None) == Wake::Readable {
-        for _ in 0..ACCEPT_BATCH {
-            match listener.accept() {
-                Ok((mut conn, _)) => {
-                    // An accepted socket is a new open file description: not shared.
-                    conn.set_nonblocking(false)?;
-                    conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
-                    let _ = conn.write_all(reply.as_bytes());
-                    let _ = conn.shutdown(Shutdown::Write);
-                    // Read what the client already sent, so close() sends FIN, not RST.
-                    let _ = conn.set_nonblocking(true);
-                    let mut sink = [0u8; 512];
-                    while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    log!("worker {n}: accept: {e}");
-                    thread::sleep(Duration::from_millis(10));
-                    break;
-                }
+    // Until the next generation has taken over: then it accepts from the same queue.
+    for conn in upg.incoming(&listener) {
+        match conn {
+            Ok(mut conn) => {
+                conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
+                let _ = conn.write_all(reply.as_bytes());
+                let _ = conn.shutdown(Shutdown::Write);
+                // Read what the client already sent, so close() sends FIN, not RST. An
+                // accepted socket is a new open file description: its mode is its own.
+                let _ = conn.set_nonblocking(true);
+                let mut sink = [0u8; 512];
+                while matches!(conn.read(&mut sink), Ok(n) if n > 0) {}
             }
+            // EMFILE and friends: incoming() waits a little before the next accept.
+            Err(e) => log!("worker {n}: accept: {e}"),
         }
     }
     Ok(())
