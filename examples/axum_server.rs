@@ -219,10 +219,11 @@ async fn run(config: Config) -> Result<(), Box<dyn Error>> {
     }
     let upg = Arc::new(Upgrader::new(options)?);
     // Inherited (from the previous generation, or a fd store), or bound now.
-    let (listener, inherited): (std::net::TcpListener, bool) = match upg.fds().take(config.listen.as_str())? {
-        Some(listener) => (listener, true),
-        None => (upg.fds().listen(config.listen.as_str())?, false),
-    };
+    let (listener, inherited): (std::net::TcpListener, bool) =
+        match upg.fds().take(config.listen.as_str())? {
+            Some(listener) => (listener, true),
+            None => (upg.fds().listen(config.listen.as_str())?, false),
+        };
     // tokio needs it non-blocking; and since O_NONBLOCK is shared with the other
     // generation, every generation sets it (and none clears it).
     listener.set_nonblocking(true)?;
