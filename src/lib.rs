@@ -163,6 +163,8 @@ mod error;
 #[cfg(unix)]
 mod fds;
 #[cfg(unix)]
+pub mod handover;
+#[cfg(unix)]
 mod handshake;
 #[cfg(unix)]
 mod inherit;
@@ -211,7 +213,7 @@ pub use unix_addr::UnixAddr;
 pub use upgrader::{ExitHandle, Upgrader, Wake};
 
 #[cfg(not(unix))]
-pub use unsupported::{Address, ExitHandle, Fds, Keeper, Upgrader, Wake, MAX_STATE_SIZE};
+pub use unsupported::{handover, Address, ExitHandle, Fds, Keeper, Upgrader, Wake, MAX_STATE_SIZE};
 
 /// The README's Rust examples, compiled and run as doctests (`no_run` ones compiled).
 #[cfg(doctest)]
@@ -233,4 +235,13 @@ pub mod __private {
 
     /// The name of the environment variable that carries the fd table.
     pub const FD_TABLE_VAR: &str = crate::wire::VAR;
+
+    /// Decodes one message of the handover channel as either end would, touching no
+    /// fd. `Ok((fds, bytes))`: the number of fds it must come with, and the message
+    /// encoded again (the format is canonical: the same bytes); `Err`: the reason.
+    pub fn decode_handover_message(message: &[u8]) -> Result<(usize, Vec<u8>), String> {
+        crate::handover::wire::decode(message)
+            .map(|m| (m.fds(), crate::handover::wire::encode(&m)))
+            .map_err(|e| e.to_string())
+    }
 }

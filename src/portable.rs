@@ -13,19 +13,29 @@ use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use crate::{
-    Address, Adoption, Error, ExitHandle, Fds, InheritedFd, Keeper, Options, Result, UnixAddr,
-    Upgrader, Wake, MAX_STATE_SIZE,
+    handover, Address, Adoption, Error, ExitHandle, Fds, InheritedFd, Keeper, Options, Result,
+    UnixAddr, Upgrader, Wake, MAX_STATE_SIZE,
 };
 
 fn shared<T: fmt::Debug + Send + Sync>() {}
 fn data<T: fmt::Debug + fmt::Display + Clone + PartialEq + Eq + Send + Sync>() {}
+fn report<T: fmt::Debug + fmt::Display + Default + Send + Sync>() {}
 
 fn types() {
     shared::<Upgrader>();
     shared::<Fds>();
     shared::<ExitHandle>();
     shared::<Error>();
-    data::<Adoption>();
+    report::<Adoption>();
+    shared::<handover::Sender>();
+    shared::<handover::Receiver>();
+    let _: [usize; 4] = [
+        handover::MAX_FDS,
+        handover::MAX_UNREAD,
+        handover::MAX_STATE,
+        handover::MAX_MESSAGE,
+    ];
+    let _: u8 = handover::VERSION;
     data::<InheritedFd>();
     data::<UnixAddr>();
     let _: Adoption = Adoption::default();
@@ -55,6 +65,13 @@ fn upgrader(upg: &Upgrader, listener: &TcpListener) -> Result<()> {
     let adoption: Adoption = upg.ready()?;
     let _: &Vec<InheritedFd> = &adoption.taken;
     let _: &Vec<InheritedFd> = &adoption.closed;
+    if let Some(rx) = &adoption.handover {
+        let _: u32 = rx.pid();
+    }
+    let _: Result<handover::Sender> = upg.handover().map(|tx| {
+        let _: u32 = tx.pid();
+        tx
+    });
     upg.set_state(b"")?;
     let _: Option<Vec<u8>> = upg.take_state()?;
     let _: u32 = upg.upgrade()?;

@@ -120,6 +120,11 @@ impl Upgrader {
         match self.never {}
     }
 
+    /// The sending end of the handover channel (never reached here).
+    pub fn handover(&self) -> Result<handover::Sender> {
+        match self.never {}
+    }
+
     /// Blocks until this process should exit (never reached here).
     pub fn wait_for_exit(&self) {
         match self.never {}
@@ -315,5 +320,49 @@ impl Fds {
     /// Fails with [`Error::Unsupported`].
     pub fn add_udp_socket(&self, _socket: &UdpSocket) -> Result<()> {
         unsupported("Fds::add_udp_socket")
+    }
+}
+
+/// The handover channel, which this platform does not have: its ends never exist (see
+/// the Unix documentation). Only what needs no Unix type is here: the two ends and the
+/// limits.
+pub mod handover {
+    use std::convert::Infallible;
+
+    /// The most connections in one message (as on Unix).
+    pub const MAX_FDS: usize = 253;
+    /// The most bytes of `unread` per connection (as on Unix).
+    pub const MAX_UNREAD: usize = 64 << 10;
+    /// The most bytes of `state` per connection (as on Unix).
+    pub const MAX_STATE: usize = 64 << 10;
+    /// The largest message (as on Unix).
+    pub const MAX_MESSAGE: usize = 192 << 10;
+    /// The version of the message format (as on Unix).
+    pub const VERSION: u8 = 1;
+
+    /// The old generation's end (never exists here).
+    #[derive(Debug)]
+    pub struct Sender {
+        never: Infallible,
+    }
+
+    impl Sender {
+        /// The new generation's pid (never reached here).
+        pub fn pid(&self) -> u32 {
+            match self.never {}
+        }
+    }
+
+    /// The new generation's end (never exists here).
+    #[derive(Debug)]
+    pub struct Receiver {
+        never: Infallible,
+    }
+
+    impl Receiver {
+        /// The previous generation's pid (never reached here).
+        pub fn pid(&self) -> u32 {
+            match self.never {}
+        }
     }
 }

@@ -83,6 +83,11 @@ pub struct Upgrader {
     state_out: Mutex<Option<OwnedFd>>,
     /// The state handed over by the previous generation, until `take_state` or `ready`.
     state_in: Mutex<Option<OwnedFd>>,
+    /// This generation's end of the handover channel, until `ready` makes it a receiver.
+    handover_in: Mutex<Option<OwnedFd>>,
+    /// The old generation's end of the channel to the generation it upgraded to, until
+    /// `handover` takes it.
+    handover_out: Mutex<Option<crate::handover::Offer>>,
 }
 
 impl fmt::Debug for Upgrader {
@@ -172,6 +177,8 @@ impl Upgrader {
             upgraded: AtomicBool::new(false),
             state_out: Mutex::new(None),
             state_in: Mutex::new(inheritance.state),
+            handover_in: Mutex::new(inheritance.handover),
+            handover_out: Mutex::new(None),
         })
     }
 
@@ -370,18 +377,43 @@ impl Upgrader {
                 return Err(handoff.kill(e));
             }
         }
-        let pid = handoff.commit(cancel).map_err(|e| {
+        let offer = handoff.commit(cancel).map_err(|e| {
             // The child may have written its pid into the pid file before it died.
             if let Some(path) = &self.pid_file {
                 let _ = crate::pidfile::write(path, std::process::id());
             }
             e
         })?;
+        let pid = offer.pid;
+        *lock(&self.handover_out) = Some(offer);
         // Not gone before systemd knows who follows (see `wait_commit_read`).
         if let Some(n) = &self.notify {
             n.wait_commit_read();
         }
         Ok(pid)
+    }
+
+    /// The sending end of the [handover channel](crate::handover) to the generation this
+    /// one upgraded to: hand it the connections still in use, instead of draining them.
+    /// Taken once, after [`upgrade`](Upgrader::upgrade) has returned `Ok`.
+    ///
+    /// Fails with [`Error::HandoverUnavailable`] before a successful upgrade, when taken
+    /// already, when the new generation took no channel (an older release, which
+    /// confirms the commit without it) or reads no version this one writes, and when it
+    /// has closed its end: then drain as before.
+    pub fn handover(&self) -> Result<crate::handover::Sender> {
+        match lock(&self.handover_out).take() {
+            Some(offer) => offer.sender(),
+            None => Err(Error::HandoverUnavailable {
+                pid: None,
+                reason: if self.upgraded() {
+                    "the handover channel was taken already".into()
+                } else {
+                    "no upgrade has succeeded: the channel exists once upgrade() has returned Ok"
+                        .into()
+                },
+            }),
+        }
     }
 
     /// Stops upgrading: no upgrade starts after this, and one in progress is cancelled
@@ -618,11 +650,24 @@ impl Upgrader {
         if let Some(n) = self.notify.as_ref().filter(|_| alone) {
             n.ready_alone();
         }
+        // The handover channel's end, if the parent made one and committed to us.
+        let handover = lock(&self.handover_in).take().filter(|_| !alone);
         if let Some(parent) = &self.parent {
-            parent.confirm();
+            parent.confirm(handover.is_some());
         }
         drop(lock(&self.state_in).take());
-        let (adoption, closed) = self.fds.close_unused();
+        let (mut adoption, closed) = self.fds.close_unused();
+        // Made a receiver only now, after the confirmation; it checks the channel when
+        // first used, off the path of the upgrade.
+        adoption.handover = match (handover, &self.parent) {
+            (Some(fd), Some(parent)) => Some(crate::handover::Receiver::adopt(
+                fd,
+                parent.pid(),
+                parent.lifeline(),
+                self.exit.flag(),
+            )),
+            _ => None,
+        };
         if let Some(n) = self.notify.as_ref().filter(|_| self.fd_store) {
             self.keep_in_store(n, &closed);
         }
@@ -751,6 +796,8 @@ impl From<ExitHandle> for OwnedFd {
 struct ExitSignal {
     rd: OwnedFd,
     wr: Mutex<Option<OwnedFd>>,
+    /// Set when it fires, for the handover receiver (no system call to look).
+    fired: std::sync::Arc<AtomicBool>,
 }
 
 impl ExitSignal {
@@ -759,11 +806,18 @@ impl ExitSignal {
         Ok(ExitSignal {
             rd,
             wr: Mutex::new(Some(wr)),
+            fired: std::sync::Arc::new(AtomicBool::new(false)),
         })
     }
 
     fn fire(&self) {
+        self.fired.store(true, Ordering::SeqCst);
         drop(lock(&self.wr).take());
+    }
+
+    /// A flag set when it fires.
+    fn flag(&self) -> std::sync::Arc<AtomicBool> {
+        std::sync::Arc::clone(&self.fired)
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
