@@ -76,6 +76,15 @@
 //! drain before exit. It logs with `writeln!` to `stderr`, ignoring errors: `eprintln!`
 //! panics once the terminal it writes to is gone.
 //!
+//! # Connections in use
+//!
+//! Listeners pass to the next generation; a connection in use when the upgrade starts
+//! (a WebSocket, a long poll) need not hold the old generation back until it closes.
+//! The [`handover`] channel carries it to the new generation, with the bytes the old one
+//! had read and its state, once the upgrade is committed: [`Upgrader::handover`] in the
+//! old generation, [`Adoption::handover`] in the new one. Each connection belongs to
+//! exactly one generation at every instant, whichever of the two dies when.
+//!
 //! # Anatomy of an upgrade
 //!
 //! 1. [`Upgrader::upgrade`] resolves the executable (`argv[0]` against the initial
@@ -142,6 +151,10 @@
 //!   for unit files.
 //! - **`SIGPIPE`** must stay ignored (as Rust programs start): the handshake writes to
 //!   pipes whose reader may have died.
+//! - **TLS state cannot move between processes.** A [handed-over](handover) connection
+//!   is its socket and the bytes the application gives with it; a TLS session lives in
+//!   the process's memory. Hand over TLS connections only if the TLS library can export
+//!   the session (kernel TLS), or let them drain.
 //! - **One table variable.** Linux caps one environment string at 128 KiB, which bounds
 //!   the fd table to roughly 4000 sockets with short addresses.
 //! - **Platforms.** Linux is tested. macOS and FreeBSD are built in CI, not run: they

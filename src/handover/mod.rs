@@ -73,7 +73,7 @@
 //! | the new generation acknowledges it, then dies | nobody: it is closed with the new generation. The old one names it ([`Finished::lost`]) |
 //! | the old generation dies after sending it, before the answer | the new one: [`Incoming::accept`] finds the old generation gone and hands it out |
 //! | the old generation dies before sending it | nobody: it is closed with the old generation, like every connection of a killed process |
-//! | [`Sender::finish`]'s deadline passes before the answer (Linux) | the old one: it is taken back and returned; an acknowledgement sent after that fails, and [`Incoming::accept`] returns [`Error::HandoverRefused`](crate::Error::HandoverRefused) |
+//! | [`Sender::finish`]'s deadline passes before the answer (Linux) | the old one: it is taken back and returned; an acknowledgement sent after that fails, and [`Incoming::accept`] returns [`Error::HandoverRefused`] |
 //! | [`Sender::finish`]'s deadline passes before the answer (macOS, FreeBSD) | the new one: the old one lets go of what it has sent ([`Finished::given`]) |
 //! | the `Sender` is dropped without `finish` | the new one, for what was sent; what was not sent is closed |
 //!
@@ -100,7 +100,7 @@
 //! (entry kind `handover`) and, before using it, checks that it is a Unix socket of the
 //! expected type whose peer (`SO_PEERCRED`, `LOCAL_PEERCRED`, `LOCAL_PEERPID`) is the
 //! process that started it; otherwise [`Receiver::recv`] reports
-//! [`Error::HandoverUnavailable`](crate::Error::HandoverUnavailable) and the fd is left
+//! [`Error::HandoverUnavailable`] and the fd is left
 //! alone (neither used nor closed). Every message is decoded strictly; every fd is
 //! checked to be a connected stream socket of the kind its record declares (`SO_TYPE`,
 //! `getpeername`) before it is handed out, and refused otherwise. A malformed message
@@ -118,7 +118,7 @@
 //! It **refuses**: once its exit notification has fired (it has been upgraded itself,
 //! or stopped), [`Receiver::recv`] refuses what it has queued, tells the old generation
 //! it is done (`BYE`, which refuses everything else), and returns
-//! [`Error::HandoverEnded`](crate::Error::HandoverEnded). The old generation keeps those
+//! [`Error::HandoverEnded`]. The old generation keeps those
 //! connections and serves them until it exits. What the new generation had accepted is
 //! its own, to serve while it drains or to hand to its own successor with its own
 //! [`Sender`]. It does not forward what it has not accepted.

@@ -110,6 +110,12 @@ struct Pending {
     state: Vec<u8>,
 }
 
+/// The fds that came with a message, and whether some did not (`MSG_CTRUNC`).
+struct Arrived {
+    fds: Vec<OwnedFd>,
+    cut: bool,
+}
+
 /// Why an answer was not sent.
 enum Unsent {
     /// The other end is closed or shut down (`EPIPE`, `ECONNRESET`, `ENOTCONN`).
@@ -332,86 +338,109 @@ impl Link {
             ..
         } = st;
         let bytes = inbox.bytes(len);
-        let refused = |reason: String| Error::HandoverRefused {
-            pid: self.pid,
-            id: None,
-            reason,
-        };
-        if cut {
-            let reason = format!("a message over the limit of {MAX_MESSAGE} bytes");
-            if let Some(seq) = conns_seq(bytes) {
-                let _ = self.say(|s| wire::reject(s, seq, &reason), ANSWER_WAIT);
-            }
-            errors.push_back(refused(format!(
-                "{reason} (cut short); what it carried stays with the previous generation"
-            )));
-            return;
-        }
-        let msg = match wire::decode(bytes) {
-            Ok(msg) => msg,
-            Err(m) => {
-                if let (Some(seq), Some(wire::Type::Conns)) = (m.seq, m.ty) {
-                    let _ = self.say(|s| wire::reject(s, seq, &m.reason), ANSWER_WAIT);
-                }
-                errors.push_back(refused(format!(
-                    "a malformed message ({m}); what it carried stays with the previous generation"
-                )));
-                return;
-            }
+        // A message refused whole: the `C` to reject by number (if it is one), the reason
+        // to give with it, and what to say here.
+        let msg = if cut {
+            let reason = format!("over the limit of {MAX_MESSAGE} bytes (cut short)");
+            Err((
+                conns_seq(bytes),
+                reason.clone(),
+                format!("a message {reason}"),
+            ))
+        } else {
+            wire::decode(bytes).map_err(|m| {
+                let seq = m.seq.filter(|_| m.ty == Some(wire::Type::Conns));
+                (seq, m.reason.clone(), format!("a malformed message ({m})"))
+            })
         };
         match msg {
-            Message::Conns { seq, records } => {
-                let want = records.len();
-                if let Some(last) = records.last() {
-                    let first = records[0].id;
-                    if first <= *last_id {
-                        errors.push_back(refused(format!(
-                            "message {seq}: connection id {first} does not follow {last_id}; ignored"
-                        )));
-                        return;
-                    }
-                    *last_id = last.id;
-                }
-                if fds_cut || fds.len() != want {
-                    let reason = if fds_cut {
-                        format!(
-                            "only {} of its {want} fds arrived: this process is at its fd limit \
-                             (RLIMIT_NOFILE; MSG_CTRUNC)",
-                            fds.len()
-                        )
-                    } else {
-                        format!("{} fds came with {want} connections", fds.len())
-                    };
+            Err((seq, reason, said)) => {
+                if let Some(seq) = seq {
                     let _ = self.say(|s| wire::reject(s, seq, &reason), ANSWER_WAIT);
-                    errors.push_back(refused(format!(
-                        "message {seq} refused: {reason}; its {want} connection(s) stay with \
-                         the previous generation"
-                    )));
-                    return;
                 }
-                self.check_all(records, fds, queue, errors);
+                errors.push_back(self.refused(format!(
+                    "{said}; what it carried stays with the previous generation"
+                )));
             }
-            Message::End { rule, count, .. } => {
+            Ok(Message::Conns { seq, records }) => {
+                let fds = Arrived { fds, cut: fds_cut };
+                self.take_conns(seq, records, fds, last_id, queue, errors);
+            }
+            Ok(Message::End { rule, count, .. }) => {
                 *end = Some(rule);
-                *ended = Some(match rule {
-                    EndRule::Kept => {
-                        // Not acknowledged in time: the previous generation keeps them.
-                        queue.clear();
-                        format!(
-                            "the previous generation has finished; it keeps the {count} \
-                             connection(s) not acknowledged in time"
-                        )
-                    }
-                    EndRule::Given => format!(
-                        "the previous generation has finished; the {count} connection(s) it \
-                         sent and were not answered are this generation's"
-                    ),
-                });
+                *ended = Some(self.ended_by(rule, count, queue));
             }
-            other => errors.push_back(refused(format!(
+            Ok(other) => errors.push_back(self.refused(format!(
                 "a {:?} message, which only the new generation sends",
                 other.ty()
             ))),
+        }
+    }
+
+    fn refused(&self, reason: String) -> Error {
+        Error::HandoverRefused {
+            pid: self.pid,
+            id: None,
+            reason,
+        }
+    }
+
+    /// A `C` message: its ids must grow, its fds must all be here, one per record.
+    fn take_conns(
+        &self,
+        seq: u32,
+        records: Vec<wire::Record<'_>>,
+        fds: Arrived,
+        last_id: &mut u64,
+        queue: &mut VecDeque<Pending>,
+        errors: &mut VecDeque<Error>,
+    ) {
+        let want = records.len();
+        if let (Some(first), Some(last)) = (records.first(), records.last()) {
+            if first.id <= *last_id {
+                let (first, last) = (first.id, *last_id);
+                errors.push_back(self.refused(format!(
+                    "message {seq}: connection id {first} does not follow {last}; ignored"
+                )));
+                return;
+            }
+            *last_id = last.id;
+        }
+        if fds.cut || fds.fds.len() != want {
+            let got = fds.fds.len();
+            let reason = if fds.cut {
+                format!(
+                    "only {got} of its {want} fds arrived: this process is at its fd limit \
+                     (RLIMIT_NOFILE; MSG_CTRUNC)"
+                )
+            } else {
+                format!("{got} fds came with {want} connections")
+            };
+            let _ = self.say(|s| wire::reject(s, seq, &reason), ANSWER_WAIT);
+            errors.push_back(self.refused(format!(
+                "message {seq} refused: {reason}; its {want} connection(s) stay with the \
+                 previous generation"
+            )));
+            return;
+        }
+        self.check_all(records, fds.fds, queue, errors);
+    }
+
+    /// The previous generation's `E`: why nothing more comes. Under `Kept`, what is
+    /// queued is its own again, and goes.
+    fn ended_by(&self, rule: EndRule, count: u32, queue: &mut VecDeque<Pending>) -> String {
+        match rule {
+            EndRule::Kept => {
+                queue.clear();
+                format!(
+                    "the previous generation has finished; it keeps the {count} \
+                     connection(s) not acknowledged in time"
+                )
+            }
+            EndRule::Given => format!(
+                "the previous generation has finished; the {count} connection(s) it sent \
+                 and were not answered are this generation's"
+            ),
         }
     }
 

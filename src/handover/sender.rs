@@ -212,26 +212,6 @@ impl Sender {
         let mut out = lock(&self.out);
         let id = out.next_id;
         out.next_id += 1;
-        let refusal = if let Some(why) = &out.over {
-            Some(Error::HandoverEnded {
-                pid: self.pid,
-                reason: why.clone(),
-            })
-        } else if out.finished {
-            Some(self.ended("finish() was called: nothing more is sent"))
-        } else if unread.len() > MAX_UNREAD || state.len() > MAX_STATE {
-            Some(self.refused(
-                Some(id),
-                format!(
-                    "{} unread byte(s) and {} byte(s) of state: the limits are {MAX_UNREAD} \
-                     and {MAX_STATE}",
-                    unread.len(),
-                    state.len()
-                ),
-            ))
-        } else {
-            None
-        };
         let held = Held {
             stream,
             unread: unread.to_vec(),
@@ -240,7 +220,7 @@ impl Sender {
             seq: 0,
             sent: false,
         };
-        if let Some(reason) = refusal {
+        if let Some(reason) = self.refusal(&out, id, unread.len(), state.len()) {
             let again = same(&reason);
             out.returned.push(held.back(id, reason));
             return Err(again);
@@ -346,6 +326,25 @@ impl Sender {
             lost: std::mem::take(&mut out.lost),
             errors: std::mem::take(&mut out.errors),
         })
+    }
+
+    /// Why connection `id` cannot be sent, if it cannot.
+    fn refusal(&self, out: &Out, id: u64, unread: usize, state: usize) -> Option<Error> {
+        if let Some(why) = &out.over {
+            Some(self.ended(why))
+        } else if out.finished {
+            Some(self.ended("finish() was called: nothing more is sent"))
+        } else if unread > MAX_UNREAD || state > MAX_STATE {
+            Some(self.refused(
+                Some(id),
+                format!(
+                    "{unread} unread byte(s) and {state} byte(s) of state: the limits are \
+                     {MAX_UNREAD} and {MAX_STATE}"
+                ),
+            ))
+        } else {
+            None
+        }
     }
 
     fn ended(&self, reason: &str) -> Error {
@@ -458,29 +457,36 @@ impl Out {
                     }
                     return;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e)
-                    if e.raw_os_error() == Some(libc::ETOOMANYREFS)
-                        && self.waiting.values().any(|h| h.sent) =>
-                {
-                    // Fds in flight count against our fd limit: once the new generation
-                    // takes what is in flight, there is room again.
-                    self.retry_at = Some(Instant::now() + RETRY_REFS);
-                    self.too_many_refs = true;
-                    return;
+                Err(e) => {
+                    if !self.unsent(ch, pid, &e) {
+                        return;
+                    }
                 }
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
-                    ) =>
-                {
-                    // It closed its end: what it said last (a bye?) is still to read.
-                    self.read(ch, pid);
-                    self.end(pid, "the new generation closed the channel", true);
-                    return;
-                }
-                Err(e) => self.fail_front(ch, &e),
+            }
+        }
+    }
+
+    /// The front batch was not sent, for `e`: waits (returns `false`) or gives up on
+    /// it (returns `true`: go on with the next).
+    fn unsent(&mut self, ch: &Channel, pid: u32, e: &io::Error) -> bool {
+        match e.raw_os_error() {
+            _ if e.kind() == io::ErrorKind::WouldBlock => false,
+            Some(libc::ETOOMANYREFS) if self.waiting.values().any(|h| h.sent) => {
+                // Fds in flight count against our fd limit: once the new generation
+                // takes what is in flight, there is room again.
+                self.retry_at = Some(Instant::now() + RETRY_REFS);
+                self.too_many_refs = true;
+                false
+            }
+            Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN) => {
+                // It closed its end: what it said last (a bye?) is still to read.
+                self.read(ch, pid);
+                self.end(pid, "the new generation closed the channel", true);
+                false
+            }
+            _ => {
+                self.fail_front(ch, e);
+                true
             }
         }
     }

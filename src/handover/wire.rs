@@ -662,10 +662,14 @@ mod tests {
         assert_eq!(&bytes[36..], b"GET / HTsession=42");
     }
 
+    /// Why `bytes` is refused.
+    fn reason(bytes: &[u8]) -> String {
+        decode(bytes).unwrap_err().reason
+    }
+
     #[test]
-    fn malformed_messages_are_refused_with_a_reason() {
+    fn a_header_that_is_not_ours_is_refused() {
         let good = conns(&[rec(1), rec(2)]);
-        let reason = |bytes: &[u8]| decode(bytes).unwrap_err().reason;
         assert!(reason(&good[..11]).contains("shorter than a header"));
         let mut b = good.clone();
         b[0] = b'X';
@@ -682,40 +686,56 @@ mod tests {
         let mut b = good.clone();
         b[5] = b'Z';
         assert!(reason(&b).contains("unknown message type"));
-        // Counts that do not match the records.
-        let mut b = good.clone();
-        set_count(&mut b, 3);
-        assert!(reason(&b).contains("truncated"));
-        let mut b = good.clone();
+        // Too large to be a message at all.
+        assert!(reason(&vec![0; MAX_MESSAGE + 1]).contains("over the limit"));
+    }
+
+    #[test]
+    fn counts_that_do_not_match_are_refused() {
+        let good = conns(&[rec(1), rec(2)]);
+        let with_count = |n| {
+            let mut b = good.clone();
+            set_count(&mut b, n);
+            reason(&b)
+        };
+        assert!(with_count(3).contains("truncated"));
+        assert!(with_count(1).contains("after the end"));
+        assert!(with_count(0).contains("0 connections"));
+        assert!(with_count(254).contains("254 connections"));
+        // A count where none belongs; bytes after the end.
+        let mut b = bye(1);
         set_count(&mut b, 1);
+        assert!(reason(&b).contains("where none belongs"));
+        let mut b = end(1, EndRule::Kept, 0);
+        b.push(0);
         assert!(reason(&b).contains("after the end"));
-        let mut b = good.clone();
-        set_count(&mut b, 0);
-        assert!(reason(&b).contains("0 connections"));
-        let mut b = good.clone();
-        set_count(&mut b, 254);
-        assert!(reason(&b).contains("254 connections"));
+        let mut b = end(1, EndRule::Kept, 0);
+        b[HEADER] = 3;
+        assert!(reason(&b).contains("unknown rule"));
+    }
+
+    #[test]
+    fn records_that_break_a_rule_are_refused() {
+        let good = conns(&[rec(1), rec(2)]);
+        let with = |at: usize, bytes: &[u8]| {
+            let mut b = good.clone();
+            b[at..at + bytes.len()].copy_from_slice(bytes);
+            reason(&b)
+        };
         // A blob length over its limit, or past the end.
-        let mut b = good.clone();
-        b[28..32].copy_from_slice(&(MAX_UNREAD as u32 + 1).to_le_bytes());
-        assert!(reason(&b).contains("over the limit"));
-        let mut b = good.clone();
-        b[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(reason(&b).contains("over the limit"));
-        let mut b = good.clone();
-        b[32..36].copy_from_slice(&1000u32.to_le_bytes());
-        assert!(reason(&b).contains("truncated"));
+        assert!(with(28, &(MAX_UNREAD as u32 + 1).to_le_bytes()).contains("over the limit"));
+        assert!(with(32, &u32::MAX.to_le_bytes()).contains("over the limit"));
+        assert!(with(32, &1000u32.to_le_bytes()).contains("truncated"));
         // Kind, reserved bytes, ids.
-        let mut b = good.clone();
-        b[24] = 3;
-        assert!(reason(&b).contains("unknown kind"));
-        let mut b = good.clone();
-        b[25] = 1;
-        assert!(reason(&b).contains("reserved"));
+        assert!(with(24, &[3]).contains("unknown kind"));
+        assert!(with(25, &[1]).contains("reserved"));
         assert!(reason(&conns(&[rec(0)])).contains("id 0"));
         assert!(reason(&conns(&[rec(2), rec(2)])).contains("does not follow"));
         assert!(reason(&conns(&[rec(3), rec(2)])).contains("does not follow"));
-        // Answers: verdicts, reasons.
+    }
+
+    #[test]
+    fn answers_that_break_a_rule_are_refused() {
         let a = |accepted, reason| {
             answers(
                 1,
@@ -736,18 +756,6 @@ mod tests {
         b[HEADER + 10..HEADER + 12].copy_from_slice(&(MAX_REASON as u16 + 1).to_le_bytes());
         assert!(reason(&b).contains("over the limit"));
         assert!(reason(&a(true, "why")).contains("acceptance with a reason"));
-        // A count where none belongs; bytes after the end.
-        let mut b = bye(1);
-        set_count(&mut b, 1);
-        assert!(reason(&b).contains("where none belongs"));
-        let mut b = end(1, EndRule::Kept, 0);
-        b.push(0);
-        assert!(reason(&b).contains("after the end"));
-        let mut b = end(1, EndRule::Kept, 0);
-        b[HEADER] = 3;
-        assert!(reason(&b).contains("unknown rule"));
-        // Too large to be a message at all.
-        assert!(reason(&vec![0; MAX_MESSAGE + 1]).contains("over the limit"));
     }
 
     #[test]
