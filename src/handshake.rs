@@ -176,18 +176,7 @@ impl Handoff {
         );
         let table = wire::encode_with(entries.iter().copied());
         if table.len() > wire::MAX_LEN {
-            return Err(Error::Exec {
-                path: exe.to_path_buf(),
-                source: io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "the fd table for {} fds is {} bytes, over the limit of {}",
-                        entries.len(),
-                        table.len(),
-                        wire::MAX_LEN
-                    ),
-                ),
-            });
+            return Err(too_long(exe, entries.len(), table.len()));
         }
         // Passed at their own numbers, no moves: the registry keeps its copies side by
         // side already (`fds::dup_kept`), so the next generation handles them in ranges.
@@ -393,6 +382,20 @@ impl Handoff {
             }
         }
         String::from_utf8_lossy(&buf[..len]).into_owned()
+    }
+}
+
+/// The fd table for `n` fds is `len` bytes: longer than an environment string may be.
+fn too_long(exe: &Path, n: usize, len: usize) -> Error {
+    Error::Exec {
+        path: exe.to_path_buf(),
+        source: io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the fd table for {n} fds is {len} bytes, over the limit of {}",
+                wire::MAX_LEN
+            ),
+        ),
     }
 }
 

@@ -683,6 +683,29 @@ fn ids_by_port(run: &mut Run, old: u32, count: usize) -> HashMap<u64, u16> {
         .collect()
 }
 
+/// The unfinished line ends and is answered on every open connection, by `pid`; none
+/// went back to an earlier generation; `open` connections are still open.
+#[track_caller]
+fn carried_on(clients: &mut Clients, pid: u32, open: usize) {
+    clients.round("-done", "half-done");
+    clients.all_served_by(pid);
+    clients.never_went_back();
+    assert_eq!(clients.open(), open);
+}
+
+/// The old generation, told `sender`, dies; the new one, told `next`, ends with all 50.
+fn sender_killed(next: &str, sender: &str) {
+    let (mut run, mut clients, old) = started(50, "", next);
+    std::fs::write(run.path("sender"), sender).unwrap();
+    let new = upgrade(&mut run, old);
+    run.expect_from("dying", old);
+    run.expect_where("received", |e| {
+        e.pid == new && e.field("accepted") == Some("50")
+    });
+    carried_on(&mut clients, new, 50);
+    stop_all(run, &[new]);
+}
+
 fn stop_all(mut run: Run, pids: &[u32]) {
     for &pid in pids {
         signal(pid, libc::SIGTERM);
@@ -739,10 +762,7 @@ fn a_receiver_killed_before_its_acknowledgement_leaves_everything_with_the_sende
     assert_eq!(done.field("returned"), Some("50"));
     assert_eq!(done.field("lost"), Some(""));
     assert!(run.expect_from("returned", old).rest.contains("went_away"));
-    clients.round("-done", "half-done");
-    clients.all_served_by(old);
-    clients.never_went_back();
-    assert_eq!(clients.open(), 50);
+    carried_on(&mut clients, old, 50);
     drop(clients);
     run.expect_from("exit", old);
     run.expect_all_exited();
@@ -785,36 +805,14 @@ fn a_receiver_killed_in_the_middle_of_a_batch_is_named_with_what_it_took() {
 /// old one has exited) and serves it all.
 #[test]
 fn a_sender_killed_after_sending_leaves_everything_with_the_receiver() {
-    let (mut run, mut clients, old) = started(50, "", "recv-delay 500");
-    std::fs::write(run.path("sender"), "die-after-send").unwrap();
-    let new = upgrade(&mut run, old);
-    run.expect_from("dying", old);
-    run.expect_where("received", |e| {
-        e.pid == new && e.field("accepted") == Some("50")
-    });
-    clients.round("-done", "half-done");
-    clients.all_served_by(new);
-    clients.never_went_back();
-    assert_eq!(clients.open(), 50);
-    stop_all(run, &[new]);
+    sender_killed("recv-delay 500", "die-after-send");
 }
 
 /// The old generation dies in the middle of a batch being accepted (20 of 50 settled):
 /// the new generation owns the rest too, and nothing is lost.
 #[test]
 fn a_sender_killed_in_the_middle_of_a_batch_loses_nothing() {
-    let (mut run, mut clients, old) = started(50, "", "recv-slow 20");
-    std::fs::write(run.path("sender"), "die-after-answers 20").unwrap();
-    let new = upgrade(&mut run, old);
-    run.expect_from("dying", old);
-    run.expect_where("received", |e| {
-        e.pid == new && e.field("accepted") == Some("50")
-    });
-    clients.round("-done", "half-done");
-    clients.all_served_by(new);
-    clients.never_went_back();
-    assert_eq!(clients.open(), 50);
-    stop_all(run, &[new]);
+    sender_killed("recv-slow 20", "die-after-answers 20");
 }
 
 /// 1000 connections through one handover (4 messages).
@@ -859,10 +857,7 @@ fn a_receiver_at_its_fd_limit_refuses_the_batch_and_the_sender_keeps_it() {
     assert_eq!(done.field("accepted"), Some("0"), "{done:?}");
     assert_eq!(done.field("returned"), Some("100"));
     assert!(run.expect_from("returned", old).rest.contains("rejected"));
-    clients.round("-done", "half-done");
-    clients.all_served_by(old);
-    clients.never_went_back();
-    assert_eq!(clients.open(), 100);
+    carried_on(&mut clients, old, 100);
     drop(clients);
     run.expect_from("exit", old);
     signal(new, libc::SIGTERM);

@@ -29,7 +29,7 @@
 //!     let _ = sender.send(stream, &unread, SESSION_V1, &session); // errors come back below
 //! }
 //! let done = sender.finish(Duration::from_secs(5))?;
-//! eprintln!("{done}"); // handed over 200 connection(s) to pid 4242; 0 returned; ...
+//! eprintln!("{done}"); // pid 4242 accepted 200 connection(s); 0 stay here
 //! for back in done.returned {
 //!     serve(back.stream, back.unread, back.state); // still ours: serve it, or close it
 //! }
@@ -70,7 +70,7 @@
 //! |---|---|
 //! | the new generation dies (or drops the `Receiver`) before acknowledging | the old one: [`Sender::finish`] gives it back ([`Returned`]) |
 //! | the new generation refuses it, or finds it is not a connected stream socket | the old one, given back with the reason |
-//! | the new generation acknowledges it, then dies | nobody: it is closed with the new generation. The old one names it ([`Finished::lost`]) |
+//! | the new generation acknowledges it, then dies | nobody: it is closed with the new generation. The old one names it ([`Finished::lost`]) if it sees the death (the channel closed without a bye) before `finish` returns |
 //! | the old generation dies after sending it, before the answer | the new one: [`Incoming::accept`] finds the old generation gone and hands it out |
 //! | the old generation dies before sending it | nobody: it is closed with the old generation, like every connection of a killed process |
 //! | [`Sender::finish`]'s deadline passes before the answer (Linux) | the old one: it is taken back and returned; an acknowledgement sent after that fails, and [`Incoming::accept`] returns [`Error::HandoverRefused`] |
