@@ -26,13 +26,23 @@ impl fmt::Display for InheritedFd {
 /// What [`Upgrader::ready`](crate::Upgrader::ready) did with the fds inherited from the
 /// previous generation: which were taken, and which were closed because nobody asked
 /// for them. Log it: a listener dropped by a configuration change shows up in `closed`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+///
+/// It also carries the receiving end of the [handover channel](crate::handover), to be
+/// taken (`adoption.handover.take()`): not plain data, so it is neither `Clone` nor
+/// comparable.
+#[derive(Debug, Default)]
 #[non_exhaustive]
 pub struct Adoption {
     /// Inherited fds this generation took (and will pass on).
     pub taken: Vec<InheritedFd>,
     /// Inherited fds nobody asked for: closed, their Unix socket files removed.
     pub closed: Vec<InheritedFd>,
+    /// Connections the previous generation hands over, if it offered a channel: `None`
+    /// on a first start, when the previous generation is an older release, or when it
+    /// died before committing.
+    #[cfg(unix)]
+    #[cfg_attr(docsrs, doc(cfg(unix)))]
+    pub handover: Option<crate::handover::Receiver>,
 }
 
 impl fmt::Display for Adoption {
@@ -46,6 +56,13 @@ impl fmt::Display for Adoption {
         write!(f, "took {} inherited fd(s)", self.taken.len())?;
         list(f, &self.taken)?;
         write!(f, "; closed {} unused", self.closed.len())?;
-        list(f, &self.closed)
+        list(f, &self.closed)?;
+        #[cfg(not(unix))]
+        return Ok(());
+        #[cfg(unix)]
+        match &self.handover {
+            Some(rx) => write!(f, "; handover channel from pid {}", rx.pid()),
+            None => Ok(()),
+        }
     }
 }

@@ -195,6 +195,39 @@ pub enum Error {
         /// What it needs: `"Unix"`, `"Linux"`.
         needs: &'static str,
     },
+    /// The [handover channel](crate::handover) cannot be had or used:
+    /// [`Upgrader::handover`](crate::Upgrader::handover) before a successful upgrade, a
+    /// second time, or when the new generation took no channel (an older release) or
+    /// has closed it; or, in the new generation, the fd the table named as the channel
+    /// failed its checks (it is left alone). Nothing was sent or received.
+    HandoverUnavailable {
+        /// The other generation's pid, when there is one.
+        pid: Option<u32>,
+        /// Why.
+        reason: String,
+    },
+    /// The [handover channel](crate::handover) has ended: the other generation
+    /// finished, said it was done, or went away, or this one is exiting. Nothing more
+    /// travels on it; drop it. A connection given back with this reason was not
+    /// settled when it ended.
+    HandoverEnded {
+        /// The other generation's pid.
+        pid: u32,
+        /// What ended it.
+        reason: String,
+    },
+    /// A connection, or a whole message, on the [handover channel](crate::handover)
+    /// was refused: by the new generation (its reason), or here (a limit, a malformed
+    /// message, an fd that is not the connection its record says). The old generation
+    /// keeps what was refused; the channel carries on.
+    HandoverRefused {
+        /// The other generation's pid.
+        pid: u32,
+        /// The connection, when one is concerned.
+        id: Option<u64>,
+        /// Why.
+        reason: String,
+    },
     /// An OS call failed.
     Io {
         /// What the crate was doing.
@@ -254,6 +287,9 @@ impl Error {
             Error::ControlPeer { .. } => "ControlPeer",
             Error::Remote { .. } => "Remote",
             Error::Unsupported { .. } => "Unsupported",
+            Error::HandoverUnavailable { .. } => "HandoverUnavailable",
+            Error::HandoverEnded { .. } => "HandoverEnded",
+            Error::HandoverRefused { .. } => "HandoverRefused",
             Error::Io { .. } => "Io",
         }
     }
@@ -365,6 +401,23 @@ impl Error {
             Error::Unsupported { op, needs } => {
                 write!(f, "{op} needs {needs}; this is {}", std::env::consts::OS)
             }
+            Error::HandoverUnavailable { pid, reason } => match pid {
+                Some(pid) => write!(f, "no handover channel with pid {pid}: {reason}"),
+                None => write!(f, "no handover channel: {reason}"),
+            },
+            Error::HandoverEnded { pid, reason } => {
+                write!(f, "the handover channel with pid {pid} has ended: {reason}")
+            }
+            Error::HandoverRefused { pid, id, reason } => match id {
+                Some(id) => write!(
+                    f,
+                    "connection {id} on the handover channel with pid {pid} was refused: {reason}"
+                ),
+                None => write!(
+                    f,
+                    "the handover channel with pid {pid} refused a message: {reason}"
+                ),
+            },
             Error::Io { op, fd, .. } => match fd {
                 Some(fd) => write!(f, "{op} (fd {fd}) failed"),
                 None => write!(f, "{op} failed"),
@@ -409,7 +462,11 @@ impl From<Error> for io::Error {
                 io::ErrorKind::TimedOut
             }
             Error::Unsupported { .. } => io::ErrorKind::Unsupported,
-            Error::FdTable { .. } | Error::WrongKind { .. } => io::ErrorKind::InvalidData,
+            Error::FdTable { .. } | Error::WrongKind { .. } | Error::HandoverRefused { .. } => {
+                io::ErrorKind::InvalidData
+            }
+            Error::HandoverEnded { .. } => io::ErrorKind::BrokenPipe,
+            Error::HandoverUnavailable { .. } => io::ErrorKind::NotConnected,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, err)

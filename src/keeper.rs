@@ -50,7 +50,7 @@ use std::time::Duration;
 use crate::error::Error;
 use crate::error::Result;
 
-pub(crate) use crate::sys::systemd::KEEPER_VAR as VAR;
+pub(crate) use crate::KEEPER_VAR as VAR;
 
 /// A keeper for this service: call [`Keeper::run`] first thing in `main` when asked for
 /// one (the examples take `--keeper`).

@@ -62,6 +62,15 @@
 //! drain before exit. It logs with `writeln!` to `stderr`, ignoring errors: `eprintln!`
 //! panics once the terminal it writes to is gone.
 //!
+//! # Connections in use
+//!
+//! Listeners pass to the next generation; a connection in use when the upgrade starts
+//! (a WebSocket, a long poll) need not hold the old generation back until it closes.
+//! The [`handover`] channel carries it to the new generation, with the bytes the old one
+//! had read and its state, once the upgrade is committed: [`Upgrader::handover`] in the
+//! old generation, [`Adoption::handover`] in the new one. Each connection belongs to
+//! exactly one generation at every instant, whichever of the two dies when.
+//!
 //! # Anatomy of an upgrade
 //!
 //! 1. [`Upgrader::upgrade`] resolves the executable (`argv[0]` against the initial
@@ -128,6 +137,10 @@
 //!   for unit files.
 //! - **`SIGPIPE`** must stay ignored (as Rust programs start): the handshake writes to
 //!   pipes whose reader may have died.
+//! - **TLS state cannot move between processes.** A [handed-over](handover) connection
+//!   is its socket and the bytes the application gives with it; a TLS session lives in
+//!   the process's memory. Hand over TLS connections only if the TLS library can export
+//!   the session (kernel TLS), or let them drain.
 //! - **One table variable.** Linux caps one environment string at 128 KiB, which bounds
 //!   the fd table to roughly 4000 sockets with short addresses.
 //! - **Platforms.** Linux is tested. macOS and FreeBSD are built in CI, not run: they
@@ -147,6 +160,9 @@ pub mod control;
 mod error;
 mod exit;
 mod fds;
+#[cfg(unix)]
+#[cfg_attr(docsrs, doc(cfg(unix)))]
+pub mod handover;
 #[cfg(feature = "keeper")]
 mod keeper;
 mod kinds;
@@ -179,6 +195,11 @@ pub use status::{LastUpgrade, Status, UpgradeFailure};
 pub use unix_addr::UnixAddr;
 pub use upgrader::Upgrader;
 
+/// Set in the environment of every generation a keeper starts (and so inherited by their
+/// upgrades): its value is the keeper's pid.
+#[cfg_attr(not(any(unix, feature = "keeper")), allow(dead_code))]
+pub(crate) const KEEPER_VAR: &str = "TABLEFLIP_KEEPER";
+
 /// The README's Rust examples, compiled and run as doctests (`no_run` ones compiled).
 #[cfg(all(doctest, feature = "keeper", feature = "control"))]
 #[doc = include_str!("../README.md")]
@@ -199,4 +220,13 @@ pub mod __private {
 
     /// The name of the environment variable that carries the fd table.
     pub const FD_TABLE_VAR: &str = crate::sys::wire::VAR;
+
+    /// Decodes one message of the handover channel as either end would, touching no
+    /// fd. `Ok((fds, bytes))`: the number of fds it must come with, and the message
+    /// encoded again (the format is canonical: the same bytes); `Err`: the reason.
+    pub fn decode_handover_message(message: &[u8]) -> Result<(usize, Vec<u8>), String> {
+        crate::handover::wire::decode(message)
+            .map(|m| (m.fds(), crate::handover::wire::encode(&m)))
+            .map_err(|e| e.to_string())
+    }
 }

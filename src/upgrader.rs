@@ -175,6 +175,20 @@ impl Upgrader {
         self.0.upgrade()
     }
 
+    /// The sending end of the [handover channel](crate::handover) to the generation this
+    /// one upgraded to: hand it the connections still in use, instead of draining them.
+    /// Taken once, after [`upgrade`](Upgrader::upgrade) has returned `Ok`.
+    ///
+    /// Fails with [`Error::HandoverUnavailable`](crate::Error::HandoverUnavailable)
+    /// before a successful upgrade, when taken already, when the new generation took no
+    /// channel (an older release, which confirms the commit without it) or reads no
+    /// version this one writes, and when it has closed its end: then drain as before.
+    #[cfg(unix)]
+    #[cfg_attr(docsrs, doc(cfg(unix)))]
+    pub fn handover(&self) -> Result<crate::handover::Sender> {
+        self.0.handover()
+    }
+
     /// Stops upgrading: no upgrade starts after this, and one in progress is cancelled
     /// (its child killed and reaped, its `upgrade()` returning
     /// [`Error::Stopped`](crate::Error::Stopped)) before the exit notification fires and

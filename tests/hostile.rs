@@ -116,6 +116,9 @@ fn child_main() -> ! {
     // Watchdog: a child never outlives half a minute.
     // SAFETY: alarm(2) only arms a timer.
     unsafe { libc::alarm(30) };
+    if let Ok(name) = std::env::var("TF_SEQPACKET_LISTENER") {
+        seqpacket_listener(&name);
+    }
     say("pid", std::process::id());
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let watch: Vec<RawFd> = var("TF_WATCH")
@@ -189,16 +192,52 @@ fn child_main() -> ! {
 
     if var("TF_READY").is_some() {
         match upg.ready() {
-            Ok(adoption) => {
+            Ok(mut adoption) => {
                 say("ready", "ok");
                 let closed: Vec<String> = adoption.closed.iter().map(|i| i.to_string()).collect();
                 say("closed", closed.join("|"));
+                let events = var("TF_HANDOVER_EVENTS").map_or(1, |n| n.parse().unwrap());
+                match adoption.handover.take() {
+                    Some(rx) => receive(rx, events),
+                    None => say("handover", "none"),
+                }
             }
             Err(e) => report_error("ready", &e),
         }
     }
     report_fds("after", &watch);
     quit();
+}
+
+/// Reports what the handover channel gives, `events` times: `handover-N-error` (and
+/// the rest of [`report_error`]) or `handover-N-accepted id=I unread=U`.
+fn receive(mut rx: tableflip::handover::Receiver, events: usize) {
+    say("handover", format!("pid={}", rx.pid()));
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    let mut n = 0;
+    while n < events && Instant::now() < deadline {
+        match rx.recv() {
+            Ok(Some(incoming)) => {
+                let id = incoming.id();
+                match incoming.accept() {
+                    Ok((_stream, unread, _)) => say(
+                        &format!("handover-{n}-accepted"),
+                        format!("id={id} unread={}", String::from_utf8_lossy(&unread)),
+                    ),
+                    Err(e) => report_error(&format!("handover-{n}"), &e),
+                }
+                n += 1;
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            Err(e) => {
+                report_error(&format!("handover-{n}"), &e);
+                n += 1;
+                if !matches!(e, Error::HandoverRefused { .. }) {
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Exits at once, without running exit handlers: `exit(3)` from the test thread races
@@ -1183,4 +1222,274 @@ fn stop_leaves_a_symlink_at_the_socket_path_alone() {
         .is_symlink());
     assert!(is_socket(&target));
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+// ---------------------------------------------------------------------------------------
+// The handover channel's end: a `handover` entry that is not the parent's socket pair,
+// and a parent that sends what the protocol does not allow. The parent commits here
+// (the channel is used only after a commit).
+// ---------------------------------------------------------------------------------------
+
+/// A helper process: listens on the abstract `SOCK_SEQPACKET` name `name`, says so, and
+/// waits to be killed. A socket connected to it has the helper for its peer.
+fn seqpacket_listener(name: &str) -> ! {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
+    let fd = rustix::net::socket(AddressFamily::UNIX, SocketType::SEQPACKET, None).unwrap();
+    let addr = SocketAddrUnix::new_abstract_name(name.as_bytes()).unwrap();
+    rustix::net::bind(&fd, &addr).unwrap();
+    rustix::net::listen(&fd, 8).unwrap();
+    say("listening", name);
+    std::thread::sleep(std::time::Duration::from_secs(25));
+    quit();
+}
+
+/// The parent's side of a committing handshake, on a thread: reads `R`, writes `C`,
+/// then reads the confirmation (`D`, or `H` and two versions) and runs `then`. Returns
+/// what the child wrote on the readiness pipe, and what `then` returned.
+fn committing<T: Send + 'static>(
+    ready_rd: OwnedFd,
+    commit_wr: OwnedFd,
+    then: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<(Vec<u8>, Option<T>)> {
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + util::DEADLINE;
+        let mut said = Vec::new();
+        while Instant::now() < deadline {
+            let mut pfd = libc::pollfd {
+                fd: ready_rd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd on our stack.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            if pfd.revents == 0 {
+                continue;
+            }
+            let mut b = [0u8; 8];
+            let n = rustix::io::read(&ready_rd, &mut b).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            said.extend_from_slice(&b[..n]);
+            if said == b"R" {
+                rustix::io::write(&commit_wr, b"C").unwrap();
+            }
+            if said.starts_with(b"RD") || (said.starts_with(b"RH") && said.len() >= 4) {
+                return (said, Some(then()));
+            }
+        }
+        (said, None)
+    })
+}
+
+/// Pipes for a child that reports ready and is committed to: (the child's ends
+/// ready-write, lifeline-read, commit-read; the parent's ends ready-read, lifeline-write,
+/// commit-write).
+fn committing_pipes() -> ([OwnedFd; 3], [OwnedFd; 3]) {
+    let pipe = || rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+    let (ready_rd, ready_wr) = pipe();
+    let (life_rd, life_wr) = pipe();
+    let (commit_rd, commit_wr) = pipe();
+    (
+        [ready_wr, life_rd, commit_rd],
+        [ready_rd, life_wr, commit_wr],
+    )
+}
+
+/// A child whose table names `handover` (at 9) as its handover channel; it becomes
+/// ready, is committed to, and reports what the channel gives.
+fn handover_child(child: &[OwnedFd; 3], handover: &impl AsFd) -> Spec {
+    Spec::own(";3,ready;4,parent;8,commit;9,handover")
+        .pass(&child[0], 3)
+        .pass(&child[1], 4)
+        .pass(&child[2], 8)
+        .pass(handover, 9)
+        .env("TF_READY", "1")
+}
+
+/// The channel named by a forged entry: refused with a reason naming the fd, left open
+/// (it may be somebody else's), and the upgrade itself goes on.
+#[track_caller]
+fn forged_channel(handover: &impl AsFd, reason: &str) {
+    let (child, parent) = committing_pipes();
+    let [ready_rd, _life_wr, commit_wr] = parent;
+    let confirm = committing(ready_rd, commit_wr, || ());
+    let out = handover_child(&child, handover).run();
+    let (said, _) = confirm.join().unwrap();
+    let t = &out.transcript;
+    assert_eq!(out.get("ready"), "ok", "{t}");
+    assert_eq!(said, b"RH\x01\x01", "confirmed, with the channel: {t}");
+    assert_eq!(out.get("handover-0-error"), "HandoverUnavailable", "{t}");
+    let msg = out.get("handover-0-message");
+    assert!(msg.contains("fd 9, named as the handover channel"), "{msg}");
+    assert!(msg.contains(reason), "{msg} lacks {reason:?}");
+    // Not used, not closed: still open (close-on-exec, as every adopted fd).
+    assert!(out.get("fds-after").contains("9=cloexec"), "{t}");
+}
+
+#[test]
+fn a_pipe_named_as_the_handover_channel_is_refused() {
+    let (rd, _wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+    forged_channel(&rd, "is not a socket");
+}
+
+#[test]
+fn a_stream_socket_named_as_the_handover_channel_is_refused() {
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    forged_channel(&a, "a stream socket, not a seqpacket socket");
+}
+
+#[test]
+fn a_seqpacket_socket_of_another_process_named_as_the_handover_channel_is_refused() {
+    let name = format!("tf-hostile-helper-{}", std::process::id());
+    let _lock = util::fork_lock();
+    let mut helper = Reaper(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["hostile_entry", "--exact", "--ignored", "--nocapture"])
+            .env("TF_HOSTILE", "1")
+            .env("TF_SEQPACKET_LISTENER", &name)
+            .env_remove(FD_TABLE_VAR)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let lines = util::lines(helper.0.stdout.take().unwrap());
+    loop {
+        let line = lines
+            .recv_timeout(util::DEADLINE)
+            .expect("the helper listens");
+        if line.starts_with("@@ listening") {
+            break;
+        }
+    }
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
+    let fd = rustix::net::socket(AddressFamily::UNIX, SocketType::SEQPACKET, None).unwrap();
+    let addr = SocketAddrUnix::new_abstract_name(name.as_bytes()).unwrap();
+    rustix::net::connect(&fd, &addr).unwrap();
+    drop(_lock);
+    let helper_pid = helper.0.id();
+    forged_channel(
+        &fd,
+        &format!(
+            "is connected to pid {helper_pid}, not to the previous generation (pid {})",
+            std::process::id()
+        ),
+    );
+}
+
+/// The parent's own pair, but what it sends is hostile: garbage, a version from the
+/// future, a blob over its limit, a pipe declared as a TCP connection, then one real
+/// connection. Each is refused with its reason (the parent is told which, by message
+/// number or connection id), nothing the parent sent is used but the real connection,
+/// and the channel carries on to it.
+#[test]
+fn a_hostile_old_generation_is_refused_message_by_message() {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let (mine, theirs) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .unwrap();
+    let (pipe_rd, _pipe_wr) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+    let (listener, addr) = tcp_listener();
+    let client = std::net::TcpStream::connect(addr).unwrap();
+    let (conn, _) = listener.accept().unwrap();
+    let (child, parent) = committing_pipes();
+    let [ready_rd, _life_wr, commit_wr] = parent;
+    let confirm = committing(ready_rd, commit_wr, move || {
+        let send = |msg: &[u8], fds: &[std::os::fd::BorrowedFd<'_>]| {
+            let mut space =
+                vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+            let mut control = rustix::net::SendAncillaryBuffer::new(&mut space);
+            if !fds.is_empty() {
+                control.push(rustix::net::SendAncillaryMessage::ScmRights(fds));
+            }
+            let iov = [std::io::IoSlice::new(msg)];
+            rustix::net::sendmsg(&mine, &iov, &mut control, rustix::net::SendFlags::empty())
+                .unwrap();
+        };
+        send(b"\x00\x01 not a handover message", &[]);
+        let mut future = conns(2, 1, 1, b"", b"");
+        future[4] = 9;
+        send(&future, &[conn.as_fd()]);
+        let mut big = conns(3, 2, 1, b"", b"");
+        big[28..32].copy_from_slice(&(1u32 << 20).to_le_bytes());
+        send(&big, &[conn.as_fd()]);
+        send(&conns(4, 3, 1, b"", b""), &[pipe_rd.as_fd()]);
+        send(&conns(5, 4, 1, b"hello", b"\x07"), &[conn.as_fd()]);
+        // The answers: read until the child is done.
+        let mut answers = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        let deadline = Instant::now() + util::DEADLINE;
+        while answers.len() < 4 && Instant::now() < deadline {
+            match rustix::net::recv(&mine, &mut buf, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((n, _)) if n > 0 => answers.push(buf[..n].to_vec()),
+                Ok(_) => break,
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        }
+        (answers, pipe_rd, conn, client)
+    });
+    let out = handover_child(&child, &theirs)
+        .env("TF_HANDOVER_EVENTS", "5")
+        .run();
+    drop(theirs);
+    let (said, answers) = confirm.join().unwrap();
+    let t = &out.transcript;
+    assert_eq!(said, b"RH\x01\x01", "{t}");
+    let (answers, pipe_rd, _conn, _client) = answers.expect("the child confirmed");
+    for (i, want) in [
+        "bad magic",
+        "version 9 is not understood",
+        "1048576 unread bytes is over the limit of 65536",
+        "for connection 3 is not a socket, not the TCP connection its record says",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let key = format!("handover-{i}-error");
+        assert_eq!(out.get(&key), "HandoverRefused", "{t}");
+        let msg = out.get(&format!("handover-{i}-message"));
+        assert!(msg.contains(want), "{key}: {msg} lacks {want:?}");
+    }
+    assert_eq!(out.get("handover-4-accepted"), "id=4 unread=hello", "{t}");
+    // Told which: message 2 and 3 rejected by number, connection 3 refused, 4 accepted.
+    let kinds: Vec<(u8, Vec<u8>)> = answers.iter().map(|a| (a[5], a[12..].to_vec())).collect();
+    assert_eq!(kinds[0].0, b'R');
+    assert_eq!(&kinds[0].1[..4], &2u32.to_le_bytes());
+    assert_eq!(kinds[1].0, b'R');
+    assert_eq!(&kinds[1].1[..4], &3u32.to_le_bytes());
+    assert_eq!(kinds[2].0, b'A');
+    assert_eq!(
+        (&kinds[2].1[..8], kinds[2].1[8]),
+        (&3u64.to_le_bytes()[..], 2),
+        "refused"
+    );
+    assert_eq!(kinds[3].0, b'A');
+    assert_eq!(
+        (&kinds[3].1[..8], kinds[3].1[8]),
+        (&4u64.to_le_bytes()[..], 1),
+        "accepted"
+    );
+    // The pipe the "old generation" sent is its own, still open.
+    assert!(rustix::io::fcntl_getfd(&pipe_rd).is_ok());
+}
+
+/// A `C` message with one record, written by hand from the module docs' table (the
+/// test does not use the crate's encoder): sequence `seq`, connection `id`, kind
+/// `kind`, `unread` and `state`.
+fn conns(seq: u32, id: u64, kind: u8, unread: &[u8], state: &[u8]) -> Vec<u8> {
+    let mut m = b"TFHO\x01C".to_vec();
+    m.extend_from_slice(&1u16.to_le_bytes());
+    m.extend_from_slice(&seq.to_le_bytes());
+    m.extend_from_slice(&id.to_le_bytes());
+    m.extend_from_slice(&0x4c49_4e31u32.to_le_bytes());
+    m.extend_from_slice(&[kind, 0, 0, 0]);
+    m.extend_from_slice(&(unread.len() as u32).to_le_bytes());
+    m.extend_from_slice(&(state.len() as u32).to_le_bytes());
+    m.extend_from_slice(unread);
+    m.extend_from_slice(state);
+    m
 }

@@ -232,7 +232,7 @@ impl Run {
     }
 
     #[track_caller]
-    fn expect_where(&mut self, name: &str, pred: impl Fn(&Event) -> bool) -> Event {
+    pub fn expect_where(&mut self, name: &str, pred: impl Fn(&Event) -> bool) -> Event {
         if let Some(i) = self.backlog.iter().position(|e| e.name == name && pred(e)) {
             return self.backlog.remove(i).unwrap();
         }
@@ -510,6 +510,9 @@ pub fn kind(e: &Error) -> &'static str {
         Error::Control { .. } => "Control",
         Error::ControlPeer { .. } => "ControlPeer",
         Error::Remote { .. } => "Remote",
+        Error::HandoverUnavailable { .. } => "HandoverUnavailable",
+        Error::HandoverEnded { .. } => "HandoverEnded",
+        Error::HandoverRefused { .. } => "HandoverRefused",
         Error::Io { .. } => "Io",
         _ => "Other",
     }

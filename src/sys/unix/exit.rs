@@ -77,6 +77,8 @@ impl Exit {
 pub(crate) struct ExitSignal {
     exit: crate::Exit,
     wr: Mutex<Option<OwnedFd>>,
+    /// Set when it fires, for the handover receiver (no system call to look).
+    fired: Arc<AtomicBool>,
 }
 
 impl ExitSignal {
@@ -89,7 +91,13 @@ impl ExitSignal {
         Ok(ExitSignal {
             exit: crate::Exit(exit),
             wr: Mutex::new(Some(wr)),
+            fired: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// A flag set when it fires.
+    pub(crate) fn flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.fired)
     }
 
     pub(crate) fn exit(&self) -> &crate::Exit {
@@ -102,6 +110,7 @@ impl ExitSignal {
         if upgraded {
             self.exit.0.upgraded.store(true, Ordering::SeqCst);
         }
+        self.fired.store(true, Ordering::SeqCst);
         drop(self.wr.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 }

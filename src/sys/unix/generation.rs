@@ -68,6 +68,11 @@ pub(crate) struct Generation {
     life: Mutex<Life>,
     changed: Condvar,
     exit: ExitSignal,
+    /// This generation's end of the handover channel, until `ready` makes it a receiver.
+    handover_in: Mutex<Option<OwnedFd>>,
+    /// The old generation's end of the channel to the generation it upgraded to, until
+    /// `handover` takes it.
+    handover_out: Mutex<Option<crate::handover::Offer>>,
     /// A test double ([`Upgrader::standalone`](crate::Upgrader::standalone)): never
     /// spawns, tells the world nothing, is not the process's one `Upgrader`.
     standalone: bool,
@@ -164,6 +169,8 @@ impl Generation {
             }),
             changed: Condvar::new(),
             exit: ExitSignal::new()?,
+            handover_in: Mutex::new(inheritance.handover),
+            handover_out: Mutex::new(None),
             standalone,
         })
     }
@@ -279,9 +286,26 @@ impl Generation {
         if let Err(e) = self.world.committing(handoff.pid()) {
             return Err((handoff.kill(e), true));
         }
-        let pid = handoff.commit(cancel).map_err(|e| (e, true))?;
+        let offer = handoff.commit(cancel).map_err(|e| (e, true))?;
+        let pid = offer.pid;
+        *lock(&self.handover_out) = Some(offer);
         self.world.committed();
         Ok(pid)
+    }
+
+    pub(crate) fn handover(&self) -> Result<crate::handover::Sender> {
+        match lock(&self.handover_out).take() {
+            Some(offer) => offer.sender(),
+            None => Err(Error::HandoverUnavailable {
+                pid: None,
+                reason: if self.exit.exit().upgraded() {
+                    "the handover channel was taken already".into()
+                } else {
+                    "no upgrade has succeeded: the channel exists once upgrade() has returned Ok"
+                        .into()
+                },
+            }),
+        }
     }
 
     pub(crate) fn stop(&self) {
@@ -380,17 +404,30 @@ impl Generation {
     /// start, or a parent that died undecided).
     fn take_over(&self, alone: bool) -> Result<Adoption> {
         self.world.took_over(alone, self.parent.as_ref())?;
+        // The handover channel's end, if the parent made one and committed to us.
+        let handover = lock(&self.handover_in).take().filter(|_| !alone);
         if let Some(parent) = &self.parent {
-            parent.confirm();
+            parent.confirm(handover.is_some());
         }
         self.fds.reg.discard_state_in();
-        let (adoption, closed) = self.fds.reg.close_unused();
+        let (mut adoption, closed) = self.fds.reg.close_unused();
+        // Made a receiver only now, after the confirmation; it checks the channel when
+        // first used, off the path of the upgrade.
+        adoption.handover = match (handover, &self.parent) {
+            (Some(fd), Some(parent)) => Some(crate::handover::Receiver::adopt(
+                fd,
+                parent.pid(),
+                parent.lifeline(),
+                self.exit.flag(),
+            )),
+            _ => None,
+        };
         self.world.stored(&self.fds.reg, &closed);
         Ok(adoption)
     }
 
     fn lock(&self) -> MutexGuard<'_, Life> {
-        self.life.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.life)
     }
 }
 
@@ -419,3 +456,9 @@ const _: () = {
     is_send_sync::<Generation>();
     is_send_sync::<Options>();
 };
+
+/// A lock that survives a panic of another holder: every state guarded here stays
+/// consistent between statements.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -11,6 +11,11 @@
 //! | `commit` | the read end    | `C` (the parent commits); EOF before `C`: the parent died undecided |
 //! | `parent` | the read end    | nothing; EOF once the parent has exited, every thread of it |
 //!
+//! A fourth entry, `handover`, is the child's end of a Unix socket pair, the
+//! [handover channel](crate::handover): unused until the commit. A child that knows it
+//! confirms the commit with `H` and the lowest and highest handover versions it reads,
+//! instead of `D`; an older one closes it with the inherited fds nobody took.
+//!
 //! An upgrade, step by step:
 //!
 //! 1. The child gets ready (sockets taken, serving threads started) and sends `R`. It has
@@ -39,7 +44,7 @@
 use std::io;
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{clip, Error, Result, WaitingFor};
@@ -54,6 +59,9 @@ const READY: u8 = b'R';
 const FAIL: u8 = b'F';
 /// The child has taken over (its last report, after the commit).
 const DONE: u8 = b'D';
+/// The child has taken over and holds its end of the handover channel; two bytes
+/// follow: the lowest and highest handover versions it reads.
+const DONE_WITH_HANDOVER: u8 = b'H';
 /// The parent commits.
 const COMMIT: u8 = b'C';
 /// The longest failure reason passed to the parent, in bytes.
@@ -71,6 +79,10 @@ pub(crate) struct Handoff {
     commit: OwnedFd,
     /// Write end of `parent`; never written, kept open until we exit.
     lifeline: OwnedFd,
+    /// Our end of the handover channel, and our copy of the child's: closed when the
+    /// channel is taken ([`Offer`](crate::handover::Offer)), off the upgrade's path.
+    handover: OwnedFd,
+    handover_child: OwnedFd,
     /// When the child reported ready.
     ready_at: Option<Instant>,
     /// The upgrade timeout, from the spawn.
@@ -122,7 +134,11 @@ enum Event {
 
 enum Message {
     Ready,
-    Done,
+    /// `H`: the child holds its end of the handover channel (the versions it reads
+    /// follow, read when the channel is taken).
+    Done {
+        handover: bool,
+    },
     Failed(String),
     /// EOF, or a byte that is not part of the protocol.
     Closed,
@@ -143,10 +159,13 @@ impl Handoff {
         let (ready_rd, ready_wr) = pipe()?;
         let (commit_rd, commit_wr) = pipe()?;
         let (life_rd, life_wr) = pipe()?;
-        let mut entries: Vec<(RawFd, &Key, Extra)> = Vec::with_capacity(passed.len() + 4);
+        let (handover, handover_child) =
+            crate::handover::pair().map_err(|e| Error::io("socketpair", None, e))?;
+        let mut entries: Vec<(RawFd, &Key, Extra)> = Vec::with_capacity(passed.len() + 5);
         entries.push((ready_wr.as_raw_fd(), &Key::Ready, Extra::None));
         entries.push((commit_rd.as_raw_fd(), &Key::Commit, Extra::None));
         entries.push((life_rd.as_raw_fd(), &Key::Parent, Extra::None));
+        entries.push((handover_child.as_raw_fd(), &Key::Handover, Extra::None));
         if let Some(state) = state {
             entries.push((state.as_raw_fd(), &Key::State, Extra::None));
         }
@@ -157,18 +176,7 @@ impl Handoff {
         );
         let table = wire::encode_with(entries.iter().copied());
         if table.len() > wire::MAX_LEN {
-            return Err(Error::Exec {
-                path: exe.to_path_buf(),
-                source: io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "the fd table for {} fds is {} bytes, over the limit of {}",
-                        entries.len(),
-                        table.len(),
-                        wire::MAX_LEN
-                    ),
-                ),
-            });
+            return Err(too_long(exe, entries.len(), table.len()));
         }
         // Passed at their own numbers, no moves: the registry keeps its copies side by
         // side already (`fds::dup_kept`), so the next generation handles them in ranges.
@@ -180,12 +188,15 @@ impl Handoff {
         };
         let budget = Budget::start(timeout);
         let child = program.spawn(exe, &[], Some(table_var), &fds, &[])?;
-        // The child's ends close here: only the child holds them now.
+        // The child's pipe ends close here: only the child holds them now. (Our copy of
+        // its end of the handover channel is closed once the channel is taken.)
         Ok(Handoff {
             child,
             ready: ready_rd,
             commit: commit_wr,
             lifeline: life_wr,
+            handover,
+            handover_child,
             ready_at: None,
             budget,
         })
@@ -211,7 +222,7 @@ impl Handoff {
                 Ok(self)
             }
             Event::Said(Message::Failed(reason)) => Err(self.gave_up(reason, deadline)),
-            Event::Said(Message::Done | Message::Closed) | Event::Exited => {
+            Event::Said(Message::Done { .. } | Message::Closed) | Event::Exited => {
                 let pid = self.pid();
                 let timeout = self.budget.timeout;
                 Err(match self.child.wait_until(deadline)? {
@@ -247,10 +258,10 @@ impl Handoff {
     }
 
     /// Commits: sends `C` and waits, with what was left of the upgrade timeout when the
-    /// child reported ready, for it to confirm that it has taken over. Returns its pid.
-    /// On an error the child has been killed and reaped, and the caller must undo what
-    /// it told the world for the commit.
-    pub(crate) fn commit(self, cancel: BorrowedFd<'_>) -> Result<u32> {
+    /// child reported ready, for it to confirm that it has taken over. Returns our end of
+    /// the handover channel, with the child's pid. On an error the child has been killed
+    /// and reaped, and the caller must undo what it told the world for the commit.
+    pub(crate) fn commit(self, cancel: BorrowedFd<'_>) -> Result<crate::handover::Offer> {
         // The probation and systemd's queue were not counted.
         let deadline = self.budget.resume();
         if os::write_all(&self.commit, &[COMMIT]).is_err() {
@@ -258,13 +269,18 @@ impl Handoff {
             return Err(self.died(deadline));
         }
         match self.next_event(deadline, cancel)? {
-            Event::Said(Message::Done) => {
+            Event::Said(Message::Done { handover }) => {
                 let pid = self.pid();
                 // The child learns that we have exited when this end closes: keep it
                 // open until then. (The child itself is not ours to reap any more: it
                 // outlives us.)
                 std::mem::forget(self.lifeline);
-                Ok(pid)
+                Ok(crate::handover::Offer {
+                    fd: self.handover,
+                    child_end: self.handover_child,
+                    confirmation: handover.then_some(self.ready),
+                    pid,
+                })
             }
             Event::Said(Message::Failed(reason)) => Err(self.gave_up(reason, deadline)),
             Event::Said(_) | Event::Exited => Err(self.died(deadline)),
@@ -347,7 +363,8 @@ impl Handoff {
         let mut byte = [0u8; 1];
         match os::read(&self.ready, &mut byte) {
             Ok(1) if byte[0] == READY => Message::Ready,
-            Ok(1) if byte[0] == DONE => Message::Done,
+            Ok(1) if byte[0] == DONE => Message::Done { handover: false },
+            Ok(1) if byte[0] == DONE_WITH_HANDOVER => Message::Done { handover: true },
             Ok(1) if byte[0] == FAIL => Message::Failed(self.reason(deadline)),
             _ => Message::Closed,
         }
@@ -368,6 +385,20 @@ impl Handoff {
     }
 }
 
+/// The fd table for `n` fds is `len` bytes: longer than an environment string may be.
+fn too_long(exe: &Path, n: usize, len: usize) -> Error {
+    Error::Exec {
+        path: exe.to_path_buf(),
+        source: io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "the fd table for {n} fds is {len} bytes, over the limit of {}",
+                wire::MAX_LEN
+            ),
+        ),
+    }
+}
+
 // ---- The child's side ----------------------------------------------------------------
 
 /// A new generation's link to the generation that started it.
@@ -379,7 +410,7 @@ pub(crate) struct Parent {
     /// Read end of `commit`.
     commit: OwnedFd,
     /// Read end of `parent`: EOF once the parent has exited.
-    lifeline: OwnedFd,
+    lifeline: Arc<OwnedFd>,
 }
 
 /// What the previous generation decided once this one reported ready.
@@ -399,7 +430,7 @@ impl Parent {
             pid: std::os::unix::process::parent_id(),
             ready: Mutex::new(Some(ready)),
             commit,
-            lifeline,
+            lifeline: Arc::new(lifeline),
         }
     }
 
@@ -436,9 +467,19 @@ impl Parent {
         })
     }
 
-    /// Tells the parent that this generation has taken over (the last message).
-    pub(crate) fn confirm(&self) {
-        let _ = self.send(&[DONE], true);
+    /// Tells the parent that this generation has taken over (the last message), and
+    /// whether it holds its end of the handover channel.
+    pub(crate) fn confirm(&self, handover: bool) {
+        let v = crate::handover::VERSION;
+        let with = [DONE_WITH_HANDOVER, v, v];
+        let msg: &[u8] = if handover { &with } else { &[DONE] };
+        let _ = self.send(msg, true);
+    }
+
+    /// The lifeline's read end (EOF once the parent has exited), shared with the
+    /// handover channel's receiver.
+    pub(crate) fn lifeline(&self) -> Arc<OwnedFd> {
+        Arc::clone(&self.lifeline)
     }
 
     /// Tells the parent why this generation gives up (the last message).

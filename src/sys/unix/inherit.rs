@@ -30,6 +30,9 @@ pub(crate) struct Inheritance {
     pub(crate) parent: Option<handshake::Parent>,
     /// The state handed over, if any.
     pub(crate) state: Option<OwnedFd>,
+    /// This generation's end of the handover channel, if the parent made one. Checked
+    /// only once the parent has committed, off the upgrade's path.
+    pub(crate) handover: Option<OwnedFd>,
 }
 
 /// Reads `$TABLEFLIP_FDS` and adopts what it names, if it is addressed to this process.
@@ -73,6 +76,7 @@ pub(crate) fn from_env() -> Result<Inheritance> {
                 Key::Parent => &mut lifeline,
                 Key::Commit => &mut commit,
                 Key::State => &mut out.state,
+                Key::Handover => &mut out.handover,
                 _ => return Some(e),
             };
             *slot = Some(e.fd);

@@ -58,13 +58,30 @@ pub(crate) fn poll_in(fds: &[BorrowedFd<'_>], deadline: Option<Instant>) -> io::
         .iter()
         .map(|fd| PollFd::from_borrowed_fd(*fd, PollFlags::IN))
         .collect();
+    poll_until(&mut pfds, deadline)?;
+    Ok(pfds.iter().map(|p| !p.revents().is_empty()).collect())
+}
+
+/// `poll(2)` on one fd for `events` until `deadline`, retried on `EINTR` with the time
+/// left. Returns the events that came (with `HUP` and `ERR`); empty on timeout.
+pub(crate) fn poll_one(
+    fd: BorrowedFd<'_>,
+    events: PollFlags,
+    deadline: Option<Instant>,
+) -> io::Result<PollFlags> {
+    let mut pfds = [PollFd::from_borrowed_fd(fd, events)];
+    poll_until(&mut pfds, deadline)?;
+    Ok(pfds[0].revents())
+}
+
+fn poll_until(pfds: &mut [PollFd<'_>], deadline: Option<Instant>) -> io::Result<()> {
     loop {
         let timeout = left(deadline).map(|d| Timespec {
             tv_sec: d.as_secs().min(i64::MAX as u64) as _,
             tv_nsec: d.subsec_nanos() as _,
         });
-        match rustix::event::poll(&mut pfds, timeout.as_ref()) {
-            Ok(_) => return Ok(pfds.iter().map(|p| !p.revents().is_empty()).collect()),
+        match rustix::event::poll(pfds, timeout.as_ref()) {
+            Ok(_) => return Ok(()),
             Err(Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
         }

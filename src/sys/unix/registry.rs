@@ -476,7 +476,12 @@ impl Registry {
             keys.push((key, extra));
         }
         crate::sys::batch::close_all(to_close);
-        (Adoption { taken, closed }, keys)
+        let adoption = Adoption {
+            taken,
+            closed,
+            handover: None,
+        };
+        (adoption, keys)
     }
 
     /// Lets go of every fd: after a successful upgrade the new generation owns them.

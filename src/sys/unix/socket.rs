@@ -221,6 +221,112 @@ pub(crate) fn peer_ids(_conn: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
     Err(io::ErrorKind::Unsupported.into())
 }
 
+/// The pid of the process at the other end of a connected Unix socket, as the kernel
+/// recorded it when the pair was made or the connection established: `SO_PEERCRED`
+/// (Linux), `LOCAL_PEERCRED` (FreeBSD 13+, `cr_pid`), `LOCAL_PEERPID` (macOS).
+///
+/// Through libc rather than rustix: rustix's `UCred` holds a non-zero `Pid`, and the
+/// kernel reports pid 0 for a socket that is not connected, or whose peer lives in
+/// another pid namespace.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub(crate) fn peer_pid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let init = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    // SAFETY: `ucred` is three integers.
+    let cred = unsafe { getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, init) }?;
+    if cred.pid <= 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "SO_PEERCRED names no process (not connected, or another pid namespace)",
+        ));
+    }
+    Ok(cred.pid as u32)
+}
+
+/// The pid of the process at the other end of a connected Unix socket (see the Linux
+/// version).
+#[cfg(target_os = "freebsd")]
+pub(crate) fn peer_pid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: an all-zero xucred is a valid value (integers, an array, a union of a
+    // pointer and an integer).
+    let init: libc::xucred = unsafe { std::mem::zeroed() };
+    // SAFETY: as above: plain data, every pattern valid.
+    let cred = unsafe { getsockopt(fd, libc::SOL_LOCAL, libc::LOCAL_PEERCRED, init) }?;
+    // SAFETY: the kernel (13 and later) fills the union's `cr_pid`; before 13 it is
+    // unused (zero here, refused below).
+    let pid = unsafe { cred.cr_pid__c_anonymous_union.cr_pid };
+    if cred.cr_version != libc::XUCRED_VERSION || pid <= 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "LOCAL_PEERCRED gave no pid (FreeBSD 13 or later has one)",
+        ));
+    }
+    Ok(pid as u32)
+}
+
+/// The pid of the process at the other end of a connected Unix socket (see the Linux
+/// version).
+#[cfg(target_vendor = "apple")]
+pub(crate) fn peer_pid(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: a pid_t is an integer.
+    let pid: libc::pid_t = unsafe { getsockopt(fd, libc::SOL_LOCAL, libc::LOCAL_PEERPID, 0) }?;
+    if pid <= 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "LOCAL_PEERPID gave no pid",
+        ));
+    }
+    Ok(pid as u32)
+}
+
+/// No way to know the peer here.
+#[cfg(not(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd",
+    target_vendor = "apple"
+)))]
+pub(crate) fn peer_pid(_fd: BorrowedFd<'_>) -> io::Result<u32> {
+    Err(io::ErrorKind::Unsupported.into())
+}
+
+/// `getsockopt(2)` for an option whose value is a `T`, starting from `init` (which the
+/// kernel overwrites with at most `size_of::<T>()` bytes).
+///
+/// # Safety
+///
+/// `T` must be plain data (integers, arrays and unions of them) for which every byte
+/// pattern the kernel writes is a valid value.
+#[cfg(any(
+    target_os = "linux",
+    target_os = "android",
+    target_os = "freebsd",
+    target_vendor = "apple"
+))]
+unsafe fn getsockopt<T>(fd: BorrowedFd<'_>, level: i32, name: i32, init: T) -> io::Result<T> {
+    use std::os::unix::io::AsRawFd;
+    let mut value = init;
+    let mut len = std::mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`, a local that outlives
+    // the call; `fd` is open for the whole call; the caller vouches for `T`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut T).cast(),
+            &mut len,
+        )
+    };
+    if rc == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(value)
+}
+
 /// Why an fd is not the socket it was declared as: the reason, and the OS error behind
 /// it if there is one.
 #[derive(Debug)]
@@ -287,25 +393,9 @@ fn accepting(fd: BorrowedFd<'_>) -> io::Result<Option<bool>> {
 /// rustix has no `SO_ACCEPTCONN` for Apple targets; the option exists there.
 #[cfg(target_vendor = "apple")]
 fn acceptconn_libc(fd: BorrowedFd<'_>) -> rustix::io::Result<bool> {
-    use std::os::unix::io::AsRawFd;
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `value`, an int on our stack.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if rc == -1 {
-        return Err(
-            rustix::io::Errno::from_io_error(&io::Error::last_os_error())
-                .unwrap_or(rustix::io::Errno::INVAL),
-        );
-    }
+    // SAFETY: a c_int is an integer.
+    let value: libc::c_int = unsafe { getsockopt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN, 0) }
+        .map_err(|e| rustix::io::Errno::from_io_error(&e).unwrap_or(rustix::io::Errno::INVAL))?;
     Ok(value != 0)
 }
 
@@ -399,7 +489,7 @@ impl Probe {
 /// The socket type and listening state a key declares; `None` for what is no socket.
 fn shape(key: &Key) -> Option<(SocketType, Option<bool>)> {
     match key {
-        Key::Ready | Key::Parent | Key::Commit | Key::State | Key::Fd(_) => None,
+        Key::Ready | Key::Parent | Key::Commit | Key::State | Key::Handover | Key::Fd(_) => None,
         Key::Unknown { .. } => None,
         Key::TcpListener(_) | Key::UnixListener(_) => Some((SocketType::STREAM, Some(true))),
         Key::UnixSeqpacket(_) => Some((SocketType::SEQPACKET, Some(true))),
@@ -414,6 +504,72 @@ pub(crate) fn check(fd: BorrowedFd<'_>, key: &Key) -> Result<(), Mismatch> {
         None => Ok(()),
         Some(_) => probe(fd)?.expect(key),
     }
+}
+
+/// What a connected stream socket is connected over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Connected {
+    /// IPv4 or IPv6: a TCP connection.
+    Inet,
+    /// A Unix stream connection.
+    Unix,
+}
+
+/// Checks that `fd` is a connected stream socket, and says over what: `SO_TYPE`, then
+/// `getpeername` (which fails for a socket that is not connected, a listener among
+/// them, and names the family). Two system calls.
+pub(crate) fn connected_stream(fd: BorrowedFd<'_>) -> Result<Connected, Mismatch> {
+    let ty = match rustix::net::sockopt::socket_type(fd) {
+        Ok(ty) => ty,
+        Err(rustix::io::Errno::NOTSOCK) => return Err(Mismatch::new("not a socket")),
+        Err(e) => return Err(Mismatch::os("getsockopt(SO_TYPE)", e)),
+    };
+    if ty != SocketType::STREAM {
+        return Err(Mismatch::new(format!(
+            "a {} socket, not a stream socket",
+            type_name(ty)
+        )));
+    }
+    let family = match rustix::net::getpeername(fd) {
+        Ok(Some(peer)) => peer.address_family(),
+        // Connected, to a peer without an address the kernel reports (where unnamed
+        // Unix sockets have none): the family is ours.
+        Ok(None) => rustix::net::getsockname(fd)
+            .map_err(|e| Mismatch::os("getsockname", e))?
+            .address_family(),
+        Err(rustix::io::Errno::NOTCONN | rustix::io::Errno::INVAL) => {
+            return Err(Mismatch::new("a stream socket that is not connected"))
+        }
+        Err(e) => return Err(Mismatch::os("getpeername", e)),
+    };
+    match family {
+        AddressFamily::INET | AddressFamily::INET6 => Ok(Connected::Inet),
+        AddressFamily::UNIX => Ok(Connected::Unix),
+        _ => Err(Mismatch::new(
+            "a stream socket of a family other than IP or Unix",
+        )),
+    }
+}
+
+/// Checks that `fd` is a Unix socket of type `ty`: `SO_TYPE` and `getsockname`.
+pub(crate) fn unix_of_type(fd: BorrowedFd<'_>, ty: SocketType) -> Result<(), Mismatch> {
+    let have = match rustix::net::sockopt::socket_type(fd) {
+        Ok(have) => have,
+        Err(rustix::io::Errno::NOTSOCK) => return Err(Mismatch::new("not a socket")),
+        Err(e) => return Err(Mismatch::os("getsockopt(SO_TYPE)", e)),
+    };
+    if have != ty {
+        return Err(Mismatch::new(format!(
+            "a {} socket, not a {} socket",
+            type_name(have),
+            type_name(ty)
+        )));
+    }
+    let local = rustix::net::getsockname(fd).map_err(|e| Mismatch::os("getsockname", e))?;
+    if local.address_family() != AddressFamily::UNIX {
+        return Err(Mismatch::new("not a Unix socket"));
+    }
+    Ok(())
 }
 
 /// The path and identity (device, inode) of a Unix socket's file, so that it is removed

@@ -20,10 +20,6 @@ use crate::sys::inherit::{self, Inherited};
 use crate::sys::socket;
 use crate::sys::wire::{self, Extra, Key};
 
-/// Set in the environment of every generation a keeper starts (and so inherited by
-/// their upgrades): its value is the keeper's pid.
-pub(crate) const KEEPER_VAR: &str = "TABLEFLIP_KEEPER";
-
 /// The longest the commit message may wait for room in systemd's queue.
 const COMMIT_WAIT: Duration = Duration::from_secs(1);
 
@@ -81,7 +77,7 @@ impl Notifier {
             socket,
             addr,
             target: target.to_string_lossy().into_owned(),
-            keeper: std::env::var_os(KEEPER_VAR).is_some(),
+            keeper: std::env::var_os(crate::KEEPER_VAR).is_some(),
             status_set: AtomicBool::new(false),
         })
     }

@@ -12,7 +12,8 @@
 //!   variable) ignores the table and starts fresh, like systemd's `LISTEN_PID`.
 //! * Then one `;`-separated entry per fd: `FD,KIND[,KEY]`. `FD` is a decimal fd number
 //!   (3 or more, each at most once). `KIND` is one of `ready`, `parent`, `commit` (the
-//!   handshake pipes, no key), `state` (the handed-over state, no key), `tcp`, `udp` (key: a socket address), `unix`, `unixgram` (key: a path,
+//!   handshake pipes, no key), `state` (the handed-over state, no key), `handover` (the
+//!   new generation's end of the [handover channel](crate::handover), no key), `tcp`, `udp` (key: a socket address), `unix`, `unixgram` (key: a path,
 //!   or `@` and an abstract name), `tcpconn`, `unixconn`, `fd` (key: a name).
 //! * A `unix` or `unixgram` entry with a path may carry a fourth field, `DEV:INO`: the
 //!   device and inode of the socket file the previous generation bound or checked. Only
@@ -54,6 +55,8 @@ pub(crate) enum Key {
     Commit,
     /// A sealed memfd (or unlinked file) holding the state handed over by the parent.
     State,
+    /// The new generation's end of the handover channel (a Unix socket pair).
+    Handover,
     TcpListener(SocketAddr),
     Udp(SocketAddr),
     UnixListener(UnixAddr),
@@ -80,6 +83,7 @@ impl Key {
             Key::Parent => "parent",
             Key::Commit => "commit",
             Key::State => "state",
+            Key::Handover => "handover",
             Key::TcpListener(_) => "tcp",
             Key::Udp(_) => "udp",
             Key::UnixListener(_) => "unix",
@@ -99,6 +103,7 @@ impl Key {
             Key::Parent => "parent pipe",
             Key::Commit => "commit pipe",
             Key::State => "state handoff",
+            Key::Handover => "handover channel",
             Key::TcpListener(_) => "TCP listener",
             Key::Udp(_) => "UDP socket",
             Key::UnixListener(_) => "Unix listener",
@@ -132,7 +137,7 @@ impl Key {
     /// The address, path or name alone (empty for the handshake entries).
     pub(crate) fn key_text(&self) -> String {
         match self {
-            Key::Ready | Key::Parent | Key::Commit | Key::State => String::new(),
+            Key::Ready | Key::Parent | Key::Commit | Key::State | Key::Handover => String::new(),
             Key::TcpListener(a) | Key::Udp(a) => a.to_string(),
             Key::UnixListener(a) | Key::UnixDatagram(a) | Key::UnixSeqpacket(a) => a.to_string(),
             Key::TcpStream(n) | Key::UnixStream(n) | Key::Fd(n) => n.clone(),
@@ -145,7 +150,9 @@ impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = self.kind_name();
         match self {
-            Key::Ready | Key::Parent | Key::Commit | Key::State => f.write_str(kind),
+            Key::Ready | Key::Parent | Key::Commit | Key::State | Key::Handover => {
+                f.write_str(kind)
+            }
             Key::TcpListener(a) | Key::Udp(a) => write!(f, "{kind} {a}"),
             Key::UnixListener(a) | Key::UnixDatagram(a) | Key::UnixSeqpacket(a) => {
                 write!(f, "{kind} {a}")
@@ -257,7 +264,7 @@ pub(crate) fn encode_with<'a>(
         out.push(',');
         out.push_str(key.tag());
         match key {
-            Key::Ready | Key::Parent | Key::Commit | Key::State => {}
+            Key::Ready | Key::Parent | Key::Commit | Key::State | Key::Handover => {}
             Key::TcpListener(a) | Key::Udp(a) => {
                 out.push(',');
                 escape_into(&mut out, a.to_string().as_bytes());
@@ -448,7 +455,10 @@ pub(crate) fn decode(value: &[u8], my_pid: u32) -> Result<Option<Table>, DecodeE
         let (fd, key, extra) = decode_entry(entry)
             .map_err(|e| repeat_fault(&entries, text, repeated_handshake).unwrap_or(e))?;
         if repeated_handshake.is_none()
-            && matches!(key, Key::Ready | Key::Parent | Key::Commit | Key::State)
+            && matches!(
+                key,
+                Key::Ready | Key::Parent | Key::Commit | Key::State | Key::Handover
+            )
             && entries.iter().any(|e| e.key == key)
         {
             repeated_handshake = Some(entries.len());
@@ -525,6 +535,7 @@ fn decode_entry(entry: &str) -> Result<(RawFd, Key, Extra), DecodeError> {
         "parent" => f.no_arg(Key::Parent)?,
         "commit" => f.no_arg(Key::Commit)?,
         "state" => f.no_arg(Key::State)?,
+        "handover" => f.no_arg(Key::Handover)?,
         "tcp" => Key::TcpListener(f.sockaddr()?),
         "udp" => Key::Udp(f.sockaddr()?),
         "unix" => Key::UnixListener(f.unix()?),
@@ -879,12 +890,13 @@ mod tests {
         }
 
         fn key(&mut self) -> Key {
-            match self.below(12) {
+            match self.below(13) {
                 0 => Key::Ready,
                 1 => Key::Parent,
                 9 => Key::State,
                 10 => Key::Commit,
                 11 => Key::UnixSeqpacket(self.unix()),
+                12 => Key::Handover,
                 2 => Key::TcpListener(self.inet()),
                 3 => Key::Udp(self.inet()),
                 4 => Key::UnixListener(self.unix()),
@@ -902,8 +914,10 @@ mod tests {
                 let fd = self.fd();
                 let key = self.key();
                 let dup_fd = entries.iter().any(|(f, _)| *f == fd);
-                let dup_pipe = matches!(key, Key::Ready | Key::Parent | Key::Commit | Key::State)
-                    && entries.iter().any(|(_, k)| *k == key);
+                let dup_pipe = matches!(
+                    key,
+                    Key::Ready | Key::Parent | Key::Commit | Key::State | Key::Handover
+                ) && entries.iter().any(|(_, k)| *k == key);
                 if !dup_fd && !dup_pipe {
                     entries.push((fd, key));
                 }
