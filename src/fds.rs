@@ -181,7 +181,7 @@ impl Fds {
     /// The registry keeps a duplicate; registering a name again replaces it.
     ///
     /// To move a connection that is in use when the upgrade starts, hand it over after
-    /// the upgrade instead (the handover channel).
+    /// the upgrade instead (the [handover](crate::handover) channel).
     #[cfg(unix)]
     #[cfg_attr(docsrs, doc(cfg(unix)))]
     pub fn add_named<N: Named>(&self, name: &str, fd: &N) -> Result<()> {

@@ -179,8 +179,16 @@ pub(crate) fn unix_sockaddr(addr: &UnixAddr) -> io::Result<SocketAddrUnix> {
 #[cfg(any(target_os = "linux", target_os = "android"))]
 #[cfg_attr(not(feature = "control"), allow(dead_code))]
 pub(crate) fn peer_ids(conn: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
-    let cred = rustix::net::sockopt::socket_peercred(conn)?;
-    Ok((cred.uid.as_raw(), cred.gid.as_raw()))
+    // Through libc, as `peer_pid`: rustix's `UCred` holds a non-zero `Pid`, and the
+    // kernel reports pid 0 for a peer in another pid namespace.
+    let init = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    // SAFETY: `ucred` is three integers: every pattern the kernel writes is valid.
+    let cred = unsafe { getsockopt(conn, libc::SOL_SOCKET, libc::SO_PEERCRED, init) }?;
+    Ok((cred.uid, cred.gid))
 }
 
 /// The uid and gid of the process at the other end of a Unix stream connection.
