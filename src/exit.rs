@@ -178,12 +178,11 @@ impl<L: Accept> Iterator for Incoming<'_, L> {
         }
         loop {
             if self.batch > 0 {
-                match self.listener.accept_fd() {
+                match crate::sys::os::retry(|| self.listener.accept_fd()) {
                     Ok(fd) => {
                         self.batch -= 1;
                         return Some(Ok(L::Stream::from(fd)));
                     }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.batch = 0,
                     Err(e) => {
                         self.batch = 0;

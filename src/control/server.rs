@@ -415,12 +415,14 @@ impl Pending {
 pub(super) fn accept(listener: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
     loop {
         #[cfg(not(target_vendor = "apple"))]
-        let result = rustix::net::accept_with(
-            listener,
-            rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
-        );
+        let result = os::retry(|| {
+            rustix::net::accept_with(
+                listener,
+                rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK,
+            )
+        });
         #[cfg(target_vendor = "apple")]
-        let result = rustix::net::accept(listener).and_then(|fd| {
+        let result = os::retry(|| rustix::net::accept(listener)).and_then(|fd| {
             // No accept4: set both at once (see `os::pipe` for what the window means).
             rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC)?;
             rustix::io::ioctl_fionbio(&fd, true)?;
@@ -430,8 +432,8 @@ pub(super) fn accept(listener: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
         match result {
             Ok(fd) => return Ok(Some(fd)),
             Err(Errno::AGAIN) => return Ok(None),
-            // A client that gave up before we accepted, or a signal: next one.
-            Err(Errno::INTR) | Err(Errno::CONNABORTED) => continue,
+            // A client that gave up before we accepted: next one.
+            Err(Errno::CONNABORTED) => continue,
             Err(e) => return Err(e.into()),
         }
     }

@@ -20,7 +20,6 @@ use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use rustix::event::PollFlags;
-use rustix::io::Errno;
 use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
     SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketType,
@@ -188,13 +187,8 @@ impl Channel {
                 "the fds do not fit the control buffer",
             ));
         }
-        loop {
-            match rustix::net::sendmsg(&self.fd, &slices, &mut control, SEND_FLAGS) {
-                Ok(n) => return Ok(at + n),
-                Err(Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        let n = os::retry(|| rustix::net::sendmsg(&self.fd, &slices, &mut control, SEND_FLAGS))?;
+        Ok(at + n)
     }
 
     /// Sends a whole message with `fds`, waiting up to `wait` for room. For the small
@@ -272,13 +266,7 @@ impl Channel {
         let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
         let mut iov = [IoSliceMut::new(buf)];
-        let got = loop {
-            match rustix::net::recvmsg(&self.fd, &mut iov, &mut control, RECV_FLAGS) {
-                Ok(got) => break got,
-                Err(Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        };
+        let got = os::retry(|| rustix::net::recvmsg(&self.fd, &mut iov, &mut control, RECV_FLAGS))?;
         let before = fds.len();
         for msg in control.drain() {
             if let RecvAncillaryMessage::ScmRights(rights) = msg {

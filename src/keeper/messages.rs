@@ -13,11 +13,13 @@ use rustix::net::{
     AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags,
     SocketAddrUnix, SocketType,
 };
+use rustix::rand::GetRandomFlags;
 
 use super::procs::{self, Verified};
 use super::state::State;
 use super::store::{self, Store};
 use crate::error::clip;
+use crate::sys::os;
 use crate::sys::systemd::SUCCESSOR_FIELD;
 
 /// At most this many rejection lines per [`COMPLAINT_WINDOW`].
@@ -46,11 +48,9 @@ impl State {
             let mut control = RecvAncillaryBuffer::new(&mut space);
             let mut iov = [io::IoSliceMut::new(&mut buf)];
             let flags = RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC;
-            let msg = match rustix::net::recvmsg(&self.socket, &mut iov, &mut control, flags) {
-                Ok(msg) => msg,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(_) => return,
-            };
+            let recv =
+                os::retry(|| rustix::net::recvmsg(&self.socket, &mut iov, &mut control, flags));
+            let Ok(msg) = recv else { return };
             let mut sender = 0;
             let mut fds: Vec<OwnedFd> = Vec::new();
             for m in control.drain() {
@@ -362,16 +362,7 @@ fn random() -> io::Result<u128> {
     let mut bytes = [0u8; 16];
     let mut got = 0;
     while got < bytes.len() {
-        // SAFETY: writes at most `len - got` bytes into `bytes[got..]`.
-        let n = unsafe { libc::getrandom(bytes[got..].as_mut_ptr().cast(), bytes.len() - got, 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        got += n as usize;
+        got += os::retry(|| rustix::rand::getrandom(&mut bytes[got..], GetRandomFlags::empty()))?;
     }
     Ok(u128::from_ne_bytes(bytes))
 }

@@ -234,13 +234,10 @@ impl State {
 
     /// Reaps every exited child (descendants whose parent died included).
     fn reap(&mut self) {
-        loop {
-            match rustix::process::waitpid(None, WaitOptions::NOHANG) {
-                Ok(Some((pid, status))) => self.reaped(pid, status),
-                Ok(None) => return,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(_) => return,
-            }
+        while let Ok(Some((pid, status))) =
+            os::retry(|| rustix::process::waitpid(None, WaitOptions::NOHANG))
+        {
+            self.reaped(pid, status);
         }
     }
 
@@ -416,10 +413,9 @@ impl State {
         }
         // Anyone left? (`ECHILD`: no child at all, reparented orphans included.)
         loop {
-            match rustix::process::waitpid(None, WaitOptions::NOHANG) {
+            match os::retry(|| rustix::process::waitpid(None, WaitOptions::NOHANG)) {
                 Ok(Some((pid, status))) => self.reaped(pid, status),
                 Err(rustix::io::Errno::CHILD) => return Some(exit_code(self.last_status)),
-                Err(rustix::io::Errno::INTR) => continue,
                 Ok(None) | Err(_) => return None,
             }
         }

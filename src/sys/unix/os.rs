@@ -8,6 +8,40 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::io::Errno;
 
+/// Calls `f` again as long as it fails with `EINTR`: the one retry loop of the crate.
+///
+/// A signal handler installed without `SA_RESTART` (by the application or a library)
+/// makes a blocking call in any thread fail with `EINTR`. `f` makes the call afresh
+/// each time: a call with a timeout computes the time left inside `f`.
+///
+/// Not for the code between fork and exec (`child.rs`), which retries nothing: every
+/// signal is blocked there until its last step.
+pub(crate) fn retry<T, E: Interrupted>(mut f: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    loop {
+        match f() {
+            Err(e) if e.interrupted() => continue,
+            done => return done,
+        }
+    }
+}
+
+/// An error that says whether it is `EINTR`: rustix's, or std's.
+pub(crate) trait Interrupted {
+    fn interrupted(&self) -> bool;
+}
+
+impl Interrupted for Errno {
+    fn interrupted(&self) -> bool {
+        *self == Errno::INTR
+    }
+}
+
+impl Interrupted for io::Error {
+    fn interrupted(&self) -> bool {
+        self.kind() == io::ErrorKind::Interrupted
+    }
+}
+
 /// A pipe whose two ends are close-on-exec.
 ///
 /// Where `pipe2` is missing (Apple), the flag is set right after `pipe`, as std's own
@@ -75,17 +109,14 @@ pub(crate) fn poll_one(
 }
 
 fn poll_until(pfds: &mut [PollFd<'_>], deadline: Option<Instant>) -> io::Result<()> {
-    loop {
+    retry(|| {
         let timeout = left(deadline).map(|d| Timespec {
             tv_sec: d.as_secs().min(i64::MAX as u64) as _,
             tv_nsec: d.subsec_nanos() as _,
         });
-        match rustix::event::poll(pfds, timeout.as_ref()) {
-            Ok(_) => return Ok(()),
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+        rustix::event::poll(&mut *pfds, timeout.as_ref())
+    })?;
+    Ok(())
 }
 
 /// Whether `fd` becomes readable (or hung up) before `deadline` (`None`: wait forever).
@@ -95,23 +126,14 @@ pub(crate) fn readable(fd: BorrowedFd<'_>, deadline: Option<Instant>) -> io::Res
 
 /// `read(2)`, retried on `EINTR`.
 pub(crate) fn read(fd: impl AsFd, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match rustix::io::read(&fd, &mut *buf) {
-            Ok(n) => return Ok(n),
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+    Ok(retry(|| rustix::io::read(&fd, &mut *buf))?)
 }
 
 /// `write(2)` until all of `buf` is written, retried on `EINTR`.
 pub(crate) fn write_all(fd: impl AsFd, mut buf: &[u8]) -> io::Result<()> {
     while !buf.is_empty() {
-        match rustix::io::write(&fd, buf) {
-            Ok(n) => buf = &buf[n..],
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
+        let n = retry(|| rustix::io::write(&fd, buf))?;
+        buf = &buf[n..];
     }
     Ok(())
 }
@@ -126,11 +148,8 @@ pub(crate) fn send_all(fd: impl AsFd, mut buf: &[u8]) -> io::Result<()> {
     #[cfg(target_vendor = "apple")]
     let flags = rustix::net::SendFlags::empty();
     while !buf.is_empty() {
-        match rustix::net::send(&fd, buf, flags) {
-            Ok(n) => buf = &buf[n..],
-            Err(Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
-        }
+        let n = retry(|| rustix::net::send(&fd, buf, flags))?;
+        buf = &buf[n..];
     }
     Ok(())
 }
@@ -138,6 +157,38 @@ pub(crate) fn send_all(fd: impl AsFd, mut buf: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_repeats_only_eintr() {
+        let mut calls = 0;
+        let got = retry(|| {
+            calls += 1;
+            if calls < 3 {
+                Err(Errno::INTR)
+            } else {
+                Ok(calls)
+            }
+        });
+        assert_eq!(got, Ok(3));
+        let mut calls = 0;
+        let got: rustix::io::Result<()> = retry(|| {
+            calls += 1;
+            Err(Errno::AGAIN)
+        });
+        assert_eq!((got, calls), (Err(Errno::AGAIN), 1));
+        let mut calls = 0;
+        let got: io::Result<()> = retry(|| {
+            calls += 1;
+            match calls {
+                1 => Err(io::Error::from(io::ErrorKind::Interrupted)),
+                _ => Err(io::Error::from(io::ErrorKind::WouldBlock)),
+            }
+        });
+        assert_eq!(
+            (got.unwrap_err().kind(), calls),
+            (io::ErrorKind::WouldBlock, 2)
+        );
+    }
 
     #[test]
     fn poll_times_out_and_sees_eof() {

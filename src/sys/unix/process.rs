@@ -10,7 +10,6 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use rustix::io::Errno;
 use rustix::process::{Pid, Signal, WaitOptions};
 
 use crate::error::{Error, Result};
@@ -72,18 +71,13 @@ impl Child {
     /// `waitpid(2)` on the child, retried on `EINTR`. An error (`ECHILD`) means somebody
     /// else reaped it: `SIGCHLD` ignored, or a `waitpid(-1)` elsewhere in the process.
     fn waitpid(&self, options: WaitOptions) -> Result<Option<ExitStatus>> {
-        loop {
-            match rustix::process::waitpid(Some(self.pid), options) {
-                Ok(status) => return Ok(status.map(|(_, s)| ExitStatus::from_raw(s.as_raw()))),
-                Err(Errno::INTR) => continue,
-                Err(e) => {
-                    return Err(Error::io(
-                        "waitpid for the new generation (reaped elsewhere? SIGCHLD ignored?)",
-                        None,
-                        e,
-                    ))
-                }
-            }
+        match crate::sys::os::retry(|| rustix::process::waitpid(Some(self.pid), options)) {
+            Ok(status) => Ok(status.map(|(_, s)| ExitStatus::from_raw(s.as_raw()))),
+            Err(e) => Err(Error::io(
+                "waitpid for the new generation (reaped elsewhere? SIGCHLD ignored?)",
+                None,
+                e,
+            )),
         }
     }
 

@@ -12,11 +12,11 @@ use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use rustix::io::Errno;
 use rustix::net::{AddressFamily, SendFlags, SocketAddrUnix, SocketType};
 
 use crate::error::{Error, Result};
 use crate::sys::inherit::{self, Inherited};
+use crate::sys::os;
 use crate::sys::socket;
 use crate::sys::wire::{self, Extra, Key};
 
@@ -90,13 +90,8 @@ impl Notifier {
         } else {
             SendFlags::DONTWAIT
         };
-        loop {
-            match rustix::net::sendto(self.socket.as_fd(), msg.as_bytes(), flags, &self.addr) {
-                Ok(_) => return Ok(()),
-                Err(Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        os::retry(|| rustix::net::sendto(self.socket.as_fd(), msg.as_bytes(), flags, &self.addr))?;
+        Ok(())
     }
 
     /// After a successful commit, before this generation may exit: waits, at most
@@ -259,19 +254,16 @@ impl Notifier {
             return Err(io::ErrorKind::InvalidInput.into());
         }
         let iov = [io::IoSlice::new(msg.as_bytes())];
-        loop {
-            match rustix::net::sendmsg_addr(
+        os::retry(|| {
+            rustix::net::sendmsg_addr(
                 &self.socket,
                 &self.addr,
                 &iov,
                 &mut control,
                 SendFlags::empty(),
-            ) {
-                Ok(_) => return Ok(()),
-                Err(Errno::INTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
+            )
+        })?;
+        Ok(())
     }
 }
 
