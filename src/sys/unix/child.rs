@@ -7,7 +7,10 @@
 //!   (raw syscall), `chdir`, `pthread_sigmask`, `execve`, `write`, `_exit` (and, on
 //!   Linux, libc's `SIGRTMAX`, which reads a variable);
 //! - on failure, writes the step that failed and its errno (two native-endian `i32`s) to
-//!   the error pipe and exits with 127.
+//!   the error pipe and exits with 127: each step hands its failure back, and one
+//!   function (`report`) writes it and exits;
+//! - retries nothing on `EINTR`: every signal is blocked until the last step, and by then
+//!   every disposition is the default, so no handler can interrupt a call.
 //!
 //! On Linux the child is started with `clone(CLONE_VM | CLONE_VFORK)`: it borrows the
 //! parent's memory (no page tables are copied, so spawning costs the same with 10 MiB or
@@ -20,6 +23,7 @@
 //! plain `fork()`: the child runs the same code on a copy of the memory, with signals
 //! blocked the same way, and the same rules hold because the parent may have threads.
 
+use std::convert::Infallible;
 use std::io;
 use std::os::raw::{c_char, c_int, c_void};
 use std::os::unix::io::RawFd;
@@ -167,13 +171,71 @@ unsafe fn raw_spawn(args: &ChildArgs) -> io::Result<libc::pid_t> {
     }
 }
 
-/// The child. Never returns: it execs or `_exit`s.
+/// The child. Never returns: it execs, or reports the step that failed and `_exit`s.
 extern "C" fn child_main(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` is the `&ChildArgs` passed to clone/fork; the parent keeps it alive.
     let args = unsafe { &*(arg as *const ChildArgs) };
+    let failed = match prepare_and_exec(args) {
+        Ok(never) => match never {},
+        Err(failed) => failed,
+    };
+    report(args, failed)
+}
 
+/// A step that failed, and the errno it failed with.
+struct Failure {
+    step: Step,
+    errno: c_int,
+}
+
+/// The steps in order, up to `execve`. Returns the first that fails, with its errno
+/// read at once: nothing runs between a failing call and the reading of its errno.
+fn prepare_and_exec(args: &ChildArgs) -> Result<Infallible, Failure> {
     // 1. Every signal disposition back to the default, so no parent handler can run here
     //    once signals are unblocked, and ignored signals are not ignored by the new program.
+    reset_signals();
+
+    // 2. Clear FD_CLOEXEC on the fds being passed (F_SETFD: a descriptor flag, private to
+    //    this process; status flags such as O_NONBLOCK are not touched).
+    let mut i: usize = 0;
+    while i < args.nfds {
+        // SAFETY: `fds` has `nfds` elements.
+        let fd = unsafe { *args.fds.add(i) };
+        // SAFETY: fcntl on an integer fd is async-signal-safe.
+        check(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, Step::PassFd)?;
+        i = i.wrapping_add(1);
+    }
+
+    // 2b. Move the fds that are passed at another number (dup2 clears FD_CLOEXEC on the
+    //     copy).
+    if args.scratch < 0 {
+        move_fds(args)?;
+    } else {
+        move_fds_through_scratch(args)?;
+    }
+
+    // 3. Our pid into the environment (the fd table's pid slot, or `LISTEN_PID`), so that
+    //    only this process takes those fds for its own.
+    write_pid(args);
+
+    // 4. The initial working directory.
+    // SAFETY: NUL-terminated string prepared by the parent.
+    check(unsafe { libc::chdir(args.cwd) }, Step::Chdir)?;
+
+    // 5. An empty signal mask, then the new program.
+    // SAFETY: a zeroed sigset_t on our stack, emptied.
+    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid sigset pointer.
+    unsafe { libc::sigemptyset(&mut empty) };
+    // SAFETY: valid sigset pointer.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
+    // SAFETY: NUL-terminated path and NULL-terminated arrays prepared by the parent.
+    unsafe { libc::execve(args.path, args.argv, args.envp) };
+    Err(failure(Step::Exec))
+}
+
+/// Step 1: every disposition but `SIGKILL`'s and `SIGSTOP`'s to `SIG_DFL`.
+fn reset_signals() {
     // SAFETY: a zeroed sigaction is SIG_DFL with an empty mask and no flags.
     let mut dfl: libc::sigaction = unsafe { std::mem::zeroed() };
     dfl.sa_sigaction = libc::SIG_DFL;
@@ -186,64 +248,53 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         }
         sig = sig.wrapping_add(1);
     }
+}
 
-    // 2. Clear FD_CLOEXEC on the fds being passed (F_SETFD: a descriptor flag, private to
-    //    this process; status flags such as O_NONBLOCK are not touched).
-    let mut i: usize = 0;
-    while i < args.nfds {
-        // SAFETY: `fds` has `nfds` elements.
-        let fd = unsafe { *args.fds.add(i) };
-        // SAFETY: fcntl on an integer fd is async-signal-safe.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
-            fail(args, Step::PassFd);
-        }
-        i = i.wrapping_add(1);
-    }
-
-    // 2b. Move the fds that are passed at another number (dup2 clears FD_CLOEXEC on the
-    //     copy). When every place is above every fd involved, straight there. Otherwise
-    //     first each to its scratch number (above every fd involved, so nothing is
-    //     overwritten before it is copied), then from there to its place, closing the
-    //     scratch copy.
+/// Step 2b when every place is above every fd involved (`scratch` is `-1`): each fd
+/// straight to its place with one `dup2`.
+fn move_fds(args: &ChildArgs) -> Result<(), Failure> {
     let mut k: usize = 0;
-    while args.scratch < 0 && k < args.nmoves {
+    while k < args.nmoves {
         // SAFETY: `moves` has `nmoves` elements.
         let [from, to] = unsafe { *args.moves.add(k) };
         // SAFETY: dup2 on integer fds is async-signal-safe; `to` is above every fd the
         // child passes or reports on, and this is the child's own fd table.
-        if unsafe { libc::dup2(from, to) } == -1 {
-            fail(args, Step::PassFd);
-        }
+        check(unsafe { libc::dup2(from, to) }, Step::PassFd)?;
         k = k.wrapping_add(1);
     }
-    k = if args.scratch < 0 { args.nmoves } else { 0 };
+    Ok(())
+}
+
+/// Step 2b otherwise: first each fd to its scratch number (above every fd involved, so
+/// nothing is overwritten before it is copied), then from there to its place, closing
+/// the scratch copy.
+fn move_fds_through_scratch(args: &ChildArgs) -> Result<(), Failure> {
+    let mut k: usize = 0;
     while k < args.nmoves {
         // SAFETY: `moves` has `nmoves` elements.
         let [from, _] = unsafe { *args.moves.add(k) };
         let tmp = args.scratch.wrapping_add(k as RawFd);
         // SAFETY: dup2 on integer fds is async-signal-safe; `tmp` is above every fd the
         // child passes or reports on, and this is the child's own fd table.
-        if unsafe { libc::dup2(from, tmp) } == -1 {
-            fail(args, Step::PassFd);
-        }
+        check(unsafe { libc::dup2(from, tmp) }, Step::PassFd)?;
         k = k.wrapping_add(1);
     }
-    k = if args.scratch < 0 { args.nmoves } else { 0 };
+    k = 0;
     while k < args.nmoves {
         // SAFETY: `moves` has `nmoves` elements.
         let [_, to] = unsafe { *args.moves.add(k) };
         let tmp = args.scratch.wrapping_add(k as RawFd);
         // SAFETY: as above; `to` is no fd of `fds`, nor the error pipe.
-        if unsafe { libc::dup2(tmp, to) } == -1 {
-            fail(args, Step::PassFd);
-        }
+        check(unsafe { libc::dup2(tmp, to) }, Step::PassFd)?;
         // SAFETY: closing the child's own scratch copy, made above.
         unsafe { libc::close(tmp) };
         k = k.wrapping_add(1);
     }
+    Ok(())
+}
 
-    // 3. Our pid into the environment (the fd table's pid slot, or `LISTEN_PID`), so that
-    //    only this process takes those fds for its own.
+/// Step 3: our pid in decimal into the `PID_WIDTH` bytes of `pid_slot`, if there is one.
+fn write_pid(args: &ChildArgs) {
     // SAFETY: a raw syscall, immune to libc's pid caching in a vfork-style child.
     let mut pid = unsafe { getpid() } as u32;
     let mut j = if args.pid_slot.is_null() {
@@ -257,33 +308,30 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         unsafe { *args.pid_slot.add(j) = b'0'.wrapping_add((pid % 10) as u8) };
         pid /= 10;
     }
-
-    // 4. The initial working directory.
-    // SAFETY: NUL-terminated string prepared by the parent.
-    if unsafe { libc::chdir(args.cwd) } == -1 {
-        fail(args, Step::Chdir);
-    }
-
-    // 5. An empty signal mask, then the new program.
-    // SAFETY: a zeroed sigset_t on our stack, emptied.
-    let mut empty: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: valid sigset pointer.
-    unsafe { libc::sigemptyset(&mut empty) };
-    // SAFETY: valid sigset pointer.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) };
-    // SAFETY: NUL-terminated path and NULL-terminated arrays prepared by the parent.
-    unsafe { libc::execve(args.path, args.argv, args.envp) };
-    fail(args, Step::Exec)
 }
 
-/// Reports the step and errno over the error pipe and exits with 127.
-fn fail(args: &ChildArgs, step: Step) -> ! {
-    // Reads this thread's errno; no allocation (an OS error is stored inline).
-    let errno: c_int = io::Error::last_os_error()
+/// `Err` with `step` and this thread's errno if a libc call returned `-1`.
+fn check(rc: c_int, step: Step) -> Result<(), Failure> {
+    if rc == -1 {
+        Err(failure(step))
+    } else {
+        Ok(())
+    }
+}
+
+/// `step` with this thread's errno; no allocation (an OS error is stored inline).
+fn failure(step: Step) -> Failure {
+    let errno = io::Error::last_os_error()
         .raw_os_error()
         .unwrap_or(libc::EINVAL);
-    let [a, b, c, d] = (step as i32).to_ne_bytes();
-    let [e, f, g, h] = errno.to_ne_bytes();
+    Failure { step, errno }
+}
+
+/// The one way out on failure: the step and its errno over the error pipe, then exit
+/// with 127.
+fn report(args: &ChildArgs, failed: Failure) -> ! {
+    let [a, b, c, d] = (failed.step as i32).to_ne_bytes();
+    let [e, f, g, h] = failed.errno.to_ne_bytes();
     let bytes = [a, b, c, d, e, f, g, h];
     // SAFETY: writing 8 bytes from our stack to the error pipe; the result does not matter
     // (the parent treats a missing report as a generic failure). A pipe write of 8 bytes
