@@ -3,8 +3,8 @@
 use super::protocol::*;
 use super::*;
 use std::io;
-use std::os::unix::io::AsFd;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::os::unix::io::{AsFd, OwnedFd};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::FileType;
 use rustix::io::Errno;
@@ -145,20 +145,57 @@ pub(super) fn invalid(addr: &UnixAddr, what: &str) -> Error {
 /// Connects, checks who answered, sends one request and reads the answer; an error
 /// answer is [`Error::Remote`].
 pub(super) fn exchange(addr: &UnixAddr, command: &str, config: ClientConfig) -> Result<Answer> {
-    let timeout = config.timeout;
-    let name = addr.to_string();
-    let fail = |op: &'static str, source: io::Error| Error::Control {
-        addr: name.clone(),
+    let deadline = os::deadline(Some(config.timeout));
+    let conn = connect(addr, config.timeout)?;
+    check_peer(addr, &conn, config.server_uid)?;
+    // A server that refuses us may answer and close before it reads: then the answer
+    // is what to report, not the broken pipe.
+    let sent = match os::send_all(&conn, format!("{VERSION} {command}\n").as_bytes()) {
+        Err(e) if !closed_by_peer(&e) => return Err(failed(addr, "send", e)),
+        sent => sent,
+    };
+    let (buf, read_err) = read_answer(addr, &conn, deadline, config.timeout)?;
+    // A whole answer counts, whatever happened to the connection after it.
+    let answer = Answer::decode(&buf).map_err(|what| match (sent, read_err) {
+        (Err(e), _) => failed(addr, "send", e),
+        (Ok(()), Some(e)) => failed(addr, "receive", e),
+        (Ok(()), None) => invalid(addr, &what),
+    })?;
+    match &answer.error {
+        None => Ok(answer),
+        Some(kind) => Err(Error::Remote {
+            addr: addr.to_string(),
+            kind: kind.clone(),
+            message: answer.field("message").unwrap_or_default().to_string(),
+        }),
+    }
+}
+
+/// Whether a send failed because the peer had closed the connection.
+fn closed_by_peer(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// [`Error::Control`]: `op` failed on the way to `addr`.
+fn failed(addr: &UnixAddr, op: &'static str, source: io::Error) -> Error {
+    Error::Control {
+        addr: addr.to_string(),
         op,
         source,
-    };
-    let deadline = os::deadline(Some(timeout));
-    let sockaddr = socket::unix_sockaddr(addr).map_err(|e| fail("connect", e))?;
+    }
+}
+
+/// A stream socket connected to `addr`; `timeout` bounds the connect and the send.
+fn connect(addr: &UnixAddr, timeout: Duration) -> Result<OwnedFd> {
+    let sockaddr = socket::unix_sockaddr(addr).map_err(|e| failed(addr, "connect", e))?;
     let conn = socket::new_socket(AddressFamily::UNIX, SocketType::STREAM)
-        .map_err(|e| fail("socket", e))?;
+        .map_err(|e| failed(addr, "socket", e))?;
     #[cfg(target_vendor = "apple")]
     rustix::net::sockopt::set_socket_nosigpipe(&conn, true)
-        .map_err(|e| fail("setsockopt(SO_NOSIGPIPE)", e.into()))?;
+        .map_err(|e| failed(addr, "setsockopt(SO_NOSIGPIPE)", e.into()))?;
     // Bounds a connect that waits for room in a full queue (Linux), and the send.
     let send_timeout = timeout.max(Duration::from_millis(1));
     rustix::net::sockopt::set_socket_timeout(
@@ -166,51 +203,53 @@ pub(super) fn exchange(addr: &UnixAddr, command: &str, config: ClientConfig) -> 
         rustix::net::sockopt::Timeout::Send,
         Some(send_timeout),
     )
-    .map_err(|e| fail("setsockopt(SO_SNDTIMEO)", e.into()))?;
+    .map_err(|e| failed(addr, "setsockopt(SO_SNDTIMEO)", e.into()))?;
     match rustix::net::connect(&conn, &sockaddr) {
-        Ok(()) => {}
-        Err(Errno::AGAIN) => {
-            return Err(fail(
-                "connect",
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("the server's queue stayed full for {timeout:?}"),
-                ),
-            ))
-        }
-        Err(e) => return Err(fail("connect", e.into())),
+        Ok(()) => Ok(conn),
+        Err(Errno::AGAIN) => Err(failed(
+            addr,
+            "connect",
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the server's queue stayed full for {timeout:?}"),
+            ),
+        )),
+        Err(e) => Err(failed(addr, "connect", e.into())),
     }
+}
+
+/// [`Error::ControlPeer`] unless the process that answered on `conn` is believed
+/// ([`believe`]).
+fn check_peer(addr: &UnixAddr, conn: &OwnedFd, server_uid: Option<u32>) -> Result<()> {
     let peer_op = if cfg!(any(target_os = "linux", target_os = "android")) {
         "getsockopt(SO_PEERCRED)"
     } else {
         "getpeereid"
     };
-    let (uid, gid) = socket::peer_ids(conn.as_fd()).map_err(|e| fail(peer_op, e))?;
-    if let Err(reason) = believe(addr, uid, gid, config.server_uid) {
-        return Err(Error::ControlPeer {
-            addr: name,
-            uid,
-            reason,
-        });
-    }
-    // A server that refuses us may answer and close before it reads: then the answer
-    // is what to report, not the broken pipe.
-    let sent = os::send_all(&conn, format!("{VERSION} {command}\n").as_bytes());
-    if let Err(e) = &sent {
-        if !matches!(
-            e.kind(),
-            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
-        ) {
-            return Err(fail("send", sent.unwrap_err()));
-        }
-    }
+    let (uid, gid) = socket::peer_ids(conn.as_fd()).map_err(|e| failed(addr, peer_op, e))?;
+    believe(addr, uid, gid, server_uid).map_err(|reason| Error::ControlPeer {
+        addr: addr.to_string(),
+        uid,
+        reason,
+    })
+}
+
+/// Reads until the empty line that ends an answer (the answer is cut after it), EOF or
+/// a read error, which is returned beside what was read: the caller decides whether
+/// what came is a whole answer. Fails when nothing more comes within `deadline`, or
+/// when more than [`MAX_ANSWER`] bytes come without the empty line.
+fn read_answer(
+    addr: &UnixAddr,
+    conn: &OwnedFd,
+    deadline: Option<Instant>,
+    timeout: Duration,
+) -> Result<(Vec<u8>, Option<io::Error>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    let mut read_err = None;
     loop {
         if let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
             buf.truncate(end + 2);
-            break;
+            return Ok((buf, None));
         }
         if buf.len() > MAX_ANSWER {
             return Err(invalid(
@@ -218,9 +257,11 @@ pub(super) fn exchange(addr: &UnixAddr, command: &str, config: ClientConfig) -> 
                 &format!("answer longer than {MAX_ANSWER} bytes"),
             ));
         }
-        let readable = os::readable(conn.as_fd(), deadline).map_err(|e| fail("receive", e))?;
+        let readable =
+            os::readable(conn.as_fd(), deadline).map_err(|e| failed(addr, "receive", e))?;
         if !readable {
-            return Err(fail(
+            return Err(failed(
+                addr,
                 "receive",
                 io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -228,33 +269,11 @@ pub(super) fn exchange(addr: &UnixAddr, command: &str, config: ClientConfig) -> 
                 ),
             ));
         }
-        match os::read(&conn, &mut chunk) {
-            Ok(0) => break,
+        match os::read(conn, &mut chunk) {
+            Ok(0) => return Ok((buf, None)),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) => {
-                read_err = Some(e);
-                break;
-            }
+            Err(e) => return Ok((buf, Some(e))),
         }
-    }
-    // A whole answer counts, whatever happened to the connection after it.
-    let answer = match Answer::decode(&buf) {
-        Ok(answer) => answer,
-        Err(what) => {
-            return Err(match (sent, read_err) {
-                (Err(e), _) => fail("send", e),
-                (Ok(()), Some(e)) => fail("receive", e),
-                (Ok(()), None) => invalid(addr, &what),
-            })
-        }
-    };
-    match &answer.error {
-        None => Ok(answer),
-        Some(kind) => Err(Error::Remote {
-            addr: name.clone(),
-            kind: kind.clone(),
-            message: answer.field("message").unwrap_or_default().to_string(),
-        }),
     }
 }
 

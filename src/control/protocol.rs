@@ -34,30 +34,42 @@ pub(super) enum Parsed {
 /// Parses what a client has sent so far.
 pub(super) fn parse(buf: &[u8]) -> Parsed {
     let Some(end) = buf.iter().position(|&b| b == b'\n') else {
-        if buf.len() >= MAX_REQUEST {
-            return Parsed::Bad(
-                BAD_REQUEST,
-                format!("request longer than {MAX_REQUEST} bytes"),
-            );
-        }
-        // Garbage is refused as soon as it cannot be the start of a request.
-        let n = buf.len().min(PROTOCOL.len());
-        if buf[..n] != PROTOCOL[..n] {
-            return Parsed::Bad(BAD_REQUEST, not_the_protocol());
-        }
-        return Parsed::Partial;
+        return unfinished(buf);
     };
     if end >= MAX_REQUEST {
-        return Parsed::Bad(
-            BAD_REQUEST,
-            format!("request longer than {MAX_REQUEST} bytes"),
-        );
+        return too_long();
     }
     let line = &buf[..end];
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let Ok(line) = std::str::from_utf8(line) else {
         return Parsed::Bad(BAD_REQUEST, "the request is not UTF-8".into());
     };
+    request(line)
+}
+
+/// A request whose line has not ended yet: [`Parsed::Partial`] while it can still
+/// become one.
+fn unfinished(buf: &[u8]) -> Parsed {
+    if buf.len() >= MAX_REQUEST {
+        return too_long();
+    }
+    // Garbage is refused as soon as it cannot be the start of a request.
+    let n = buf.len().min(PROTOCOL.len());
+    if buf[..n] != PROTOCOL[..n] {
+        return Parsed::Bad(BAD_REQUEST, not_the_protocol());
+    }
+    Parsed::Partial
+}
+
+fn too_long() -> Parsed {
+    Parsed::Bad(
+        BAD_REQUEST,
+        format!("request longer than {MAX_REQUEST} bytes"),
+    )
+}
+
+/// The words of a request line: the version, then one command, then nothing.
+fn request(line: &str) -> Parsed {
     let mut words = line.split(' ');
     let version = words.next().unwrap_or("");
     if version != VERSION {
