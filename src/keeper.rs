@@ -206,7 +206,7 @@ impl Keeper {
         }
         #[cfg(any(target_os = "linux", target_os = "android"))]
         {
-            let mut keeper = state::State::new(self)?;
+            let mut keeper = state::Keeping::new(self)?;
             let code = keeper.run();
             std::process::exit(code)
         }

@@ -16,7 +16,7 @@ use rustix::net::{
 use rustix::rand::GetRandomFlags;
 
 use super::procs::{self, Verified};
-use super::state::State;
+use super::state::Keeping;
 use super::store::{self, Store};
 use crate::error::clip;
 use crate::sys::os;
@@ -38,7 +38,7 @@ pub(super) struct Complaints {
     pub(super) dropped: u64,
 }
 
-impl State {
+impl Keeping {
     /// Reads every queued notification.
     pub(super) fn read_messages(&mut self) {
         let mut buf = [0u8; 4096];

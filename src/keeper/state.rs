@@ -48,8 +48,9 @@ pub(super) struct Stop {
     killed: Option<Instant>,
 }
 
-/// The keeper at work.
-pub(super) struct State {
+/// The keeper at work: what it holds (its config, notify socket, signal pipe, fd store)
+/// and what it knows of the generations (the main one, its successor, restarts, a stop).
+pub(super) struct Keeping {
     pub(super) config: Keeper,
     pub(super) program: Program,
     pub(super) pid: u32,
@@ -78,8 +79,8 @@ pub(super) struct State {
     pub(super) complaints: Complaints,
 }
 
-impl State {
-    pub(super) fn new(config: Keeper) -> Result<State> {
+impl Keeping {
+    pub(super) fn new(config: Keeper) -> Result<Keeping> {
         let pid = std::process::id();
         if pid != 1 {
             // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes integers only.
@@ -96,7 +97,7 @@ impl State {
             .map_err(|e| Error::io("bind the keeper's notify socket", None, e))?;
         let signals = signals::install(&[FORWARDED.as_slice(), &[libc::SIGCHLD]].concat())
             .map_err(|e| Error::io("sigaction for the keeper's signals", None, e))?;
-        let mut keeper = State {
+        let mut keeper = Keeping {
             config,
             program: Program::current(None)?,
             pid,
