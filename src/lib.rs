@@ -51,7 +51,7 @@
 //!     });
 //!     upg.ready()?; // serving already: the previous generation commits now
 //!     server.join().ok(); // then finish in-flight work, and return
-//!     if let Some(Ok(pid)) = upg.status().last_upgrade.map(|u| u.result) {
+//!     if let Some(Ok(pid)) = upg.status().last_upgrade().map(|u| u.result.clone()) {
 //!         let _ = writeln!(std::io::stderr(), "pid {pid} took over");
 //!     }
 //!     Ok(())
@@ -157,6 +157,7 @@ mod adoption;
 #[cfg(all(unix, feature = "control"))]
 #[cfg_attr(docsrs, doc(cfg(all(unix, feature = "control"))))]
 pub mod control;
+mod drain;
 mod error;
 mod exit;
 mod fds;
@@ -177,6 +178,7 @@ mod upgrader;
 mod sys;
 
 pub use adoption::{Adoption, InheritedFd};
+pub use drain::Drain;
 pub use error::{Error, Result, WaitingFor};
 #[cfg(unix)]
 #[cfg_attr(docsrs, doc(cfg(unix)))]
@@ -191,7 +193,7 @@ pub use keeper::Keeper;
 pub use kinds::{Accept, Named, SeqpacketListener};
 pub use kinds::{Address, Group, Listen};
 pub use options::Options;
-pub use status::{LastUpgrade, Status, UpgradeFailure};
+pub use status::{Status, UpgradeFailure, UpgradeRecord, MAX_FAILURE_MESSAGE, MAX_RECORDS};
 pub use unix_addr::UnixAddr;
 pub use upgrader::Upgrader;
 

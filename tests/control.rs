@@ -160,7 +160,7 @@ mod suite {
             (status.pid, status.ready, status.upgrading),
             (pid1, true, false)
         );
-        assert_eq!(status.last_upgrade, None);
+        assert_eq!(status.last_upgrade(), None);
 
         let pid2 = control::request_upgrade(&sock, CLIENT_TIMEOUT).expect("upgrade");
         assert_ne!(pid2, pid1);
@@ -185,7 +185,7 @@ mod suite {
         assert_eq!(status.pid, pid3);
 
         // The last generation ran no upgrade of its own; stopping removes the socket file.
-        assert_eq!(status.last_upgrade, None);
+        assert_eq!(status.last_upgrade(), None);
         signal(pid3, libc::SIGTERM);
         run.expect_all_exited();
         assert!(!sock.exists(), "the socket file outlived the service");
@@ -216,12 +216,12 @@ mod suite {
             (status.pid, status.ready, status.upgrading),
             (pid1, true, false)
         );
-        let last = status.last_upgrade.expect("a last upgrade");
+        let last = status.last_upgrade().expect("a last upgrade").clone();
         let failure = last.result.unwrap_err();
         assert_eq!(failure.kind, "ChildExited");
         assert!(failure.message.contains("exit status: 3"), "{failure:?}");
         let age = std::time::SystemTime::now()
-            .duration_since(last.ended)
+            .duration_since(last.started + last.ended)
             .unwrap();
         assert!(age < Duration::from_secs(30), "{age:?}");
         assert_eq!(ask(addr).unwrap(), pid1);

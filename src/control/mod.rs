@@ -165,7 +165,7 @@ mod client;
 mod protocol;
 mod server;
 
-pub use crate::status::{LastUpgrade, Status, UpgradeFailure};
+pub use crate::status::{Status, UpgradeFailure, UpgradeRecord};
 pub use client::{request_upgrade, status, ClientConfig};
 pub use server::{Config, Server};
 

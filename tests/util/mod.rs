@@ -649,7 +649,7 @@ pub fn scenario(name: &str) -> ! {
         let u = Arc::clone(&upg);
         std::thread::spawn(move || {
             handle.wait();
-            let last = u.status().last_upgrade.map(|l| l.result);
+            let last = u.status().last_upgrade().map(|l| l.result.clone());
             say(format!(
                 "exit-waiter upgraded={} new_pid={}",
                 u.exit().upgraded(),
