@@ -371,9 +371,12 @@ fn expected(bytes: &[u8]) -> Option<usize> {
     Some(end + 1 + len)
 }
 
+/// One record of a payload, with its `age` if it has one.
+type Line = (UpgradeRecord, Option<Duration>);
+
 /// Parses a payload: its header, and one record per line. `Ok(None)`: nothing (an older
 /// release sends nothing after its `C`); any fault rejects the whole payload.
-fn decode_payload(bytes: &[u8]) -> Result<Option<Vec<(UpgradeRecord, Option<Duration>)>>, String> {
+fn decode_payload(bytes: &[u8]) -> Result<Option<Vec<Line>>, String> {
     if bytes.is_empty() {
         return Ok(None);
     }
@@ -594,9 +597,8 @@ mod tests {
             assert!(decode_commit(b.as_bytes(), 41, 42).is_err(), "{b:?}");
         }
         assert!(decode_commit(&vec![b'x'; MAX_PAYLOAD + 1], 41, 42).is_err());
-        let unescaped =
-            format!("pid=41 started=1 result=error kind=ChildExited message=a b ended=1");
-        assert!(decode_record(&unescaped).is_err());
+        let unescaped = "pid=41 started=1 result=error kind=ChildExited message=a b ended=1";
+        assert!(decode_record(unescaped).is_err());
         let bad_escape = "pid=41 started=1 result=error kind=X message=%zz ended=1";
         assert!(decode_record(bad_escape).is_err());
         let not_utf8 = "pid=41 started=1 result=error kind=X message=%FF ended=1";
