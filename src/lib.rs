@@ -168,6 +168,8 @@ pub mod handover;
 mod keeper;
 mod kinds;
 mod options;
+#[cfg(unix)]
+mod record_line;
 mod status;
 mod unix_addr;
 mod upgrader;

@@ -2,7 +2,9 @@
 //! or a control socket's `status` command.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+#[cfg(unix)]
+use std::time::UNIX_EPOCH;
+use std::time::{Duration, SystemTime};
 
 #[cfg(unix)]
 use crate::error::Result;
@@ -107,20 +109,19 @@ pub struct UpgradeFailure {
 pub const MAX_FAILURE_MESSAGE: usize = 256;
 
 impl UpgradeRecord {
-    /// The record of an upgrade by this process that started at `started` and ends now
-    /// (`ended` after it) with `result`.
+    /// The record of an upgrade by `pid` that began at `started` and ended `ended` later
+    /// with `result`; nothing else known yet.
     #[cfg(unix)]
-    pub(crate) fn of(started: SystemTime, ended: Duration, result: &Result<u32>) -> UpgradeRecord {
+    pub(crate) fn new(
+        pid: u32,
+        started: SystemTime,
+        ended: Duration,
+        result: std::result::Result<u32, UpgradeFailure>,
+    ) -> UpgradeRecord {
         UpgradeRecord {
-            pid: std::process::id(),
-            started: to_millis(started),
-            result: match result {
-                Ok(pid) => Ok(*pid),
-                Err(e) => Err(UpgradeFailure {
-                    kind: e.kind_name().to_string(),
-                    message: one_line(&e.to_string(), MAX_FAILURE_MESSAGE),
-                }),
-            },
+            pid,
+            started,
+            result,
             ended,
             ready: None,
             probation: None,
@@ -132,27 +133,18 @@ impl UpgradeRecord {
         }
     }
 
-    /// The record of an upgrade by `pid` of which only the end and the result are known
-    /// (from a control server older than the records).
-    #[cfg(all(unix, feature = "control"))]
-    pub(crate) fn ended_at(
-        pid: u32,
-        ended: SystemTime,
-        result: std::result::Result<u32, UpgradeFailure>,
-    ) -> UpgradeRecord {
-        UpgradeRecord {
-            pid,
-            started: ended,
-            result,
-            ended: Duration::ZERO,
-            ready: None,
-            probation: None,
-            handed_over: None,
-            drained: None,
-            force_closed: None,
-            drain_ended: None,
-            gone: None,
-        }
+    /// The record of an upgrade by this process that started at `started` and ends now
+    /// (`ended` after it) with `result`.
+    #[cfg(unix)]
+    pub(crate) fn of(started: SystemTime, ended: Duration, result: &Result<u32>) -> UpgradeRecord {
+        let result = match result {
+            Ok(pid) => Ok(*pid),
+            Err(e) => Err(UpgradeFailure {
+                kind: e.kind_name().to_string(),
+                message: one_line(&e.to_string(), MAX_FAILURE_MESSAGE),
+            }),
+        };
+        UpgradeRecord::new(std::process::id(), to_millis(started), ended, result)
     }
 
     /// Whether `other` is a record of the same upgrade.
@@ -170,6 +162,7 @@ pub(crate) fn to_millis(t: SystemTime) -> SystemTime {
 }
 
 /// `s` on one line (control characters as spaces), at most `max` bytes.
+#[cfg(unix)]
 pub(crate) fn one_line(s: &str, max: usize) -> String {
     crate::error::clip(s, max)
         .chars()
@@ -238,212 +231,6 @@ impl fmt::Display for UpgradeRecord {
         }
         Ok(())
     }
-}
-
-// ---- The records' text form ----------------------------------------------------------
-//
-// One line per record, `key=value` fields separated by single spaces: the machine-readable
-// form of the control protocol (`record-v1:`) and what a generation passes to the next.
-// Parsed strictly: it comes from another process.
-
-/// The longest line of one record, in bytes.
-pub(crate) const MAX_LINE: usize = 1024;
-/// The longest time a record's phase may take: ten years, in microseconds.
-const MAX_SPAN_US: u64 = 10 * 366 * 24 * 3600 * 1_000_000;
-/// The latest start a record may have: the year 3000, in milliseconds since the epoch.
-const MAX_STARTED_MS: u64 = 32_503_680_000_000;
-/// The longest error kind.
-const MAX_KIND: usize = 64;
-
-/// `record` as one line, without its `\n`. `age`: a field that says how long ago the
-/// upgrade started, for the generation that receives it (in microseconds).
-pub(crate) fn encode_record(record: &UpgradeRecord, age: Option<Duration>) -> String {
-    use std::fmt::Write;
-    let mut out = String::with_capacity(160);
-    let started = record
-        .started
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis();
-    let _ = write!(out, "pid={} started={started}", record.pid);
-    match &record.result {
-        Ok(pid) => {
-            let _ = write!(out, " result=ok new={pid}");
-        }
-        Err(e) => {
-            out.push_str(" result=error kind=");
-            escape(&mut out, crate::error::clip(&e.kind, MAX_KIND));
-            out.push_str(" message=");
-            escape(&mut out, &one_line(&e.message, MAX_FAILURE_MESSAGE));
-        }
-    }
-    let _ = write!(out, " ended={}", micros(record.ended));
-    let spans = [
-        ("ready", record.ready),
-        ("probation", record.probation),
-        ("drain_ended", record.drain_ended),
-        ("gone", record.gone),
-        ("age", age),
-    ];
-    for (key, span) in spans {
-        if let Some(d) = span {
-            let _ = write!(out, " {key}={}", micros(d));
-        }
-    }
-    let counts = [
-        ("handed", record.handed_over),
-        ("drained", record.drained),
-        ("forced", record.force_closed),
-    ];
-    for (key, n) in counts {
-        if let Some(n) = n {
-            let _ = write!(out, " {key}={n}");
-        }
-    }
-    out
-}
-
-fn micros(d: Duration) -> u64 {
-    d.as_micros().min(MAX_SPAN_US as u128) as u64
-}
-
-/// Percent-encodes what is not a letter, a digit or one of `-._~:/(),`.
-fn escape(out: &mut String, s: &str) {
-    use std::fmt::Write;
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~:/(),".contains(&b) {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-}
-
-/// Undoes [`escape`]: `%XX` with two hex digits, nothing else escaped, valid UTF-8.
-fn unescape(s: &str) -> std::result::Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
-                .ok_or("a bad %-escape")?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| "a bad %-escape")?);
-            i += 3;
-        } else if b.is_ascii_alphanumeric() || b"-._~:/(),".contains(&b) {
-            out.push(b);
-            i += 1;
-        } else {
-            return Err(format!("byte {b:#04x} must be escaped"));
-        }
-    }
-    String::from_utf8(out).map_err(|_| "not UTF-8 once unescaped".to_string())
-}
-
-/// Parses one record's line (without its `\n`); also returns its `age` field, if any.
-/// Unknown keys are skipped (a later release may add some); every known one is
-/// checked, and any fault rejects the whole line.
-pub(crate) fn decode_record(
-    line: &str,
-) -> std::result::Result<(UpgradeRecord, Option<Duration>), String> {
-    if line.len() > MAX_LINE {
-        return Err(format!("a record longer than {MAX_LINE} bytes"));
-    }
-    let mut seen: Vec<&str> = Vec::new();
-    let mut fields: Vec<(&str, &str)> = Vec::new();
-    for token in line.split(' ') {
-        let (key, value) = token
-            .split_once('=')
-            .ok_or_else(|| format!("{:?} is not key=value", crate::error::clip(token, 32)))?;
-        let key_ok = !key.is_empty()
-            && key.len() <= 16
-            && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
-        if !key_ok {
-            return Err(format!("bad key {:?}", crate::error::clip(key, 32)));
-        }
-        if seen.contains(&key) {
-            return Err(format!("{key} twice"));
-        }
-        seen.push(key);
-        fields.push((key, value));
-    }
-    let get = |key: &str| fields.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
-    let number = |key: &str, max: u64| -> std::result::Result<Option<u64>, String> {
-        let Some(v) = get(key) else { return Ok(None) };
-        let n = (!v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| v.parse::<u64>().ok())
-            .flatten()
-            .filter(|&n| n <= max)
-            .ok_or_else(|| {
-                format!(
-                    "{key}={:?} is not a number up to {max}",
-                    crate::error::clip(v, 32)
-                )
-            })?;
-        Ok(Some(n))
-    };
-    let span = |key: &str| -> std::result::Result<Option<Duration>, String> {
-        Ok(number(key, MAX_SPAN_US)?.map(Duration::from_micros))
-    };
-    let pid_of = |key: &str| -> std::result::Result<Option<u32>, String> {
-        match number(key, u32::MAX as u64)? {
-            Some(0) => Err(format!("{key}=0 is no pid")),
-            n => Ok(n.map(|n| n as u32)),
-        }
-    };
-    let required = |key: &str| format!("no {key}");
-    let pid = pid_of("pid")?.ok_or_else(|| required("pid"))?;
-    let started = number("started", MAX_STARTED_MS)?.ok_or_else(|| required("started"))?;
-    let result = match get("result") {
-        Some("ok") => {
-            if get("kind").is_some() || get("message").is_some() {
-                return Err("a success with an error's fields".into());
-            }
-            Ok(pid_of("new")?.ok_or_else(|| required("new"))?)
-        }
-        Some("error") => {
-            if get("new").is_some() {
-                return Err("a failure with a new pid".into());
-            }
-            let kind = unescape(get("kind").ok_or_else(|| required("kind"))?)?;
-            if kind.is_empty()
-                || kind.len() > MAX_KIND
-                || !kind.bytes().all(|b| b.is_ascii_alphanumeric())
-            {
-                return Err(format!("bad kind {:?}", crate::error::clip(&kind, 32)));
-            }
-            let message = unescape(get("message").unwrap_or(""))?;
-            if message.len() > MAX_FAILURE_MESSAGE || message.chars().any(char::is_control) {
-                return Err("a message over its length, or with control characters".into());
-            }
-            Err(UpgradeFailure { kind, message })
-        }
-        Some(other) => return Err(format!("result={:?}", crate::error::clip(other, 32))),
-        None => return Err(required("result")),
-    };
-    let record = UpgradeRecord {
-        pid,
-        started: UNIX_EPOCH + Duration::from_millis(started),
-        result,
-        ended: span("ended")?.ok_or_else(|| required("ended"))?,
-        ready: span("ready")?,
-        probation: span("probation")?,
-        handed_over: number("handed", u64::MAX)?,
-        drained: number("drained", u64::MAX)?,
-        force_closed: number("forced", u64::MAX)?,
-        drain_ended: span("drain_ended")?,
-        gone: span("gone")?,
-    };
-    if record.ready.is_some_and(|r| r > record.ended)
-        || record.probation.is_some_and(|p| p > record.ended)
-    {
-        return Err("a phase after the upgrade's end".into());
-    }
-    Ok((record, span("age")?))
 }
 
 #[cfg(test)]
@@ -530,52 +317,5 @@ mod tests {
             failed.to_string(),
             "upgrade by 4242 failed: ChildExited after 13.4ms: exit status: 3"
         );
-    }
-
-    #[test]
-    fn records_round_trip_as_lines() {
-        let failure = UpgradeFailure {
-            kind: "ChildFailed".into(),
-            message: "gave up: config line 12 = \"x\" 100% é".into(),
-        };
-        for r in [record(4242, Ok(4250)), record(4242, Err(failure))] {
-            let line = encode_record(&r, None);
-            assert!(!line.contains('\n') && line.len() <= MAX_LINE, "{line}");
-            assert_eq!(decode_record(&line), Ok((r, None)));
-        }
-        let line = encode_record(&record(1, Ok(2)), Some(Duration::from_micros(7)));
-        assert_eq!(
-            decode_record(&line).unwrap().1,
-            Some(Duration::from_micros(7))
-        );
-    }
-
-    #[test]
-    fn bad_lines_are_refused() {
-        let good = encode_record(&record(4242, Ok(4250)), None);
-        let bad = [
-            String::new(),
-            "pid=1".into(),
-            good.replace("result=ok", "result=error"),
-            good.replace("new=4250", "new=4250 kind=X"),
-            good.replace("pid=4242", "pid=4242 pid=4242"),
-            good.replace("pid=4242", "pid=4294967296"),
-            good.replace("ended=13400", "ended=1"),
-            good.replace("ended=13400", "ended=+13400"),
-            good.replace("ended=13400", "ended=999999999999999999999"),
-            good.replace("started=1767225600250", "started=99999999999999999"),
-            good.replace("handed=3", "handed=18446744073709551616"),
-            good.replace(' ', "  "),
-            good.replace("pid=", "PID="),
-            format!("{good} {}", "x".repeat(MAX_LINE)),
-            "pid=1 started=1 result=error kind=Bad%20Kind ended=1".into(),
-            format!(
-                "pid=1 started=1 result=error kind=X message={} ended=1",
-                "a".repeat(MAX_FAILURE_MESSAGE + 1)
-            ),
-        ];
-        for line in &bad {
-            assert!(decode_record(line).is_err(), "{line:?}");
-        }
     }
 }

@@ -102,7 +102,7 @@ pub(super) fn parse_status(answer: &Answer) -> std::result::Result<Status, Strin
         .ok_or("the status names no pid")?;
     let mut upgrades = Vec::new();
     for line in answer.fields_named(RECORD) {
-        match crate::status::decode_record(line) {
+        match crate::record_line::decode_record(line) {
             Ok((record, None)) => upgrades.push(record),
             Ok((_, Some(_))) => return Err(format!("a {RECORD} line with an age")),
             Err(why) => return Err(format!("a bad {RECORD} line: {why}")),
@@ -147,7 +147,8 @@ fn legacy_last_upgrade(
                 .to_string(),
         }),
     };
-    Ok(Some(UpgradeRecord::ended_at(pid, ended, result)))
+    // An older server: only the end is known.
+    Ok(Some(UpgradeRecord::new(pid, ended, Duration::ZERO, result)))
 }
 
 /// `SECS.MILLIS` since the Unix epoch.

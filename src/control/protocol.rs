@@ -243,7 +243,7 @@ pub(super) fn status_answer(status: &Status) -> Answer {
         }
     }
     for record in &status.upgrades {
-        fields.push((RECORD, crate::status::encode_record(record, None)));
+        fields.push((RECORD, crate::record_line::encode_record(record, None)));
     }
     Answer::ok(fields)
 }
@@ -315,7 +315,7 @@ mod tests {
     }
 
     fn record(pid: u32, result: std::result::Result<u32, UpgradeFailure>) -> UpgradeRecord {
-        let mut r = crate::status::decode_record(&format!(
+        let mut r = crate::record_line::decode_record(&format!(
             "pid={pid} started=1767225600250 result=ok new=1 ended=13400 ready=12100 \
              probation=0 handed=3 drained=10 forced=0 drain_ended=2100000 gone=2200000"
         ))
@@ -369,7 +369,7 @@ mod tests {
 
     #[test]
     fn a_bad_record_fails_the_status() {
-        let good = crate::status::encode_record(&record(41, Ok(42)), None);
+        let good = crate::record_line::encode_record(&record(41, Ok(42)), None);
         for bad in [
             good.replace("pid=41", "pid=x"),
             format!("{good} age=5"),

@@ -33,7 +33,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::status::{decode_record, encode_record, UpgradeRecord, MAX_RECORDS};
+use crate::record_line::{decode_record, encode_record};
+use crate::status::{UpgradeRecord, MAX_RECORDS};
 use crate::sys::os;
 
 /// The first word of a payload of records, and its version.
