@@ -94,6 +94,13 @@
 //!    timeout](Options::upgrade_timeout) is one budget for the new process: from its
 //!    start until it reports ready, and from the commit until it confirms.
 //!
+//! Each upgrade is recorded ([`UpgradeRecord`]: how long each phase took, how many
+//! connections were handed over, drained or cut, when the old process was gone, how it
+//! ended), and the last few travel from generation to generation:
+//! [`Status::upgrades`], or the control socket's `status`. The old process reports its
+//! drain through a [`Drain`], which also asks systemd for the time a drain at a stop
+//! needs.
+//!
 //! # Limitations
 //!
 //! - **Threads.** An upgrade forks from the calling thread only. Other threads keep
@@ -122,7 +129,8 @@
 //!   and accept only when the listener is readable: [`Upgrader::incoming`] does, as the
 //!   example above shows ([`Exit`] is `AsFd`, for your own event loop).
 //! - **systemd.** The pid changes at every upgrade. When `$NOTIFY_SOCKET` is set the crate
-//!   speaks the notify protocol (`MAINPID=`, `READY=1`, `RELOADING=1`, `STOPPING=1`), and
+//!   speaks the notify protocol (`MAINPID=`, `READY=1`, `RELOADING=1`, `STOPPING=1`, and
+//!   `EXTEND_TIMEOUT_USEC=` while a [`Drain`] at a stop runs), and
 //!   the old process, still the main one, announces the new pid at the commit, so
 //!   `Type=notify` (with the default `NotifyAccess=main`) or `Type=notify-reload`
 //!   follows it; otherwise use a pid file ([`Options::pid_file`]) with `PIDFile=`. An

@@ -192,7 +192,7 @@ impl fmt::Display for Status {
 }
 
 impl fmt::Display for UpgradeRecord {
-    /// One line for a log: `upgrade 4242 -> 4250: ready after 12.1ms, probation 0ns,
+    /// One line for a log: `upgrade 4242 -> 4250: ready after 12.1ms, no probation,
     /// committed after 13.4ms; 3 handed over, 10 drained, 0 force-closed; drain ended
     /// after 2.1s; pid 4242 gone after 2.2s`. What is not known is left out.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -203,8 +203,10 @@ impl fmt::Display for UpgradeRecord {
         if let Some(d) = self.ready {
             write!(f, "ready after {d:.1?}, ")?;
         }
-        if let Some(d) = self.probation {
-            write!(f, "probation {d:.1?}, ")?;
+        match self.probation {
+            Some(Duration::ZERO) => f.write_str("no probation, ")?,
+            Some(d) => write!(f, "probation {d:.1?}, ")?,
+            None => {}
         }
         match &self.result {
             Ok(_) => write!(f, "committed after {:.1?}", self.ended)?,
@@ -293,7 +295,7 @@ mod tests {
     fn a_record_reads_as_one_line() {
         assert_eq!(
             record(4242, Ok(4250)).to_string(),
-            "upgrade 4242 -> 4250: ready after 12.1ms, probation 0.0ns, committed after \
+            "upgrade 4242 -> 4250: ready after 12.1ms, no probation, committed after \
              13.4ms; 3 handed over, 10 drained, 0 force-closed; drain ended after 2.1s; pid \
              4242 gone after 2.2s"
         );

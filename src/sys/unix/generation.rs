@@ -341,7 +341,11 @@ impl Generation {
         let ready_at = handoff.ready_at().unwrap_or_else(std::time::Instant::now);
         phases.ready = Some(ready_at.saturating_duration_since(clock.start));
         let handoff = handoff.probation(self.probation, cancel).map_err(before)?;
-        phases.probation = Some(ready_at.elapsed());
+        // Served (none without a probation: the commit follows at once).
+        phases.probation = Some(match self.probation.is_zero() {
+            true => Duration::ZERO,
+            false => ready_at.elapsed(),
+        });
         // What the new generation will hold, if it confirms: passed with the commit.
         let mut current =
             UpgradeRecord::of(clock.started, clock.start.elapsed(), &Ok(handoff.pid()));

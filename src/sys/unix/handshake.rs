@@ -8,7 +8,7 @@
 //! | entry    | the child holds | what travels on it |
 //! |----------|-----------------|--------------------|
 //! | `ready`  | the write end   | `R` (ready), `F` + reason (gives up), `D` (has taken over); EOF when it dies |
-//! | `commit` | the read end    | `C` (the parent commits); EOF before `C`: the parent died undecided |
+//! | `commit` | the read end    | `C` (the parent commits) and the upgrade records, in one write; EOF before `C`: the parent died undecided; after the commit, the parent's report (see [`records`](crate::sys::records)) |
 //! | `parent` | the read end    | nothing; EOF once the parent has exited, every thread of it |
 //!
 //! A fourth entry, `handover`, is the child's end of a Unix socket pair, the
