@@ -296,16 +296,29 @@ async fn run(config: Config) -> Result<(), Box<dyn Error>> {
     drop(listener);
 
     phase.send_replace(Some(Instant::now() + config.lame_duck));
+    let before = phase.receiver_count();
     log!(
-        "stopped accepting; draining {} connection(s), lame duck for {:?}",
-        phase.receiver_count(),
+        "stopped accepting; draining {before} connection(s), lame duck for {:?}",
         config.lame_duck
     );
-    if timeout(DRAIN_TIMEOUT, phase.closed()).await.is_err() {
-        log!(
-            "drain timeout: exiting with {} connection(s) still open",
-            phase.receiver_count()
-        );
+    // Ticks ask systemd for time at a stop; `finish` completes the upgrade's record.
+    let drain = upg.exit().drain(DRAIN_TIMEOUT);
+    while let Some(wait) = drain.tick() {
+        if timeout(wait, phase.closed()).await.is_ok() {
+            break;
+        }
+    }
+    let left = phase.receiver_count();
+    if left > 0 {
+        log!("drain timeout: exiting with {left} connection(s) still open");
+    }
+    drain.finish((before - left) as u64, left as u64);
+    if let Some(record) = upg
+        .status()
+        .last_upgrade()
+        .filter(|_| upg.exit().upgraded())
+    {
+        log!("{record}");
     }
     // The upgrade that ended this generation may still be logging its result.
     let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));

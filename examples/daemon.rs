@@ -59,7 +59,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use signals::{Asked, Signals};
 use tableflip::{Options, UnixAddr, Upgrader, Wake};
@@ -304,13 +304,21 @@ fn run(
     }
     handlers.retain(|h| !h.is_finished());
 
-    log!(
-        "stopped accepting; draining {} connection(s)",
-        handlers.len()
-    );
-    let deadline = Instant::now() + DRAIN_TIMEOUT;
-    while handlers.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+    let before = handlers.len();
+    log!("stopped accepting; draining {before} connection(s)");
+    // Ticks ask systemd for time at a stop; `finish` completes the upgrade's record.
+    let drain = upg.exit().drain(DRAIN_TIMEOUT);
+    while handlers.iter().any(|h| !h.is_finished()) && drain.tick().is_some() {
         thread::sleep(Duration::from_millis(10));
+    }
+    let left = handlers.iter().filter(|h| !h.is_finished()).count();
+    drain.finish((before - left) as u64, left as u64);
+    if let Some(record) = upg
+        .status()
+        .last_upgrade()
+        .filter(|_| upg.exit().upgraded())
+    {
+        log!("{record}");
     }
     log!("exit");
     match reported {

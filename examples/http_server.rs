@@ -274,14 +274,30 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         let _ = control.join();
     }
 
+    let before = conns.active();
     log!(
-        "stopped accepting; draining {} connection(s), lame duck for {:?}",
-        conns.active(),
+        "stopped accepting; draining {before} connection(s), lame duck for {:?}",
         config.lame_duck
     );
-    let left = conns.wait_idle(Instant::now() + DRAIN_TIMEOUT);
+    // Ticks ask systemd for time at a stop; `finish` completes the upgrade's record.
+    let drain = upg.exit().drain(DRAIN_TIMEOUT);
+    let mut left = before;
+    while let Some(wait) = drain.tick() {
+        left = conns.wait_idle(Instant::now() + wait);
+        if left == 0 {
+            break;
+        }
+    }
     if left > 0 {
         log!("drain timeout: exiting with {left} connection(s) still open");
+    }
+    drain.finish((before - left) as u64, left as u64);
+    if let Some(record) = upg
+        .status()
+        .last_upgrade()
+        .filter(|_| upg.exit().upgraded())
+    {
+        log!("{record}");
     }
     log!("exit");
     ready.map(drop).map_err(Into::into)

@@ -207,7 +207,12 @@ fn ask(config: &Config, command: &str) -> ExitCode {
     }
     let answer = match command {
         "upgrade" => control::request_upgrade(addr, client).map(|pid| pid.to_string()),
-        _ => control::status(addr, client).map(|status| status.to_string()),
+        // The status, then the last upgrades, one line each.
+        _ => control::status(addr, client).map(|status| {
+            let mut lines = vec![status.to_string()];
+            lines.extend(status.upgrades.iter().map(|r| r.to_string()));
+            lines.join("\n")
+        }),
     };
     match answer {
         Ok(line) => {
@@ -339,13 +344,28 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // The upgrade that ended this generation may still be logging its result.
     drop(worker.busy.lock());
 
-    log!(
-        "stopped accepting; draining {} connection(s)",
-        conns.active()
-    );
-    let left = conns.wait_idle(Instant::now() + DRAIN_TIMEOUT);
+    let before = conns.active();
+    log!("stopped accepting; draining {before} connection(s)");
+    // At a stop under systemd, each tick asks for the time the drain needs
+    // (`EXTEND_TIMEOUT_USEC=`); after an upgrade, `finish` completes its record.
+    let drain = upg.exit().drain(DRAIN_TIMEOUT);
+    let mut left = before;
+    while let Some(wait) = drain.tick() {
+        left = conns.wait_idle(Instant::now() + wait);
+        if left == 0 {
+            break;
+        }
+    }
     if left > 0 {
         log!("drain timeout: exiting with {left} connection(s) still open");
+    }
+    drain.finish((before - left) as u64, left as u64);
+    if let Some(record) = upg
+        .status()
+        .last_upgrade()
+        .filter(|_| upg.exit().upgraded())
+    {
+        log!("{record}");
     }
     log!("exit");
     ready.map(drop).map_err(Into::into)

@@ -179,8 +179,10 @@ fn run(
     }
     // The result of the upgrade that ended this generation is recorded before its exit
     // notification fires.
-    if let Some(Ok(pid)) = upg.status().last_upgrade.map(|l| l.result) {
-        log!("upgrade succeeded: pid {pid} took over");
+    if let Some(record) = upg.status().last_upgrade() {
+        if let Ok(pid) = record.result {
+            log!("upgrade succeeded: pid {pid} took over; {record}");
+        }
     }
     log!("exit");
     Ok(())

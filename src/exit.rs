@@ -6,9 +6,9 @@ use std::fmt;
 use std::io;
 #[cfg(unix)]
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-#[cfg(unix)]
 use std::time::Duration;
 
+use crate::drain::Drain;
 use crate::error::Result;
 #[cfg(unix)]
 use crate::kinds::Accept;
@@ -37,7 +37,7 @@ use crate::kinds::Accept;
 /// upg.exit().wait();
 /// if upg.exit().upgraded() {
 ///     // Recorded before the notification fired: always there.
-///     let new_pid = upg.status().last_upgrade.and_then(|l| l.result.ok());
+///     let new_pid = upg.status().last_upgrade().and_then(|l| l.result.clone().ok());
 ///     eprintln!("upgraded to pid {new_pid:?}; draining");
 /// }
 /// # }
@@ -77,6 +77,14 @@ impl Exit {
     #[cfg_attr(docsrs, doc(cfg(unix)))]
     pub fn wait_readable(&self, fd: impl AsFd, timeout: Option<Duration>) -> Wake {
         self.0.wait_readable(fd.as_fd(), timeout)
+    }
+
+    /// Starts this generation's drain, to end `timeout` from now: call it once the
+    /// notification has fired, tick it from the drain loop, and finish it with what
+    /// became of the connections. At a stop under systemd it asks for the time the drain
+    /// needs; after an upgrade it completes the upgrade's record. See [`Drain`].
+    pub fn drain(&self, timeout: Duration) -> Drain {
+        Drain(self.0.drain(timeout))
     }
 
     /// An owned handle of its own on the same notification (a duplicate of the fd),

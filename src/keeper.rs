@@ -4,7 +4,7 @@
 //! It runs no application code. It is the generations' service manager and speaks the
 //! protocol the crate already speaks to systemd: each generation gets `$NOTIFY_SOCKET`
 //! naming the keeper's socket, and the keeper follows `MAINPID=`, `READY=1`,
-//! `RELOADING=1`, `STOPPING=1` and `STATUS=`, and holds the sockets sent with `FDSTORE=1`
+//! `RELOADING=1`, `STOPPING=1`, `STATUS=` and `EXTEND_TIMEOUT_USEC=`, and holds the sockets sent with `FDSTORE=1`
 //! (the fd store: the same generation code runs under systemd or under the keeper). It
 //! forwards `SIGHUP`, `SIGTERM`, `SIGINT`, `SIGQUIT`, `SIGUSR1` and `SIGUSR2` to the
 //! main generation, reaps every descendant (it is PID 1 or a child subreaper), and when
@@ -77,7 +77,8 @@ pub(crate) use crate::KEEPER_VAR as VAR;
 ///
 /// - The **main generation** is the one the keeper started, and after it only the
 ///   generation it handed over to. Only the main generation is heard: its `READY=1`,
-///   `RELOADING=1`, `STOPPING=1` and `STATUS=` are relayed upstream (what systemd's
+///   `RELOADING=1`, `STOPPING=1`, `STATUS=` and `EXTEND_TIMEOUT_USEC=` (a number, or
+///   it is rejected) are relayed upstream (what systemd's
 ///   default `NotifyAccess=main` would take), its `FDSTORE=1` is kept, and the keeper's
 ///   signals go to it.
 /// - It may name **one successor**: its own child, with the keeper-only field
@@ -116,7 +117,11 @@ pub(crate) use crate::KEEPER_VAR as VAR;
 /// [stop timeout](Keeper::stop_timeout) has passed, whatever is left gets `SIGKILL`: as
 /// PID 1, every process of the PID namespace; as a child subreaper (not PID 1), every
 /// descendant found in `/proc`. Then the keeper exits with the main generation's status
-/// (128 + the signal if it was killed). What the subreaper cannot reach: a process that
+/// (128 + the signal if it was killed). A main generation that drains at the stop may
+/// ask for more time (`EXTEND_TIMEOUT_USEC=`, which a [`Drain`](crate::Drain) sends): the
+/// keeper relays it to its own service manager (systemd), and, when it has one, lets
+/// its stop timeout run until that time if it is later, as systemd does; without one
+/// (a container's PID 1) the stop timeout stays the bound. What the subreaper cannot reach: a process that
 /// a descendant had another service start (`systemd-run`, `at`, a daemon over IPC), and
 /// processes it may not signal (another user's, as a non-root keeper). Under systemd the
 /// unit's cgroup covers those.

@@ -51,7 +51,7 @@
 //!     });
 //!     upg.ready()?; // serving already: the previous generation commits now
 //!     server.join().ok(); // then finish in-flight work, and return
-//!     if let Some(Ok(pid)) = upg.status().last_upgrade.map(|u| u.result) {
+//!     if let Some(Ok(pid)) = upg.status().last_upgrade().map(|u| u.result.clone()) {
 //!         let _ = writeln!(std::io::stderr(), "pid {pid} took over");
 //!     }
 //!     Ok(())
@@ -94,6 +94,13 @@
 //!    timeout](Options::upgrade_timeout) is one budget for the new process: from its
 //!    start until it reports ready, and from the commit until it confirms.
 //!
+//! Each upgrade is recorded ([`UpgradeRecord`]: how long each phase took, how many
+//! connections were handed over, drained or cut, when the old process was gone, how it
+//! ended), and the last few travel from generation to generation:
+//! [`Status::upgrades`], or the control socket's `status`. The old process reports its
+//! drain through a [`Drain`], which also asks systemd for the time a drain at a stop
+//! needs.
+//!
 //! # Limitations
 //!
 //! - **Threads.** An upgrade forks from the calling thread only. Other threads keep
@@ -122,7 +129,8 @@
 //!   and accept only when the listener is readable: [`Upgrader::incoming`] does, as the
 //!   example above shows ([`Exit`] is `AsFd`, for your own event loop).
 //! - **systemd.** The pid changes at every upgrade. When `$NOTIFY_SOCKET` is set the crate
-//!   speaks the notify protocol (`MAINPID=`, `READY=1`, `RELOADING=1`, `STOPPING=1`), and
+//!   speaks the notify protocol (`MAINPID=`, `READY=1`, `RELOADING=1`, `STOPPING=1`, and
+//!   `EXTEND_TIMEOUT_USEC=` while a [`Drain`] at a stop runs), and
 //!   the old process, still the main one, announces the new pid at the commit, so
 //!   `Type=notify` (with the default `NotifyAccess=main`) or `Type=notify-reload`
 //!   follows it; otherwise use a pid file ([`Options::pid_file`]) with `PIDFile=`. An
@@ -157,6 +165,7 @@ mod adoption;
 #[cfg(all(unix, feature = "control"))]
 #[cfg_attr(docsrs, doc(cfg(all(unix, feature = "control"))))]
 pub mod control;
+mod drain;
 mod error;
 mod exit;
 mod fds;
@@ -167,6 +176,8 @@ pub mod handover;
 mod keeper;
 mod kinds;
 mod options;
+#[cfg(unix)]
+mod record_line;
 mod status;
 mod unix_addr;
 mod upgrader;
@@ -177,6 +188,7 @@ mod upgrader;
 mod sys;
 
 pub use adoption::{Adoption, InheritedFd};
+pub use drain::Drain;
 pub use error::{Error, Result, WaitingFor};
 #[cfg(unix)]
 #[cfg_attr(docsrs, doc(cfg(unix)))]
@@ -191,7 +203,7 @@ pub use keeper::Keeper;
 pub use kinds::{Accept, Named, SeqpacketListener};
 pub use kinds::{Address, Group, Listen};
 pub use options::Options;
-pub use status::{LastUpgrade, Status, UpgradeFailure};
+pub use status::{Status, UpgradeFailure, UpgradeRecord, MAX_FAILURE_MESSAGE, MAX_RECORDS};
 pub use unix_addr::UnixAddr;
 pub use upgrader::Upgrader;
 

@@ -160,7 +160,7 @@ mod suite {
             (status.pid, status.ready, status.upgrading),
             (pid1, true, false)
         );
-        assert_eq!(status.last_upgrade, None);
+        assert_eq!(status.last_upgrade(), None);
 
         let pid2 = control::request_upgrade(&sock, CLIENT_TIMEOUT).expect("upgrade");
         assert_ne!(pid2, pid1);
@@ -185,10 +185,89 @@ mod suite {
         assert_eq!(status.pid, pid3);
 
         // The last generation ran no upgrade of its own; stopping removes the socket file.
-        assert_eq!(status.last_upgrade, None);
+        assert_eq!(status.last_upgrade(), None);
         signal(pid3, libc::SIGTERM);
         run.expect_all_exited();
         assert!(!sock.exists(), "the socket file outlived the service");
+    }
+
+    /// Each upgrade's record: measured by the old generation, completed by its drain's
+    /// report and by the new generation, which sees it gone; passed on at the next
+    /// upgrade; over the socket in both forms.
+    fn upgrade_records_travel_and_complete() {
+        let (mut run, pid1, _, sock) = start("ctl-records", &[("TF_DRAIN_COUNTS", "7 1".into())]);
+        // Each old generation lives on 300 ms after its drain.
+        std::fs::write(run.path("linger"), "300").unwrap();
+        let pid2 = control::request_upgrade(&sock, CLIENT_TIMEOUT).expect("upgrade");
+        run.expect_from("drained", pid1);
+        util::wait_gone(pid1);
+        let status = status_of(&sock);
+        assert_eq!(status.pid, pid2);
+        assert_eq!(status.last_upgrade(), None, "pid {pid2} ran none");
+        assert_eq!(status.upgrades.len(), 1, "{status:?}");
+        let first = status.upgrades[0].clone();
+        let t = format!("{first:?}");
+        assert_eq!((first.pid, first.result.clone()), (pid1, Ok(pid2)), "{t}");
+        let ready = first.ready.expect("ready");
+        assert!(ready <= first.ended, "{t}");
+        assert_eq!(
+            first.probation.map(|p| p < Duration::from_secs(1)),
+            Some(true),
+            "{t}"
+        );
+        assert_eq!(
+            (first.drained, first.force_closed),
+            (Some(7), Some(1)),
+            "{t}"
+        );
+        let drained = first.drain_ended.expect("the drain's end");
+        let gone = first.gone.expect("the old generation gone");
+        assert!(first.ended <= drained, "{t}");
+        assert!(gone >= drained + Duration::from_millis(300), "{t}");
+        let age = std::time::SystemTime::now()
+            .duration_since(first.started)
+            .unwrap();
+        assert!(age < Duration::from_secs(30) && gone < age, "{age:?} {t}");
+        // One line for a log.
+        let line = first.to_string();
+        assert!(
+            line.starts_with(&format!("upgrade {pid1} -> {pid2}: ready after"))
+                && line.contains("7 drained, 1 force-closed")
+                && line.contains(&format!("pid {pid1} gone after")),
+            "{line}"
+        );
+
+        // Passed on: the next generation has both.
+        let pid3 = control::request_upgrade(&sock, CLIENT_TIMEOUT).expect("second upgrade");
+        run.expect_from("drained", pid2);
+        util::wait_gone(pid2);
+        let status = status_of(&sock);
+        assert_eq!(status.pid, pid3);
+        assert_eq!(status.upgrades.len(), 2, "{status:?}");
+        assert_eq!(status.upgrades[0], first);
+        let second = &status.upgrades[1];
+        assert_eq!((second.pid, second.result.clone()), (pid2, Ok(pid3)));
+        assert_eq!((second.drained, second.force_closed), (Some(7), Some(1)));
+        assert!(
+            second.gone.is_some() && second.started > first.started,
+            "{second:?}"
+        );
+
+        // The machine-readable form, one line per record.
+        let text = raw(&sock, b"tableflip-control/1 status\n");
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("record-v1: "))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            lines[1].starts_with(&format!("record-v1: pid={pid2} started="))
+                && lines[1].contains(&format!(" result=ok new={pid3} "))
+                && lines[1].contains(" drained=7 forced=1"),
+            "{text}"
+        );
+        signal(pid3, libc::SIGTERM);
+        run.expect_all_exited();
     }
 
     fn a_failed_upgrade_answers_with_the_new_generations_reason() {
@@ -216,12 +295,12 @@ mod suite {
             (status.pid, status.ready, status.upgrading),
             (pid1, true, false)
         );
-        let last = status.last_upgrade.expect("a last upgrade");
+        let last = status.last_upgrade().expect("a last upgrade").clone();
         let failure = last.result.unwrap_err();
         assert_eq!(failure.kind, "ChildExited");
         assert!(failure.message.contains("exit status: 3"), "{failure:?}");
         let age = std::time::SystemTime::now()
-            .duration_since(last.ended)
+            .duration_since(last.started + last.ended)
             .unwrap();
         assert!(age < Duration::from_secs(30), "{age:?}");
         assert_eq!(ask(addr).unwrap(), pid1);
@@ -731,6 +810,7 @@ mod suite {
             &[
                 crate::trial!(upgrades_over_the_control_socket_return_the_new_pid),
                 crate::trial!(a_failed_upgrade_answers_with_the_new_generations_reason),
+                crate::trial!(upgrade_records_travel_and_complete),
                 crate::trial!(a_second_request_during_an_upgrade_is_refused_at_once),
                 crate::trial!(a_client_that_hangs_up_does_not_cancel_the_upgrade),
                 crate::trial!(hostile_clients_get_an_error_or_are_disconnected_in_time),

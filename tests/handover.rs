@@ -298,13 +298,16 @@ impl Server {
             set_nofile(old);
         }
         let lost: Vec<String> = done.lost.iter().map(u64::to_string).collect();
+        // What the upgrade's record says went: the accepted and the given.
+        let recorded = upg.status().last_upgrade().and_then(|r| r.handed_over);
         say(format!(
-            "finished accepted={} returned={} given={} lost={} errors={} us={}",
+            "finished accepted={} returned={} given={} lost={} errors={} recorded={} us={}",
             done.accepted,
             done.returned.len(),
             done.given,
             lost.join(","),
             done.errors.len(),
+            recorded.map_or("none".into(), |n| n.to_string()),
             start.elapsed().as_micros()
         ));
         say(format!("report {}", done.to_string().replace(' ', "_")));
@@ -731,6 +734,7 @@ fn connections_move_to_the_new_generation_with_their_state() {
     assert_eq!(done.field("accepted"), Some("200"), "{done:?}");
     assert_eq!(done.field("returned"), Some("0"));
     assert_eq!(done.field("lost"), Some(""));
+    assert_eq!(done.field("recorded"), Some("200"), "the upgrade's record");
     // The unfinished line continues in the new generation.
     clients.round("-done", "half-done");
     clients.all_served_by(new);

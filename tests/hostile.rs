@@ -194,6 +194,11 @@ fn child_main() -> ! {
         match upg.ready() {
             Ok(mut adoption) => {
                 say("ready", "ok");
+                let records = upg.status().upgrades;
+                say("records", records.len());
+                if let Some(r) = records.last() {
+                    say("record", format!("{} -> {:?}", r.pid, r.result));
+                }
                 let closed: Vec<String> = adoption.closed.iter().map(|i| i.to_string()).collect();
                 say("closed", closed.join("|"));
                 let events = var("TF_HANDOVER_EVENTS").map_or(1, |n| n.parse().unwrap());
@@ -1251,6 +1256,17 @@ fn committing<T: Send + 'static>(
     commit_wr: OwnedFd,
     then: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<(Vec<u8>, Option<T>)> {
+    committing_with(ready_rd, commit_wr, |_| b"C".to_vec(), then)
+}
+
+/// [`committing`], with `commit(child pid)` for the bytes written at the commit.
+fn committing_with<T: Send + 'static>(
+    ready_rd: OwnedFd,
+    commit_wr: OwnedFd,
+    commit: impl FnOnce(u32) -> Vec<u8> + Send + 'static,
+    then: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<(Vec<u8>, Option<T>)> {
+    let mut commit = Some(commit);
     std::thread::spawn(move || {
         let deadline = Instant::now() + util::DEADLINE;
         let mut said = Vec::new();
@@ -1271,8 +1287,9 @@ fn committing<T: Send + 'static>(
                 break;
             }
             said.extend_from_slice(&b[..n]);
-            if said == b"R" {
-                rustix::io::write(&commit_wr, b"C").unwrap();
+            if let (b"R", Some(commit)) = (said.as_slice(), commit.take()) {
+                let bytes = commit(hostile_child());
+                rustix::io::write(&commit_wr, &bytes).unwrap();
             }
             if said.starts_with(b"RD") || (said.starts_with(b"RH") && said.len() >= 4) {
                 return (said, Some(then()));
@@ -1492,4 +1509,148 @@ fn conns(seq: u32, id: u64, kind: u8, unread: &[u8], state: &[u8]) -> Vec<u8> {
     m.extend_from_slice(unread);
     m.extend_from_slice(state);
     m
+}
+
+// ---------------------------------------------------------------------------------------
+// The upgrade records that come with the commit: believed only when well formed and
+// addressed to this upgrade; anything else is ignored as a whole, and the upgrade goes on.
+// ---------------------------------------------------------------------------------------
+
+/// The child this test started (the one process of ours running `hostile_entry`).
+fn hostile_child() -> u32 {
+    let me = std::process::id();
+    util::children_of(me)
+        .into_iter()
+        .find(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(13).any(|w| w == b"hostile_entry"))
+        })
+        .expect("the child")
+}
+
+/// What a fake parent writes at the commit, given the child's pid.
+type CommitBytes = dyn FnOnce(u32) -> Vec<u8> + Send;
+
+/// `C`, then a payload of `lines` with a header that counts them right.
+fn commit_with(lines: &[String]) -> Vec<u8> {
+    let body: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    format!("Ctableflip-records/1 {}\n{body}", body.len()).into_bytes()
+}
+
+/// A child committed to with `commit(its pid)`: how many records it then keeps.
+fn records_after(commit: impl FnOnce(u32) -> Vec<u8> + Send + 'static) -> (String, Outcome) {
+    let (child, parent) = committing_pipes();
+    let [ready_rd, _life_wr, commit_wr] = parent;
+    let confirm = committing_with(ready_rd, commit_wr, commit, || ());
+    let out = Spec::own(";3,ready;4,parent;8,commit")
+        .pass(&child[0], 3)
+        .pass(&child[1], 4)
+        .pass(&child[2], 8)
+        .env("TF_READY", "1")
+        .run();
+    let (said, done) = confirm.join().unwrap();
+    let t = &out.transcript;
+    // The upgrade went on: the child took over and confirmed.
+    assert_eq!(out.get("ready"), "ok", "{t}");
+    assert!(done.is_some(), "no confirmation: {said:?}\n{t}");
+    (out.get("records").to_string(), out)
+}
+
+#[test]
+fn commit_records_are_believed_only_when_well_formed() {
+    let me = std::process::id();
+    let line = move |child: u32| {
+        format!(
+            "pid={me} started=1767225600250 result=ok new={child} ended=1500 ready=1000 age=2000"
+        )
+    };
+    // Well formed and addressed to this upgrade: kept (so the refusals below mean
+    // something), with an older record before it.
+    let (n, out) = records_after(move |child| {
+        let older = format!("pid={me} started=1767225500000 result=error kind=ChildExited message=exit%20status:%203 ended=900");
+        commit_with(&[older, line(child)])
+    });
+    assert_eq!(n, "2", "{}", out.transcript);
+    assert_eq!(
+        out.get("record"),
+        format!("{me} -> Ok({})", hostile_child_pid(&out))
+    );
+
+    let bad: Vec<(&str, Box<CommitBytes>)> = vec![
+        (
+            "another child's",
+            Box::new(move |c| commit_with(&[line(c + 1)])),
+        ),
+        (
+            "another parent's",
+            Box::new(move |c| commit_with(&[line(c).replace(&format!("pid={me} "), "pid=1 ")])),
+        ),
+        (
+            "no age",
+            Box::new(move |c| commit_with(&[line(c).replace(" age=2000", "")])),
+        ),
+        (
+            "an age on an older record",
+            Box::new(move |c| commit_with(&[line(c), line(c)])),
+        ),
+        (
+            "a phase after the end",
+            Box::new(move |c| commit_with(&[line(c).replace("ready=1000", "ready=9000")])),
+        ),
+        (
+            "an unescaped message",
+            Box::new(move |c| {
+                commit_with(&[
+                    format!("pid={me} started=1 result=error kind=X message=a b ended=1"),
+                    line(c),
+                ])
+            }),
+        ),
+        (
+            "a count past u64",
+            Box::new(move |c| commit_with(&[format!("{} handed=99999999999999999999", line(c))])),
+        ),
+        (
+            "a length that lies",
+            Box::new(move |c| {
+                let mut b = commit_with(&[line(c)]);
+                b.extend_from_slice(b"pid=1\n");
+                b
+            }),
+        ),
+        (
+            "nine records",
+            Box::new(move |c| {
+                let older = format!("pid={me} started=1 result=ok new=5 ended=1");
+                let mut lines = vec![older; 8];
+                lines.push(line(c));
+                commit_with(&lines)
+            }),
+        ),
+        (
+            "4 KiB of garbage",
+            Box::new(|_| {
+                let mut b = b"C".to_vec();
+                b.extend(std::iter::repeat_n(0xffu8, 4200));
+                b
+            }),
+        ),
+        (
+            "a newer format",
+            Box::new(move |c| {
+                let mut b = commit_with(&[line(c)]);
+                b[19] = b'2';
+                b
+            }),
+        ),
+    ];
+    for (what, commit) in bad {
+        let (n, out) = records_after(commit);
+        assert_eq!(n, "0", "{what}: believed\n{}", out.transcript);
+    }
+}
+
+/// The child's pid, from its report.
+fn hostile_child_pid(out: &Outcome) -> String {
+    out.get("pid").to_string()
 }

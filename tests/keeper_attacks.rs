@@ -133,6 +133,9 @@ mod suite {
                 libc::SIGTERM => {
                     say("gen", "term");
                     upg.stop();
+                    if let Some(time) = env_ms("TF_DRAIN_MS") {
+                        drain_for(&upg, time);
+                    }
                     break;
                 }
                 libc::SIGUSR1 => command(),
@@ -142,6 +145,21 @@ mod suite {
         let _ = server.join();
         say("gen", "exit");
         std::process::exit(0)
+    }
+
+    /// A drain at the stop that takes `time`, ticking as an application's would.
+    fn drain_for(upg: &Upgrader, time: Duration) {
+        let end = Instant::now() + time;
+        let drain = upg.exit().drain(time + Duration::from_secs(5));
+        while let Some(wait) = drain.tick() {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(wait.min(left));
+        }
+        drain.finish(1, 0);
+        say("gen", "drained");
     }
 
     /// `cmd`: `<n> self|helper <what> [arg]`; logs `cmd-done <n>` when done.
@@ -182,6 +200,7 @@ mod suite {
             "mainpid" => notify(&format!("MAINPID={arg}"), &[]),
             "relay" => notify("STOPPING=1\nSTATUS=pwned\nREADY=1", &[]),
             "status" => notify(&format!("STATUS={arg}"), &[]),
+            "extend" => notify(&format!("EXTEND_TIMEOUT_USEC={arg}"), &[]),
             "fdstore" => {
                 let count: usize = what[2].parse().unwrap();
                 // Sockets: each one its own open file (the store keeps one copy of each).
@@ -775,17 +794,90 @@ mod suite {
         };
         read("READY=1");
         s.command("helper relay");
+        s.command("helper extend 999");
+        s.command("self extend 12x");
         s.command("self status fine");
-        let got = read("STATUS=fine");
+        s.command("self extend 12345");
+        let got = read("EXTEND_TIMEOUT_USEC=");
         assert!(
-            !got.iter()
-                .any(|m| m.contains("pwned") || m.contains("STOPPING")),
+            !got.iter().any(|m| m.contains("pwned")
+                || m.contains("STOPPING")
+                || m.contains("999")
+                || m.contains("12x")),
             "relayed: {got:?}"
         );
+        assert!(got.iter().any(|m| m.contains("STATUS=fine")), "{got:?}");
+        assert_eq!(got.last().unwrap(), "EXTEND_TIMEOUT_USEC=12345");
+        assert_logged(
+            &s,
+            "(not the main generation, pid 2): \"EXTEND_TIMEOUT_USEC=999\"",
+        );
+        assert_logged(&s, "EXTEND_TIMEOUT_USEC=12x");
         assert_logged(
             &s,
             "(not the main generation, pid 2): \"STOPPING=1\\nSTATUS=pwned\\nREADY=1\"",
         );
+    }
+
+    /// A drain at the stop that asks for time (`EXTEND_TIMEOUT_USEC=`): under a keeper that
+    /// relays to a service manager, the keeper waits past its own stop timeout (1 s here)
+    /// for the 3 s drain, as systemd does, and exits with the generation's status 0.
+    /// Without a service manager above it, its stop timeout stays the bound.
+    fn a_drain_at_the_stop_gets_the_time_it_asks_for(upstream: bool) {
+        let _lock = lock();
+        let name = format!("tf-keeper-extend-{}", std::process::id());
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let manager = UnixDatagram::bind_addr(&addr).unwrap();
+        manager
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let mut env = vec![
+            ("TF_STOP_MS", "1000".to_string()),
+            ("TF_DRAIN_MS", "3000".to_string()),
+        ];
+        if upstream {
+            env.push(("NOTIFY_SOCKET", format!("@{name}")));
+        }
+        let mut s = Service::start(
+            "extend",
+            Setup {
+                env,
+                ..Setup::default()
+            },
+        );
+        let t = Instant::now();
+        signal(s.keeper, libc::SIGTERM);
+        let status = s.wait_exit(Duration::from_secs(15));
+        let took = t.elapsed();
+        let log = s.log();
+        let mut heard = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = manager.recv(&mut buf) {
+            heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        if upstream {
+            assert!(status.success(), "{status} after {took:?}\n{log}");
+            assert!(took >= Duration::from_secs(3), "{took:?}\n{log}");
+            assert!(log.contains(" drained\n"), "{log}");
+            assert!(!log.contains("stop timeout"), "{log}");
+            assert!(
+                heard.iter().any(|m| m.starts_with("EXTEND_TIMEOUT_USEC=")),
+                "{heard:?}"
+            );
+        } else {
+            assert!(!status.success(), "{status}\n{log}");
+            assert!(took < Duration::from_secs(3), "{took:?}\n{log}");
+            assert!(!log.contains(" drained\n"), "{log}");
+            assert_logged(&s, "the stop timeout (1s) has passed");
+        }
+    }
+
+    fn a_drain_at_the_stop_gets_the_time_it_asks_for_under_systemd() {
+        a_drain_at_the_stop_gets_the_time_it_asks_for(true);
+    }
+
+    fn a_drain_at_the_stop_is_bounded_by_the_stop_timeout_alone() {
+        a_drain_at_the_stop_gets_the_time_it_asks_for(false);
     }
 
     /// Attack 11: a double-forked background job that ignores `SIGTERM` kept the keeper
@@ -850,6 +942,8 @@ mod suite {
                 crate::trial!(two_keepers_share_a_network_namespace_with_a_squatter),
                 crate::trial!(only_the_main_generation_is_relayed_upstream),
                 crate::trial!(an_orphan_does_not_keep_the_keeper_from_exiting),
+                crate::trial!(a_drain_at_the_stop_gets_the_time_it_asks_for_under_systemd),
+                crate::trial!(a_drain_at_the_stop_is_bounded_by_the_stop_timeout_alone),
                 crate::trial!(an_orphan_does_not_keep_a_subreaper_keeper_from_exiting),
             ],
         )

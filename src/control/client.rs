@@ -89,42 +89,66 @@ pub fn request_upgrade(addr: impl Into<UnixAddr>, config: impl Into<ClientConfig
 pub fn status(addr: impl Into<UnixAddr>, config: impl Into<ClientConfig>) -> Result<Status> {
     let addr = addr.into();
     let answer = exchange(&addr, "status", config.into())?;
+    parse_status(&answer).map_err(|why| invalid(&addr, &why))
+}
+
+/// A `status` answer's [`Status`]; its records are parsed as strictly as a generation
+/// parses those it inherits.
+pub(super) fn parse_status(answer: &Answer) -> std::result::Result<Status, String> {
     let yes = |key| answer.field(key) == Some("yes");
     let pid = answer
         .field("pid")
         .and_then(|p| p.parse().ok())
-        .ok_or_else(|| invalid(&addr, "the status names no pid"))?;
-    let ended = answer
-        .field("last-upgrade-ended")
-        .and_then(parse_time)
-        .unwrap_or(UNIX_EPOCH);
-    let last_upgrade = match answer.field("last-upgrade") {
-        None | Some("none") => None,
-        Some("ok") => Some(LastUpgrade {
-            ended,
-            result: Ok(answer
-                .field("last-upgrade-pid")
-                .and_then(|p| p.parse().ok())
-                .ok_or_else(|| invalid(&addr, "last-upgrade-pid is missing"))?),
-        }),
-        Some(other) => Some(LastUpgrade {
-            ended,
-            result: Err(UpgradeFailure {
-                kind: other.strip_prefix("error ").unwrap_or(other).to_string(),
-                message: answer
-                    .field("last-upgrade-message")
-                    .unwrap_or_default()
-                    .to_string(),
-            }),
-        }),
-    };
+        .ok_or("the status names no pid")?;
+    let mut upgrades = Vec::new();
+    for line in answer.fields_named(RECORD) {
+        match crate::record_line::decode_record(line) {
+            Ok((record, None)) => upgrades.push(record),
+            Ok((_, Some(_))) => return Err(format!("a {RECORD} line with an age")),
+            Err(why) => return Err(format!("a bad {RECORD} line: {why}")),
+        }
+    }
+    if upgrades.len() > crate::status::MAX_RECORDS {
+        return Err(format!("more than {} records", crate::status::MAX_RECORDS));
+    }
+    if upgrades.is_empty() {
+        // An older server: its last upgrade, with only its end known.
+        upgrades.extend(legacy_last_upgrade(answer, pid)?);
+    }
     Ok(Status {
         pid,
         ready: yes("ready"),
         upgrading: yes("upgrading"),
         started_by: answer.field("started-by").and_then(|p| p.parse().ok()),
-        last_upgrade,
+        upgrades,
     })
+}
+
+/// The last upgrade as a server without records (before `record-v1`) says it.
+fn legacy_last_upgrade(
+    answer: &Answer,
+    pid: u32,
+) -> std::result::Result<Option<UpgradeRecord>, String> {
+    let ended = answer
+        .field("last-upgrade-ended")
+        .and_then(parse_time)
+        .unwrap_or(UNIX_EPOCH);
+    let result = match answer.field("last-upgrade") {
+        None | Some("none") => return Ok(None),
+        Some("ok") => Ok(answer
+            .field("last-upgrade-pid")
+            .and_then(|p| p.parse().ok())
+            .ok_or("last-upgrade-pid is missing")?),
+        Some(other) => Err(UpgradeFailure {
+            kind: other.strip_prefix("error ").unwrap_or(other).to_string(),
+            message: answer
+                .field("last-upgrade-message")
+                .unwrap_or_default()
+                .to_string(),
+        }),
+    };
+    // An older server: only the end is known.
+    Ok(Some(UpgradeRecord::new(pid, ended, Duration::ZERO, result)))
 }
 
 /// `SECS.MILLIS` since the Unix epoch.

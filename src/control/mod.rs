@@ -140,13 +140,29 @@
 //! last-upgrade: error ChildExited
 //! last-upgrade-message: new generation (pid 4249) exited before it was ready: exit status: 3
 //! last-upgrade-ended: 1767225600.250
+//! record-v1: pid=4237 started=1767225500100 result=ok new=4242 ended=13412 ready=12107 probation=0 drain_ended=2104350 gone=2210044 handed=3 drained=10 forced=0
+//! record-v1: pid=4242 started=1767225600240 result=error kind=ChildExited message=new%20generation%20(pid%204249)%20exited%20before%20it%20was%20ready:%20exit%20status:%203 ended=9870
 //!
 //! ```
 //!
 //! `started-by` is the pid of the generation whose upgrade started this one (absent
 //! for a first start). `last-upgrade` is `none`, `ok` (with `last-upgrade-pid:`) or
-//! `error KIND` (with `last-upgrade-message:`); `last-upgrade-ended` is in seconds since
-//! the Unix epoch.
+//! `error KIND` (with `last-upgrade-message:`): the last upgrade this generation ran;
+//! `last-upgrade-ended` is in seconds since the Unix epoch.
+//!
+//! `record-v1` comes once per [upgrade record](crate::UpgradeRecord), oldest first (at
+//! most [`MAX_RECORDS`](crate::MAX_RECORDS)): the machine-readable form, `key=value`
+//! fields separated by single spaces. `pid` ran the upgrade; `started` is in
+//! milliseconds since the Unix epoch; `result` is `ok` (with `new`, the new generation's
+//! pid) or `error` (with `kind` and `message`, %-escaped: every byte but letters, digits
+//! and `-._~:/(),` as `%XX`); `ended`, `ready`, `probation`, `drain_ended` and `gone` are
+//! microseconds after `started` (the fields of [`UpgradeRecord`]
+//! of the same names); `handed`, `drained` and `forced` count connections (its
+//! `handed_over`, `drained` and `force_closed`). A field not known is left out. The
+//! version is the key's: a format an old client would misread comes under another key
+//! (`record-v2`), which old clients ignore; fields may be added to `record-v1`, and
+//! readers skip keys they do not know. [`status`] parses them as strictly as a
+//! generation parses the records it inherits, and fails on a bad one.
 //! Values are one line each, control characters replaced by spaces, at most
 //! [`MAX_VALUE`] bytes; an answer is at most [`MAX_ANSWER`] bytes. Clients ignore keys
 //! they do not know; a later version adds keys or commands and changes the version
@@ -165,7 +181,7 @@ mod client;
 mod protocol;
 mod server;
 
-pub use crate::status::{LastUpgrade, Status, UpgradeFailure};
+pub use crate::status::{Status, UpgradeFailure, UpgradeRecord};
 pub use client::{request_upgrade, status, ClientConfig};
 pub use server::{Config, Server};
 

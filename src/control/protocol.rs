@@ -9,6 +9,10 @@ use crate::sys::os;
 
 // ---- Requests and answers --------------------------------------------------------------
 
+/// The key of an upgrade record's line (one per record, oldest first). The version is
+/// the key's: a format an older client would misread gets a key of its own.
+pub(super) const RECORD: &str = "record-v1";
+
 /// The protocol's own error kinds (the others are [`Error`] variant names).
 pub(super) const BAD_REQUEST: &str = "BadRequest";
 pub(super) const UNSUPPORTED_VERSION: &str = "UnsupportedVersion";
@@ -142,6 +146,14 @@ impl Answer {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Every value of `key`, in order: a key may come more than once (`record-v1`).
+    pub(super) fn fields_named<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.fields
+            .iter()
+            .filter(move |(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
     pub(super) fn encode(&self) -> Vec<u8> {
         let mut out = String::with_capacity(128);
         out.push_str(VERSION);
@@ -198,10 +210,7 @@ impl Answer {
 
 /// `value` on one line: control characters become spaces; at most [`MAX_VALUE`] bytes.
 pub(super) fn one_line(value: &str) -> String {
-    clip(value, MAX_VALUE)
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    crate::status::one_line(value, MAX_VALUE)
 }
 
 pub(super) fn upgrade_answer(result: &Result<u32>) -> Answer {
@@ -224,7 +233,7 @@ pub(super) fn status_answer(status: &Status) -> Answer {
     if let Some(pid) = status.started_by {
         fields.push(("started-by", pid.to_string()));
     }
-    match &status.last_upgrade {
+    match status.last_upgrade() {
         None => fields.push(("last-upgrade", "none".into())),
         Some(last) => {
             match &last.result {
@@ -237,12 +246,16 @@ pub(super) fn status_answer(status: &Status) -> Answer {
                     fields.push(("last-upgrade-message", f.message.clone()));
                 }
             }
-            let since = last.ended.duration_since(UNIX_EPOCH).unwrap_or_default();
+            let ended = last.started + last.ended;
+            let since = ended.duration_since(UNIX_EPOCH).unwrap_or_default();
             fields.push((
                 "last-upgrade-ended",
                 format!("{}.{:03}", since.as_secs(), since.subsec_millis()),
             ));
         }
+    }
+    for record in &status.upgrades {
+        fields.push((RECORD, crate::record_line::encode_record(record, None)));
     }
     Answer::ok(fields)
 }
@@ -256,7 +269,7 @@ pub(super) fn reply(conn: &OwnedFd, answer: &Answer) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::client::parse_time;
+    use super::super::client::{parse_status, parse_time};
     use super::*;
 
     #[test]
@@ -313,28 +326,73 @@ mod tests {
         assert!(Answer::decode(b"tableflip-control/1 error \n\n").is_err());
     }
 
+    fn record(pid: u32, result: std::result::Result<u32, UpgradeFailure>) -> UpgradeRecord {
+        let mut r = crate::record_line::decode_record(&format!(
+            "pid={pid} started=1767225600250 result=ok new=1 ended=13400 ready=12100 \
+             probation=0 handed=3 drained=10 forced=0 drain_ended=2100000 gone=2200000"
+        ))
+        .unwrap()
+        .0;
+        r.result = result;
+        r
+    }
+
     #[test]
     fn status_round_trips() {
+        let failed = record(
+            42,
+            Err(UpgradeFailure {
+                kind: "ChildExited".into(),
+                message: "exit status: 3".into(),
+            }),
+        );
         let status = Status {
             pid: 42,
             ready: true,
             upgrading: false,
             started_by: Some(41),
-            last_upgrade: Some(LastUpgrade {
-                ended: UNIX_EPOCH + Duration::from_millis(1_767_225_600_250),
-                result: Err(UpgradeFailure {
-                    kind: "ChildExited".into(),
-                    message: "exit status: 3".into(),
-                }),
-            }),
+            upgrades: vec![record(41, Ok(42)), failed],
         };
         let answer = Answer::decode(&status_answer(&status).encode()).unwrap();
         assert_eq!(answer.field("started-by"), Some("41"));
+        // What an older client reads.
         assert_eq!(answer.field("last-upgrade"), Some("error ChildExited"));
-        assert_eq!(answer.field("last-upgrade-ended"), Some("1767225600.250"));
+        assert_eq!(answer.field("last-upgrade-ended"), Some("1767225600.263"));
+        assert_eq!(answer.fields_named(RECORD).count(), 2);
+        assert_eq!(parse_status(&answer), Ok(status));
         assert_eq!(
             parse_time("1767225600.250"),
             Some(UNIX_EPOCH + Duration::from_millis(1_767_225_600_250))
         );
+    }
+
+    #[test]
+    fn an_older_servers_status_gives_its_last_upgrade() {
+        let text = "tableflip-control/1 ok\npid: 42\nready: yes\nupgrading: no\n\
+                    last-upgrade: ok\nlast-upgrade-pid: 43\nlast-upgrade-ended: 1767225600.250\n\n";
+        let status = parse_status(&Answer::decode(text.as_bytes()).unwrap()).unwrap();
+        let last = status.last_upgrade().unwrap();
+        assert_eq!(last.result, Ok(43));
+        assert_eq!(
+            last.started,
+            UNIX_EPOCH + Duration::from_millis(1_767_225_600_250)
+        );
+    }
+
+    #[test]
+    fn a_bad_record_fails_the_status() {
+        let good = crate::record_line::encode_record(&record(41, Ok(42)), None);
+        for bad in [
+            good.replace("pid=41", "pid=x"),
+            format!("{good} age=5"),
+            good.replace(' ', "\t"),
+        ] {
+            let text = format!("tableflip-control/1 ok\npid: 42\n{RECORD}: {bad}\n\n");
+            let answer = Answer::decode(text.as_bytes()).unwrap();
+            assert!(parse_status(&answer).is_err(), "{bad}");
+        }
+        let many = format!("{RECORD}: {good}\n").repeat(crate::status::MAX_RECORDS + 1);
+        let text = format!("tableflip-control/1 ok\npid: 42\n{many}\n");
+        assert!(parse_status(&Answer::decode(text.as_bytes()).unwrap()).is_err());
     }
 }

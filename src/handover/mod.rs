@@ -326,8 +326,12 @@ pub(crate) struct Offer {
 }
 
 impl Offer {
-    /// The sending end, if the new generation took the channel and reads this version.
-    pub(crate) fn sender(self) -> Result<Sender> {
+    /// The sending end, if the new generation took the channel and reads this version;
+    /// what it settles is noted in `records`.
+    pub(crate) fn sender(
+        self,
+        records: std::sync::Arc<crate::sys::records::Records>,
+    ) -> Result<Sender> {
         let Offer {
             fd,
             child_end,
@@ -368,10 +372,10 @@ impl Offer {
                 "the new generation has closed the handover channel".into(),
             ));
         }
-        Ok(Sender::new(
-            channel::Channel::new(fd, channel::Framing::NATIVE),
-            pid,
-        ))
+        Ok(
+            Sender::new(channel::Channel::new(fd, channel::Framing::NATIVE), pid)
+                .recording(records),
+        )
     }
 }
 

@@ -34,6 +34,8 @@ pub struct Sender {
     /// The new generation's pid.
     pid: u32,
     out: Mutex<Out>,
+    /// The upgrade's records, where `finish` notes how many connections went.
+    records: Option<std::sync::Arc<crate::sys::records::Records>>,
 }
 
 struct Out {
@@ -164,6 +166,7 @@ impl Sender {
         Sender {
             channel,
             pid,
+            records: None,
             out: Mutex::new(Out {
                 next_id: 1,
                 seq: 0,
@@ -181,6 +184,15 @@ impl Sender {
                 draining: false,
             }),
         }
+    }
+
+    /// Notes in `records` how many connections went, when `finish` settles them.
+    pub(crate) fn recording(
+        mut self,
+        records: std::sync::Arc<crate::sys::records::Records>,
+    ) -> Sender {
+        self.records = Some(records);
+        self
     }
 
     /// The new generation's pid: the one that receives.
@@ -318,6 +330,9 @@ impl Sender {
         }
         let mut out = lock(&self.out);
         let given = out.close(&self.channel, self.pid, timeout);
+        if let Some(records) = &self.records {
+            records.handed_over((out.accepted.len() + given) as u64);
+        }
         Ok(Finished {
             pid: self.pid,
             returned: std::mem::take(&mut out.returned),

@@ -30,6 +30,14 @@ const CLAIM_WAIT: Duration = Duration::from_millis(100);
 /// The most of a rejected message that is logged.
 const LOGGED_BYTES: usize = 200;
 
+/// A number of microseconds, as systemd reads one: decimal digits only.
+fn parse_usec(value: &str) -> std::result::Result<u64, &'static str> {
+    if value.is_empty() || value.len() > 20 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return Err("not a number of microseconds");
+    }
+    value.parse().map_err(|_| "not a number of microseconds")
+}
+
 /// Rejection lines, rate-limited.
 #[derive(Debug)]
 pub(super) struct Complaints {
@@ -90,6 +98,15 @@ impl Keeping {
         }
         if let Some(status) = field("STATUS") {
             relay.push(format!("STATUS={status}"));
+        }
+        if let Some(value) = field("EXTEND_TIMEOUT_USEC") {
+            match parse_usec(value) {
+                Ok(usec) => {
+                    self.extend_stop(Duration::from_micros(usec));
+                    relay.push(format!("EXTEND_TIMEOUT_USEC={usec}"));
+                }
+                Err(why) => self.reject_field(sender, &format!("EXTEND_TIMEOUT_USEC={value}"), why),
+            }
         }
         let (store, remove) = (field("FDSTORE"), field("FDSTOREREMOVE"));
         self.fd_store(

@@ -385,6 +385,22 @@ impl Keeping {
         self.takeover_until = None;
     }
 
+    /// The main generation asks for `time` more (`EXTEND_TIMEOUT_USEC=`): while
+    /// stopping, and when the keeper relays to a service manager of its own (which then
+    /// decides, as systemd does: the later of the two deadlines counts), the stop
+    /// timeout runs until `time` from now if that is later. Without one, the stop
+    /// timeout is the keeper's bound, set below its runtime's own.
+    pub(super) fn extend_stop(&mut self, time: Duration) {
+        if self.upstream.is_none() {
+            return;
+        }
+        if let Some(stop) = self.stop.as_mut() {
+            if let Some(until) = Instant::now().checked_add(time) {
+                stop.deadline = stop.deadline.max(until);
+            }
+        }
+    }
+
     /// While stopping: `SIGTERM` to the rest once the main generation is gone,
     /// `SIGKILL` to what is left after the stop timeout, and the exit code once no
     /// process is left.

@@ -179,3 +179,29 @@ impl Exit {
         match self.never {}
     }
 }
+
+impl Exit {
+    pub(crate) fn drain(&self, _timeout: Duration) -> Drain {
+        match self.never {}
+    }
+}
+
+/// [`Drain`](crate::Drain) here: never exists.
+#[derive(Debug)]
+pub(crate) struct Drain {
+    never: Infallible,
+}
+
+impl Drain {
+    pub(crate) fn tick(&self) -> Option<Duration> {
+        match self.never {}
+    }
+
+    pub(crate) fn deadline(&self) -> std::time::Instant {
+        match self.never {}
+    }
+
+    pub(crate) fn finish(&self, _drained: u64, _force_closed: u64) {
+        match self.never {}
+    }
+}

@@ -649,7 +649,7 @@ pub fn scenario(name: &str) -> ! {
         let u = Arc::clone(&upg);
         std::thread::spawn(move || {
             handle.wait();
-            let last = u.status().last_upgrade.map(|l| l.result);
+            let last = u.status().last_upgrade().map(|l| l.result.clone());
             say(format!(
                 "exit-waiter upgraded={} new_pid={}",
                 u.exit().upgraded(),
@@ -940,6 +940,15 @@ pub fn scenario(name: &str) -> ! {
     let deadline = Instant::now() + Duration::from_secs(5);
     while IN_FLIGHT.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
+    }
+    // `TF_DRAIN_COUNTS="D F"`: after an upgrade, a drain that reports D connections
+    // drained and F cut (before the linger below: the new generation sees the gap).
+    if let (Some(counts), true) = (env("TF_DRAIN_COUNTS"), upg.exit().upgraded()) {
+        let (d, f) = counts.split_once(' ').expect("TF_DRAIN_COUNTS=\"D F\"");
+        let drain = upg.exit().drain(Duration::from_secs(5));
+        let _ = drain.tick();
+        drain.finish(d.parse().unwrap(), f.parse().unwrap());
+        say("drained");
     }
     // `$TF_DIR/linger` (read at exit time): keep running that many ms after being told
     // to exit, like a generation draining long connections.

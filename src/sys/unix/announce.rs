@@ -12,6 +12,7 @@
 //! | [`committed`](Announcer::committed) (the child confirmed) | the child's | waits until read |
 //! | [`rolled_back`](Announcer::rolled_back) (the upgrade failed) | this process's again | `MAINPID=` self, `READY=1`, `STATUS=` |
 //! | [`stopping`](Announcer::stopping) (`stop()`, never upgraded) | removed if it names us | `STOPPING=1` |
+//! | [`extend_stop`](Announcer::extend_stop) (a [`Drain`](crate::Drain) ticks, after `stopping`) | | `EXTEND_TIMEOUT_USEC=` |
 //!
 //! Nothing here blocks, except the commit's wait for room in the notify socket's queue
 //! and for systemd to read it (see [`Notifier`]).
@@ -19,6 +20,8 @@
 use std::io;
 use std::os::unix::io::BorrowedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::sys::handshake::Parent;
@@ -36,6 +39,9 @@ pub(crate) struct Announcer {
     notify: Option<Notifier>,
     /// Keep the sockets in the fd store.
     fd_store: bool,
+    /// Set once this generation, the main one, told systemd it stops: only then may it
+    /// ask for more time (after a commit the new generation is the main one).
+    stopping: AtomicBool,
 }
 
 impl Announcer {
@@ -44,6 +50,7 @@ impl Announcer {
             pid_file,
             notify,
             fd_store,
+            stopping: AtomicBool::new(false),
         }
     }
 
@@ -166,6 +173,20 @@ impl Announcer {
         }
         if let Some(n) = &self.notify {
             n.stopping();
+            self.stopping.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// This generation, the main one, drains at a stop and asks for `time` more from
+    /// now (`EXTEND_TIMEOUT_USEC=`). `false` (nothing sent) unless it has told systemd
+    /// it stops: not after a handover, nor without a notify socket.
+    pub(crate) fn extend_stop(&self, time: Duration) -> bool {
+        match &self.notify {
+            Some(n) if self.stopping.load(Ordering::SeqCst) => {
+                n.extend_timeout(time);
+                true
+            }
+            _ => false,
         }
     }
 }

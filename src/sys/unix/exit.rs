@@ -9,13 +9,18 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::exit::Wake;
+use crate::sys::announce::Announcer;
 use crate::sys::os;
+use crate::sys::records::Records;
 
-/// What [`crate::Exit`] is on Unix: the pipe's read end, and whether an upgrade fired it.
+/// What [`crate::Exit`] is on Unix: the pipe's read end, whether an upgrade fired it,
+/// and what a [`Drain`] needs of the generation.
 #[derive(Debug)]
 pub(crate) struct Exit {
     rd: OwnedFd,
     upgraded: Arc<AtomicBool>,
+    world: Arc<Announcer>,
+    records: Arc<Records>,
 }
 
 impl Exit {
@@ -34,13 +39,18 @@ impl Exit {
     }
 
     /// Waits for the notification, `fd` readable, or the timeout; the notification wins
-    /// a tie.
+    /// a tie. Until the previous generation is seen gone, its lifeline is polled too,
+    /// and its end noted in the upgrade's record when it closes.
     pub(crate) fn wait_readable(&self, fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Wake {
         let deadline = os::deadline(timeout);
         loop {
-            match os::poll_in(&[self.rd.as_fd(), fd], deadline) {
+            let lifeline = self.records.lifeline();
+            let mut fds = vec![self.rd.as_fd(), fd];
+            fds.extend(lifeline);
+            match os::poll_in(&fds, deadline) {
                 Ok(ready) if ready[0] => return Wake::Exit,
                 Ok(ready) if ready[1] => return Wake::Readable,
+                Ok(ready) if ready.get(2) == Some(&true) => self.records.parent_gone(),
                 Ok(_) if os::left(deadline) == Some(Duration::ZERO) => return Wake::TimedOut,
                 Ok(_) => {}
                 Err(_) => std::thread::sleep(Duration::from_millis(10)),
@@ -60,7 +70,24 @@ impl Exit {
         Ok(Exit {
             rd,
             upgraded: Arc::clone(&self.upgraded),
+            world: Arc::clone(&self.world),
+            records: Arc::clone(&self.records),
         })
+    }
+
+    /// A drain of `timeout` from now.
+    pub(crate) fn drain(&self, timeout: Duration) -> Drain {
+        let now = Instant::now();
+        Drain {
+            upgraded: Arc::clone(&self.upgraded),
+            world: Arc::clone(&self.world),
+            records: Arc::clone(&self.records),
+            // A timeout beyond what an Instant holds: a year is as good as forever.
+            deadline: now
+                .checked_add(timeout)
+                .unwrap_or_else(|| now + Duration::from_secs(366 * 24 * 3600)),
+            last_extension: Mutex::new(None),
+        }
     }
 
     pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
@@ -69,6 +96,64 @@ impl Exit {
 
     pub(crate) fn into_fd(self) -> OwnedFd {
         self.rd
+    }
+}
+
+/// How long each extension asks systemd for, at most: a drain that stops ticking is
+/// killed this long after its last tick (or at `TimeoutStopSec=`, if that is later).
+pub(crate) const EXTENSION: Duration = Duration::from_secs(10);
+/// How often a tick asks again.
+pub(crate) const TICK: Duration = Duration::from_millis(2500);
+/// What an extension asks for beyond the drain's deadline: time to cut what is left and
+/// exit.
+pub(crate) const EXIT_MARGIN: Duration = Duration::from_secs(5);
+
+/// What [`crate::Drain`] is on Unix.
+#[derive(Debug)]
+pub(crate) struct Drain {
+    upgraded: Arc<AtomicBool>,
+    world: Arc<Announcer>,
+    records: Arc<Records>,
+    deadline: Instant,
+    /// When the last extension was asked for.
+    last_extension: Mutex<Option<Instant>>,
+}
+
+impl Drain {
+    pub(crate) fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Asks for more time if this is the main generation stopping and the last request
+    /// is [`TICK`] old; returns how long to wait before the next tick, or `None` once
+    /// the deadline has passed.
+    pub(crate) fn tick(&self) -> Option<Duration> {
+        let now = Instant::now();
+        let left = self
+            .deadline
+            .checked_duration_since(now)
+            .filter(|l| !l.is_zero())?;
+        let mut last = self
+            .last_extension
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let due = last.map_or(true, |t| now.duration_since(t) >= TICK);
+        if due && !self.upgraded.load(Ordering::SeqCst) {
+            let ask = (left + EXIT_MARGIN).min(EXTENSION);
+            if self.world.extend_stop(ask) {
+                *last = Some(now);
+            }
+        }
+        let next = last.map_or(TICK, |t| TICK.saturating_sub(now.duration_since(t)));
+        Some(next.min(left))
+    }
+
+    /// The drain is over: after an upgrade, the record notes the counts and the new
+    /// generation hears them.
+    pub(crate) fn finish(&self, drained: u64, force_closed: u64) {
+        if self.upgraded.load(Ordering::SeqCst) {
+            self.records.drained(drained, force_closed);
+        }
     }
 }
 
@@ -82,11 +167,14 @@ pub(crate) struct ExitSignal {
 }
 
 impl ExitSignal {
-    pub(crate) fn new() -> Result<ExitSignal> {
+    /// The notification of a generation that tells `world`, and keeps `records`.
+    pub(crate) fn new(world: Arc<Announcer>, records: Arc<Records>) -> Result<ExitSignal> {
         let (rd, wr) = os::pipe().map_err(|e| Error::io("pipe2", None, e))?;
         let exit = Exit {
             rd,
             upgraded: Arc::new(AtomicBool::new(false)),
+            world,
+            records,
         };
         Ok(ExitSignal {
             exit: crate::Exit(exit),

@@ -9,7 +9,7 @@ use std::fmt;
 use std::io;
 use std::os::unix::io::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::adoption::Adoption;
@@ -17,12 +17,13 @@ use crate::error::{Error, Result};
 use crate::exit::Exit;
 use crate::fds::Fds;
 use crate::options::Options;
-use crate::status::{LastUpgrade, Status};
+use crate::status::{Status, UpgradeRecord};
 use crate::sys::announce::Announcer;
 use crate::sys::exit::ExitSignal;
-use crate::sys::handshake::{Decision, Handoff, Parent};
+use crate::sys::handshake::{Decision, Handoff, Parent, COMMIT};
 use crate::sys::inherit::{self, Inheritance};
 use crate::sys::os;
+use crate::sys::records::{self, Clock, Records};
 use crate::sys::registry::Registry;
 use crate::sys::spawn::Program;
 use crate::sys::systemd::{self, Notifier};
@@ -51,8 +52,13 @@ struct Life {
     /// The write end of the busy operation's cancel pipe: dropping it wakes the waiting
     /// thread, which gives up (killing and reaping a child it started).
     cancel: Option<OwnedFd>,
-    /// How the last upgrade that ran ended, for `status()`.
-    last_upgrade: Option<LastUpgrade>,
+}
+
+/// How far an upgrade got: its phases so far, for its record.
+#[derive(Debug, Default)]
+struct Phases {
+    ready: Option<Duration>,
+    probation: Option<Duration>,
 }
 
 /// What [`Upgrader`](crate::Upgrader) is on Unix.
@@ -64,7 +70,9 @@ pub(crate) struct Generation {
     upgrade_during_drain: bool,
     /// The previous generation, if this one was started by an upgrade.
     parent: Option<Parent>,
-    world: Announcer,
+    world: Arc<Announcer>,
+    /// The upgrade records: kept, passed on, completed.
+    records: Arc<Records>,
     life: Mutex<Life>,
     changed: Condvar,
     exit: ExitSignal,
@@ -153,6 +161,11 @@ impl Generation {
             options.before_bind,
             options.backlog,
         );
+        let world = Arc::new(world);
+        let records = Arc::new(Records::new(
+            inheritance.parent.as_ref().map(Parent::lifeline),
+        ));
+        let exit = ExitSignal::new(Arc::clone(&world), Arc::clone(&records))?;
         Ok(Generation {
             fds: Fds { reg: registry },
             program,
@@ -161,14 +174,14 @@ impl Generation {
             upgrade_during_drain: options.upgrade_during_drain,
             parent: inheritance.parent,
             world,
+            records,
             life: Mutex::new(Life {
                 phase: Phase::Starting,
                 busy: false,
                 cancel: None,
-                last_upgrade: None,
             }),
             changed: Condvar::new(),
-            exit: ExitSignal::new()?,
+            exit,
             handover_in: Mutex::new(inheritance.handover),
             handover_out: Mutex::new(None),
             standalone,
@@ -186,8 +199,21 @@ impl Generation {
     pub(crate) fn wait_for_parent(&self, timeout: Duration) -> Result<bool> {
         match &self.parent {
             None => Ok(true),
-            Some(p) => p.gone_by(os::deadline(Some(timeout))),
+            Some(p) => self.parent_gone_by(p, os::deadline(Some(timeout))),
         }
+    }
+
+    /// Whether the parent has exited by `deadline`; its record notes it.
+    fn parent_gone_by(
+        &self,
+        parent: &Parent,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<bool> {
+        let gone = parent.gone_by(deadline)?;
+        if gone {
+            self.records.parent_gone();
+        }
+        Ok(gone)
     }
 
     pub(crate) fn exit(&self) -> &Exit {
@@ -203,7 +229,11 @@ impl Generation {
                 };
                 let decision = parent.report_ready(cancel.as_fd());
                 let life = self.end_busy();
-                (decision?, life)
+                let decision = decision?;
+                if let Decision::Committed(payload) = &decision {
+                    self.adopt_records(parent, payload);
+                }
+                (decision, life)
             }
         };
         match life.phase {
@@ -225,6 +255,16 @@ impl Generation {
         std::process::exit(1)
     }
 
+    /// What came with the commit: the upgrade records, believed only if they parse and
+    /// end with this upgrade (see `records`).
+    fn adopt_records(&self, parent: &Parent, payload: &[u8]) {
+        match records::decode_commit(payload, parent.pid(), std::process::id()) {
+            Ok(Some(received)) => self.records.adopt(received, parent.report_pipe()),
+            Ok(None) => {}
+            Err(why) => records::ignored(parent.pid(), "history", &why),
+        }
+    }
+
     pub(crate) fn upgrade(&self) -> Result<u32> {
         let cancel = match self.begin_upgrade() {
             Ok(cancel) => cancel,
@@ -233,20 +273,32 @@ impl Generation {
                 return Err(e);
             }
         };
+        let clock = Clock::now();
         self.world.reloading();
+        let mut phases = Phases::default();
         let result = if self.standalone {
             // Nothing to start: a stand-in for the next generation.
-            Ok(std::process::id())
+            Ok((std::process::id(), None))
         } else {
-            self.hand_over(cancel.as_fd())
+            self.hand_over(cancel.as_fd(), &clock, &mut phases)
         };
         // Still busy: no other upgrade starts while the world hears of this one's end.
         let result = result.map_err(|(e, after_commit)| {
             self.world.rolled_back(&e, after_commit);
             e
         });
+        let (result, report) = match result {
+            Ok((pid, report)) => (Ok(pid), report),
+            Err(e) => (Err(e), None),
+        };
+        let mut record = UpgradeRecord::of(clock.started, clock.start.elapsed(), &result);
+        record.ready = phases.ready;
+        record.probation = phases.probation;
+        self.records.push(record.clone());
+        if let Some(pipe) = report {
+            self.records.succeeded(clock, &record, pipe);
+        }
         let mut life = self.end_busy();
-        life.last_upgrade = Some(LastUpgrade::of(&result));
         if result.is_ok() {
             if life.phase != Phase::Stopped {
                 life.phase = Phase::Upgraded;
@@ -258,9 +310,15 @@ impl Generation {
         result
     }
 
-    /// The upgrade itself: start, wait for ready, probation, commit. An error says
-    /// whether the commit had started.
-    fn hand_over(&self, cancel: BorrowedFd<'_>) -> std::result::Result<u32, (Error, bool)> {
+    /// The upgrade itself: start, wait for ready, probation, commit. Returns the new
+    /// generation's pid and the pipe for its report; an error says whether the commit
+    /// had started. `phases` notes how far it got.
+    fn hand_over(
+        &self,
+        cancel: BorrowedFd<'_>,
+        clock: &Clock,
+        phases: &mut Phases,
+    ) -> std::result::Result<(u32, Option<OwnedFd>), (Error, bool)> {
         let before = |e: Error| (e, false);
         let exe = self.program.resolve().map_err(before)?;
         let state = self.fds.reg.state_to_pass().map_err(before)?;
@@ -279,23 +337,34 @@ impl Generation {
             .map_err(before)?;
         // Under a keeper: the child is named before it can claim the service.
         self.world.spawned(handoff.pid());
-        let handoff = handoff
-            .wait_ready(cancel)
-            .and_then(|h| h.probation(self.probation, cancel))
-            .map_err(before)?;
+        let handoff = handoff.wait_ready(cancel).map_err(before)?;
+        let ready_at = handoff.ready_at().unwrap_or_else(std::time::Instant::now);
+        phases.ready = Some(ready_at.saturating_duration_since(clock.start));
+        let handoff = handoff.probation(self.probation, cancel).map_err(before)?;
+        // Served (none without a probation: the commit follows at once).
+        phases.probation = Some(match self.probation.is_zero() {
+            true => Duration::ZERO,
+            false => ready_at.elapsed(),
+        });
+        // What the new generation will hold, if it confirms: passed with the commit.
+        let mut current =
+            UpgradeRecord::of(clock.started, clock.start.elapsed(), &Ok(handoff.pid()));
+        current.ready = phases.ready;
+        current.probation = phases.probation;
+        let payload = self.records.commit_payload(COMMIT, &current, clock);
         if let Err(e) = self.world.committing(handoff.pid()) {
             return Err((handoff.kill(e), true));
         }
-        let offer = handoff.commit(cancel).map_err(|e| (e, true))?;
+        let (offer, report) = handoff.commit(cancel, &payload).map_err(|e| (e, true))?;
         let pid = offer.pid;
         *lock(&self.handover_out) = Some(offer);
         self.world.committed();
-        Ok(pid)
+        Ok((pid, Some(report)))
     }
 
     pub(crate) fn handover(&self) -> Result<crate::handover::Sender> {
         match lock(&self.handover_out).take() {
-            Some(offer) => offer.sender(),
+            Some(offer) => offer.sender(Arc::clone(&self.records)),
             None => Err(Error::HandoverUnavailable {
                 pid: None,
                 reason: if self.exit.exit().upgraded() {
@@ -333,11 +402,16 @@ impl Generation {
         // (a pipe's write end that the new generation took reaches EOF once it closes
         // it too).
         self.fds.reg.close_copies();
+        // After an upgrade: the new generation hears what this one knows of it, if the
+        // drain did not say so already.
+        self.records.send_report();
         drop(life);
         self.exit.fire(false);
     }
 
     pub(crate) fn status(&self) -> Status {
+        // First: it may look at the previous generation (system calls).
+        let upgrades = self.records.list();
         let life = self.lock();
         Status {
             pid: std::process::id(),
@@ -345,7 +419,7 @@ impl Generation {
             // While not ready, `busy` is ready() waiting for the commit.
             upgrading: life.busy && life.phase != Phase::Starting,
             started_by: self.parent.as_ref().map(|p| p.pid()),
-            last_upgrade: life.last_upgrade.clone(),
+            upgrades,
         }
     }
 
@@ -377,7 +451,7 @@ impl Generation {
             return Err(Error::UpgradeInProgress);
         }
         if let Some(p) = self.parent.as_ref().filter(|_| !self.upgrade_during_drain) {
-            if !p.gone_by(Some(std::time::Instant::now()))? {
+            if !self.parent_gone_by(p, Some(std::time::Instant::now()))? {
                 return Err(Error::ParentAlive { pid: p.pid() });
             }
         }
@@ -407,6 +481,7 @@ impl Generation {
         // The handover channel's end, if the parent made one and committed to us.
         let handover = lock(&self.handover_in).take().filter(|_| !alone);
         if let Some(parent) = &self.parent {
+            self.records.took_over();
             parent.confirm(handover.is_some());
         }
         self.fds.reg.discard_state_in();

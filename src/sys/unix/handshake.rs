@@ -8,7 +8,7 @@
 //! | entry    | the child holds | what travels on it |
 //! |----------|-----------------|--------------------|
 //! | `ready`  | the write end   | `R` (ready), `F` + reason (gives up), `D` (has taken over); EOF when it dies |
-//! | `commit` | the read end    | `C` (the parent commits); EOF before `C`: the parent died undecided |
+//! | `commit` | the read end    | `C` (the parent commits) and the upgrade records, in one write; EOF before `C`: the parent died undecided; after the commit, the parent's report (see [`records`](crate::sys::records)) |
 //! | `parent` | the read end    | nothing; EOF once the parent has exited, every thread of it |
 //!
 //! A fourth entry, `handover`, is the child's end of a Unix socket pair, the
@@ -62,8 +62,8 @@ const DONE: u8 = b'D';
 /// The child has taken over and holds its end of the handover channel; two bytes
 /// follow: the lowest and highest handover versions it reads.
 const DONE_WITH_HANDOVER: u8 = b'H';
-/// The parent commits.
-const COMMIT: u8 = b'C';
+/// The parent commits; the upgrade records follow in the same write.
+pub(crate) const COMMIT: u8 = b'C';
 /// The longest failure reason passed to the parent, in bytes.
 const MAX_REASON: usize = 4096;
 
@@ -257,14 +257,27 @@ impl Handoff {
         }
     }
 
-    /// Commits: sends `C` and waits, with what was left of the upgrade timeout when the
-    /// child reported ready, for it to confirm that it has taken over. Returns our end of
-    /// the handover channel, with the child's pid. On an error the child has been killed
-    /// and reaped, and the caller must undo what it told the world for the commit.
-    pub(crate) fn commit(self, cancel: BorrowedFd<'_>) -> Result<crate::handover::Offer> {
+    /// When the child reported ready.
+    pub(crate) fn ready_at(&self) -> Option<Instant> {
+        self.ready_at
+    }
+
+    /// Commits: sends `C` (`payload`, which starts with [`COMMIT`] and carries the upgrade
+    /// records, in one write) and waits, with what was left of the upgrade timeout when
+    /// the child reported ready, for it to confirm that it has taken over. Returns our end
+    /// of the handover channel, with the child's pid, and our end of `commit`, kept open
+    /// for the report that follows (see [`records`](crate::sys::records)). On an error
+    /// the child has been killed and reaped, and the caller must undo what it told the
+    /// world for the commit.
+    pub(crate) fn commit(
+        self,
+        cancel: BorrowedFd<'_>,
+        payload: &[u8],
+    ) -> Result<(crate::handover::Offer, OwnedFd)> {
+        debug_assert_eq!(payload.first(), Some(&COMMIT));
         // The probation and systemd's queue were not counted.
         let deadline = self.budget.resume();
-        if os::write_all(&self.commit, &[COMMIT]).is_err() {
+        if os::write_all(&self.commit, payload).is_err() {
             // EPIPE: the child is gone (or closed its end, which only dying does).
             return Err(self.died(deadline));
         }
@@ -275,12 +288,13 @@ impl Handoff {
                 // open until then. (The child itself is not ours to reap any more: it
                 // outlives us.)
                 std::mem::forget(self.lifeline);
-                Ok(crate::handover::Offer {
+                let offer = crate::handover::Offer {
                     fd: self.handover,
                     child_end: self.handover_child,
                     confirmation: handover.then_some(self.ready),
                     pid,
-                })
+                };
+                Ok((offer, self.commit))
             }
             Event::Said(Message::Failed(reason)) => Err(self.gave_up(reason, deadline)),
             Event::Said(_) | Event::Exited => Err(self.died(deadline)),
@@ -407,8 +421,8 @@ pub(crate) struct Parent {
     pid: u32,
     /// Write end of `ready`: used by `ready()` and `fail()`, dropped once used up.
     ready: Mutex<Option<OwnedFd>>,
-    /// Read end of `commit`.
-    commit: OwnedFd,
+    /// Read end of `commit`: the decision, then the old generation's report.
+    commit: Arc<OwnedFd>,
     /// Read end of `parent`: EOF once the parent has exited.
     lifeline: Arc<OwnedFd>,
 }
@@ -416,8 +430,9 @@ pub(crate) struct Parent {
 /// What the previous generation decided once this one reported ready.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Decision {
-    /// It committed: this generation takes over.
-    Committed,
+    /// It committed: this generation takes over. What followed the `C`: the upgrade
+    /// records, not parsed yet.
+    Committed(Vec<u8>),
     /// It died before deciding (or was already gone): this generation is alone.
     Alone,
     /// `stop()` was called here while we waited.
@@ -429,7 +444,7 @@ impl Parent {
         Parent {
             pid: std::os::unix::process::parent_id(),
             ready: Mutex::new(Some(ready)),
-            commit,
+            commit: Arc::new(commit),
             lifeline: Arc::new(lifeline),
         }
     }
@@ -459,12 +474,22 @@ impl Parent {
         if !ready[0] && ready[1] {
             return Ok(Decision::Stopped);
         }
-        let mut byte = [0u8; 1];
-        Ok(match os::read(&self.commit, &mut byte) {
-            Ok(1) if byte[0] == COMMIT => Decision::Committed,
-            // EOF: the parent died before it decided.
-            _ => Decision::Alone,
-        })
+        // The `C` and the records, in one read (see `records`).
+        Ok(
+            match crate::sys::records::read_payload(self.commit.as_fd(), 1) {
+                Ok(mut bytes) if bytes.first() == Some(&COMMIT) => {
+                    bytes.remove(0);
+                    Decision::Committed(bytes)
+                }
+                // EOF: the parent died before it decided.
+                _ => Decision::Alone,
+            },
+        )
+    }
+
+    /// The read end of `commit`, where the old generation's report follows the commit.
+    pub(crate) fn report_pipe(&self) -> Arc<OwnedFd> {
+        Arc::clone(&self.commit)
     }
 
     /// Tells the parent that this generation has taken over (the last message), and

@@ -20,6 +20,7 @@
 //! | [`systemd`] | the notify protocol, socket activation, the fd store |
 //! | [`pidfile`], [`safe_dir`] | the pid file, in a directory nobody else can write |
 //! | [`state`] | the state blob handed over |
+//! | [`records`] | the upgrade records: kept, passed on at the commit, completed after it |
 //! | [`process`], [`os`], [`batch`] | a child process, system-call helpers, closing fds in ranges |
 
 pub(crate) mod announce;
@@ -32,6 +33,7 @@ pub(crate) mod inherit;
 pub(crate) mod os;
 pub(crate) mod pidfile;
 pub(crate) mod process;
+pub(crate) mod records;
 pub(crate) mod registry;
 pub(crate) mod safe_dir;
 pub(crate) mod socket;
@@ -40,6 +42,6 @@ pub(crate) mod state;
 pub(crate) mod systemd;
 pub(crate) mod wire;
 
-pub(crate) use exit::Exit;
+pub(crate) use exit::{Drain, Exit};
 pub(crate) use generation::Generation;
 pub(crate) use registry::Registry;

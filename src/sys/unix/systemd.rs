@@ -221,6 +221,13 @@ impl Notifier {
         self.tell("STOPPING=1");
     }
 
+    /// Asks for `time` more before the timeout that runs now (the stop's, after
+    /// `STOPPING=1`) kills this process: `EXTEND_TIMEOUT_USEC=` (systemd 236+), from the
+    /// main process only (`NotifyAccess=main` takes nothing else, nor does a keeper).
+    pub(crate) fn extend_timeout(&self, time: Duration) {
+        self.tell(&format!("EXTEND_TIMEOUT_USEC={}", time.as_micros()));
+    }
+
     /// Puts `fds` into systemd's fd store, each under its name (`FDSTORE=1`,
     /// `FDNAME=`, the fds as `SCM_RIGHTS`): one message per name, at most 253 fds each.
     /// systemd keeps one copy of a socket however often it is sent.
