@@ -408,25 +408,10 @@ impl Upgrader {
     /// An owned, `'static` handle on the exit notification: an fd of its own (a
     /// duplicate) that becomes readable when this process should exit, with
     /// [`AsFd`](std::os::fd::AsFd), so an async runtime can wait on it without `unsafe`
-    /// and without a thread parked in [`wait_for_exit`](Upgrader::wait_for_exit):
-    ///
-    /// ```no_run
-    /// # async fn example(upg: &tableflip::Upgrader) -> std::io::Result<()> {
-    /// // The handle is the read end of a pipe: tokio takes it as one, safely.
-    /// let exit = tokio::net::unix::pipe::Receiver::from_owned_fd(upg.exit_handle()?.into())?;
-    /// // A future that completes when this generation should stop accepting: hand it to
-    /// // axum's `with_graceful_shutdown`, or `select!` on it next to `accept()`.
-    /// let shutdown = async move {
-    ///     let _ = exit.readable().await;
-    /// };
-    /// # shutdown.await;
-    /// # Ok(()) }
-    /// ```
-    ///
-    /// (tokio 1.54 deprecated the safe `AsyncFd::new`; `pipe::Receiver::from_owned_fd`
-    /// needs no `unsafe`. It sets `O_NONBLOCK` on the shared description, which the
-    /// crate's own waits do not mind: they only poll it. For mio, register
-    /// `SourceFd(&handle.as_raw_fd())`.)
+    /// and without a thread parked in [`wait_for_exit`](Upgrader::wait_for_exit). It is
+    /// the read end of a pipe: tokio takes it as a `tokio::net::unix::pipe::Receiver`
+    /// (see [the tokio guide](crate::guide::tokio)); for mio, register
+    /// `SourceFd(&handle.as_raw_fd())`.
     pub fn exit_handle(&self) -> Result<ExitHandle> {
         let fd = self.exit.fd();
         fd.try_clone_to_owned()
