@@ -8,7 +8,8 @@
 //! ```
 //!
 //! It listens on `HOST:PORT` (default `127.0.0.1:8080`) and writes its pid to
-//! `minimal.pid` in the current directory. Try:
+//! `minimal.pid` in the current directory. Try (the README's quick start also deploys a
+//! changed binary):
 //!
 //! ```text
 //! cargo run --example minimal &

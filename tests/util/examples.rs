@@ -479,7 +479,7 @@ fn assert_exit_ok(pid: u32, status: i32) {
 }
 
 /// Reaps every exited member of `pgid` that is our child.
-fn reap_group(pgid: i32) {
+pub fn reap_group(pgid: i32) {
     loop {
         let mut status = 0;
         // SAFETY: waitpid with a valid status pointer.
@@ -490,14 +490,14 @@ fn reap_group(pgid: i32) {
 }
 
 /// Whether no process (not even a zombie) is left in `pgid`.
-fn group_empty(pgid: i32) -> bool {
+pub fn group_empty(pgid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(-pgid, 0) == -1 && errno() == libc::ESRCH }
 }
 
 /// Makes this process the reaper of orphaned descendants, so that every generation,
 /// whose parent (the previous generation) exits first, can be reaped and checked here.
-fn become_subreaper() {
+pub fn become_subreaper() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         // SAFETY: PR_SET_CHILD_SUBREAPER takes one integer argument.
