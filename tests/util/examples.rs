@@ -1,5 +1,6 @@
-//! Harness for `tests/examples.rs`: runs the example binaries as real processes,
-//! follows them across upgrades, and makes sure none is left behind.
+//! Harness for `tests/examples.rs` (and the tests that include it by path, the tokio
+//! example's among them): runs the example binaries as real processes, follows them
+//! across upgrades, and makes sure none is left behind.
 //!
 //! Every generation runs in the process group of the first one, and this test process
 //! is a child subreaper, so generations whose parent has exited are reparented to it:
