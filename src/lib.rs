@@ -217,6 +217,15 @@ pub(crate) const KEEPER_VAR: &str = "TABLEFLIP_KEEPER";
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
+/// Guides, in the documentation only. Their examples need crates this one does not
+/// depend on (tokio), so they are compiled as doctests of the repository's
+/// `tokio-example` package instead of this crate's.
+#[cfg(all(doc, not(doctest)))]
+pub mod guide {
+    #[doc = include_str!("../docs/tokio.md")]
+    pub mod tokio {}
+}
+
 /// Not public API: entry points for the fuzzer and benchmarks. No stability promise.
 #[cfg(unix)]
 #[doc(hidden)]

@@ -355,7 +355,16 @@ fn the_fault_scenarios_are_counted_right() {
 /// alone.
 #[test]
 fn every_file_referred_to_exists() {
-    let tops = ["src", "tests", "examples", "benches", "fuzz", ".ci"];
+    let tops = [
+        "src",
+        "tests",
+        "examples",
+        "benches",
+        "fuzz",
+        ".ci",
+        "docs",
+        "tokio-example",
+    ];
     let mut missing = Vec::new();
     let mut checked = 0;
     for path in files(&["rs", "md", "toml"]) {
@@ -366,6 +375,11 @@ fn every_file_referred_to_exists() {
             let p = root().join(rel);
             p.exists() || p.with_extension("rs").exists()
         };
+        // In a package's files (tokio-example/), a path may be the package's.
+        let package = dir
+            .ancestors()
+            .find(|d| root().join(d).join("Cargo.toml").is_file())
+            .unwrap_or(Path::new(""));
         // Markdown links: [text](target). In Rust doc comments only those that look like
         // a path; the others are intra-doc links (`[x](Type::method)`).
         for (at, _) in text.match_indices("](") {
@@ -393,7 +407,9 @@ fn every_file_referred_to_exists() {
                 continue;
             }
             checked += 1;
-            let found = exists(Path::new(word)) || (md_file && exists(&dir.join(word)));
+            let found = exists(Path::new(word))
+                || exists(&package.join(word))
+                || (md_file && exists(&dir.join(word)));
             if !found {
                 missing.push(format!("{}: {word}", path.display()));
             }

@@ -1,5 +1,6 @@
-//! Harness for `tests/examples.rs`: runs the example binaries as real processes,
-//! follows them across upgrades, and makes sure none is left behind.
+//! Harness for `tests/examples.rs` (and the tests that include it by path, the tokio
+//! example's among them): runs the example binaries as real processes, follows them
+//! across upgrades, and makes sure none is left behind.
 //!
 //! Every generation runs in the process group of the first one, and this test process
 //! is a child subreaper, so generations whose parent has exited are reparented to it:
@@ -34,32 +35,47 @@ pub fn lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The path of an example binary, after building every example once (cargo does not
-/// build examples for `cargo test` by itself).
+/// The path of an example binary of this test's package, after building every example
+/// of the package once (cargo does not build examples for `cargo test` by itself).
 pub fn example(name: &str) -> PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    example_of(env!("CARGO_PKG_NAME"), name)
+}
+
+/// The path of an example binary of the workspace's package `package` (a test of the
+/// tokio example runs the main package's `upgrade_check`), after building every example
+/// of that package once: `cargo build -p PACKAGE --examples`, through `$CARGO`, so that
+/// the build has the workspace's lock file, target directory and toolchain.
+pub fn example_of(package: &str, name: &str) -> PathBuf {
+    static BUILT: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.contains(package) {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
         let out = Command::new(cargo)
-            .args(["build", "--examples"])
-            .current_dir(manifest)
+            .args(["build", "--examples", "-p", package])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
             .stdin(Stdio::null())
             .output()
             .expect("cannot run cargo build --examples");
         assert!(
             out.status.success(),
-            "cargo build --examples failed:\n{}",
+            "cargo build --examples -p {package} failed:\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(|t| manifest.join(t))
-            .unwrap_or_else(|| manifest.join("target"));
-        target.join("debug").join("examples")
-    });
-    let path = dir.join(name);
+        built.insert(package.to_owned());
+    }
+    let path = examples_dir().join(name);
     assert!(path.is_file(), "{} was not built", path.display());
     path
+}
+
+/// Where cargo puts the examples: `examples/` beside the `deps/` directory that holds
+/// this test binary, in the workspace's target directory (wherever that is).
+fn examples_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile = exe.parent().and_then(Path::parent);
+    profile
+        .unwrap_or_else(|| panic!("{} is not in a target directory", exe.display()))
+        .join("examples")
 }
 
 /// A pseudo-terminal: the master, our copy of the terminal end, and its path.
@@ -464,7 +480,7 @@ fn assert_exit_ok(pid: u32, status: i32) {
 }
 
 /// Reaps every exited member of `pgid` that is our child.
-fn reap_group(pgid: i32) {
+pub fn reap_group(pgid: i32) {
     loop {
         let mut status = 0;
         // SAFETY: waitpid with a valid status pointer.
@@ -475,14 +491,14 @@ fn reap_group(pgid: i32) {
 }
 
 /// Whether no process (not even a zombie) is left in `pgid`.
-fn group_empty(pgid: i32) -> bool {
+pub fn group_empty(pgid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
     unsafe { libc::kill(-pgid, 0) == -1 && errno() == libc::ESRCH }
 }
 
 /// Makes this process the reaper of orphaned descendants, so that every generation,
 /// whose parent (the previous generation) exits first, can be reaped and checked here.
-fn become_subreaper() {
+pub fn become_subreaper() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         // SAFETY: PR_SET_CHILD_SUBREAPER takes one integer argument.

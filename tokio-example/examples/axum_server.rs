@@ -12,6 +12,9 @@
 //! `hello from pid=<pid>`, other methods get `405`. HTTP/2 is spoken with prior knowledge
 //! (`curl --http2-prior-knowledge`, `h2load`), next to HTTP/1.1 on the same port.
 //!
+//! It is the example of the `tokio-example` package, which keeps tokio, hyper and axum
+//! out of the main package's build. Try it from the repository's root:
+//!
 //! ```text
 //! pid_file="${XDG_RUNTIME_DIR:-.}/axum_server.pid"  # a directory of your own, not /tmp
 //! cargo run --example axum_server -- --pid-file "$pid_file" &
@@ -103,10 +106,11 @@ const USAGE: &str = "usage: axum_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--upgrade-timeout SECS] [--lame-duck SECS] [--probation SECS] \
                      [--fd-store] [--keeper]";
 
-/// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
-#[path = "common/signals.rs"]
+// The main package's, shared by every example.
+#[path = "../../examples/common/signals.rs"]
 mod signals;
 
+/// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 macro_rules! log {
     ($($arg:tt)*) => {{
         let line = format!("[axum_server pid={}] {}\n", std::process::id(), format_args!($($arg)*));
