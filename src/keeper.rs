@@ -15,7 +15,7 @@
 //! in [`Keeper`]'s docs ("Trust").
 //!
 //! The loop ([`state`]) starts no thread; it waits in one `poll` on its notify socket
-//! ([`messages`]: whom it believes), the pipe its signal handler writes to ([`signals`])
+//! ([`notify`]; [`messages`]: whom it believes), the pipe its signal handler writes to ([`signals`])
 //! and the generations' pidfds ([`procs`]), and allocates per event only what reading a
 //! message or `/proc` needs. The fd store is [`store`].
 //!
@@ -35,6 +35,8 @@ macro_rules! say {
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod messages;
+#[cfg(any(target_os = "linux", target_os = "android"))]
+mod notify;
 #[cfg(any(target_os = "linux", target_os = "android"))]
 mod procs;
 #[cfg(any(target_os = "linux", target_os = "android"))]

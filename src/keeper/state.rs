@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rustix::process::WaitOptions;
 
-use super::messages::{notify_socket, Complaints};
+use super::notify::notify_socket;
 use super::procs::{self, Verified};
 use super::signals::{self, SignalPipe};
 use super::store::{self, Store};
@@ -50,6 +50,14 @@ pub(super) struct Stop {
 
 /// The keeper at work: what it holds (its config, notify socket, signal pipe, fd store)
 /// and what it knows of the generations (the main one, its successor, restarts, a stop).
+/// Rejection lines, rate-limited.
+#[derive(Debug)]
+pub(super) struct Complaints {
+    pub(super) since: Instant,
+    pub(super) lines: u32,
+    pub(super) dropped: u64,
+}
+
 pub(super) struct Keeping {
     pub(super) config: Keeper,
     pub(super) program: Program,
