@@ -11,9 +11,9 @@
 //! Defaults: `127.0.0.1:8080`, no pid file, 60 s, no probation (`--probation 2` keeps
 //! a new generation on probation for 2 s: if it dies within that time, this one serves
 //! on as if nothing happened). `--fd-store` keeps the listener in systemd's fd store, so
-//! that it survives a crash of every generation (see the README). Every connection gets
-//! one line,
-//! `hello from pid=<pid>`, and is closed. Try it:
+//! that it survives a crash of every generation (see the systemd guide,
+//! `docs/systemd.md`). Every connection gets one line, `hello from pid=<pid>`, and is
+//! closed. Try it:
 //!
 //! ```text
 //! pid_file="${XDG_RUNTIME_DIR:-.}/tcp_server.pid"  # a directory of your own, not /tmp

@@ -47,7 +47,8 @@ use std::time::{Duration, Instant};
 ///
 /// Under systemd, set the deadline to what the longest connection you are willing to
 /// wait for needs, and `TimeoutStopSec=` to what a stop that does not drain needs: see
-/// "Stopping" in the README for `TimeoutStopSec=` and `KillMode=`.
+/// [stopping](crate::guide::systemd#stopping) in the systemd guide for `TimeoutStopSec=`
+/// and `KillMode=`.
 pub struct Drain(pub(crate) crate::sys::Drain);
 
 impl fmt::Debug for Drain {

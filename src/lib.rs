@@ -59,8 +59,8 @@
 //! ```
 //!
 //! `examples/tcp_server.rs` is the complete version, with connection threads and a
-//! drain before exit. It logs with `writeln!` to `stderr`, ignoring errors: `eprintln!`
-//! panics once the terminal it writes to is gone.
+//! drain before exit. Both log with `writeln!` to `stderr`, ignoring errors, for the
+//! reason given in [running from a terminal](guide::terminal).
 //!
 //! # Connections in use
 //!
@@ -73,33 +73,41 @@
 //!
 //! # Anatomy of an upgrade
 //!
-//! 1. [`Upgrader::upgrade`] resolves the executable (`argv[0]` against the initial
-//!    working directory and `$PATH`, at upgrade time), builds argv, envp and the fd
-//!    table, and starts the new process with a vfork-style `clone` (Linux) and
-//!    `execve`. Only the fds in the registry, plus three handshake pipes, cross over;
-//!    everything else the crate holds is close-on-exec.
-//! 2. The new process calls [`Upgrader::new`], which finds the fd table in
-//!    `$TABLEFLIP_FDS` (only if it is addressed to its own pid), takes its sockets from
-//!    [`Upgrader::fds`], starts serving and calls [`Upgrader::ready`], which reports
-//!    ready and waits for the old process to decide.
-//! 3. The old process keeps the new one on [probation](Options::probation) if asked,
-//!    then commits: it tells systemd the new main pid, and tells the new process, which
-//!    writes its pid file and confirms. The old process's `upgrade()` returns the new
-//!    pid, its [exit notification](Upgrader::exit) fires (just before: the new pid
-//!    is in [`Upgrader::status`] by then, for code that ends the process when the exit
-//!    fd fires), and it drains, [stops](Upgrader::stop) and exits. If the new process
-//!    exits, crashes or hangs instead (before the commit, or during the probation),
-//!    `upgrade()` returns the reason, the old process keeps serving with everything as
-//!    it was, and the next upgrade can be tried. The [upgrade
-//!    timeout](Options::upgrade_timeout) is one budget for the new process: from its
-//!    start until it reports ready, and from the commit until it confirms.
+//! [`Upgrader::upgrade`] starts the next generation (the same binary, with a vfork-style
+//! `clone` and `execve`) and passes it the fds of the registry, [`Upgrader::fds`]. The
+//! new process's [`Upgrader::new`] adopts them; it starts serving, and its
+//! [`Upgrader::ready`] reports ready and waits. The old process commits (it tells systemd
+//! the new main pid, then the new process writes its pid file and confirms), its
+//! `upgrade()` returns the new pid, its [exit notification](Upgrader::exit) fires, and it
+//! drains and exits. If the new process exits, crashes, gives up or hangs instead,
+//! `upgrade()` returns the reason, the old process keeps serving with everything as it
+//! was, and the next upgrade can be tried. Each upgrade is recorded ([`UpgradeRecord`],
+//! [`Status::upgrades`]), with what its [`Drain`] reports.
 //!
-//! Each upgrade is recorded ([`UpgradeRecord`]: how long each phase took, how many
-//! connections were handed over, drained or cut, when the old process was gone, how it
-//! ended), and the last few travel from generation to generation:
-//! [`Status::upgrades`], or the control socket's `status`. The old process reports its
-//! drain through a [`Drain`], which also asks systemd for the time a drain at a stop
-//! needs.
+//! The handshake step by step, the timeout, the [probation](Options::probation) and the
+//! fd table's format: [how an upgrade works](guide::upgrade).
+//!
+//! # Guides
+//!
+//! - [How an upgrade works](guide::upgrade): the handshake, the commit, the probation,
+//!   the fd table.
+//! - [systemd](guide::systemd): units that follow the new pid, a reload that fails when
+//!   the upgrade fails, stopping with a drain, the fd store.
+//! - [Containers and the keeper](guide::keeper): one pid for the service's whole life.
+//! - [The control socket](guide::control): whoever asks for an upgrade gets its result.
+//! - [tokio, axum, hyper](guide::tokio).
+//! - Connections in use: the [`handover`] module.
+//! - [Coming from Go tableflip](guide::from_go): every Go call and its Rust name.
+//! - [Running from a terminal](guide::terminal).
+//! - [Zero downtime, measured](guide::zero_downtime), and
+//!   [the benchmarks](guide::benchmarks).
+//!
+//! # Features
+//!
+//! - `keeper` (on by default): [`Keeper`].
+//! - `control` (on by default): the [`control`] socket.
+//!
+//! `default-features = false` leaves both out; the rest of the crate is always there.
 //!
 //! # Limitations
 //!
@@ -110,13 +118,13 @@
 //! - **Signals.** The crate installs no signal handler: decide yourself what triggers
 //!   an upgrade (SIGHUP through `signal-hook`, the [control socket](control), ...). A
 //!   SIGHUP that the kernel sent (`si_code` `SI_KERNEL`: the terminal went away, or
-//!   the process leading its session exited) is no upgrade request: a first generation
-//!   started from a shell leads the session, and when it exits after an upgrade the
-//!   kernel sends SIGHUP to the new one. A signal cannot carry the upgrade's result back
-//!   to whoever sent it; the control socket can ([`control::request_upgrade`]). The new process
-//!   starts with an empty signal mask and every disposition at its default. Do not
-//!   reap children with `waitpid(-1)` elsewhere in the process (or set `SIGCHLD` to
-//!   `SIG_IGN`) while an upgrade runs: the crate reaps its own child by pid.
+//!   the process leading its session exited) is no upgrade request: see [running from
+//!   a terminal](guide::terminal). A signal cannot carry the upgrade's result back to
+//!   whoever sent it; the control socket can ([`control::request_upgrade`]). The new
+//!   process starts with an empty signal mask and every disposition at its default, so
+//!   install your SIGHUP handler before anything slow. Do not reap children with
+//!   `waitpid(-1)` elsewhere in the process (or set `SIGCHLD` to `SIG_IGN`) while an
+//!   upgrade runs: the crate reaps its own child by pid.
 //! - **`O_NONBLOCK` is shared.** It is a flag of the open file description, which
 //!   both generations share: setting a passed listener non-blocking in one generation
 //!   sets it in the other. Pick one mode for every generation (the examples use
@@ -128,36 +136,62 @@
 //!   too. Wait on the listener and the exit notification together
 //!   and accept only when the listener is readable: [`Upgrader::incoming`] does, as the
 //!   example above shows ([`Exit`] is `AsFd`, for your own event loop).
-//! - **systemd.** The pid changes at every upgrade. When `$NOTIFY_SOCKET` is set the crate
-//!   speaks the notify protocol (`MAINPID=`, `READY=1`, `RELOADING=1`, `STOPPING=1`, and
-//!   `EXTEND_TIMEOUT_USEC=` while a [`Drain`] at a stop runs), and
-//!   the old process, still the main one, announces the new pid at the commit, so
-//!   `Type=notify` (with the default `NotifyAccess=main`) or `Type=notify-reload`
-//!   follows it; otherwise use a pid file ([`Options::pid_file`]) with `PIDFile=`. An
-//!   `ExecReload=` that asks over the [control socket](control) makes `systemctl reload`
-//!   fail when the upgrade fails (`ExecReload=/bin/kill -HUP $MAINPID` always
-//!   succeeds, and `Type=notify-reload` cannot report a failure). Sockets from socket
-//!   activation (`$LISTEN_FDS`) are adopted on a first start. The commit waits up to
-//!   1 s for room in systemd's queue, and `upgrade()` returns only once systemd has
-//!   read it (at most 500 ms), so that the old process never exits before systemd knows
-//!   its successor; a notify socket that nobody reads slows each upgrade by that much
-//!   (on top of the upgrade timeout, which does not count these waits). See the README
-//!   for unit files.
+//! - **systemd.** The pid changes at every upgrade. The crate speaks the notify
+//!   protocol, and the old process, still the main one, announces the new pid at the
+//!   commit, so `Type=notify` follows it (or a pid file with `PIDFile=`). An
+//!   `ExecReload=` that asks over the [control socket](control) makes `systemctl
+//!   reload` fail when the upgrade fails; `ExecReload=/bin/kill -HUP $MAINPID` always
+//!   succeeds. See [the systemd guide](guide::systemd).
 //! - **`SIGPIPE`** must stay ignored (as Rust programs start): the handshake writes to
-//!   pipes whose reader may have died.
+//!   pipes whose reader may have died, and reports `EPIPE` rather than dying of it.
 //! - **TLS state cannot move between processes.** A [handed-over](handover) connection
 //!   is its socket and the bytes the application gives with it; a TLS session lives in
 //!   the process's memory. Hand over TLS connections only if the TLS library can export
 //!   the session (kernel TLS), or let them drain.
 //! - **One table variable.** Linux caps one environment string at 128 KiB, which bounds
 //!   the fd table to roughly 4000 sockets with short addresses.
-//! - **Platforms.** Linux is tested. macOS and FreeBSD are built in CI, not run: they
-//!   use `fork` instead of a vfork-style clone, have no abstract socket names and no
-//!   [`Keeper`], and on macOS a pipe or socket becomes close-on-exec one call after it
-//!   is made. On every other platform (Windows) the crate compiles, so that a
-//!   cross-platform program does, but [`Upgrader::new`] (and every other call that can
-//!   fail) fails with [`Error::Unsupported`]; what takes Unix sockets or raw fds (the
-//!   control socket among them) is absent. See "Platforms" in the README.
+//!
+//! # Platforms
+//!
+//! Linux is tested: `cargo test` upgrades real processes, under load and under a real
+//! systemd. macOS and FreeBSD are built in CI (the library and the examples,
+//! warning-free), not run. There:
+//!
+//! - the new generation is started with `fork` instead of a vfork-style `clone` (the
+//!   parent's page tables are copied);
+//! - abstract and kernel-chosen Unix socket names do not exist (binding one fails with
+//!   a clear error);
+//! - there is no pidfd: a child's death is seen as EOF on its handshake pipe;
+//! - handed-over state is an unlinked temporary file instead of a sealed `memfd`;
+//! - the [`Keeper`] fails with [`Error::Unsupported`];
+//! - macOS has no `pipe2` or `SOCK_CLOEXEC`: a pipe or socket is made close-on-exec one
+//!   system call after it is created, so a process that another thread of yours starts
+//!   in that instant inherits it (as with std's own pipes there).
+//!
+//! Everywhere else (Windows, wasm32) the crate compiles, so that a cross-platform
+//! program does too, as Go tableflip does on Windows: [`Upgrader::new`] (and every
+//! other call that can fail) fails with [`Error::Unsupported`], so no `Upgrader` ever
+//! exists there, and the program serves without upgrades:
+//!
+//! ```no_run
+//! # fn serve(_: std::net::TcpListener) {}
+//! # fn serve_with_upgrades(_: tableflip::Upgrader) {}
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! match tableflip::Upgrader::new(tableflip::Options::new()) {
+//!     Ok(upg) => serve_with_upgrades(upg),
+//!     Err(tableflip::Error::Unsupported { .. }) => serve(std::net::TcpListener::bind("127.0.0.1:8080")?),
+//!     Err(e) => return Err(e.into()),
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! What takes Unix sockets or raw fds is absent there: the Unix socket kinds,
+//! [`Named`] kinds ([`Fds::add_named`], [`Fds::take_named`]), [`Upgrader::incoming`],
+//! [`Upgrader::handover`], [`Exit::wait_readable`] and `Exit`'s `AsFd`, the
+//! [`control`] socket and the [`handover`] channel. On Windows, what is handed a socket
+//! ([`Options::before_bind`], [`Fds::listen_with`]) gets a `BorrowedSocket` where Unix
+//! has a `BorrowedFd`, so that code written against std's sockets compiles on both; on
+//! targets that are neither, those two are absent too.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -217,13 +251,35 @@ pub(crate) const KEEPER_VAR: &str = "TABLEFLIP_KEEPER";
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
-/// Guides, in the documentation only. Their examples need crates this one does not
-/// depend on (tokio), so they are compiled as doctests of the repository's
-/// `tokio-example` package instead of this crate's.
-#[cfg(all(doc, not(doctest)))]
+/// Guides: how to run a service that upgrades, under systemd, in a container, from Go
+/// tableflip, and what it was measured to do. Documentation only (they are the Markdown
+/// files of the repository's `docs/`, and the bench's `benches/README.md`), with their
+/// Rust examples compiled as doctests of this crate (those of the keeper's and the
+/// control socket's guides with their feature); the tokio guide's need tokio, so they
+/// are compiled as doctests of the repository's `tokio-example` package instead.
+#[cfg(doc)]
 pub mod guide {
+    #[doc = include_str!("../docs/upgrade.md")]
+    pub mod upgrade {}
+    #[doc = include_str!("../docs/systemd.md")]
+    pub mod systemd {}
+    #[cfg(any(not(doctest), feature = "keeper"))]
+    #[doc = include_str!("../docs/keeper.md")]
+    pub mod keeper {}
+    #[cfg(any(not(doctest), feature = "control"))]
+    #[doc = include_str!("../docs/control.md")]
+    pub mod control {}
+    #[cfg(not(doctest))]
     #[doc = include_str!("../docs/tokio.md")]
     pub mod tokio {}
+    #[doc = include_str!("../docs/from-go.md")]
+    pub mod from_go {}
+    #[doc = include_str!("../docs/terminal.md")]
+    pub mod terminal {}
+    #[doc = include_str!("../docs/zero-downtime.md")]
+    pub mod zero_downtime {}
+    #[doc = include_str!("../benches/README.md")]
+    pub mod benchmarks {}
 }
 
 /// Not public API: entry points for the fuzzer and benchmarks. No stability promise.

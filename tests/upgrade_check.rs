@@ -2,8 +2,8 @@
 //! load and every fault scenario), and in its HTTP mode against `http_server` (20
 //! upgrades under keep-alive and `Connection: close` load), with no failed connection or
 //! request and nothing left behind; the tokio example's tests run it against
-//! `axum_server`. The full measurements (100 upgrades, release build) are in the README;
-//! the fd counts it gives are checked against this run's.
+//! `axum_server`. The full measurements (100 upgrades, release build) are in the guide
+//! docs/zero-downtime.md; the fd counts it gives are checked against this run's.
 #![cfg(target_os = "linux")]
 
 // The examples' harness: `lock()` and `example()` (which builds the examples once).

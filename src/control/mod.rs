@@ -68,7 +68,9 @@
 //!
 //! The listening socket is non-blocking (`O_NONBLOCK`), in every generation alike: both
 //! generations poll it during a handover, and a blocking `accept` could wait for a
-//! connection the other one took. It is the one socket whose flags the crate changes.
+//! connection the other one took. Besides a listener handed to
+//! [`Upgrader::incoming`](crate::Upgrader::incoming), it is the one socket whose flags
+//! the crate changes.
 //! Never `SIGPIPE`: answers are sent with `MSG_NOSIGNAL` (`SO_NOSIGPIPE` on Apple).
 //!
 //! # Whom a client believes

@@ -16,10 +16,7 @@
 //! }
 //! ```
 //!
-//! What takes Unix sockets or raw fds (the `Named` kinds, `Upgrader::incoming`,
-//! `Exit::wait_readable`, the control socket, the handover channel) does not exist here.
-//! On Windows, what is handed a socket (`Options::before_bind`, `Fds::listen_with`) gets
-//! a `BorrowedSocket`; elsewhere those two are absent as well.
+//! What the public API leaves out here is listed once, in the crate docs ("Platforms").
 //!
 //! [`Upgrader`]: crate::Upgrader
 //! [`Upgrader::new`]: crate::Upgrader::new

@@ -24,9 +24,14 @@ pub struct Doc {
 }
 
 impl Doc {
-    /// The paragraphs (runs of lines between empty lines) that contain `marker`.
-    pub fn paragraphs_with<'a>(&'a self, marker: &'a str) -> impl Iterator<Item = &'a str> {
-        self.text.split("\n\n").filter(move |p| p.contains(marker))
+    /// The paragraphs (runs of lines between empty lines) that contain `marker`, each as
+    /// one line: runs of white space (line breaks among them) become one space, so that a
+    /// marker or a code span broken across lines is found whole.
+    pub fn paragraphs_with<'a>(&'a self, marker: &'a str) -> impl Iterator<Item = String> + 'a {
+        self.text
+            .split("\n\n")
+            .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "))
+            .filter(move |p| p.contains(marker))
     }
 }
 

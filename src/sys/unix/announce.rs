@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | [`took_over`](Announcer::took_over) (`ready()`) | names this process | `MAINPID=`, `READY=1` when alone; the fd store follows |
 //! | [`reloading`](Announcer::reloading) (`upgrade()` starts) | | `RELOADING=1` |
-//! | [`refused`](Announcer::refused) (an upgrade refused, its parent alive) | | `STATUS=` |
+//! | [`refused`](Announcer::refused) (an upgrade refused, its parent alive) | | `RELOADING=1`, `READY=1`, `STATUS=` |
 //! | [`spawned`](Announcer::spawned) (the child runs) | | the successor, to a keeper |
 //! | [`committing`](Announcer::committing) | | `MAINPID=<child>`, `READY=1` |
 //! | [`committed`](Announcer::committed) (the child confirmed) | the child's | waits until read |

@@ -1,45 +1,14 @@
 //! The handshake between two generations, and the commit that makes an upgrade all or
-//! nothing.
+//! nothing: the three pipes that join a new generation to the one that started it
+//! (`ready`, `commit`, `parent`; every end close-on-exec except the child's three) and
+//! what travels on them.
 //!
-//! Three pipes join a new generation to the one that started it. Every end is
-//! close-on-exec except the child's three, which cross `execve` and are named in its fd
-//! table:
-//!
-//! | entry    | the child holds | what travels on it |
-//! |----------|-----------------|--------------------|
-//! | `ready`  | the write end   | `R` (ready), `F` + reason (gives up), `D` (has taken over); EOF when it dies |
-//! | `commit` | the read end    | `C` (the parent commits) and the upgrade records, in one write; EOF before `C`: the parent died undecided; after the commit, the parent's report (see [`records`](crate::sys::records)) |
-//! | `parent` | the read end    | nothing; EOF once the parent has exited, every thread of it |
-//!
-//! A fourth entry, `handover`, is the child's end of a Unix socket pair, the
-//! [handover channel](crate::handover): unused until the commit. A child that knows it
-//! confirms the commit with `H` and the lowest and highest handover versions it reads,
-//! instead of `D`; an older one closes it with the inherited fds nobody took.
-//!
-//! An upgrade, step by step:
-//!
-//! 1. The child gets ready (sockets taken, serving threads started) and sends `R`. It has
-//!    changed nothing outside its own process.
-//! 2. The parent, on `R`, keeps the child on probation if asked: both serve the shared
-//!    sockets, and a child that dies meanwhile is reaped and the upgrade fails with
-//!    nothing to undo.
-//! 3. The parent commits: it tells systemd `MAINPID=<child>` and `READY=1` (it is still
-//!    the main process, so the default `NotifyAccess=main` accepts it), then sends `C`.
-//! 4. The child, on `C`, writes its pid file and sends `D`; then it closes the inherited
-//!    fds nobody took (unlinking their socket files) and its `ready()` returns.
-//! 5. The parent, on `D`, has been upgraded. It keeps its end of the lifeline open until
-//!    it exits.
-//!
-//! The upgrade timeout is one budget for the child's part: it runs from the spawn to `R`
-//! and again from `C` to `D`, not during the probation or the commit's message to
-//! systemd in between. At the deadline the parent looks once more before it kills (a
-//! report that landed just then counts), but an `R` found with nothing left of the
-//! budget ends the upgrade before the commit: there would be no time left for `D`.
-//!
-//! A child that dies, gives up or falls silent before `D` is killed and reaped, and the
-//! parent undoes what the commit told the world (`MAINPID=` itself again, its own pid
-//! file): the caller does that, on the error this module returns. If the parent dies
-//! before `C`, the child carries on alone.
+//! The protocol is documented once, for users and for this code alike, in the guide
+//! [how an upgrade works](crate::guide::upgrade) (`docs/upgrade.md`): the pipes, the
+//! messages (`R`, `F`, `C`, `D`, `H`), the steps, the timeout budget, and what a failure
+//! at each step leaves. This module is its two ends. When it returns an error after the
+//! commit began, the caller undoes what the commit told the world (`MAINPID=` itself
+//! again, its own pid file).
 
 use std::io;
 use std::os::unix::io::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};

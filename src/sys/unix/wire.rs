@@ -1,27 +1,12 @@
-//! The fd table's wire format: how the fds passed to a new generation are described in
-//! its environment.
+//! The fd table's wire format, end to end: how the fds passed to a new generation are
+//! described in its environment (`TABLEFLIP_FDS=tableflip1;pid=0000012345;3,ready;...`),
+//! encoded here and decoded strictly, since it comes from outside the process.
 //!
-//! ```text
-//! TABLEFLIP_FDS=tableflip1;pid=0000012345;3,ready;4,commit;5,parent;6,tcp,127.0.0.1:8080;7,unix,/run/app.sock
-//! ```
-//!
-//! * `tableflip1` names the format and its version; any other value is rejected.
-//! * `pid=` is followed by exactly ten decimal digits: the pid of the process the table is
-//!   for. The spawning code writes it into the child's copy of the variable between fork
-//!   and exec. A process whose pid differs (a grandchild that merely inherited the
-//!   variable) ignores the table and starts fresh, like systemd's `LISTEN_PID`.
-//! * Then one `;`-separated entry per fd: `FD,KIND[,KEY]`. `FD` is a decimal fd number
-//!   (3 or more, each at most once). `KIND` is one of `ready`, `parent`, `commit` (the
-//!   handshake pipes, no key), `state` (the handed-over state, no key), `handover` (the
-//!   new generation's end of the [handover channel](crate::handover), no key), `tcp`, `udp` (key: a socket address), `unix`, `unixgram` (key: a path,
-//!   or `@` and an abstract name), `tcpconn`, `unixconn`, `fd` (key: a name).
-//! * A `unix` or `unixgram` entry with a path may carry a fourth field, `DEV:INO`: the
-//!   device and inode of the socket file the previous generation bound or checked. Only
-//!   a file with that identity is ever unlinked.
-//! * Keys are percent-encoded: every byte outside `A-Z a-z 0-9 - . _ ~ / : [ ]` is
-//!   written as `%XX`, so paths may hold `;`, `,`, `%`, `@` or non-UTF-8 bytes.
-//! * The same key may appear more than once (a group of sockets on one address); their
-//!   order is kept.
+//! The format (the header, the pid slot the child fills in between fork and exec, the
+//! kinds of entry, the fourth field of a Unix entry, the percent-encoding, the limits
+//! and what an older release does with a kind it does not know) is documented once, in
+//! the guide [how an upgrade works](crate::guide::upgrade#the-fd-table)
+//! (`docs/upgrade.md`).
 
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
