@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,28 +48,69 @@ pub struct Handoff {
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds, as the server's trace lines have it.
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
-/// The release build of the example, next to this benchmark's binary.
-fn server_binary() -> Res<PathBuf> {
+/// The release build of the example `name`, next to this benchmark's binary.
+pub fn server_binary(name: &str) -> Res<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/release/deps/upgrade-… → target/release/examples/tcp_server
+    // target/release/deps/upgrade-… → target/release/examples/NAME
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .ok_or("cannot find the target directory")?;
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--example", "tcp_server"])
+        .args(["build", "--release", "--example", name])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdout(Stdio::null())
         .status()?;
     if !status.success() {
-        return Err("cargo build --release --example tcp_server failed".into());
+        return Err(format!("cargo build --release --example {name} failed").into());
     }
-    Ok(dir.join("examples").join("tcp_server"))
+    Ok(dir.join("examples").join(name))
+}
+
+/// A server example started for a measurement, with a pid file and its log in a
+/// directory of its own; this process becomes a subreaper, so that generations whose
+/// parent has exited are reparented here, to be reaped.
+pub struct Server {
+    pub dir: PathBuf,
+    pub pid_file: PathBuf,
+    pub log: PathBuf,
+    pub addr: SocketAddr,
+    /// The first generation.
+    pub first: Child,
+}
+
+impl Server {
+    /// Starts `bin --listen ADDR --pid-file PATH` with `env` set, on a free port of the
+    /// loopback, in a new directory named after `what`.
+    pub fn start(bin: &Path, what: &str, env: &[(&str, &str)]) -> Res<Server> {
+        // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes integers only.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        let dir = std::env::temp_dir().join(format!("tableflip-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let (pid_file, log) = (dir.join("server.pid"), dir.join("server.log"));
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let first = Command::new(bin)
+            .args(["--listen", &addr.to_string()])
+            .args(["--pid-file", &pid_file.display().to_string()])
+            .envs(env.iter().copied())
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        Ok(Server {
+            dir,
+            pid_file,
+            log,
+            addr,
+            first,
+        })
+    }
 }
 
 /// Trace lines so far: (pid, phase) → nanoseconds.
@@ -128,23 +169,9 @@ fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> Res<T> {
 
 /// `upgrades` handoffs of `tcp_server` under `clients` client threads.
 pub fn measure(upgrades: usize, clients: usize) -> Res<Handoff> {
-    let bin = server_binary()?;
-    // Generations whose parent has exited are reparented here, to be reaped.
-    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes integers only.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let dir = std::env::temp_dir().join(format!("tableflip-handoff-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let log = dir.join("server.log");
-    let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let mut first = Command::new(&bin)
-        .args(["--listen", &addr.to_string()])
-        .args(["--pid-file", &dir.join("server.pid").display().to_string()])
-        .env("TCP_SERVER_TRACE", "1")
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
+    let bin = server_binary("tcp_server")?;
+    let server = Server::start(&bin, "handoff", &[("TCP_SERVER_TRACE", "1")])?;
+    let (dir, log, addr, mut first) = (server.dir, server.log, server.addr, server.first);
     let mut current = first.id();
     wait("the server to answer", || {
         TcpStream::connect(addr).ok().map(drop)

@@ -1,8 +1,16 @@
 //! Upgrade latency against the spawn floor, by passed fds and by parent memory.
 //!
-//! `cargo bench --bench upgrade` prints a table and, last, one machine-readable line:
+//! `cargo bench --bench upgrade` prints tables and, last, one machine-readable line:
 //! `floor_us=… upgrade4_us=… upgrade400_us=… upgrade4000_us=… rss_ratio=… child_new4000_us=…
-//! handoff_p50_us=… handoff_p99_us=… handoff_ratio=…` (the handoff: see `handoff.rs`).
+//! handoff_p50_us=… handoff_p99_us=… handoff_ratio=…` (the handoff: see `handoff.rs`),
+//! continued by `per_fd_us=… per_fd_floor_us=… per_fd_floor_rustix_us=… per_fd_over_floor_us=…
+//! per_fd_ratio=… per_fd_decode_us=… per_fd_spawn_us=… child_decode4000_us=…
+//! child_new_floor_ratio=…` (the per-fd floor: see
+//! `fd_floor.rs`) and `http_p50_us=… http_p99_us=… upgrade_http_p50_us=…
+//! upgrade_http_p99_us=… upgrade_p50_ratio=… upgrade_p99_ratio=… reconnect_p99_ratio=…
+//! spawn_p99_ratio=… upgrade_p99_ratio_wrk=… upgrade_p99_ratio_rounds=…` (request latency:
+//! see `requests.rs`).
+//! `benches/README.md` explains each figure and its target.
 //! Without `--bench` (as `cargo test --benches` runs it) it does a smoke run of a few
 //! upgrades and prints no figures.
 //!
@@ -37,6 +45,10 @@
 //! - `TABLEFLIP_BENCH_ONLY_FDS=n`: only upgrades with `n` fds, with the child's own
 //!   timings, for `strace -c -f` or `perf`; `TABLEFLIP_BENCH_CHILD=take` makes the child
 //!   take every fd first.
+//! - `TABLEFLIP_BENCH_HTTP_CONNS` (default 4), `TABLEFLIP_BENCH_HTTP_ROUNDS` (default 5,
+//!   each round a 2 s window of every kind), `TABLEFLIP_BENCH_HTTP_PERIOD_MS` (default
+//!   250): the request-latency measurement.
+//! - `TABLEFLIP_BENCH_ONLY=http` or `=fd-floor`: only that measurement.
 //!
 //! Figures only: nothing here asserts a time.
 
@@ -55,7 +67,9 @@ use rustix::event::{eventfd, EventfdFlags};
 use rustix::pipe::{pipe_with, PipeFlags};
 use tableflip::{Options, Upgrader};
 
+mod fd_floor;
 mod handoff;
+mod requests;
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -287,6 +301,27 @@ fn measure() -> Res<()> {
         let take = std::env::var_os("TABLEFLIP_BENCH_CHILD").is_some_and(|v| v == "take");
         return profile(n, cfg.rounds, take, &spawner);
     }
+    match std::env::var("TABLEFLIP_BENCH_ONLY").as_deref() {
+        Ok("http") => {
+            requests::measure(&request_plan()?)?.print();
+            println!("load average at end: {}", loadavg());
+            return Ok(());
+        }
+        Ok("fd-floor") => {
+            let mut f = fd_floor::FdFloor::new();
+            for _ in 0..cfg.rounds {
+                f.run(cfg.sizes[2])?;
+            }
+            print_header();
+            for s in f.rows() {
+                s.print_row(f.floor.median());
+            }
+            println!("load average at end: {}", loadavg());
+            return Ok(());
+        }
+        Ok(other) => return Err(format!("TABLEFLIP_BENCH_ONLY={other}: http or fd-floor").into()),
+        Err(_) => {}
+    }
 
     // Main comparison, interleaved so that every case sees the same machine load and
     // the same number of open fds in this process.
@@ -298,6 +333,11 @@ fn measure() -> Res<()> {
         .map(|n| Samples::new(&format!("upgrade(), {n} fds")))
         .collect();
     let mut register = Samples::new(&format!("  (setup) add_fd x{}", cfg.sizes[2]));
+    let mut fd_floor = fd_floor::FdFloor::new();
+    let mut floor_fds = Samples::new(&format!(
+        "floor: vfork-style, {} close-on-exec fds open",
+        2 * cfg.sizes[2]
+    ));
     // Warm-up: page cache, dynamic loader, CPU frequency.
     for _ in 0..3 {
         spawner.spawn()?;
@@ -307,11 +347,26 @@ fn measure() -> Res<()> {
     // The order rotates from round to round, and every timed operation is primed
     // (see FloorSpawner::prime).
     for round in 0..cfg.rounds {
-        for case in (0..5).map(|c| (c + round) % 5) {
+        for case in (0..7).map(|c| (c + round) % 7) {
             match case {
                 0 => {
                     spawner.prime()?;
                     floor.push(spawner.spawn()?);
+                }
+                5 => {
+                    spawner.prime()?;
+                    fd_floor.run(cfg.sizes[2])?;
+                }
+                6 => {
+                    // As many fds as an upgrade with the most fds holds (the caller's
+                    // and the registry's copies), all close-on-exec: the kernel copies
+                    // the fd table at the clone and closes them at the exec.
+                    let held = (0..2 * cfg.sizes[2])
+                        .map(|_| eventfd(0, EventfdFlags::CLOEXEC))
+                        .collect::<Result<Vec<OwnedFd>, _>>()?;
+                    spawner.prime()?;
+                    floor_fds.push(spawner.spawn()?);
+                    drop(held);
                 }
                 1 => {
                     spawner.prime()?;
@@ -388,13 +443,20 @@ fn measure() -> Res<()> {
         println!("handoff: skipped in the smoke run");
         None
     };
+    // Request latency of a real HTTP server, with and without upgrades.
+    let reqs = if cfg.full {
+        Some(requests::measure(&request_plan()?)?)
+    } else {
+        println!("request latency: skipped in the smoke run");
+        None
+    };
     let load_end = loadavg();
 
     // ---- Report ----
     println!();
     print_header();
     let fl = floor.median();
-    let rows: Vec<&Samples> = [&floor, &floor_cmd]
+    let rows: Vec<&Samples> = [&floor, &floor_cmd, &floor_fds]
         .into_iter()
         .chain(up.iter())
         .chain([
@@ -424,7 +486,25 @@ fn measure() -> Res<()> {
         }
     }
     println!();
+    println!("per passed fd, {big} fds, this process (µs per fd):");
+    print_header();
+    let floor_fd = fd_floor.floor.median();
+    for s in fd_floor.rows() {
+        s.print_row(floor_fd);
+    }
     let per_fd = (up[2].median() - up[0].median()) / (cfg.sizes[2] - cfg.sizes[0]) as f64;
+    // What else an upgrade pays per passed fd, from the figures above.
+    let decode_fd = child_decode.median() / big as f64;
+    let spawn_fd = (floor_fds.median() - fl) / big as f64;
+    println!(
+        "upgrade(), per passed fd: {per_fd:.3} = floor {floor_fd:.3} + decoding the entry {decode_fd:.3} + the kernel's fd table at the spawn {spawn_fd:.3} + the rest {:.3}",
+        per_fd - floor_fd - decode_fd - spawn_fd
+    );
+    if let Some(r) = &reqs {
+        println!();
+        r.print();
+    }
+    println!();
     let ratio4 = up[0].median() / fl;
     let rss_ratio = match mem.as_slice() {
         [(_, _, small), (_, _, large)] => Some(large.median() / small.median()),
@@ -476,6 +556,20 @@ fn measure() -> Res<()> {
         1000.0,
         " µs",
     );
+    // Issue 28: the same two, against the floor measured in this run.
+    target(
+        "cost per passed fd / per-fd floor (F_SETFD + F_GETFD)",
+        per_fd / floor_fd,
+        1.5,
+        "",
+    );
+    let new_floor = big as f64 * floor_fd + child_decode.median();
+    target(
+        &format!("child Upgrader::new(), {big} fds / ({big} x floor + decoding)"),
+        new_big / new_floor,
+        2.0,
+        "",
+    );
     let (h50, h99) = handoff.as_ref().map_or((f64::NAN, f64::NAN), |h| {
         (h.serving.median(), h.serving.quantile(0.99))
     });
@@ -485,8 +579,30 @@ fn measure() -> Res<()> {
         2.0,
         "",
     );
+    let nan = (f64::NAN, f64::NAN);
+    let ratios = |k| reqs.as_ref().map_or(nan, |r| r.ratios(k));
+    let (q50, q99) = ratios(requests::Kind::Upgrade);
+    let latency = |k: requests::Kind| {
+        reqs.as_ref().map_or(nan, |r| {
+            let s = &r.by_kind[k.index()];
+            (s.median(), s.quantile(0.99))
+        })
+    };
+    let (base50, base99) = latency(requests::Kind::Quiet);
+    let (up50, up99) = latency(requests::Kind::Upgrade);
+    if let Some(r) = &reqs {
+        target(
+            &format!(
+                "request p99 with a SIGHUP every {} ms / without",
+                r.period.as_millis()
+            ),
+            q99,
+            1.5,
+            "",
+        );
+    }
     println!();
-    println!(
+    print!(
         "floor_us={:.1} upgrade4_us={:.1} upgrade400_us={:.1} upgrade4000_us={:.1} rss_ratio={} child_new4000_us={:.1} handoff_p50_us={:.1} handoff_p99_us={:.1} handoff_ratio={:.2}",
         fl,
         up[0].median(),
@@ -497,6 +613,22 @@ fn measure() -> Res<()> {
         h50,
         h99,
         h50 / fl,
+    );
+    println!(
+        " per_fd_us={per_fd:.3} per_fd_floor_us={floor_fd:.3} per_fd_floor_rustix_us={:.3} per_fd_over_floor_us={:.3} per_fd_ratio={:.2} per_fd_decode_us={decode_fd:.3} per_fd_spawn_us={spawn_fd:.3} child_decode4000_us={:.1} child_new_floor_ratio={:.2} http_p50_us={:.1} http_p99_us={:.1} upgrade_http_p50_us={:.1} upgrade_http_p99_us={:.1} upgrade_p50_ratio={q50:.2} upgrade_p99_ratio={q99:.2} reconnect_p99_ratio={:.2} spawn_p99_ratio={:.2} upgrade_p99_ratio_wrk={:.2} upgrade_p99_ratio_rounds={:.2}",
+        fd_floor.floor_rustix.median(),
+        per_fd - floor_fd,
+        per_fd / floor_fd,
+        child_decode.median(),
+        new_big / new_floor,
+        base50,
+        base99,
+        up50,
+        up99,
+        ratios(requests::Kind::Reconnect).1,
+        ratios(requests::Kind::Spawn).1,
+        reqs.as_ref().map_or(f64::NAN, |r| r.wrk_p99_ratio(requests::Kind::Upgrade)),
+        reqs.as_ref().map_or(f64::NAN, |r| r.round_p99_ratio(requests::Kind::Upgrade)),
     );
     Ok(())
 }
@@ -694,6 +826,18 @@ fn read_floor_byte(rd: OwnedFd) -> Res<()> {
     Ok(())
 }
 
+/// The request-latency plan, from the environment (see the module docs).
+fn request_plan() -> Res<requests::Plan> {
+    Ok(requests::Plan {
+        conns: env_usize("TABLEFLIP_BENCH_HTTP_CONNS", 4)?.max(1),
+        window: Duration::from_secs(2),
+        rounds: env_usize("TABLEFLIP_BENCH_HTTP_ROUNDS", 5)?.max(1),
+        period: Duration::from_millis(
+            env_usize("TABLEFLIP_BENCH_HTTP_PERIOD_MS", 250)?.max(1) as u64
+        ),
+    })
+}
+
 // ---- The vfork-style floor -----------------------------------------------------------
 
 /// Spawns the floor child the way the crate spawns a new generation: a
@@ -868,8 +1012,10 @@ impl Samples {
     }
 
     fn print_row(&self, floor: f64) {
+        // Sub-microsecond figures (per fd) with ns resolution.
+        let p = if self.median() < 10.0 { 3 } else { 1 };
         println!(
-            "{:<46} {:>5} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7.2}",
+            "{:<46} {:>5} {:>9.p$} {:>9.p$} {:>9.p$} {:>9.p$} {:>9.p$} {:>7.2}",
             self.name,
             self.us.len(),
             self.median(),
