@@ -352,7 +352,7 @@ fn summarize(
         );
         row(
             &mut out,
-            "last answer not from the last gen.",
+            "not answered by the last gen.",
             format!("{stale} session(s)"),
         );
     }
