@@ -2,6 +2,7 @@
 //! as a client needs, with no dependency: the opening handshake, masked text frames out,
 //! frames in (unmasked, as a server sends them). The server's `Sec-WebSocket-Accept` is
 //! not checked (that needs SHA-1): this is a test client on loopback, not a browser.
+//! Self-contained, so that the tokio example's tests use it too (included by path).
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -25,7 +26,7 @@ pub enum Frame {
 pub fn handshake(stream: &mut TcpStream, seed: u64) -> io::Result<Vec<u8>> {
     let mut key = [0u8; 16];
     key[..8].copy_from_slice(&seed.to_le_bytes());
-    key[8..].copy_from_slice(&crate::procs::now_us().to_le_bytes());
+    key[8..].copy_from_slice(&std::process::id().to_le_bytes().repeat(2));
     let request = format!(
         "GET /session HTTP/1.1\r\nHost: upgrade-check\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",

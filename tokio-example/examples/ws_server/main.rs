@@ -5,11 +5,13 @@
 //! ```text
 //! ws_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
 //!           [--probation SECS] [--fd-store] [--keeper] [--control PATH|@NAME]
+//!           [--drain SECS]
 //! ws_server --control PATH|@NAME [--control-uid UID] --upgrade | --status
 //! ```
 //!
 //! The flags are `tcp_server`'s (defaults `127.0.0.1:8080`, no pid file, 60 s, no
-//! probation). A WebSocket session (any path) has a count of the messages it has had
+//! probation), and `--drain`: how long an exiting generation serves what it still has
+//! (10 s). A WebSocket session (any path) has a count of the messages it has had
 //! answered and a chat room (`lobby` at first). Each text message is answered with
 //! `pid=<pid> n=<count> room=<room> ...`: `join ROOM` moves the session to `ROOM`
 //! (`... joined`), `say TEXT` sends `room=<room> said=TEXT` to the other sessions in the
@@ -37,7 +39,7 @@
 //!   reaches the end of it, then handed over. The new generation answers the next message.
 //! - The old generation exits as soon as every session has gone: within milliseconds when
 //!   they are idle, so the next deploy is not refused for it. At the drain's deadline
-//!   ([`DRAIN_TIMEOUT`]) what is left gets a close frame and is counted as cut.
+//!   (`--drain`) what is left gets a close frame and is counted as cut.
 //! - A session the new generation refuses (its state's tag is one it does not know: a
 //!   deploy that changed the format; `WS_SERVER_STATE_TAG=XXXX` makes a generation take
 //!   only that tag, to try it) stays here, served until the drain's deadline, then
@@ -65,18 +67,18 @@ use std::time::{Duration, Instant};
 
 use session::{Gate, Served, Session, State, STATE_V1};
 use signals::{Asked, Signals};
-use tableflip::handover::{Receiver, Sender, Stream};
+use tableflip::handover::{Receiver, Returned, Sender, Stream};
 use tableflip::{control, Drain, Options, UnixAddr, Upgrader};
 use tungstenite::Message;
 
-/// How long an exiting generation serves what it still has.
+/// How long an exiting generation serves what it still has (`--drain`).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection may take to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 const USAGE: &str = "usage: ws_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--upgrade-timeout SECS] [--probation SECS] [--fd-store] [--keeper] \
-                     [--control PATH|@NAME]\n       \
+                     [--control PATH|@NAME] [--drain SECS]\n       \
                      ws_server --control PATH|@NAME [--control-uid UID] --upgrade | --status";
 
 #[path = "../../../examples/common/signals.rs"]
@@ -100,6 +102,7 @@ struct Config {
     control: Option<UnixAddr>,
     control_uid: Option<u32>,
     ask: Option<&'static str>,
+    drain: Duration,
 }
 
 fn main() -> ExitCode {
@@ -144,6 +147,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         control: None,
         control_uid: None,
         ask: None,
+        drain: DRAIN_TIMEOUT,
     };
     while let Some(arg) = args.next() {
         let flag = arg.to_string_lossy().into_owned();
@@ -165,6 +169,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
                     .ok_or_else(|| format!("{flag}: must be more than 0"))?
             }
             "--probation" => config.probation = seconds(value()?)?,
+            "--drain" => config.drain = seconds(value()?)?,
             "--fd-store" => config.fd_store = true,
             "--keeper" => config.keeper = true,
             "--control" => {
@@ -281,6 +286,7 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         rx: adoption.handover.take(),
         accept_tag,
         taken: 0,
+        drain: config.drain,
     };
     server.serve(&upg, &listener);
     drop(listener);
@@ -302,6 +308,8 @@ struct Server {
     accept_tag: u32,
     /// Sessions taken from the previous generation.
     taken: u64,
+    /// How long the drain may take.
+    drain: Duration,
 }
 
 /// What to wait for in one `poll`.
@@ -551,7 +559,7 @@ impl Server {
         self.rx = None; // refuses what is still queued: the previous generation keeps it
         let before = self.sessions.len() as u64;
         log!("stopped accepting; {before} session(s)");
-        let drain = upg.exit().drain(DRAIN_TIMEOUT);
+        let drain = upg.exit().drain(self.drain);
         let mut handed = None;
         if upg.exit().upgraded() {
             match upg.handover() {
@@ -577,7 +585,7 @@ impl Server {
         }
         let cut = self.sessions.len() as u64;
         if cut > 0 {
-            log!("drain timeout: closing {cut} session(s)");
+            log!("drain over: closing {cut} session(s) (1001 going away)");
             for s in self.sessions.values_mut() {
                 let _ = s.close();
             }
@@ -632,7 +640,7 @@ impl Server {
             }
             let _ = sender.flush();
             if let Ok(back) = sender.answers() {
-                self.keep(back.into_iter().map(|b| (b.stream, b.unread, b.state)));
+                self.keep(back);
             }
             if self.sessions.values().all(|s| s.kept) {
                 break;
@@ -661,23 +669,18 @@ impl Server {
                 done.pid
             );
         }
-        for back in &done.returned {
-            log!("session {} stays here: {}", back.id, back.reason);
-        }
-        self.keep(
-            done.returned
-                .into_iter()
-                .map(|b| (b.stream, b.unread, b.state)),
-        );
+        self.keep(done.returned);
         (done.accepted + done.given) as u64
     }
 
     /// Sessions that stay with this generation, served until the drain ends.
-    fn keep(&mut self, back: impl Iterator<Item = (Stream, Vec<u8>, Vec<u8>)>) {
-        for (stream, unread, state) in back {
-            let (Stream::Tcp(stream), Ok(state)) = (stream, State::decode(&state)) else {
+    fn keep(&mut self, back: Vec<Returned>) {
+        for b in back {
+            log!("session {} stays here: {}", b.id, b.reason);
+            let (Stream::Tcp(stream), Ok(state)) = (b.stream, State::decode(&b.state)) else {
                 continue;
             };
+            let unread = b.unread;
             let fd = stream.as_raw_fd();
             if let Ok(mut session) = Session::adopt(stream, unread, state) {
                 session.kept = true;
