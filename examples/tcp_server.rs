@@ -548,14 +548,16 @@ fn handle(job: Job, exit: &Exit) -> Option<Lingering> {
 /// destroy the reply before the client has read it. So wait for the client to close
 /// first, discarding what it sends: at most [`LINGER_TIMEOUT`] between two reads, and
 /// [`MAX_DISCARD`] bytes in all. With `exit`, stop when the exit notification fires
-/// and return the connection, to be handed over.
+/// after an upgrade and return the connection, to be handed over.
 fn linger(mut l: Lingering, exit: Option<&Exit>) -> io::Result<Option<Lingering>> {
     l.conn.set_read_timeout(Some(LINGER_TIMEOUT))?;
     let mut buf = [0u8; 1024];
     while l.discarded < MAX_DISCARD {
-        if let Some(exit) = exit {
+        if let Some(exit) = exit.filter(|e| !e.fired() || e.upgraded()) {
             match exit.wait_readable(&l.conn, Some(LINGER_TIMEOUT)) {
-                Wake::Exit => return Ok(Some(l)),
+                Wake::Exit if exit.upgraded() => return Ok(Some(l)),
+                // A stop: linger on here.
+                Wake::Exit => continue,
                 Wake::TimedOut => break,
                 Wake::Readable => {}
             }
@@ -575,35 +577,42 @@ fn linger(mut l: Lingering, exit: Option<&Exit>) -> io::Result<Option<Lingering>
 /// Returns how many the new generation took; what it did not take is parked again, to
 /// linger here. The lost ones (accepted by a new generation that then died) are named.
 fn hand_over(upg: &Upgrader, conns: &Connections, drain: &Drain) -> usize {
-    let sender = match upg.handover() {
-        Ok(sender) => sender,
-        Err(e) => {
+    let sender = upg
+        .handover()
+        .map_err(|e| {
             log!(
                 "no handover, the connections linger here: {}",
                 error_chain(&e)
-            );
-            return 0;
-        }
-    };
+            )
+        })
+        .ok();
     let mut peers: HashMap<u64, Option<SocketAddr>> = HashMap::new();
     loop {
-        for l in conns.take_parked() {
-            let peer = l.conn.peer_addr().ok();
-            // On an error it comes back from finish(), with the reason.
-            if let Ok(id) = sender.send(l.conn, &[], LINGER_V1, &l.discarded.to_le_bytes()) {
-                peers.insert(id, peer);
+        // Looked at before taking: a thread parks before it ends, so once none is
+        // active, every parked connection is in this take.
+        let all_parked = conns.active() == 0;
+        if let Some(sender) = &sender {
+            for l in conns.take_parked() {
+                let peer = l.conn.peer_addr().ok();
+                let state = l.discarded.to_le_bytes();
+                // On an error it comes back from finish(), with the reason.
+                if let Ok(id) = sender.send(l.conn, &[], LINGER_V1, &state) {
+                    peers.insert(id, peer);
+                }
             }
+            let _ = sender.flush();
         }
-        let _ = sender.flush();
-        if conns.active() == 0 {
+        if all_parked {
             break;
         }
         // A thread still writing its hello line parks when it is done.
-        match drain.tick() {
-            Some(wait) => conns.wait_parked(Instant::now() + wait),
-            None => break,
+        let Some(wait) = drain.tick() else { break };
+        match &sender {
+            Some(_) => conns.wait_parked(Instant::now() + wait),
+            None => drop(conns.wait_idle(Instant::now() + wait)),
         }
     }
+    let Some(sender) = sender else { return 0 };
     let done = match sender.finish(HANDOVER_TIMEOUT) {
         Ok(done) => done,
         Err(e) => {
