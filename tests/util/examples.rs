@@ -224,7 +224,7 @@ impl Server {
     /// Starts `binary` with `args` (plus `--listen` and `--pid-file` unless `args`
     /// gives them), and waits until it answers.
     pub fn start(binary: &Path, args: &[&str], probe: Probe) -> Server {
-        Server::start_with(binary, args, probe, Front::None, &[])
+        Server::start_with_env(binary, args, &[], probe)
     }
 
     /// Like [`start`](Server::start), with `env` in the environment of the first

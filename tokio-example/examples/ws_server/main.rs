@@ -575,7 +575,8 @@ impl Server {
             if close_all {
                 self.close_idle();
             }
-            if self.sessions.is_empty() {
+            self.expire_heads();
+            if self.sessions.is_empty() && self.heads.is_empty() {
                 break;
             }
             let mut poll = Poll::new();
@@ -642,7 +643,10 @@ impl Server {
             if let Ok(back) = sender.answers() {
                 self.keep(back);
             }
-            if self.sessions.values().all(|s| s.kept) {
+            // A connection accepted before the exit whose request head is still on its
+            // way becomes a session here, and goes too.
+            self.expire_heads();
+            if self.sessions.values().all(|s| s.kept) && self.heads.is_empty() {
                 break;
             }
             // Sessions in the middle of a message: serve them until they are idle.
