@@ -12,8 +12,8 @@
 //! a new generation on probation for 2 s: if it dies within that time, this one serves
 //! on as if nothing happened). `--fd-store` keeps the listener in systemd's fd store, so
 //! that it survives a crash of every generation (see the README). Every connection gets
-//! one line,
-//! `hello from pid=<pid>`, and is closed. Try it:
+//! one line, `hello from pid=<pid>`, then the server's half-close; the server reads (and
+//! discards) what the client sends until it closes. Try it:
 //!
 //! ```text
 //! pid_file="${XDG_RUNTIME_DIR:-.}/tcp_server.pid"  # a directory of your own, not /tmp
