@@ -373,12 +373,13 @@ fn an_old_generation_killed_during_the_handover_leaves_no_session_unaccounted() 
                 }
             }
         }
-        let log = server.log();
-        let took = log
-            .lines()
-            .find(|l| l.contains(&format!("pid={new}] handover: took")))
-            .unwrap_or("(no handover line)")
-            .to_owned();
+        // Logged when the new generation sees the channel end.
+        let took = server.wait_for("the new generation's handover line", |s| {
+            s.log()
+                .lines()
+                .find(|l| l.contains(&format!("pid={new}] handover: took")))
+                .map(str::to_owned)
+        });
         eprintln!(
             "old generation killed {delay_ms} ms after the pid file named the new one: \
              {served} served on by it, {gone} gone; {took}"
@@ -394,4 +395,30 @@ fn an_old_generation_killed_during_the_handover_leaves_no_session_unaccounted() 
         drop(clients);
         server.stop(libc::SIGTERM);
     }
+}
+
+/// The room travels with the session: after an upgrade, what one session says in its
+/// room reaches the other sessions of that room, served by the new generation, and not
+/// the sessions of another room.
+#[test]
+fn rooms_carry_over_an_upgrade() {
+    let _lock = lock();
+    let mut server = Server::start(&example("ws_server"), &[], http_probe);
+    let mut a = Client::connect(server.addr, "kitchen");
+    let mut b = Client::connect(server.addr, "kitchen");
+    let mut other = Client::connect(server.addr, "garden");
+    let heard = |c: &mut Client| match c.frame() {
+        Ok(ws::Frame::Text(t)) => t,
+        f => panic!("port {}: {f:?}", c.port),
+    };
+    assert!(a.ask("say hello").unwrap().text.ends_with("said"));
+    assert_eq!(heard(&mut b), "room=kitchen said=hello");
+    let new = server.upgrade();
+    let answer = b.ask("say again").unwrap();
+    assert_eq!(answer.pid, new, "{answer:?}");
+    assert_eq!(heard(&mut a), "room=kitchen said=again");
+    // Nothing reached the garden: its next frame is the answer to its own message.
+    assert_eq!(other.ask("echo").unwrap().pid, new);
+    drop((a, b, other));
+    server.stop(libc::SIGTERM);
 }

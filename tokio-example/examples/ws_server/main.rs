@@ -65,7 +65,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use session::{Gate, Served, Session, State, STATE_V1};
+use session::{Gate, Said, Served, Session, State, STATE_V1};
 use signals::{Asked, Signals};
 use tableflip::handover::{Receiver, Returned, Sender, Stream};
 use tableflip::{control, Drain, Options, UnixAddr, Upgrader};
@@ -473,15 +473,15 @@ impl Server {
     }
 
     /// `say`: each text to the other sessions in its room.
-    fn say(&mut self, said: Vec<(String, String)>) {
-        for (room, text) in said {
+    fn say(&mut self, said: Vec<Said>) {
+        for Said { from, room, text } in said {
             let line = format!("room={room} said={text}");
             let mut ended = Vec::new();
-            for (fd, s) in self
+            let others = self
                 .sessions
                 .iter_mut()
-                .filter(|(_, s)| s.state.room == room)
-            {
+                .filter(|(fd, s)| **fd != from && s.state.room == room);
+            for (fd, s) in others {
                 if let Served::Ended(_) = s.send(Message::text(line.clone())) {
                     ended.push(*fd);
                 }

@@ -12,6 +12,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::{AsRawFd, RawFd};
 
 use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
@@ -231,6 +232,14 @@ fn frame_header(buf: &[u8]) -> io::Result<Option<(u64, bool, u8)>> {
     Ok(Some((2 + ext + mask + len, b0 & 0x80 != 0, b0 & 0x0f)))
 }
 
+/// `say TEXT`: what goes to the other sessions in a room.
+pub struct Said {
+    /// The session that said it (its fd).
+    pub from: RawFd,
+    pub room: String,
+    pub text: String,
+}
+
 /// What serving a session came to.
 pub enum Served {
     /// It is open (and whatever could be answered was).
@@ -252,11 +261,16 @@ pub struct Session {
     pub kept: bool,
 }
 
+/// What a session may have queued for a client that does not read (the room's messages
+/// pile up): past this, the session ends.
+const MAX_QUEUED: usize = 1 << 20;
+
 fn config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(4096)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
+        .max_write_buffer_size(MAX_QUEUED)
 }
 
 impl Session {
@@ -315,7 +329,7 @@ impl Session {
 
     /// Reads and answers every message that has arrived; `said` gets what is to go to
     /// the others in the room (`say TEXT`). Writes what it can.
-    pub fn serve(&mut self, said: &mut Vec<(String, String)>) -> Served {
+    pub fn serve(&mut self, said: &mut Vec<Said>) -> Served {
         loop {
             let message = match self.ws.read() {
                 Ok(m) => m,
@@ -344,7 +358,7 @@ impl Session {
     }
 
     /// `join ROOM`, `say TEXT`, or anything else, echoed.
-    fn answer(&mut self, text: &str, said: &mut Vec<(String, String)>) -> String {
+    fn answer(&mut self, text: &str, said: &mut Vec<Said>) -> String {
         if let Some(room) = text.strip_prefix("join ") {
             if !valid_room(room) {
                 return "error=bad-room-name".into();
@@ -352,7 +366,11 @@ impl Session {
             self.state.room = room.into();
             "joined".into()
         } else if let Some(words) = text.strip_prefix("say ") {
-            said.push((self.state.room.clone(), words.to_owned()));
+            said.push(Said {
+                from: self.stream().as_raw_fd(),
+                room: self.state.room.clone(),
+                text: words.to_owned(),
+            });
             "said".into()
         } else {
             format!("echo={text}")
