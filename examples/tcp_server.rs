@@ -12,8 +12,9 @@
 //! a new generation on probation for 2 s: if it dies within that time, this one serves
 //! on as if nothing happened). `--fd-store` keeps the listener in systemd's fd store, so
 //! that it survives a crash of every generation (see the systemd guide,
-//! `docs/systemd.md`). Every connection gets one line, `hello from pid=<pid>`, and is
-//! closed. Try it:
+//! `docs/systemd.md`). Every connection gets one line, `hello from pid=<pid>`, then the
+//! server's half-close; the server reads (and discards) what the client sends until it
+//! closes, and hands the connection to the next generation at an upgrade. Try it:
 //!
 //! ```text
 //! pid_file="${XDG_RUNTIME_DIR:-.}/tcp_server.pid"  # a directory of your own, not /tmp
@@ -44,6 +45,14 @@
 //! - When the next generation is ready (or on `SIGTERM`/`SIGINT`) this process stops
 //!   accepting at once, finishes the connections it has accepted, and exits (after
 //!   [`DRAIN_TIMEOUT`] at the latest).
+//! - After the hello line a connection lingers (see [`linger`]) until the client closes
+//!   it. A connection that lingers when the next generation takes over is handed to it
+//!   (`tableflip::handover`) with what it has discarded so far, and lingers there: a
+//!   client that keeps writing does not keep this process alive, and is not reset at
+//!   the drain deadline. The new generation refuses a state it does not know (another
+//!   [`LINGER_V1`]), and this one then lingers on it until the deadline. So an old
+//!   generation whose connections only linger exits within milliseconds of the commit,
+//!   and the next upgrade is not refused meanwhile.
 //!
 //! The accept loop is the part to copy. The listening socket's `O_NONBLOCK` flag is
 //! shared by every generation (it lives on the open file description), and a thread
@@ -51,10 +60,11 @@
 //! generation sets the listener non-blocking, waits on the listener *and* the exit
 //! notification together (`Upgrader::wait_readable`), and accepts until `WouldBlock`.
 
+use std::collections::HashMap;
 use std::error::Error;
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc::{self, SyncSender};
@@ -63,14 +73,24 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use signals::{Asked, Signals};
-use tableflip::{control, Options, UnixAddr, Upgrader};
+use tableflip::handover::{Receiver, Stream};
+use tableflip::{control, Drain, Exit, Options, UnixAddr, Upgrader, Wake};
 
 /// How long an exiting generation waits for its connections to finish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a single write to a client may block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// After replying, how long to wait for the client to close (see [`handle`]).
+/// After replying, how long to wait for the client's next bytes or its close (see
+/// [`linger`]).
 const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// At most this many bytes are discarded while lingering, by all generations together.
+const MAX_DISCARD: u64 = 64 * 1024;
+/// The tag of a lingering connection's state in a handover: the bytes it has discarded,
+/// a little-endian `u64`. A binary whose state differs uses another tag, and a
+/// generation refuses a tag it does not know ([`receive`]).
+const LINGER_V1: u32 = u32::from_be_bytes(*b"TSL1");
+/// How long the old generation waits for the new one to take what it hands over.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 const USAGE: &str = "usage: tcp_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--upgrade-timeout SECS] [--probation SECS] [--fd-store] \
@@ -309,10 +329,25 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // because nobody asked for them: a listener dropped by a configuration change
     // shows up here.
     trace("report");
-    let ready = upg.ready();
+    let mut ready = upg.ready();
     trace("committed");
-    match &ready {
-        Ok(adoption) => log!("ready; {adoption}"),
+    match &mut ready {
+        Ok(adoption) => {
+            log!("ready; {adoption}");
+            // The connections the previous generation hands over, on a thread of their
+            // own.
+            if let Some(rx) = adoption.handover.take() {
+                let (u, c) = (Arc::clone(&upg), Arc::clone(&conns));
+                let spawned = thread::Builder::new()
+                    .name("handover".into())
+                    .spawn(move || receive(rx, &u, &c));
+                // Dropping the receiver refuses everything: the previous generation
+                // keeps those connections.
+                if let Err(e) = spawned {
+                    log!("cannot start the handover thread ({e}): the previous generation keeps its connections");
+                }
+            }
+        }
         // Not taken over (stopped meanwhile, or no pid file): the previous generation
         // serves on. Stop accepting, drain what we took, and fail.
         Err(_) => upg.stop(),
@@ -349,7 +384,17 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     // At a stop under systemd, each tick asks for the time the drain needs
     // (`EXTEND_TIMEOUT_USEC=`); after an upgrade, `finish` completes its record.
     let drain = upg.exit().drain(DRAIN_TIMEOUT);
-    let mut left = before;
+    // Lingering connections have seen the notification too, and park: after an upgrade
+    // they go to the new generation; what stays (refused, or a stop) lingers on here.
+    let handed = if upg.exit().upgraded() {
+        hand_over(&upg, &conns, &drain)
+    } else {
+        0
+    };
+    let mut left = conns.active();
+    for parked in conns.take_parked() {
+        spawn_handler(Job::Linger(parked, false), &upg, &conns);
+    }
     while let Some(wait) = drain.tick() {
         left = conns.wait_idle(Instant::now() + wait);
         if left == 0 {
@@ -359,7 +404,7 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     if left > 0 {
         log!("drain timeout: exiting with {left} connection(s) still open");
     }
-    drain.finish((before - left) as u64, left as u64);
+    drain.finish(before.saturating_sub(handed + left) as u64, left as u64);
     if let Some(record) = upg
         .status()
         .last_upgrade()
@@ -425,12 +470,12 @@ fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, requests: SyncSender
 }
 
 /// Accepts connections until the upgrader's exit notification fires.
-fn serve(listener: &TcpListener, upg: &Upgrader, conns: &Arc<Connections>) {
+fn serve(listener: &TcpListener, upg: &Arc<Upgrader>, conns: &Arc<Connections>) {
     // Until the exit notification fires: then accept nothing more (the next generation
     // accepts from the same queue).
     for conn in upg.incoming(listener) {
         match conn {
-            Ok(conn) => spawn_handler(conn, conns),
+            Ok(conn) => spawn_handler(Job::Hello(conn), upg, conns),
             // The client gave up before we accepted: nothing was lost.
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
             // Out of fds or memory: the connection stays queued, and incoming() waits a
@@ -441,58 +486,215 @@ fn serve(listener: &TcpListener, upg: &Upgrader, conns: &Arc<Connections>) {
     trace("stopped-accepting");
 }
 
-/// Runs [`handle`] on a thread of its own, counted in `conns` until it returns. If no
-/// thread can be started, the connection is served on this one: never dropped.
-fn spawn_handler(conn: TcpStream, conns: &Arc<Connections>) {
-    let slot = Arc::new(Mutex::new(Some(conn)));
-    let thread_slot = Arc::clone(&slot);
+/// What a connection thread does.
+enum Job {
+    /// A new connection: the hello line, then the lingering close.
+    Hello(TcpStream),
+    /// The lingering close only: a connection handed over, or one that stays with this
+    /// generation. `true`: it may move to the next generation (it parks when the exit
+    /// notification fires).
+    Linger(Lingering, bool),
+}
+
+/// A connection after its hello line, and what it has discarded so far.
+struct Lingering {
+    conn: TcpStream,
+    discarded: u64,
+}
+
+/// Runs [`handle`] on a thread of its own, counted in `conns` until it returns (or has
+/// parked its connection for the handover). If no thread can be started, the connection
+/// is served on this one: never dropped.
+fn spawn_handler(job: Job, upg: &Arc<Upgrader>, conns: &Arc<Connections>) {
+    let slot = Arc::new(Mutex::new(Some(job)));
+    let (thread_slot, thread_upg, thread_conns) =
+        (Arc::clone(&slot), Arc::clone(upg), Arc::clone(conns));
     let guard = conns.start();
     let spawned = thread::Builder::new().spawn(move || {
         let _guard = guard;
-        let conn = thread_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(conn) = conn {
-            handle(conn);
+        let job = thread_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(parked) = job.and_then(|job| handle(job, thread_upg.exit())) {
+            thread_conns.park(parked);
         }
     });
     if let Err(e) = spawned {
         log!("cannot start a connection thread ({e}); serving inline");
-        let conn = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(conn) = conn {
-            handle(conn);
+        let job = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(parked) = job.and_then(|job| handle(job, upg.exit())) {
+            conns.park(parked);
         }
     }
 }
 
-fn handle(mut conn: TcpStream) {
-    let result = (|| -> io::Result<()> {
-        conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
-        conn.write_all(format!("hello from pid={}\n", std::process::id()).as_bytes())?;
-        conn.shutdown(Shutdown::Write)?;
-        // Lingering close: closing a socket with unread input sends a reset, which can
-        // destroy the reply before the client has read it. Wait (briefly) for the
-        // client to close first, discarding whatever it sends.
-        conn.set_read_timeout(Some(LINGER_TIMEOUT))?;
-        let mut buf = [0u8; 1024];
-        let mut discarded = 0;
-        while discarded < 64 * 1024 {
-            match conn.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => discarded += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+/// Serves one connection; returns it if it should move to the next generation.
+fn handle(job: Job, exit: &Exit) -> Option<Lingering> {
+    let result = (|| -> io::Result<Option<Lingering>> {
+        match job {
+            Job::Hello(mut conn) => {
+                conn.set_write_timeout(Some(WRITE_TIMEOUT))?;
+                conn.write_all(format!("hello from pid={}\n", std::process::id()).as_bytes())?;
+                conn.shutdown(Shutdown::Write)?;
+                linger(Lingering { conn, discarded: 0 }, Some(exit))
+            }
+            Job::Linger(l, movable) => linger(l, Some(exit).filter(|_| movable)),
+        }
+    })();
+    result.unwrap_or_else(|e| {
+        log!("connection error: {e}");
+        None
+    })
+}
+
+/// The lingering close: closing a socket with unread input sends a reset, which can
+/// destroy the reply before the client has read it. So wait for the client to close
+/// first, discarding what it sends: at most [`LINGER_TIMEOUT`] between two reads, and
+/// [`MAX_DISCARD`] bytes in all. With `exit`, stop when the exit notification fires
+/// after an upgrade and return the connection, to be handed over.
+fn linger(mut l: Lingering, exit: Option<&Exit>) -> io::Result<Option<Lingering>> {
+    l.conn.set_read_timeout(Some(LINGER_TIMEOUT))?;
+    let mut buf = [0u8; 1024];
+    while l.discarded < MAX_DISCARD {
+        if let Some(exit) = exit.filter(|e| !e.fired() || e.upgraded()) {
+            match exit.wait_readable(&l.conn, Some(LINGER_TIMEOUT)) {
+                Wake::Exit if exit.upgraded() => return Ok(Some(l)),
+                // A stop: linger on here.
+                Wake::Exit => continue,
+                Wake::TimedOut => break,
+                Wake::Readable => {}
             }
         }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        log!("connection error: {e}");
+        match l.conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => l.discarded += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    Ok(None)
+}
+
+/// The old generation, upgraded: hands the parked connections to the new one as they
+/// park, until every connection thread has ended or parked (or the drain's deadline).
+/// Returns how many the new generation took; what it did not take is parked again, to
+/// linger here. The lost ones (accepted by a new generation that then died) are named.
+fn hand_over(upg: &Upgrader, conns: &Connections, drain: &Drain) -> usize {
+    let sender = upg
+        .handover()
+        .map_err(|e| {
+            log!(
+                "no handover, the connections linger here: {}",
+                error_chain(&e)
+            )
+        })
+        .ok();
+    let mut peers: HashMap<u64, Option<SocketAddr>> = HashMap::new();
+    loop {
+        // Looked at before taking: a thread parks before it ends, so once none is
+        // active, every parked connection is in this take.
+        let all_parked = conns.active() == 0;
+        if let Some(sender) = &sender {
+            for l in conns.take_parked() {
+                let peer = l.conn.peer_addr().ok();
+                let state = l.discarded.to_le_bytes();
+                // On an error it comes back from finish(), with the reason.
+                if let Ok(id) = sender.send(l.conn, &[], LINGER_V1, &state) {
+                    peers.insert(id, peer);
+                }
+            }
+            let _ = sender.flush();
+        }
+        if all_parked {
+            break;
+        }
+        // A thread still writing its hello line parks when it is done.
+        let Some(wait) = drain.tick() else { break };
+        match &sender {
+            Some(_) => conns.wait_parked(Instant::now() + wait),
+            None => drop(conns.wait_idle(Instant::now() + wait)),
+        }
+    }
+    let Some(sender) = sender else { return 0 };
+    let done = match sender.finish(HANDOVER_TIMEOUT) {
+        Ok(done) => done,
+        Err(e) => {
+            log!("handover failed: {}", error_chain(&e));
+            return 0;
+        }
+    };
+    log!("handover: {done}");
+    for id in &done.lost {
+        let peer = peers.get(id).copied().flatten();
+        log!(
+            "connection {id} lost (from {peer:?}): pid {} took it, then went away",
+            done.pid
+        );
+    }
+    for back in done.returned {
+        if let Stream::Tcp(conn) = back.stream {
+            let discarded = u64::from_le_bytes(back.state.try_into().unwrap_or([0; 8]));
+            conns.park(Lingering { conn, discarded });
+        }
+    }
+    done.accepted + done.given
+}
+
+/// The new generation: takes the connections the previous one hands over, and lingers
+/// on each as if it had accepted it. Ends when the previous generation is done, or when
+/// this one is told to exit (what is queued then is refused, and stays there).
+fn receive(mut rx: Receiver, upg: &Arc<Upgrader>, conns: &Arc<Connections>) {
+    let mut taken = 0;
+    loop {
+        if upg.exit().wait_readable(&rx, None) == Wake::Exit {
+            return;
+        }
+        loop {
+            match rx.recv() {
+                // Checked before it is taken: a TCP connection with our state.
+                Ok(Some(incoming))
+                    if incoming.tag() == LINGER_V1
+                        && incoming.is_tcp()
+                        && incoming.state().len() == 8 =>
+                {
+                    match incoming.accept() {
+                        Ok((Stream::Tcp(conn), _, state)) => {
+                            let discarded = u64::from_le_bytes(state.try_into().unwrap_or([0; 8]));
+                            let l = Lingering { conn, discarded };
+                            spawn_handler(Job::Linger(l, true), upg, conns);
+                            taken += 1;
+                        }
+                        Ok(_) => {} // not TCP: is_tcp() said it is
+                        Err(e) => log!("handover: {}", error_chain(&e)),
+                    }
+                }
+                Ok(Some(other)) => {
+                    log!(
+                        "handover: refusing connection {} (tag {:#010x}, {} bytes of state): not ours",
+                        other.id(),
+                        other.tag(),
+                        other.state().len()
+                    );
+                    let _ = other.refuse();
+                }
+                Ok(None) => break,
+                Err(e @ tableflip::Error::HandoverRefused { .. }) => log!("handover: {e}"),
+                Err(e) => {
+                    log!(
+                        "handover: took {taken} connection(s) from pid {}; {e}",
+                        rx.pid()
+                    );
+                    return;
+                }
+            }
+        }
     }
 }
 
-/// Counts the connections being handled, so that exiting can wait for them.
+/// Counts the connections being handled, so that exiting can wait for them, and holds
+/// those parked for the handover.
 #[derive(Default)]
 struct Connections {
     active: Mutex<usize>,
+    parked: Mutex<Vec<Lingering>>,
     changed: Condvar,
 }
 
@@ -507,6 +709,42 @@ impl Connections {
 
     fn active(&self) -> usize {
         *self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection thread hands its connection over (before it ends).
+    fn park(&self, l: Lingering) {
+        self.parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(l);
+        // Under `active`'s lock, so that a waiter cannot miss it.
+        let _active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        self.changed.notify_all();
+    }
+
+    fn take_parked(&self) -> Vec<Lingering> {
+        std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Waits until a connection is parked, none is active, or `deadline` passes.
+    fn wait_parked(&self, deadline: Instant) {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let parked = !self
+                .parked
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty();
+            if parked || *active == 0 || left.is_zero() {
+                return;
+            }
+            active = self
+                .changed
+                .wait_timeout(active, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Waits until no connection is left or `deadline` passes; returns how many are left.

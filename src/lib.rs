@@ -96,7 +96,7 @@
 //! - [Containers and the keeper](guide::keeper): one pid for the service's whole life.
 //! - [The control socket](guide::control): whoever asks for an upgrade gets its result.
 //! - [tokio, axum, hyper](guide::tokio).
-//! - Connections in use: the [`handover`] module.
+//! - Connections in use: the [handover guide](guide::handover) and the [`handover`] module.
 //! - [Coming from Go tableflip](guide::from_go): every Go call and its Rust name.
 //! - [Running from a terminal](guide::terminal).
 //! - [Zero downtime, measured](guide::zero_downtime), and
@@ -272,6 +272,10 @@ pub mod guide {
     #[cfg(not(doctest))]
     #[doc = include_str!("../docs/tokio.md")]
     pub mod tokio {}
+    // Compiled as doctests of tokio-example (it uses tungstenite).
+    #[cfg(all(unix, not(doctest)))]
+    #[doc = include_str!("../docs/handover.md")]
+    pub mod handover {}
     #[doc = include_str!("../docs/from-go.md")]
     pub mod from_go {}
     #[doc = include_str!("../docs/terminal.md")]

@@ -1,9 +1,11 @@
 //! Runs `examples/upgrade_check` against the `tcp_server` example (20 upgrades under
-//! load and every fault scenario), and in its HTTP mode against `http_server` (20
-//! upgrades under keep-alive and `Connection: close` load), with no failed connection or
-//! request and nothing left behind; the tokio example's tests run it against
-//! `axum_server`. The full measurements (100 upgrades, release build) are in the guide
-//! docs/zero-downtime.md; the fd counts it gives are checked against this run's.
+//! load and every fault scenario; 200 connections held across 5 upgrades), and in its
+//! HTTP mode against `http_server` (20 upgrades under keep-alive and `Connection: close`
+//! load), with no failed connection or request and nothing left behind; the tokio
+//! example's tests run it against `axum_server` and `ws_server`. The full measurements
+//! (100 upgrades, release build) are in the guide
+//! docs/zero-downtime.md; the fd counts it gives are checked
+//! against this run's.
 #![cfg(target_os = "linux")]
 
 // The examples' harness: `lock()` and `example()` (which builds the examples once).
@@ -64,6 +66,17 @@ fn docs_give_the_fd_counts(summary: &str) {
     if found == 0 {
         docs::not_found("tcp_server's fd count");
     }
+}
+
+/// The case: 200 connections that write a byte every 500 ms, held across 5
+/// upgrades. `tcp_server` hands them to each new generation: none is reset, and the
+/// next deploy (1 s later) is not refused. (Before, the old generation kept them until
+/// its drain deadline, 10 s, then reset them all, and refused every deploy meanwhile.)
+#[test]
+fn tcp_server_hands_over_held_connections() {
+    let args = ["--hold", "200", "--upgrades", "5", "--pace", "1"];
+    let summary = upgrade_check(&example("tcp_server"), &args);
+    assert!(summary.contains("200 TCP connections"), "{summary}");
 }
 
 /// Keep-alive clients and `Connection: close` clients; every request counts.

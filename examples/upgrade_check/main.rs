@@ -6,6 +6,8 @@
 //! ```text
 //! upgrade_check [--server PATH] [--upgrades N] [--clients K] [--faults]
 //!               [--fault-timeout SECS] [--time-limit SECS] [--http [--keep-alive N]]
+//! upgrade_check --hold N [--ws] [--interval SECS] [--pace SECS] [--server PATH]
+//!               [--upgrades N] [--time-limit SECS]
 //! upgrade_check --list-faults
 //! ```
 //!
@@ -28,6 +30,18 @@
 //! target/release/examples/upgrade_check --http --server target/release/examples/axum_server
 //! ```
 //!
+//! With `--hold N` the clients do not come and go: `N` connections stay open across the
+//! upgrades (`--ws`: WebSocket sessions, the default `--server` is then `ws_server`),
+//! each sending something every `--interval` (default 0.5 s), and every reset, EOF,
+//! reconnect, lost state or answer from the wrong generation counts; the next upgrade
+//! goes `--pace` (default 0.25 s) after the last one, and every refused one counts (see
+//! `hold.rs`). The 200 connections of the issue that brought it:
+//!
+//! ```text
+//! target/release/examples/upgrade_check --hold 200 --upgrades 5
+//! target/release/examples/upgrade_check --hold 1000 --ws --upgrades 100
+//! ```
+//!
 //! # The server contract
 //!
 //! Any server can be checked if it takes `--listen HOST:PORT`, `--pid-file PATH` and
@@ -40,6 +54,13 @@
 //! status and a `Content-Length` body holding `pid=<its pid>` (the examples' servers say
 //! `hello from pid=<pid>`), keeps connections alive unless told `Connection: close`, and
 //! ends one only after a response with `Connection: close` or when the client closes it.
+//!
+//! With `--hold N`, a connection's line is followed by the server's half-close, and the
+//! server reads what the client writes until it closes, across upgrades. With `--ws`,
+//! the server answers a plain `GET /` as `--http` says, and a WebSocket session's text
+//! message `join ROOM` with `pid=<pid> n=<count> room=ROOM joined`, any other text `M`
+//! with `pid=<pid> n=<count> room=<room> echo=M`, the count being the messages the
+//! session has had answered, by every generation.
 //!
 //! The server runs from a copy of its binary in a temporary directory, started with
 //! `argv[0]` = that path, so an upgrade re-executes whatever a "deploy" last put there.
@@ -92,15 +113,18 @@
 //!
 //! This file holds the flags, the run and phase 1; `faults` the fault scenarios,
 //! `server` the server under test, `deploy` the binary swaps, `load` the clients,
-//! `procs` waiting, signals and `/proc`, and `report` the progress line and summary.
+//! `hold` the held connections (`ws` their WebSocket frames), `procs` waiting, signals
+//! and `/proc`, and `report` the progress line and summary.
 
 mod deploy;
 mod faults;
+mod hold;
 mod http;
 mod load;
 mod procs;
 mod report;
 mod server;
+mod ws;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -121,6 +145,8 @@ use server::Server;
 
 const USAGE: &str = "usage: upgrade_check [--server PATH] [--upgrades N] [--clients K] [--faults]
                      [--fault-timeout SECS] [--time-limit SECS] [--http [--keep-alive N]]
+       upgrade_check --hold N [--ws] [--interval SECS] [--pace SECS] [--server PATH]
+                     [--upgrades N] [--time-limit SECS]
        upgrade_check --list-faults";
 
 const MAX_CLIENTS: usize = 64;
@@ -154,6 +180,8 @@ struct Config {
     keep_alive: usize,
     /// `--list-faults`: print the fault scenarios' names, run nothing.
     list_faults: bool,
+    /// `--hold N`: held connections instead of the clients that come and go.
+    hold: Option<hold::Hold>,
 }
 
 impl Config {
@@ -212,9 +240,16 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         proto: Proto::Line,
         keep_alive: 0,
         list_faults: false,
+        hold: None,
     };
     let mut server = None;
     let mut keep_alive = None;
+    let mut hold = hold::Hold {
+        connections: 0,
+        ws: false,
+        interval: Duration::from_millis(500),
+        pace: Duration::from_millis(250),
+    };
     while let Some(arg) = args.next() {
         let flag = arg.to_string_lossy().into_owned();
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -241,12 +276,24 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
             "--http" => config.proto = Proto::Http,
             "--keep-alive" => keep_alive = Some(number(value()?, MAX_CLIENTS)?),
             "--list-faults" => config.list_faults = true,
+            "--hold" => hold.connections = number(value()?, hold::MAX_HOLD)?,
+            "--ws" => hold.ws = true,
+            "--interval" => hold.interval = seconds(value()?)?,
+            "--pace" => hold.pace = seconds(value()?)?,
             "-h" | "--help" => return Ok(None),
             _ => return Err(format!("unknown argument {flag:?}")),
         }
     }
     if config.clients == 0 {
         return Err("--clients: at least one client is needed to measure anything".into());
+    }
+    if hold.connections > 0 {
+        if config.faults || config.proto == Proto::Http {
+            return Err("--hold goes with neither --faults nor --http".into());
+        }
+        config.hold = Some(hold);
+    } else if hold.ws {
+        return Err("--ws needs --hold".into());
     }
     match (config.proto, keep_alive) {
         (Proto::Line, Some(_)) => return Err("--keep-alive needs --http".into()),
@@ -260,6 +307,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         (Proto::Line, None) => {}
     }
     let default_server = match config.proto {
+        _ if hold.ws => "ws_server",
         Proto::Line => "tcp_server",
         Proto::Http => "http_server",
     };
@@ -295,7 +343,11 @@ fn run(config: &Config, report: &mut Report) -> Res<()> {
     let deploy = Deploy::new(dir.path(), &config.server)?;
     let mut progress = Progress::new();
 
-    if config.upgrades > 0 {
+    if let Some(hold) = config.hold {
+        let result = hold::run(config, hold, &deploy, report, &mut progress);
+        progress.finish();
+        result?;
+    } else if config.upgrades > 0 {
         let result = upgrades_under_load(config, &deploy, report, &mut progress);
         progress.finish();
         result?;

@@ -121,6 +121,8 @@ pub struct Report {
     pub leftovers: Vec<String>,
     pub strays: Vec<String>,
     pub problems: Vec<String>,
+    /// Sections of other phases (held connections), rendered as they are.
+    pub sections: Vec<String>,
 }
 
 impl Report {
@@ -139,7 +141,12 @@ impl Report {
                     ),
                 }
             ),
-            upgrades_planned: config.upgrades,
+            // With --hold, the upgrades are the held connections' (their section).
+            upgrades_planned: if config.hold.is_some() {
+                0
+            } else {
+                config.upgrades
+            },
             faults_planned: config.faults,
             load: None,
             faults: Vec::new(),
@@ -149,6 +156,7 @@ impl Report {
             leftovers: Vec::new(),
             strays: Vec::new(),
             problems: Vec::new(),
+            sections: Vec::new(),
         }
     }
 
@@ -274,6 +282,9 @@ impl Report {
                 out.push_str("  under --probation 1:\n");
                 render_stats(&mut out, stats);
             }
+        }
+        for section in &self.sections {
+            out.push_str(section);
         }
         out.push('\n');
         let list = |v: &[String]| {

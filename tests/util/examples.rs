@@ -224,7 +224,18 @@ impl Server {
     /// Starts `binary` with `args` (plus `--listen` and `--pid-file` unless `args`
     /// gives them), and waits until it answers.
     pub fn start(binary: &Path, args: &[&str], probe: Probe) -> Server {
-        Server::start_with(binary, args, probe, Front::None)
+        Server::start_with_env(binary, args, &[], probe)
+    }
+
+    /// Like [`start`](Server::start), with `env` in the environment of the first
+    /// generation (and so of every later one).
+    pub fn start_with_env(
+        binary: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        probe: Probe,
+    ) -> Server {
+        Server::start_with(binary, args, probe, Front::None, env)
     }
 
     /// Like [`start`](Server::start), run as from a terminal: the first generation leads
@@ -233,16 +244,22 @@ impl Server {
     /// exits, the kernel sends `SIGHUP` to the terminal's foreground process group,
     /// where the later generations are.
     pub fn start_in_terminal(binary: &Path, args: &[&str], probe: Probe) -> Server {
-        Server::start_with(binary, args, probe, Front::Terminal)
+        Server::start_with(binary, args, probe, Front::Terminal, &[])
     }
 
     /// Like [`start`](Server::start), with `--keeper`: the process started is the
     /// keeper, `generations[0]`, and the generation serving is its child.
     pub fn start_with_keeper(binary: &Path, args: &[&str], probe: Probe) -> Server {
-        Server::start_with(binary, args, probe, Front::Keeper)
+        Server::start_with(binary, args, probe, Front::Keeper, &[])
     }
 
-    fn start_with(binary: &Path, args: &[&str], probe: Probe, front: Front) -> Server {
+    fn start_with(
+        binary: &Path,
+        args: &[&str],
+        probe: Probe,
+        front: Front,
+        env: &[(&str, &str)],
+    ) -> Server {
         become_subreaper();
         let dir = TempDir::new(&binary.file_name().unwrap().to_string_lossy());
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -258,6 +275,7 @@ impl Server {
             .arg("--pid-file")
             .arg(&pid_file)
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(log_file);
