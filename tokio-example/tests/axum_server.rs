@@ -23,10 +23,17 @@ mod upgrade_check;
 
 use util::{example, http_probe};
 
-/// The lame duck, on HTTP/1.1: nothing in flight or on the wire is lost.
+/// HTTP/1.1 connections go to the new generation, with what was read of their next
+/// request.
 #[test]
-fn axum_server_finishes_requests_in_flight() {
-    checks::finishes_requests_in_flight(&example("axum_server"));
+fn axum_server_hands_over_keep_alive_connections() {
+    checks::hands_over_keep_alive_connections(&example("axum_server"));
+}
+
+/// `--no-handover`, the lame duck, on HTTP/1.1: nothing in flight or on the wire is lost.
+#[test]
+fn axum_server_lame_duck_finishes_requests_in_flight() {
+    checks::lame_duck_finishes_requests_in_flight(&example("axum_server"));
 }
 
 #[test]
@@ -51,4 +58,75 @@ fn axum_server_answers_help_with_its_flags() {
 fn axum_server_upgrades_with_zero_failed_requests() {
     let summary = upgrade_check::upgrade_check(&example("axum_server"), &["--http"]);
     assert!(summary.contains("requests "), "{summary}");
+}
+
+/// 200 HTTP/1.1 keep-alive connections idle across 20 upgrades: none closed by the
+/// server, each next request answered by the new generation (upgrade_check's idle pool).
+#[test]
+fn axum_server_keeps_idle_keep_alive_connections_across_upgrades() {
+    let summary =
+        upgrade_check::upgrade_check(&example("axum_server"), &["--http", "--idle", "200"]);
+    assert!(summary.contains("idle keep-alive pool"), "{summary}");
+}
+
+/// The same pool, its requests sent around each upgrade, packed within ±10 ms of the
+/// moments the old generation lets go: none fails.
+#[test]
+fn axum_server_answers_requests_sent_around_the_handover() {
+    let args = ["--http", "--idle", "200", "--probe"];
+    let summary = upgrade_check::upgrade_check(&example("axum_server"), &args);
+    assert!(summary.contains("idle keep-alive pool"), "{summary}");
+}
+
+/// HTTP/2 (h2c): 32 connections × 10 streams (`h2_check`), an upgrade every 250 ms. The
+/// client opens a new connection on `GOAWAY` and never sends a request again: none
+/// fails, not even one it had opened just before it saw the `GOAWAY`.
+#[test]
+fn axum_server_http2_upgrades_with_zero_failed_requests() {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    let _lock = util::lock();
+    let mut server = util::Server::start(&example("axum_server"), &[], http_probe);
+    let mut client = Command::new(example("h2_check"))
+        .args(["--addr", &server.addr.to_string(), "--seconds", "120"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start h2_check");
+    std::thread::sleep(Duration::from_millis(500));
+    let upgrades = 20;
+    for _ in 0..upgrades {
+        let started = Instant::now();
+        server.upgrade();
+        std::thread::sleep(Duration::from_millis(250).saturating_sub(started.elapsed()));
+    }
+    drop(client.stdin.take()); // the end
+    let mut summary = String::new();
+    client
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut summary)
+        .unwrap();
+    assert!(client.wait().unwrap().success(), "{summary}");
+    eprintln!("{summary}");
+    // "  requests     706943 answered, 0 failed (...)"
+    let requests = summary
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("requests"))
+        .unwrap_or_else(|| panic!("no count of requests:\n{summary}"));
+    let (answered, failed) = requests.split_once(" answered, ").unwrap();
+    assert!(answered.trim().parse::<u64>().unwrap() > 0, "{summary}");
+    assert!(failed.starts_with("0 failed"), "{summary}");
+    assert!(!summary.contains("connect error"), "{summary}");
+    // Every generation served: the clients moved on at each upgrade.
+    let pids = summary
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("pids"))
+        .and_then(|p| p.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no count of pids:\n{summary}"));
+    assert!(pids > upgrades, "{summary}");
+    server.stop(libc::SIGTERM);
 }
