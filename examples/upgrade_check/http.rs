@@ -208,7 +208,8 @@ pub fn probe(addr: SocketAddr) -> Result<u32, Failed> {
 ///
 /// A connection found closed by the server before its request is counted, and its
 /// request goes anyway (as wrk's would: it fails); a request that fails is counted, never
-/// retried, and a new connection takes the place of its own.
+/// retried. After each upgrade, a new connection (answered once) takes the place of
+/// each one the server ended.
 pub struct IdlePool {
     addr: SocketAddr,
     conns: Vec<Option<Conn>>,
@@ -385,6 +386,14 @@ impl IdlePool {
                 }
             };
             self.conns.push(keep);
+        }
+        // A connection the server ended is replaced at once, so that every upgrade has
+        // the whole pool idle across it; its first request is not counted.
+        let addr = self.addr;
+        for slot in self.conns.iter_mut().filter(|c| c.is_none()) {
+            *slot = Conn::connect(addr)
+                .ok()
+                .and_then(|mut c| c.get(false).ok().filter(|a| !a.close).map(|_| c));
         }
         let closed = self.stats.closed_idle - closed_before;
         let told = self.stats.told_to_close - told_before;
