@@ -130,3 +130,62 @@ fn axum_server_http2_upgrades_with_zero_failed_requests() {
     assert!(pids > upgrades, "{summary}");
     server.stop(libc::SIGTERM);
 }
+
+/// A new generation that does not know the handover format of the old one (another
+/// binary deployed: here `http_server` after `axum_server`, then `axum_server` again)
+/// refuses every connection it is handed, and the old generation keeps serving them, as
+/// a lame duck: the next request on each is answered, by the old pid, with `Connection:
+/// close`. Nothing fails.
+#[test]
+fn a_new_generation_refuses_connections_in_a_format_it_does_not_know() {
+    use std::io::Write;
+    let _lock = util::lock();
+    let dir = util::TempDir::new("swap");
+    let binary = dir.path().join("server");
+    let install = |from: &std::path::Path| {
+        let tmp = dir.path().join("server.new");
+        std::fs::copy(from, &tmp).expect("copy binary");
+        std::fs::rename(&tmp, &binary).expect("rename binary");
+    };
+    let (axum, http) = (
+        example("axum_server"),
+        util::example_of("tableflip", "http_server"),
+    );
+    install(&axum);
+    let mut server = util::Server::start(&binary, &[], http_probe);
+    for (next, known_by_old) in [(&http, "axum_server"), (&axum, "http_server")] {
+        let old = server.current;
+        let mut conn = util::connect(server.addr).unwrap();
+        let mut buf = Vec::new();
+        conn.write_all(util::GET).unwrap();
+        let resp = util::read_response(&mut conn, &mut buf).unwrap();
+        assert_eq!(util::parse_pid(&resp.body), Some(old), "{resp:?}");
+
+        install(next);
+        server.signal(old, libc::SIGHUP);
+        let new = server.wait_for("a new generation to answer", |s| {
+            http_probe(s.addr).ok().filter(|&pid| pid != old)
+        });
+        server.generations.push(new);
+        server.current = new;
+        // Refused by the new generation, kept by the old one.
+        server.wait_for("the connection to come back", |s| {
+            s.log()
+                .contains(&format!("[{known_by_old} pid={old}] connection 1 stays"))
+                .then_some(())
+        });
+        conn.write_all(util::GET).unwrap();
+        let resp = util::read_response(&mut conn, &mut buf).expect("the lame duck's answer");
+        assert_eq!(util::parse_pid(&resp.body), Some(old), "{resp:?}");
+        assert!(resp.close, "{resp:?}");
+        let status = server.wait_exit(old);
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+        let log = server.log();
+        assert!(
+            log.contains(&format!("pid={new}] handover: refusing")),
+            "{log}"
+        );
+    }
+    server.assert_drained();
+    server.stop(libc::SIGTERM);
+}
