@@ -89,7 +89,7 @@ impl Conn {
     pub fn closed_by_server(&self) -> bool {
         let mut fds = libc::pollfd {
             fd: self.stream.as_raw_fd(),
-            events: libc::POLLIN | libc::POLLRDHUP,
+            events: libc::POLLIN,
             revents: 0,
         };
         // SAFETY: one valid pollfd, exclusively borrowed for the call; the fd is open.
@@ -481,7 +481,7 @@ fn watch_closes(plan: &mut [(Duration, Option<Conn>, bool)], wait: Duration) -> 
             watched.push(i);
             fds.push(libc::pollfd {
                 fd: conn.stream.as_raw_fd(),
-                events: libc::POLLIN | libc::POLLRDHUP,
+                events: libc::POLLIN,
                 revents: 0,
             });
         }
