@@ -1,10 +1,10 @@
 //! A small HTTP/1.1 server (std only, keep-alive) that upgrades itself on `SIGHUP`
-//! without cutting off a request.
+//! without failing or closing a request or a connection.
 //!
 //! ```text
 //! http_server [--listen HOST:PORT] [--pid-file PATH] [--upgrade-timeout SECS]
 //!             [--probation SECS] [--fd-store] [--keeper]
-//!             [--lame-duck SECS] [--control PATH|@NAME]
+//!             [--lame-duck SECS] [--no-handover] [--control PATH|@NAME]
 //! http_server --control PATH|@NAME [--control-uid UID] --upgrade
 //! ```
 //!
@@ -29,26 +29,40 @@
 //!
 //! `SIGHUP` upgrades, unless the kernel sent it (the terminal went away: see [`asked`]).
 //!
-//! When the next generation is ready (or on `SIGTERM`/`SIGINT`) this one:
+//! When the next generation is ready this one:
 //!
 //! 1. stops accepting (the accept loop waits on the listener and the exit fd together,
 //!    as in the `tcp_server` example, which explains why): connections still queued on
 //!    the listener are the next generation's;
-//! 2. becomes a lame duck for `--lame-duck` seconds: it keeps serving the connections it
-//!    has, but every response says `Connection: close`, so each client moves to the new
-//!    generation after its next request, the one it may already have sent;
-//! 3. at the end of that phase closes the keep-alive connections that stayed idle
-//!    throughout, and only if no byte of a request has arrived; a new connection gets
-//!    [`FIRST_REQUEST_GRACE`] for its first request, which is always answered;
-//! 4. exits once every connection is done (under load: a few milliseconds after the
-//!    notification), or after [`DRAIN_TIMEOUT`].
+//! 2. hands every keep-alive connection to the new generation at its next idle moment,
+//!    between two requests, through the handover channel (`tableflip::handover`), with
+//!    the bytes it had read and not used (a pipelined request, or the start of one): an
+//!    idle connection at once, one busy with a request once its response is written.
+//!    The client sees nothing: its next request on the same connection is answered by
+//!    the new generation, whether it was sent before, during or after the handover (it
+//!    waits in the socket until the generation that owns the connection reads it);
+//! 3. exits once every connection is handed over or done (a few milliseconds), or after
+//!    [`DRAIN_TIMEOUT`].
+//!
+//! What cannot be handed over drains as a lame duck, as on a stop (`SIGTERM`,
+//! `SIGINT`): a connection still busy after [`HANDOVER_WINDOW`], one the new generation
+//! refused or did not acknowledge in time, every connection with `--no-handover` (what
+//! a server whose connections cannot move must do: TLS, a protocol with state it cannot
+//! write down) or when the new generation takes no handover channel (an older release).
+//! For `--lame-duck` seconds it keeps serving them, but every response says
+//! `Connection: close`, so each client moves on after its next request, the one it may
+//! already have sent; at the end of that phase it closes the keep-alive connections that
+//! stayed idle throughout, and only if no byte of a request has arrived (a new
+//! connection gets [`FIRST_REQUEST_GRACE`] for its first request, which is always
+//! answered).
 //!
 //! Why not close idle connections at once: a keep-alive connection that looks idle may
 //! have the client's next request on the wire. Closing it makes that request fail, and
 //! although RFC 9112 §9.3.1 lets clients retry it, wrk and many others do not (measured:
 //! hundreds of failed requests per 10 s of wrk with a `SIGHUP` every 250 ms, 0 with the
 //! lame duck). Closing a connection that has been idle for the whole lame-duck phase
-//! still races a request sent at that very moment, as any idle timeout does.
+//! still races a request sent at that very moment, as any idle timeout does: the
+//! handover is what removes that race.
 //!
 //! One thread per connection keeps it short; a server with many idle keep-alive clients
 //! would use an event loop (epoll, mio, tokio with `AsyncFd` on the exit fd).
@@ -65,6 +79,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use signals::{Asked, Signals};
+use tableflip::handover::{Receiver, Sender, Stream};
 use tableflip::{Options, Upgrader};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -85,10 +100,18 @@ const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
 const MAX_HEAD: usize = 16 * 1024;
 /// Connections accepted per wake-up before the exit fd is looked at again.
 const ACCEPT_BATCH: usize = 64;
+/// The handover's tag for an HTTP/1.1 connection between two requests (`"H1.1"`). Its
+/// state is one byte: 1 if no request has been served on it yet, else 0.
+const HANDOVER_TAG: u32 = u32::from_be_bytes(*b"H1.1");
+/// How long an exiting generation waits for the connections busy with a request to
+/// reach their next idle moment and be handed over; then the rest drain as lame ducks.
+const HANDOVER_WINDOW: Duration = Duration::from_secs(5);
+/// How long the new generation has to acknowledge the connections handed to it.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 const USAGE: &str = "usage: http_server [--listen HOST:PORT] [--pid-file PATH] \
-                     [--upgrade-timeout SECS] [--lame-duck SECS] [--probation SECS] \
-                     [--fd-store] [--keeper] [--control PATH|@NAME] \
+                     [--upgrade-timeout SECS] [--lame-duck SECS] [--no-handover] \
+                     [--probation SECS] [--fd-store] [--keeper] [--control PATH|@NAME] \
                      [--control-uid UID] [--upgrade]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
@@ -107,6 +130,8 @@ struct Config {
     pid_file: Option<PathBuf>,
     upgrade_timeout: Duration,
     lame_duck: Duration,
+    /// `--no-handover`: drain every connection as a lame duck.
+    no_handover: bool,
     probation: Duration,
     fd_store: bool,
     keeper: bool,
@@ -156,6 +181,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         pid_file: None,
         upgrade_timeout: Duration::from_secs(60),
         lame_duck: LAME_DUCK,
+        no_handover: false,
         probation: Duration::ZERO,
         fd_store: false,
         keeper: false,
@@ -188,6 +214,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
                     return Err(format!("--lame-duck: at most {DRAIN_TIMEOUT:?}"));
                 }
             }
+            "--no-handover" => config.no_handover = true,
             "--control" => config.control = Some(control::addr(value()?)),
             "--control-uid" => {
                 let v = value()?;
@@ -241,21 +268,35 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     let control = control::listen(&config, &upg)?;
     // Serve at once, before reporting ready: with a probation the previous generation
     // commits only after the window, and both serve meanwhile.
-    let conns = Arc::new(Connections::default());
-    let (server_upg, server_conns, lame_duck) =
-        (Arc::clone(&upg), Arc::clone(&conns), config.lame_duck);
+    let shared = Arc::new(Shared {
+        upg: Arc::clone(&upg),
+        conns: Arc::new(Connections::default()),
+        handover: Handover::default(),
+        lame_duck: config.lame_duck,
+    });
+    let server_shared = Arc::clone(&shared);
     let server = thread::Builder::new()
         .name("accept".into())
         .spawn(move || {
-            serve(&listener, &server_upg, &server_conns, lame_duck);
+            serve(&listener, &server_shared);
             // Stop accepting: the next generation (if any) has its own copy.
             drop(listener);
         })?;
     // Which inherited fds were taken, and which were closed because nobody asked for
     // them: a listener dropped by a configuration change shows up here.
-    let ready = upg.ready();
-    match &ready {
-        Ok(adoption) => log!("ready; {adoption}"),
+    let mut ready = upg.ready();
+    match &mut ready {
+        Ok(adoption) => {
+            log!("ready; {adoption}");
+            // The connections the previous generation hands over, on a thread of their
+            // own until it has handed over everything.
+            if let Some(rx) = adoption.handover.take() {
+                let adopt_shared = Arc::clone(&shared);
+                thread::Builder::new()
+                    .name("handover".into())
+                    .spawn(move || adopt(rx, &adopt_shared))?;
+            }
+        }
         // Not taken over: the previous generation serves on. Stop, drain, and fail.
         Err(_) => upg.stop(),
     }
@@ -264,6 +305,25 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         Err(_) => None,
     };
     let _ = server.join();
+
+    let before = shared.conns.active();
+    // Ticks ask systemd for time at a stop; `finish` completes the upgrade's record.
+    let drain = upg.exit().drain(DRAIN_TIMEOUT);
+    // Upgraded: the connections go to the new generation, each at its next idle moment.
+    let handed = if upg.exit().upgraded() && !config.no_handover {
+        log!("stopped accepting; handing {before} connection(s) over");
+        hand_over(&shared)
+    } else {
+        shared.handover.close();
+        0
+    };
+    let lame = before - handed;
+    if lame > 0 {
+        log!(
+            "draining {lame} connection(s), lame duck for {:?}",
+            config.lame_duck
+        );
+    }
     // The upgrade that ended this generation may still be logging its result.
     let pending = std::mem::take(&mut *upgrades.lock().unwrap_or_else(|e| e.into_inner()));
     for upgrade in pending {
@@ -274,16 +334,9 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
         let _ = control.join();
     }
 
-    let before = conns.active();
-    log!(
-        "stopped accepting; draining {before} connection(s), lame duck for {:?}",
-        config.lame_duck
-    );
-    // Ticks ask systemd for time at a stop; `finish` completes the upgrade's record.
-    let drain = upg.exit().drain(DRAIN_TIMEOUT);
-    let mut left = before;
+    let mut left = shared.conns.active();
     while let Some(wait) = drain.tick() {
-        left = conns.wait_idle(Instant::now() + wait);
+        left = shared.conns.wait_idle(Instant::now() + wait);
         if left == 0 {
             break;
         }
@@ -291,7 +344,7 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     if left > 0 {
         log!("drain timeout: exiting with {left} connection(s) still open");
     }
-    drain.finish((before - left) as u64, left as u64);
+    drain.finish(lame.saturating_sub(left) as u64, left as u64);
     if let Some(record) = upg
         .status()
         .last_upgrade()
@@ -301,6 +354,112 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     }
     log!("exit");
     ready.map(drop).map_err(Into::into)
+}
+
+/// The old generation, upgraded: opens the handover to the connection threads, which
+/// hand their connections over at their next idle moment; waits for them (at most
+/// [`HANDOVER_WINDOW`]), closes it, and serves as lame ducks the connections that stay
+/// (refused, not acknowledged in time). Returns how many went.
+fn hand_over(shared: &Arc<Shared>) -> usize {
+    let sender = match shared.upg.handover() {
+        Ok(sender) => sender,
+        Err(e) => {
+            log!(
+                "no handover ({}): every connection drains here",
+                error_chain(&e)
+            );
+            shared.handover.close();
+            return 0;
+        }
+    };
+    shared.handover.open(sender);
+    let deadline = Instant::now() + HANDOVER_WINDOW;
+    loop {
+        // Wakes up now and then to read the answers, so that the new generation always
+        // has room to send them.
+        let left = shared
+            .conns
+            .wait_idle(deadline.min(Instant::now() + Duration::from_millis(20)));
+        for back in shared.handover.answers() {
+            stay(back, shared);
+        }
+        if left == 0 || Instant::now() >= deadline {
+            break;
+        }
+    }
+    let Some(sender) = shared.handover.close() else {
+        return 0;
+    };
+    match sender.finish(HANDOVER_TIMEOUT) {
+        Ok(done) => {
+            log!("{done}");
+            let went = done.accepted + done.given;
+            for back in done.returned {
+                stay(back, shared);
+            }
+            went
+        }
+        Err(e) => {
+            log!("handover: {}", error_chain(&e));
+            0
+        }
+    }
+}
+
+/// A connection that stays in this generation (the new one refused it, or did not
+/// acknowledge it in time): served here, as a lame duck, and never offered again.
+fn stay(back: tableflip::handover::Returned, shared: &Arc<Shared>) {
+    log!(
+        "connection {} stays: {}",
+        back.id,
+        error_chain(&back.reason)
+    );
+    if let Stream::Tcp(stream) = back.stream {
+        let first = back.state.first() == Some(&1);
+        spawn_handler(Conn::stays(stream, back.unread, first), shared);
+    }
+}
+
+/// The new generation: takes the connections the previous one hands over, and serves
+/// them like the ones it accepts. Each comes with the bytes the previous generation
+/// had read and not used, which are the start of its next request (if any), and one
+/// byte of state.
+fn adopt(mut rx: Receiver, shared: &Arc<Shared>) {
+    loop {
+        match rx.recv() {
+            Ok(Some(incoming)) => {
+                // What it says of itself comes from the previous generation: checked.
+                let known = incoming.tag() == HANDOVER_TAG
+                    && incoming.is_tcp()
+                    && matches!(incoming.state(), [0] | [1]);
+                if !known {
+                    log!("handover: refusing {incoming:?}: not an HTTP/1.1 connection of ours");
+                    let _ = incoming.refuse();
+                    continue;
+                }
+                match incoming.accept() {
+                    Ok((Stream::Tcp(stream), unread, state)) => {
+                        spawn_handler(Conn::adopted(stream, unread, state == [1]), shared)
+                    }
+                    Ok(_) => {} // is_tcp() said TCP
+                    Err(e) => log!("handover: {}", error_chain(&e)),
+                }
+            }
+            // Nothing more for now: wait for more, or for this generation's own exit
+            // (then the next recv() refuses what is left and ends).
+            Ok(None) => {
+                let _ = shared.upg.exit().wait_readable(&rx, None);
+            }
+            Err(tableflip::Error::HandoverRefused { reason, .. }) => {
+                log!("handover: refused something that arrived: {reason}")
+            }
+            Err(tableflip::Error::HandoverEnded { .. }) => return,
+            Err(e) => {
+                log!("handover: {}", error_chain(&e));
+                return;
+            }
+        }
+    }
 }
 
 /// The threads running `upgrade()`, joined before exiting. They return promptly once
@@ -337,17 +496,12 @@ fn handle_signals(mut signals: Signals, upg: Arc<Upgrader>, upgrades: UpgradeThr
 }
 
 /// Accepts connections until the upgrader's exit fd becomes readable.
-fn serve(
-    listener: &TcpListener,
-    upg: &Arc<Upgrader>,
-    conns: &Arc<Connections>,
-    lame_duck: Duration,
-) {
+fn serve(listener: &TcpListener, shared: &Arc<Shared>) {
     // The exit notification first: once told to exit, accept nothing more.
-    while upg.exit().wait_readable(listener, None) == tableflip::Wake::Readable {
+    while shared.upg.exit().wait_readable(listener, None) == tableflip::Wake::Readable {
         for _ in 0..ACCEPT_BATCH {
             match listener.accept() {
-                Ok((conn, _peer)) => spawn_handler(conn, upg, conns, lame_duck),
+                Ok((stream, _peer)) => spawn_handler(Conn::accepted(stream), shared),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e)
                     if matches!(
@@ -369,36 +523,72 @@ fn serve(
     }
 }
 
+/// What the accept loop, the connection threads and the handover share.
+struct Shared {
+    upg: Arc<Upgrader>,
+    conns: Arc<Connections>,
+    handover: Handover,
+    lame_duck: Duration,
+}
+
+/// A connection, and what this generation knows of it.
+struct Conn {
+    stream: TcpStream,
+    /// Bytes read and not used yet: a partial request, or the next pipelined one.
+    buf: Vec<u8>,
+    /// No request has been served on it yet.
+    first: bool,
+    /// It came back from the new generation: it drains here, and is not offered again.
+    stays: bool,
+}
+
+impl Conn {
+    fn accepted(stream: TcpStream) -> Conn {
+        Conn::adopted(stream, Vec::with_capacity(1024), true)
+    }
+
+    fn adopted(stream: TcpStream, buf: Vec<u8>, first: bool) -> Conn {
+        Conn {
+            stream,
+            buf,
+            first,
+            stays: false,
+        }
+    }
+
+    fn stays(stream: TcpStream, buf: Vec<u8>, first: bool) -> Conn {
+        Conn {
+            stays: true,
+            ..Conn::adopted(stream, buf, first)
+        }
+    }
+}
+
 /// Runs [`handle`] on a thread of its own, counted in `conns` until it returns. If no
 /// thread can be started, the connection is served on this one: never dropped.
-fn spawn_handler(
-    conn: TcpStream,
-    upg: &Arc<Upgrader>,
-    conns: &Arc<Connections>,
-    lame_duck: Duration,
-) {
+fn spawn_handler(conn: Conn, shared: &Arc<Shared>) {
     let slot = Arc::new(Mutex::new(Some(conn)));
     let thread_slot = Arc::clone(&slot);
-    let thread_upg = Arc::clone(upg);
-    let guard = conns.start();
+    let thread_shared = Arc::clone(shared);
+    let guard = shared.conns.start();
     let spawned = thread::Builder::new().spawn(move || {
         let _guard = guard;
         let conn = thread_slot.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(conn) = conn {
-            handle(conn, &thread_upg, lame_duck);
+            handle(conn, &thread_shared);
         }
     });
     if let Err(e) = spawned {
         log!("cannot start a connection thread ({e}); serving inline");
         let conn = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(conn) = conn {
-            handle(conn, upg, lame_duck);
+            handle(conn, shared);
         }
     }
 }
 
-fn handle(mut conn: TcpStream, upg: &Upgrader, lame_duck: Duration) {
-    if let Err(e) = serve_connection(&mut conn, upg, lame_duck) {
+fn handle(conn: Conn, shared: &Shared) {
+    if let Err(e) = serve_connection(conn, shared) {
         // Timeouts and resets by the client end up here; nothing more can be sent.
         if e.kind() != io::ErrorKind::UnexpectedEof {
             log!("connection error: {e}");
@@ -406,53 +596,68 @@ fn handle(mut conn: TcpStream, upg: &Upgrader, lame_duck: Duration) {
     }
 }
 
-/// Serves requests on `conn` until the client closes it, keep-alive ends, or it stays
-/// idle too long (see [`wait_for_request`]).
-fn serve_connection(conn: &mut TcpStream, upg: &Upgrader, lame_duck: Duration) -> io::Result<()> {
+/// Serves requests on `c` until the client closes it, keep-alive ends, it stays idle
+/// too long (see [`wait_for_request`]), or, once this generation should exit, it is
+/// handed to the new generation between two requests.
+fn serve_connection(mut c: Conn, shared: &Shared) -> io::Result<()> {
+    let upg = &shared.upg;
     // An accepted socket is a new open file description: its mode is ours alone.
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(IO_TIMEOUT))?;
-    conn.set_write_timeout(Some(IO_TIMEOUT))?;
-    // Bytes read but not used yet: a partial request, or the next pipelined one.
-    let mut buf = Vec::with_capacity(1024);
-    let mut first = true;
+    c.stream.set_nonblocking(false)?;
+    c.stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    c.stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    // Once this generation should exit and the connection stays: a lame duck.
+    let mut lame = false;
     loop {
-        if buf.is_empty() {
-            match wait_for_request(conn, upg, first, lame_duck)? {
+        // Between two requests: where a connection goes to the new generation, with
+        // what has been read of its next request.
+        if !lame && upg.exit().fired() {
+            match shared.handover.offer(c.stream, &c.buf, c.first, c.stays) {
+                Ok(()) => return Ok(()),
+                Err(stream) => {
+                    c.stream = stream;
+                    lame = true;
+                }
+            }
+        }
+        if c.buf.is_empty() {
+            match wait_for_request(&c.stream, upg, c.first, shared.lame_duck, lame)? {
                 Wake::Request => {}
                 // Idle, and not a byte of a request has arrived: nothing is cut off.
                 Wake::Idle => return Ok(()),
+                Wake::Exit => continue,
             }
         }
-        let Some(head_len) = read_head(conn, &mut buf)? else {
+        let Some(head_len) = read_head(&mut c.stream, &mut c.buf)? else {
             return Ok(()); // closed by the client between (or within) requests
         };
-        let request = match parse_head(&buf[..head_len]) {
+        let request = match parse_head(&c.buf[..head_len]) {
             Ok(request) => request,
             Err((status, why)) => {
-                respond(conn, status, &[], why, false, false)?;
-                return linger(conn);
+                respond(&mut c.stream, status, &[], why, false, false)?;
+                return linger(&mut c.stream);
             }
         };
-        buf.drain(..head_len);
-        first = false;
-        if request.expect_continue && request.content_length > 0 && buf.is_empty() {
+        c.buf.drain(..head_len);
+        c.first = false;
+        if request.expect_continue && request.content_length > 0 && c.buf.is_empty() {
             // The client waits for this before it sends the body (curl does, for POSTs).
-            conn.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            c.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
         }
-        discard_body(conn, &mut buf, request.content_length)?;
+        discard_body(&mut c.stream, &mut c.buf, request.content_length)?;
 
-        // Lame duck: once this generation should exit, every response ends its
-        // connection, and the client sends its next request to the new generation.
-        let keep_alive = request.keep_alive && !upg.exit().fired();
+        // Lame duck: once this generation should exit and the connection is not to be
+        // handed over, every response ends its connection, and the client sends its
+        // next request to the new generation.
+        lame = lame || (upg.exit().fired() && !shared.handover.takes(c.stays));
+        let keep_alive = request.keep_alive && !lame;
         let head_only = request.method == "HEAD";
         if request.method == "GET" || head_only {
             let body = format!("hello from pid={}\n", std::process::id());
-            respond(conn, "200 OK", &[], &body, head_only, keep_alive)?;
+            respond(&mut c.stream, "200 OK", &[], &body, head_only, keep_alive)?;
         } else {
             let allow = ["Allow: GET, HEAD"];
             respond(
-                conn,
+                &mut c.stream,
                 "405 Method Not Allowed",
                 &allow,
                 "",
@@ -461,7 +666,95 @@ fn serve_connection(conn: &mut TcpStream, upg: &Upgrader, lame_duck: Duration) -
             )?;
         }
         if !keep_alive {
-            return linger(conn);
+            return linger(&mut c.stream);
+        }
+    }
+}
+
+/// Where the connection threads of an exiting generation hand their connections over:
+/// the sending end of the handover channel, while it takes connections.
+#[derive(Default)]
+struct Handover {
+    channel: Mutex<Channel>,
+    decided: Condvar,
+}
+
+#[derive(Default)]
+enum Channel {
+    /// Serving, or told to exit a moment ago: the main thread decides.
+    #[default]
+    Undecided,
+    /// Hand connections over here (boxed: the enum stays small).
+    Open(Box<Sender>),
+    /// Nothing (more) is handed over: what is left drains as lame ducks.
+    Closed,
+}
+
+impl Handover {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Channel> {
+        self.channel.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The channel, once the main thread has decided.
+    fn decided(&self) -> std::sync::MutexGuard<'_, Channel> {
+        let mut channel = self.lock();
+        while matches!(*channel, Channel::Undecided) {
+            channel = self
+                .decided
+                .wait(channel)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        channel
+    }
+
+    fn open(&self, sender: Sender) {
+        *self.lock() = Channel::Open(Box::new(sender));
+        self.decided.notify_all();
+    }
+
+    /// Nothing more is handed over; returns the sender, if it was open.
+    fn close(&self) -> Option<Sender> {
+        let was = std::mem::replace(&mut *self.lock(), Channel::Closed);
+        self.decided.notify_all();
+        match was {
+            Channel::Open(sender) => Some(*sender),
+            _ => None,
+        }
+    }
+
+    /// Whether a connection would be handed over now (`stays`: it came back once).
+    fn takes(&self, stays: bool) -> bool {
+        !stays && matches!(*self.decided(), Channel::Open(_))
+    }
+
+    /// Once this generation should exit: hands `stream` to the new generation with the
+    /// bytes read from it and not used, or gives it back if nothing is handed over (any
+    /// more). Never waits for the new generation.
+    fn offer(
+        &self,
+        stream: TcpStream,
+        unread: &[u8],
+        first: bool,
+        stays: bool,
+    ) -> Result<(), TcpStream> {
+        let channel = self.decided();
+        match &*channel {
+            Channel::Open(sender) if !stays => {
+                // Sent, or (over a limit, or the channel over) kept by the sender, which
+                // gives it back in `answers` or `finish`: either way not ours now.
+                let _ = sender.send(stream, unread, HANDOVER_TAG, &[u8::from(first)]);
+                let _ = sender.flush();
+                Ok(())
+            }
+            _ => Err(stream),
+        }
+    }
+
+    /// The connections the new generation has refused so far.
+    fn answers(&self) -> Vec<tableflip::handover::Returned> {
+        match &*self.lock() {
+            Channel::Open(sender) => sender.answers().unwrap_or_default(),
+            _ => Vec::new(),
         }
     }
 }
@@ -471,15 +764,18 @@ enum Wake {
     Request,
     /// Idle until the deadline, with nothing to read.
     Idle,
+    /// The exit notification fired, with nothing to read.
+    Exit,
 }
 
-/// Waits for the next request to start, or until the connection has been idle too long:
-/// [`IDLE_TIMEOUT`], or, once this process should exit, until the end of the lame-duck
-/// phase (`lame_duck` after the exit notification).
+/// Waits for the next request to start, until the connection has been idle too long
+/// ([`IDLE_TIMEOUT`]), or until the exit notification fires. A `lame` duck (this
+/// generation should exit, and the connection stays) waits only until the end of the
+/// lame-duck phase (`lame_duck` from now).
 ///
 /// A new connection (`first`) is not idle: its client has just connected and its first
-/// request is on the way. It gets [`FIRST_REQUEST_GRACE`] for it once this process
-/// should exit (as Go's `net/http` does), or the lame-duck phase if that is longer.
+/// request is on the way. As a lame duck it gets [`FIRST_REQUEST_GRACE`] for it (as Go's
+/// `net/http` does), or the lame-duck phase if that is longer.
 ///
 /// `Wake::Idle` comes only from a final `poll` with a zero timeout that found nothing to
 /// read: a request whose first bytes have arrived is always served.
@@ -488,10 +784,20 @@ fn wait_for_request(
     upg: &Upgrader,
     first: bool,
     lame_duck: Duration,
+    lame: bool,
 ) -> io::Result<Wake> {
     let mut deadline = Instant::now() + IDLE_TIMEOUT;
+    if lame {
+        let grace = if first {
+            FIRST_REQUEST_GRACE.max(lame_duck)
+        } else {
+            lame_duck
+        };
+        deadline = deadline.min(Instant::now() + grace);
+    }
     let mut fds = [pollin(conn.as_raw_fd()), pollin(upg.exit().as_raw_fd())];
-    let mut nfds = fds.len();
+    // A lame duck does not watch the exit fd: it has fired, and stays readable.
+    let nfds = if lame { 1 } else { 2 };
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
@@ -510,16 +816,7 @@ fn wait_for_request(
             return Ok(Wake::Request);
         }
         if nfds == 2 && fds[1].revents != 0 {
-            // Lame duck: stop watching the exit fd (it stays readable), and shorten the
-            // wait. The response to a request that comes meanwhile closes the connection.
-            nfds = 1;
-            let grace = if first {
-                FIRST_REQUEST_GRACE.max(lame_duck)
-            } else {
-                lame_duck
-            };
-            deadline = deadline.min(Instant::now() + grace);
-            continue;
+            return Ok(Wake::Exit);
         }
         if ms == 0 {
             return Ok(Wake::Idle);

@@ -173,10 +173,17 @@ fn tcp_server_survives_failed_upgrades() {
     server.stop(libc::SIGINT);
 }
 
-/// The lame duck (tests/util/example_checks.rs); the tokio example's tests do the same.
+/// The handover of keep-alive connections (tests/util/example_checks.rs); the tokio
+/// example's tests do the same.
 #[test]
-fn http_server_finishes_requests_in_flight() {
-    checks::finishes_requests_in_flight(&example("http_server"));
+fn http_server_hands_over_keep_alive_connections() {
+    checks::hands_over_keep_alive_connections(&example("http_server"));
+}
+
+/// `--no-handover`: the lame duck.
+#[test]
+fn http_server_lame_duck_finishes_requests_in_flight() {
+    checks::lame_duck_finishes_requests_in_flight(&example("http_server"));
 }
 
 /// The examples that upgrade on `SIGHUP`, with the probe each answers (the tokio

@@ -1,11 +1,11 @@
 //! Runs `examples/upgrade_check` against the `tcp_server` example (20 upgrades under
 //! load and every fault scenario; 200 connections held across 5 upgrades), and in its
 //! HTTP mode against `http_server` (20 upgrades under keep-alive and `Connection: close`
-//! load), with no failed connection or request and nothing left behind; the tokio
-//! example's tests run it against `axum_server` and `ws_server`. The full measurements
-//! (100 upgrades, release build) are in the guide
-//! docs/zero-downtime.md; the fd counts it gives are checked
-//! against this run's.
+//! load, then with 200 idle keep-alive connections as well), with no failed connection or
+//! request and nothing left behind; the tokio example's tests run it against
+//! `axum_server` and `ws_server`. The full measurements (100 upgrades, release build) are
+//! in the guide docs/zero-downtime.md; the fd counts it gives are checked against this
+//! run's.
 #![cfg(target_os = "linux")]
 
 // The examples' harness: `lock()` and `example()` (which builds the examples once).
@@ -84,4 +84,22 @@ fn tcp_server_hands_over_held_connections() {
 fn http_server_upgrades_with_zero_failed_requests() {
     let summary = upgrade_check(&example("http_server"), &["--http"]);
     assert!(summary.contains("requests "), "{summary}");
+}
+
+/// 200 keep-alive connections idle across 20 upgrades: none closed by the server, each
+/// next request answered by the new generation (the idle pool); the tokio example's
+/// tests check `axum_server` likewise.
+#[test]
+fn http_server_keeps_idle_keep_alive_connections_across_upgrades() {
+    let summary = upgrade_check(&example("http_server"), &["--http", "--idle", "200"]);
+    assert!(summary.contains("idle keep-alive pool"), "{summary}");
+}
+
+/// The same pool, its requests sent around each upgrade, packed within ±10 ms of the
+/// moments the old generation lets go: none fails.
+#[test]
+fn http_server_answers_requests_sent_around_the_handover() {
+    let args = ["--http", "--idle", "200", "--probe"];
+    let summary = upgrade_check(&example("http_server"), &args);
+    assert!(summary.contains("idle keep-alive pool"), "{summary}");
 }

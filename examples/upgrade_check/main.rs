@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! upgrade_check [--server PATH] [--upgrades N] [--clients K] [--faults]
-//!               [--fault-timeout SECS] [--time-limit SECS] [--http [--keep-alive N]]
+//!               [--fault-timeout SECS] [--time-limit SECS]
+//!               [--http [--keep-alive N] [--idle N [--probe]]]
 //! upgrade_check --hold N [--ws] [--interval SECS] [--pace SECS] [--server PATH]
 //!               [--upgrades N] [--time-limit SECS]
 //! upgrade_check --list-faults
@@ -41,6 +42,12 @@
 //! target/release/examples/upgrade_check --hold 200 --upgrades 5
 //! target/release/examples/upgrade_check --hold 1000 --ws --upgrades 100
 //! ```
+//!
+//! `--idle N` adds `N` keep-alive connections that stay idle across the upgrades and
+//! send one request each per upgrade: once the old generation has exited (each must
+//! still be open and be answered by the new generation), or with `--probe` at instants
+//! spread around the upgrade, packed within ±10 ms of the moments the old generation
+//! lets go of its connections (each must be answered). See `http::IdlePool`.
 //!
 //! # The server contract
 //!
@@ -144,12 +151,15 @@ use report::{ms, LoadPhase, Progress, Report};
 use server::Server;
 
 const USAGE: &str = "usage: upgrade_check [--server PATH] [--upgrades N] [--clients K] [--faults]
-                     [--fault-timeout SECS] [--time-limit SECS] [--http [--keep-alive N]]
+                     [--fault-timeout SECS] [--time-limit SECS]
+                     [--http [--keep-alive N] [--idle N [--probe]]]
        upgrade_check --hold N [--ws] [--interval SECS] [--pace SECS] [--server PATH]
                      [--upgrades N] [--time-limit SECS]
        upgrade_check --list-faults";
 
 const MAX_CLIENTS: usize = 64;
+/// The most idle keep-alive connections (`--idle`).
+const MAX_IDLE: usize = 1000;
 const MAX_UPGRADES: usize = 10_000;
 const MAX_CONNECTIONS: u64 = 50_000_000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -178,6 +188,10 @@ struct Config {
     proto: Proto,
     /// How many of the HTTP clients keep their connections alive.
     keep_alive: usize,
+    /// `--idle N`: keep-alive connections idle across the upgrades.
+    idle: usize,
+    /// `--probe`: their requests go around the upgrades, not after.
+    probe: bool,
     /// `--list-faults`: print the fault scenarios' names, run nothing.
     list_faults: bool,
     /// `--hold N`: held connections instead of the clients that come and go.
@@ -239,6 +253,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         time_limit: Duration::from_secs(900),
         proto: Proto::Line,
         keep_alive: 0,
+        idle: 0,
+        probe: false,
         list_faults: false,
         hold: None,
     };
@@ -275,6 +291,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
             "--time-limit" => config.time_limit = seconds(value()?)?,
             "--http" => config.proto = Proto::Http,
             "--keep-alive" => keep_alive = Some(number(value()?, MAX_CLIENTS)?),
+            "--idle" => config.idle = number(value()?, MAX_IDLE)?,
+            "--probe" => config.probe = true,
             "--list-faults" => config.list_faults = true,
             "--hold" => hold.connections = number(value()?, hold::MAX_HOLD)?,
             "--ws" => hold.ws = true,
@@ -294,6 +312,12 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Option<Config>
         config.hold = Some(hold);
     } else if hold.ws {
         return Err("--ws needs --hold".into());
+    }
+    if config.idle > 0 && config.proto != Proto::Http {
+        return Err("--idle needs --http".into());
+    }
+    if config.probe && config.idle == 0 {
+        return Err("--probe needs --idle N".into());
     }
     match (config.proto, keep_alive) {
         (Proto::Line, Some(_)) => return Err("--keep-alive needs --http".into()),
@@ -390,11 +414,19 @@ fn upgrades_under_load(
     let result = (|| -> Res<()> {
         phase.fds_first = Some(idle_fd_count(server.current, None)?);
         let load = Load::start(server.addr, &config.client_kinds());
+        let mut pool = match config.idle {
+            0 => None,
+            n => Some(http::IdlePool::open(server.addr, n, config.probe)?),
+        };
         let result = (|| -> Res<()> {
             load.wait_answers(&server, 100)?;
             for i in 1..=config.upgrades {
                 load.set_stage(format!("upgrade {i}/{}", config.upgrades));
+                let shot = pool.as_mut().and_then(http::IdlePool::arm);
                 let upgrade = server.upgrade(&load)?;
+                if let Some(pool) = pool.as_mut() {
+                    pool.after(shot, &upgrade);
+                }
                 progress.update(&format!(
                     "upgrade {i}/{}: pid {} -> {} in {}, {} answered, {} failed",
                     config.upgrades,
@@ -411,6 +443,13 @@ fn upgrades_under_load(
             Ok(())
         })();
         phase.stats = Some(load.finish(&server.generations));
+        if let Some(pool) = &pool {
+            report.header.push('\n');
+            report
+                .header
+                .push_str(pool.summary(phase.upgrades.len()).trim_end());
+            report.problems.extend(pool.problems());
+        }
         result?;
         server.stop()
     })();

@@ -18,13 +18,93 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
-/// After the upgrade the old generation is a lame duck: a request on a keep-alive
-/// connection that was idle is answered, with `Connection: close`; a request in flight
-/// across the upgrade gets its whole response, with `Connection: close`; a connection
-/// that stays idle is closed at the end of the lame-duck phase, without a response.
-pub fn finishes_requests_in_flight(binary: &Path) {
+/// After the upgrade the old generation hands its keep-alive connections to the new one
+/// instead of closing them, each between two requests: a connection idle across the
+/// upgrade stays open, and its next request is answered by the new generation; a
+/// request that had started to arrive is answered, without `Connection: close` (by the
+/// old generation, or by the new one if the old one handed the connection over with
+/// the start of the request: `http_server` reads a request whole once it has started,
+/// hyper hands over what it has not parsed yet), and the start of the next request,
+/// which came with its end, travels with the connection: the new generation answers
+/// that request once it is whole. The old generation exits without waiting for a lame
+/// duck, and its record says what it handed over.
+pub fn hands_over_keep_alive_connections(binary: &Path) {
     let _lock = lock();
-    let args = ["--lame-duck", "0.5"];
+    let mut server = Server::start(binary, &[], http_probe);
+    let old = server.current;
+
+    let mut idle = connect(server.addr).unwrap();
+    let mut in_flight = connect(server.addr).unwrap();
+    let (mut idle_buf, mut flight_buf) = (Vec::new(), Vec::new());
+    for (conn, buf) in [
+        (&mut idle, &mut idle_buf),
+        (&mut in_flight, &mut flight_buf),
+    ] {
+        conn.write_all(GET).unwrap();
+        let resp = read_response(conn, buf).unwrap();
+        assert_eq!(parse_pid(&resp.body), Some(old), "{resp:?}");
+        assert!(!resp.close, "{resp:?}");
+    }
+    // Half a request: the old generation has started reading it.
+    in_flight
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: test\r\n")
+        .unwrap();
+
+    server.signal(old, libc::SIGHUP);
+    let new = server.wait_for("a new generation to answer", |s| {
+        http_probe(s.addr).ok().filter(|&pid| pid != old)
+    });
+    server.generations.push(new);
+    server.current = new;
+
+    // The request in flight: its end, with the start of the next request. It is
+    // answered, and the connection kept alive.
+    in_flight
+        .write_all(b"\r\nGET /next HTTP/1.1\r\nHost: test\r\n")
+        .unwrap();
+    let resp = read_response(&mut in_flight, &mut flight_buf).expect("complete response");
+    assert_eq!(resp.status, 200, "{resp:?}");
+    let pid = parse_pid(&resp.body);
+    assert!(pid == Some(old) || pid == Some(new), "{resp:?}");
+    assert!(!resp.close, "told to close: {resp:?}");
+
+    // Both connections handed over, the old generation is gone.
+    let status = server.wait_exit(old);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    server.assert_pid_file(new);
+
+    // The next requests on the same connections: the new generation answers.
+    in_flight.write_all(b"\r\n").unwrap();
+    let resp = read_response(&mut in_flight, &mut flight_buf).expect("the handed-over request");
+    assert_eq!(parse_pid(&resp.body), Some(new), "{resp:?}");
+    assert!(!resp.close, "{resp:?}");
+    idle.write_all(GET).unwrap();
+    let resp = read_response(&mut idle, &mut idle_buf).expect("a request after the upgrade");
+    assert_eq!(parse_pid(&resp.body), Some(new), "{resp:?}");
+    assert!(!resp.close, "{resp:?}");
+
+    // "upgrade OLD -> NEW: ...; 2 handed over, 0 drained, 0 force-closed; ..."
+    let log = server.log();
+    let record = log
+        .lines()
+        .find(|l| l.contains(&format!("upgrade {old} -> {new}:")))
+        .unwrap_or_else(|| panic!("no record of the upgrade:\n{log}"));
+    assert!(
+        record.contains("2 handed over, 0 drained, 0 force-closed"),
+        "{record}"
+    );
+    server.assert_drained();
+    server.stop(libc::SIGTERM);
+}
+
+/// With `--no-handover` the old generation is a lame duck after the upgrade (what a
+/// server whose connections cannot move does): a request on a keep-alive connection
+/// that was idle is answered, with `Connection: close`; a request in flight across the
+/// upgrade gets its whole response, with `Connection: close`; a connection that stays
+/// idle is closed at the end of the lame-duck phase, without a response.
+pub fn lame_duck_finishes_requests_in_flight(binary: &Path) {
+    let _lock = lock();
+    let args = ["--lame-duck", "0.5", "--no-handover"];
     let mut server = Server::start(binary, &args, http_probe);
     let first = server.current;
 
