@@ -228,7 +228,10 @@ fn connect(addr: &UnixAddr, timeout: Duration) -> Result<OwnedFd> {
         Some(send_timeout),
     )
     .map_err(|e| failed(addr, "setsockopt(SO_SNDTIMEO)", e.into()))?;
-    match rustix::net::connect(&conn, &sockaddr) {
+    // Retried on `EINTR`: a signal that interrupts a connect waiting for room in the
+    // queue (Linux; the socket timeout makes it `EINTR` whatever `SA_RESTART` says)
+    // leaves the socket unconnected there, and elsewhere a Unix connect does not wait.
+    match os::retry(|| rustix::net::connect(&conn, &sockaddr)) {
         Ok(()) => Ok(conn),
         Err(Errno::AGAIN) => Err(failed(
             addr,
@@ -357,5 +360,88 @@ fn believe(addr: &UnixAddr, uid: u32, gid: u32, server_uid: Option<u32>) -> Resu
              and root can write to, or name the service's uid (ClientConfig::server_uid)",
             dir.display()
         )),
+    }
+}
+
+#[cfg(all(test, any(target_os = "linux", target_os = "android")))]
+mod tests {
+    use super::*;
+    use std::os::unix::thread::JoinHandleExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// A listener on a fresh abstract name whose queue is full: a connect to it waits.
+    fn full_listener(tag: &str) -> (UnixAddr, OwnedFd, Vec<OwnedFd>) {
+        let name = format!("tableflip-test-{tag}-{}", std::process::id());
+        let addr = UnixAddr::abstract_name(&name);
+        let sockaddr = socket::unix_sockaddr(&addr).unwrap();
+        let listener = socket::new_socket(AddressFamily::UNIX, SocketType::STREAM).unwrap();
+        rustix::net::bind(&listener, &sockaddr).unwrap();
+        rustix::net::listen(&listener, 0).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let conn = socket::new_socket(AddressFamily::UNIX, SocketType::STREAM).unwrap();
+            rustix::fs::fcntl_setfl(&conn, rustix::fs::OFlags::NONBLOCK).unwrap();
+            match rustix::net::connect(&conn, &sockaddr) {
+                Ok(()) => queued.push(conn),
+                Err(Errno::AGAIN) => break,
+                Err(e) => panic!("filling the queue: {e}"),
+            }
+        }
+        (addr, listener, queued)
+    }
+
+    #[test]
+    fn a_connect_to_a_full_queue_times_out_with_the_reason() {
+        let (addr, _listener, _queued) = full_listener("full");
+        let err = connect(&addr, Duration::from_millis(50)).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("queue stayed full"), "{text}");
+        assert!(
+            text.contains("tableflip-test-full"),
+            "names the address: {text}"
+        );
+    }
+
+    extern "C" fn nothing(_: libc::c_int) {}
+
+    #[test]
+    fn a_signal_during_a_connect_does_not_fail_it() {
+        // SIGURG: ignored by default, and no other test of the crate uses it.
+        // SAFETY: `nothing` is an async-signal-safe handler (it does nothing), and the
+        // struct is zeroed then filled as sigaction(2) wants.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = nothing as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut action.sa_mask);
+            assert_eq!(
+                libc::sigaction(libc::SIGURG, &action, std::ptr::null_mut()),
+                0
+            );
+        }
+        let (addr, listener, _queued) = full_listener("intr");
+        let done = Arc::new(AtomicBool::new(false));
+        let client = {
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                let result = connect(&addr, Duration::from_secs(10)).map(drop);
+                done.store(true, Ordering::SeqCst);
+                result
+            })
+        };
+        let thread = client.as_pthread_t();
+        for _ in 0..20 {
+            std::thread::sleep(Duration::from_millis(10));
+            // SAFETY: the thread is joined only below, so its pthread_t is still valid
+            // (it may have ended, which pthread_kill allows); SIGURG has a handler.
+            unsafe { libc::pthread_kill(thread as libc::pthread_t, libc::SIGURG) };
+        }
+        if done.load(Ordering::SeqCst) {
+            let result = client.join().unwrap();
+            panic!("the connect returned while the queue was full: {result:?}");
+        }
+        // Room in the queue: the connect that waited goes through.
+        let _accepted = rustix::net::accept(&listener).unwrap();
+        client.join().unwrap().unwrap();
     }
 }
