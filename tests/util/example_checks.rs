@@ -134,7 +134,11 @@ pub fn lame_duck_finishes_requests_in_flight(binary: &Path) {
     });
     server.generations.push(new);
     server.current = new;
-    server.assert_pid_file(new);
+    // The new generation accepts before it is ready, and writes the pid file only once
+    // the old one has committed: its first answer can come before the file names it.
+    server.wait_for("the pid file to name the new generation", |s| {
+        s.pid_from_file().filter(|&pid| pid == new)
+    });
 
     // A keep-alive connection idle at the upgrade is still served, and told to close.
     let sent = Instant::now();
