@@ -27,7 +27,8 @@
 //! kill -TERM "$(cat "$pid_file")"          # graceful stop
 //! ```
 //!
-//! `SIGHUP` upgrades, unless the kernel sent it (the terminal went away: see [`asked`]).
+//! `SIGHUP` upgrades, unless the kernel sent it (the terminal went away: see
+//! [`asked`](signals::Request::asked)).
 //!
 //! When the next generation is ready this one:
 //!

@@ -32,8 +32,9 @@
 //!   generation must use the same mode; the std examples set it too.
 //! - Signals are read on a thread of their own with signal-hook, as in the std examples:
 //!   tokio's signal streams do not say who sent a signal, and a `SIGHUP` that the kernel
-//!   sent is no upgrade request (see [`asked`]). `upgrade()` blocks until the new
-//!   generation is ready or has failed, so it runs in `spawn_blocking`.
+//!   sent is no upgrade request (see [`asked`](signals::Request::asked)). `upgrade()`
+//!   blocks until the new generation is ready or has failed, so it runs in
+//!   `spawn_blocking`.
 //! - The exit notification is awaited through `Upgrader::exit().try_clone()`, taken by
 //!   tokio as the pipe read end it is (`tokio::net::unix::pipe::Receiver`): no thread is
 //!   parked on it, and no `unsafe`.
