@@ -1,5 +1,5 @@
 //! Not a library: the package of the examples with dependencies of their own
-//! (`examples/axum_server.rs`: tokio, hyper, axum; `examples/ws_server/`: tungstenite),
+//! (`examples/axum_server/`: tokio, hyper, axum; `examples/ws_server/`: tungstenite),
 //! which keeps them out of the main package's build. Its library holds the main crate's
 //! guides that use them, `docs/tokio.md` and `docs/handover.md`, as doctests; the main
 //! crate shows the guides in its docs without compiling them.

@@ -48,8 +48,8 @@ fn axum_server_logs_say_inherited_or_new_and_the_new_pid() {
 
 #[test]
 fn axum_server_answers_help_with_its_flags() {
-    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/axum_server.rs");
-    let source = std::fs::read_to_string(source).expect("read examples/axum_server.rs");
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/axum_server/main.rs");
+    let source = std::fs::read_to_string(source).expect("read examples/axum_server/main.rs");
     checks::answers_help_with_its_flags(&example("axum_server"), &source);
 }
 

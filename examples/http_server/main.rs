@@ -27,7 +27,8 @@
 //! kill -TERM "$(cat "$pid_file")"          # graceful stop
 //! ```
 //!
-//! `SIGHUP` upgrades, unless the kernel sent it (the terminal went away: see [`asked`]).
+//! `SIGHUP` upgrades, unless the kernel sent it (the terminal went away: see
+//! [`asked`](signals::Request::asked)).
 //!
 //! When the next generation is ready this one:
 //!
@@ -45,10 +46,11 @@
 //!    [`DRAIN_TIMEOUT`].
 //!
 //! What cannot be handed over drains as a lame duck, as on a stop (`SIGTERM`,
-//! `SIGINT`): a connection still busy after [`HANDOVER_WINDOW`], one the new generation
-//! refused or did not acknowledge in time, every connection with `--no-handover` (what
-//! a server whose connections cannot move must do: TLS, a protocol with state it cannot
-//! write down) or when the new generation takes no handover channel (an older release).
+//! `SIGINT`): a connection still busy after
+//! [`HANDOVER_WINDOW`](handover::HANDOVER_WINDOW), one the new generation refused or did
+//! not acknowledge in time, every connection with `--no-handover` (what a server whose
+//! connections cannot move must do: TLS, a protocol with state it cannot write down) or
+//! when the new generation takes no handover channel (an older release).
 //! For `--lame-duck` seconds it keeps serving them, but every response says
 //! `Connection: close`, so each client moves on after its next request, the one it may
 //! already have sent; at the end of that phase it closes the keep-alive connections that
@@ -64,13 +66,17 @@
 //! still races a request sent at that very moment, as any idle timeout does: the
 //! handover is what removes that race.
 //!
+//! Where it is: this file has the server, the accept loop and a connection's life;
+//! `http.rs` the HTTP/1.1 it speaks, `handover.rs` the handover channel's two ends,
+//! `control.rs` the control socket.
+//!
 //! One thread per connection keeps it short; a server with many idle keep-alive clients
 //! would use an event loop (epoll, mio, tokio with `AsyncFd` on the exit fd).
 
 use std::error::Error;
 use std::ffi::OsString;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::io::{self, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,8 +84,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use handover::{adopt, hand_over, Handover};
+use http::{discard_body, linger, parse_head, read_head, respond};
 use signals::{Asked, Signals};
-use tableflip::handover::{Receiver, Sender, Stream};
 use tableflip::{Options, Upgrader};
 
 /// How long an exiting generation waits for its connections to finish.
@@ -94,20 +101,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(5);
 /// Longest a read or write may block once a request has started.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// After the last response, how long to wait for the client to close (see [`linger`]).
-const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
-/// Largest request head (request line and headers) accepted.
-const MAX_HEAD: usize = 16 * 1024;
 /// Connections accepted per wake-up before the exit fd is looked at again.
 const ACCEPT_BATCH: usize = 64;
-/// The handover's tag for an HTTP/1.1 connection between two requests (`"H1.1"`). Its
-/// state is one byte: 1 if no request has been served on it yet, else 0.
-const HANDOVER_TAG: u32 = u32::from_be_bytes(*b"H1.1");
-/// How long an exiting generation waits for the connections busy with a request to
-/// reach their next idle moment and be handed over; then the rest drain as lame ducks.
-const HANDOVER_WINDOW: Duration = Duration::from_secs(5);
-/// How long the new generation has to acknowledge the connections handed to it.
-const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 
 const USAGE: &str = "usage: http_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--upgrade-timeout SECS] [--lame-duck SECS] [--no-handover] \
@@ -115,7 +110,7 @@ const USAGE: &str = "usage: http_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--control-uid UID] [--upgrade]";
 
 /// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
-#[path = "common/signals.rs"]
+#[path = "../common/signals.rs"]
 mod signals;
 
 macro_rules! log {
@@ -124,6 +119,11 @@ macro_rules! log {
         let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     }};
 }
+
+// Declared after `log!`, so that they can use it.
+mod control;
+mod handover;
+mod http;
 
 struct Config {
     listen: String,
@@ -356,112 +356,6 @@ fn run(config: Config) -> Result<(), Box<dyn Error>> {
     ready.map(drop).map_err(Into::into)
 }
 
-/// The old generation, upgraded: opens the handover to the connection threads, which
-/// hand their connections over at their next idle moment; waits for them (at most
-/// [`HANDOVER_WINDOW`]), closes it, and serves as lame ducks the connections that stay
-/// (refused, not acknowledged in time). Returns how many went.
-fn hand_over(shared: &Arc<Shared>) -> usize {
-    let sender = match shared.upg.handover() {
-        Ok(sender) => sender,
-        Err(e) => {
-            log!(
-                "no handover ({}): every connection drains here",
-                error_chain(&e)
-            );
-            shared.handover.close();
-            return 0;
-        }
-    };
-    shared.handover.open(sender);
-    let deadline = Instant::now() + HANDOVER_WINDOW;
-    loop {
-        // Wakes up now and then to read the answers, so that the new generation always
-        // has room to send them.
-        let left = shared
-            .conns
-            .wait_idle(deadline.min(Instant::now() + Duration::from_millis(20)));
-        for back in shared.handover.answers() {
-            stay(back, shared);
-        }
-        if left == 0 || Instant::now() >= deadline {
-            break;
-        }
-    }
-    let Some(sender) = shared.handover.close() else {
-        return 0;
-    };
-    match sender.finish(HANDOVER_TIMEOUT) {
-        Ok(done) => {
-            log!("{done}");
-            let went = done.accepted + done.given;
-            for back in done.returned {
-                stay(back, shared);
-            }
-            went
-        }
-        Err(e) => {
-            log!("handover: {}", error_chain(&e));
-            0
-        }
-    }
-}
-
-/// A connection that stays in this generation (the new one refused it, or did not
-/// acknowledge it in time): served here, as a lame duck, and never offered again.
-fn stay(back: tableflip::handover::Returned, shared: &Arc<Shared>) {
-    log!(
-        "connection {} stays: {}",
-        back.id,
-        error_chain(&back.reason)
-    );
-    if let Stream::Tcp(stream) = back.stream {
-        let first = back.state.first() == Some(&1);
-        spawn_handler(Conn::stays(stream, back.unread, first), shared);
-    }
-}
-
-/// The new generation: takes the connections the previous one hands over, and serves
-/// them like the ones it accepts. Each comes with the bytes the previous generation
-/// had read and not used, which are the start of its next request (if any), and one
-/// byte of state.
-fn adopt(mut rx: Receiver, shared: &Arc<Shared>) {
-    loop {
-        match rx.recv() {
-            Ok(Some(incoming)) => {
-                // What it says of itself comes from the previous generation: checked.
-                let known = incoming.tag() == HANDOVER_TAG
-                    && incoming.is_tcp()
-                    && matches!(incoming.state(), [0] | [1]);
-                if !known {
-                    log!("handover: refusing {incoming:?}: not an HTTP/1.1 connection of ours");
-                    let _ = incoming.refuse();
-                    continue;
-                }
-                match incoming.accept() {
-                    Ok((Stream::Tcp(stream), unread, state)) => {
-                        spawn_handler(Conn::adopted(stream, unread, state == [1]), shared)
-                    }
-                    Ok(_) => {} // is_tcp() said TCP
-                    Err(e) => log!("handover: {}", error_chain(&e)),
-                }
-            }
-            // Nothing more for now: wait for more, or for this generation's own exit
-            // (then the next recv() refuses what is left and ends).
-            Ok(None) => {
-                let _ = shared.upg.exit().wait_readable(&rx, None);
-            }
-            Err(tableflip::Error::HandoverRefused { reason, .. }) => {
-                log!("handover: refused something that arrived: {reason}")
-            }
-            Err(tableflip::Error::HandoverEnded { .. }) => return,
-            Err(e) => {
-                log!("handover: {}", error_chain(&e));
-                return;
-            }
-        }
-    }
-}
-
 /// The threads running `upgrade()`, joined before exiting. They return promptly once
 /// the exit fd fires: the upgrade has succeeded, or `stop()` has cancelled it.
 type UpgradeThreads = Arc<Mutex<Vec<JoinHandle<()>>>>;
@@ -671,94 +565,6 @@ fn serve_connection(mut c: Conn, shared: &Shared) -> io::Result<()> {
     }
 }
 
-/// Where the connection threads of an exiting generation hand their connections over:
-/// the sending end of the handover channel, while it takes connections.
-#[derive(Default)]
-struct Handover {
-    channel: Mutex<Channel>,
-    decided: Condvar,
-}
-
-#[derive(Default)]
-enum Channel {
-    /// Serving, or told to exit a moment ago: the main thread decides.
-    #[default]
-    Undecided,
-    /// Hand connections over here (boxed: the enum stays small).
-    Open(Box<Sender>),
-    /// Nothing (more) is handed over: what is left drains as lame ducks.
-    Closed,
-}
-
-impl Handover {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Channel> {
-        self.channel.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The channel, once the main thread has decided.
-    fn decided(&self) -> std::sync::MutexGuard<'_, Channel> {
-        let mut channel = self.lock();
-        while matches!(*channel, Channel::Undecided) {
-            channel = self
-                .decided
-                .wait(channel)
-                .unwrap_or_else(|e| e.into_inner());
-        }
-        channel
-    }
-
-    fn open(&self, sender: Sender) {
-        *self.lock() = Channel::Open(Box::new(sender));
-        self.decided.notify_all();
-    }
-
-    /// Nothing more is handed over; returns the sender, if it was open.
-    fn close(&self) -> Option<Sender> {
-        let was = std::mem::replace(&mut *self.lock(), Channel::Closed);
-        self.decided.notify_all();
-        match was {
-            Channel::Open(sender) => Some(*sender),
-            _ => None,
-        }
-    }
-
-    /// Whether a connection would be handed over now (`stays`: it came back once).
-    fn takes(&self, stays: bool) -> bool {
-        !stays && matches!(*self.decided(), Channel::Open(_))
-    }
-
-    /// Once this generation should exit: hands `stream` to the new generation with the
-    /// bytes read from it and not used, or gives it back if nothing is handed over (any
-    /// more). Never waits for the new generation.
-    fn offer(
-        &self,
-        stream: TcpStream,
-        unread: &[u8],
-        first: bool,
-        stays: bool,
-    ) -> Result<(), TcpStream> {
-        let channel = self.decided();
-        match &*channel {
-            Channel::Open(sender) if !stays => {
-                // Sent, or (over a limit, or the channel over) kept by the sender, which
-                // gives it back in `answers` or `finish`: either way not ours now.
-                let _ = sender.send(stream, unread, HANDOVER_TAG, &[u8::from(first)]);
-                let _ = sender.flush();
-                Ok(())
-            }
-            _ => Err(stream),
-        }
-    }
-
-    /// The connections the new generation has refused so far.
-    fn answers(&self) -> Vec<tableflip::handover::Returned> {
-        match &*self.lock() {
-            Channel::Open(sender) => sender.answers().unwrap_or_default(),
-            _ => Vec::new(),
-        }
-    }
-}
-
 enum Wake {
     /// Bytes of a request have arrived (or the client has closed or reset).
     Request,
@@ -824,189 +630,6 @@ fn wait_for_request(
     }
 }
 
-/// Reads until `buf` holds a whole request head; returns its length including the
-/// final `\r\n\r\n`, or `None` if the client closed the connection first.
-fn read_head(conn: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
-    let mut searched = 0;
-    loop {
-        if let Some(i) = find(&buf[searched..], b"\r\n\r\n") {
-            return Ok(Some(searched + i + 4));
-        }
-        searched = buf.len().saturating_sub(3);
-        if buf.len() > MAX_HEAD {
-            respond(
-                conn,
-                "431 Request Header Fields Too Large",
-                &[],
-                "",
-                false,
-                false,
-            )?;
-            linger(conn)?;
-            return Ok(None);
-        }
-        let mut chunk = [0u8; 4096];
-        match conn.read(&mut chunk) {
-            Ok(0) => return Ok(None),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-struct Request {
-    method: String,
-    content_length: u64,
-    keep_alive: bool,
-    /// `Expect: 100-continue`.
-    expect_continue: bool,
-}
-
-/// Parses a request head. On error: the status to answer with (then close) and why.
-fn parse_head(head: &[u8]) -> Result<Request, (&'static str, &'static str)> {
-    const BAD: &str = "400 Bad Request";
-    let mut lines = head[..head.len() - 4].split(|&b| b == b'\n').map(|line| {
-        // Every line but the last ended in "\r\n"; the last had "\r\n\r\n" cut off.
-        line.strip_suffix(b"\r").unwrap_or(line)
-    });
-    let request_line = lines.next().unwrap_or_default();
-    let mut parts = request_line.split(|&b| b == b' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Err((BAD, "malformed request line\n"));
-    };
-    if method.is_empty() || !method.iter().all(u8::is_ascii_alphabetic) || target.is_empty() {
-        return Err((BAD, "malformed request line\n"));
-    }
-    let http11 = match version {
-        b"HTTP/1.1" => true,
-        b"HTTP/1.0" => false,
-        _ => return Err(("505 HTTP Version Not Supported", "HTTP/1.0 or 1.1 only\n")),
-    };
-
-    let mut content_length = None;
-    let (mut close, mut keep_alive, mut expect_continue) = (false, false, false);
-    for line in lines {
-        let Some(colon) = line.iter().position(|&b| b == b':') else {
-            return Err((BAD, "malformed header\n"));
-        };
-        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
-        if name.is_empty() || name.iter().any(|b| b.is_ascii_whitespace()) {
-            return Err((BAD, "malformed header\n"));
-        }
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(value)
-                .ok()
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<u64>().ok())
-                .ok_or((BAD, "bad Content-Length\n"))?;
-            if content_length.is_some_and(|old| old != n) {
-                return Err((BAD, "conflicting Content-Length\n"));
-            }
-            content_length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            // Without chunked decoding the end of the body is unknown: refuse, and close.
-            return Err(("501 Not Implemented", "Transfer-Encoding not supported\n"));
-        } else if name.eq_ignore_ascii_case(b"expect") {
-            expect_continue = http11 && value.eq_ignore_ascii_case(b"100-continue");
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            for token in value.split(|&b| b == b',').map(trim) {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-            }
-        }
-    }
-    Ok(Request {
-        method: String::from_utf8_lossy(method).into_owned(),
-        content_length: content_length.unwrap_or(0),
-        keep_alive: !close && (http11 || keep_alive),
-        expect_continue,
-    })
-}
-
-/// Reads and drops a request body of `len` bytes, part of which may be in `buf`
-/// already; leaves in `buf` whatever follows it (a pipelined request).
-fn discard_body(conn: &mut TcpStream, buf: &mut Vec<u8>, len: u64) -> io::Result<()> {
-    let buffered = buf.len().min(usize::try_from(len).unwrap_or(usize::MAX));
-    buf.drain(..buffered);
-    let mut left = len - buffered as u64;
-    let mut chunk = [0u8; 8192];
-    while left > 0 {
-        let want = chunk.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        match conn.read(&mut chunk[..want]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => left -= n as u64,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Writes a whole response in one go.
-fn respond(
-    conn: &mut TcpStream,
-    status: &str,
-    headers: &[&str],
-    body: &str,
-    head_only: bool,
-    keep_alive: bool,
-) -> io::Result<()> {
-    let mut out = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: {}\r\n",
-        body.len(),
-        if keep_alive { "keep-alive" } else { "close" }
-    );
-    for header in headers {
-        out.push_str(header);
-        out.push_str("\r\n");
-    }
-    out.push_str("\r\n");
-    if !head_only {
-        out.push_str(body);
-    }
-    conn.write_all(out.as_bytes())
-}
-
-/// Ends a connection after its last response. Closing a socket that still has unread
-/// input sends a reset, which can destroy the response before the client has read it;
-/// so send FIN, and wait briefly for the client to close, discarding what it sends.
-fn linger(conn: &mut TcpStream) -> io::Result<()> {
-    conn.shutdown(Shutdown::Write)?;
-    conn.set_read_timeout(Some(LINGER_TIMEOUT))?;
-    let mut chunk = [0u8; 4096];
-    let mut discarded = 0;
-    while discarded < 256 * 1024 {
-        match conn.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => discarded += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    Ok(())
-}
-
-/// `s` without leading and trailing whitespace (`<[u8]>::trim_ascii` needs Rust 1.80).
-fn trim(s: &[u8]) -> &[u8] {
-    let start = s
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(s.len());
-    let end = s
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |i| i + 1);
-    &s[start..end]
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
-}
-
 /// Counts the connections being handled, so that exiting can wait for them.
 #[derive(Default)]
 struct Connections {
@@ -1069,77 +692,4 @@ fn error_chain(e: &dyn Error) -> String {
         source = s.source();
     }
     msg
-}
-
-/// The control socket (`--control`, `--upgrade`), kept apart from the HTTP code.
-mod control {
-    use std::ffi::OsString;
-    use std::process::ExitCode;
-    use std::sync::Arc;
-    use std::thread::{self, JoinHandle};
-    use std::time::Duration;
-
-    use tableflip::control::{request_upgrade, ClientConfig, Server};
-    use tableflip::{UnixAddr, Upgrader};
-
-    use super::{error_chain, Config};
-
-    /// `@NAME` is an abstract socket name, anything else a path.
-    pub fn addr(v: OsString) -> UnixAddr {
-        match v.to_str().and_then(|s| s.strip_prefix('@')) {
-            Some(name) => UnixAddr::abstract_name(name),
-            None => UnixAddr::Path(v.into()),
-        }
-    }
-
-    /// `--upgrade`: asks the server to upgrade and waits (its timeout and probation, and
-    /// a margin).
-    pub fn ask_upgrade(config: &Config) -> ExitCode {
-        let Some(addr) = config.control.clone() else {
-            eprintln!("http_server: --upgrade needs --control");
-            return ExitCode::from(2);
-        };
-        let wait = config.upgrade_timeout + config.probation + Duration::from_secs(10);
-        let mut client = ClientConfig::new(wait);
-        if let Some(uid) = config.control_uid {
-            client = client.server_uid(uid);
-        }
-        match request_upgrade(addr, client) {
-            Ok(pid) => {
-                println!("{pid}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("http_server: upgrade failed: {}", error_chain(&e));
-                ExitCode::FAILURE
-            }
-        }
-    }
-
-    pub fn listen(config: &Config, upg: &Upgrader) -> tableflip::Result<Option<Server>> {
-        config
-            .control
-            .clone()
-            .map(|addr| Server::listen(upg, addr))
-            .transpose()
-    }
-
-    /// Serves on a thread of its own until this process should exit.
-    pub fn serve(
-        server: Option<Server>,
-        upg: &Arc<Upgrader>,
-    ) -> std::io::Result<Option<JoinHandle<()>>> {
-        let Some(server) = server else {
-            return Ok(None);
-        };
-        let upg = Arc::clone(upg);
-        thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                if let Err(e) = server.serve(&upg) {
-                    log!("control socket failed: {}", error_chain(&e));
-                }
-            })
-            .map(Some)
-    }
 }
