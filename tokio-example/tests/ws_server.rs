@@ -290,9 +290,25 @@ fn a_new_generation_killed_during_the_handover_leaves_no_session_unaccounted() {
                 l.contains(&format!("pid={old}] handover: pid {new}")) || l.contains(&failed)
             })
         });
+        // The report says how many were lost; the line naming each comes after it.
+        let reported: usize = log
+            .lines()
+            .find(|l| l.contains(&format!("pid={old}] handover: pid {new}")))
+            .and_then(|l| {
+                l.split("; ").find_map(|part| {
+                    let (n, _) = part.split_once(" lost with it")?;
+                    n.parse().ok()
+                })
+            })
+            .unwrap_or(0);
+        let lost_line =
+            |l: &&str| l.contains(&format!("pid={old}] session")) && l.contains(" lost ");
+        let log = server.wait_for("a line naming each session lost", |s| {
+            Some(s.log()).filter(|l| l.lines().filter(lost_line).count() >= reported)
+        });
         let mut named: Vec<u16> = log
             .lines()
-            .filter(|l| l.contains(&format!("pid={old}] session")) && l.contains(" lost "))
+            .filter(lost_line)
             .map(|l| {
                 let port = l.split("127.0.0.1:").nth(1).expect("a peer");
                 port[..port.find(')').unwrap()].parse().unwrap()
