@@ -10,10 +10,10 @@
 //! It stays in the foreground (no double fork: systemd does the daemonizing), logs to
 //! stderr (the journal) with its pid, answers every TCP connection on `--listen`
 //! (default `127.0.0.1:8080`) with `hello from pid=<pid>`, upgrades on `SIGHUP` (not on
-//! one the kernel sent when a terminal went away: see [`asked`]) and stops gracefully
-//! on `SIGTERM` or `SIGINT`. The pid changes at every upgrade, so systemd must follow
-//! the pid file, which each generation rewrites when it is ready, before the previous
-//! one exits:
+//! one the kernel sent when a terminal went away: see
+//! [`asked`](signals::Request::asked)) and stops gracefully on `SIGTERM` or `SIGINT`.
+//! The pid changes at every upgrade, so systemd must follow the pid file, which each
+//! generation rewrites when it is ready, before the previous one exits:
 //!
 //! ```ini
 //! # /etc/systemd/system/daemon.service

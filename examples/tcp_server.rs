@@ -28,7 +28,8 @@
 //! - `SIGHUP` starts the next generation (same binary path and arguments) on a thread of
 //!   its own. If it fails, the reason is logged and this process keeps serving. A
 //!   `SIGHUP` that the kernel sent (the terminal went away, or the process leading its
-//!   session exited: see [`asked`]) is logged and changes nothing.
+//!   session exited: see [`asked`](signals::Request::asked)) is logged and changes
+//!   nothing.
 //! - `--control PATH` (or `@NAME`, an abstract name) serves a control socket on a thread
 //!   of its own (see `tableflip::control`). `tcp_server --control PATH --upgrade` asks
 //!   the server there to upgrade, waits, prints the new generation's pid and exits 0, or

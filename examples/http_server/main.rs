@@ -109,10 +109,10 @@ const USAGE: &str = "usage: http_server [--listen HOST:PORT] [--pid-file PATH] \
                      [--probation SECS] [--fd-store] [--keeper] [--control PATH|@NAME] \
                      [--control-uid UID] [--upgrade]";
 
-/// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 #[path = "../common/signals.rs"]
 mod signals;
 
+/// Logs one line to stderr with this process's pid, in one `write`, ignoring errors.
 macro_rules! log {
     ($($arg:tt)*) => {{
         let line = format!("[http_server pid={}] {}\n", std::process::id(), format_args!($($arg)*));
