@@ -285,3 +285,78 @@ fn exec_failure(err_rd: std::os::unix::io::OwnedFd) -> Option<(Option<Step>, i32
         _ => Some((None, libc::EIO)),
     }
 }
+
+#[cfg(all(test, any(target_os = "linux", target_os = "android")))]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    /// The spawning tests of this binary, one at a time: a child started by one
+    /// must not hold the other's pipes.
+    static SPAWN: Mutex<()> = Mutex::new(());
+
+    /// Runs `script` with `/bin/sh` as a generation would be started, with `moves`;
+    /// returns its exit code (killed after 10 s: a watchdog, not a timing).
+    fn run(script: &str, moves: &[[RawFd; 2]]) -> i32 {
+        let cwd = std::env::current_dir().unwrap();
+        let program = Program {
+            executable: None,
+            argv0: "sh".into(),
+            argv: ["sh", "-c", script]
+                .iter()
+                .map(|a| CString::new(*a).unwrap())
+                .collect(),
+            cwd_c: CString::new(cwd.as_os_str().as_bytes()).unwrap(),
+            cwd,
+        };
+        let child = program
+            .spawn(Path::new("/bin/sh"), &[], None, &[], moves)
+            .unwrap();
+        let status = child
+            .reap_by(Some(Instant::now() + Duration::from_secs(10)))
+            .unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        status.code().unwrap_or(128 + status.signal().unwrap_or(0))
+    }
+
+    fn read_all(fd: OwnedFd) -> String {
+        let mut s = String::new();
+        std::fs::File::from(fd).read_to_string(&mut s).unwrap();
+        s
+    }
+
+    /// Places above every fd involved: each fd goes straight there (no scratch). The
+    /// child finds the pipe at its place, and not at its old number (close-on-exec).
+    #[test]
+    fn a_move_to_a_free_place_passes_the_fd_there() {
+        let _one = SPAWN.lock().unwrap_or_else(|e| e.into_inner());
+        let (rd, wr) = crate::sys::os::pipe().unwrap();
+        let (from, to) = (wr.as_raw_fd(), 200);
+        assert_eq!(error_pipe_and_scratch(&[], &[[from, to]]).unwrap().2, -1);
+        let script = format!("echo moved > /proc/self/fd/{to} && [ ! -e /proc/self/fd/{from} ]");
+        let code = run(&script, &[[from, to]]);
+        drop(wr);
+        assert_eq!(code, 0, "the fd is not at {to}, or is still at {from}");
+        assert_eq!(read_all(rd), "moved\n");
+    }
+
+    /// Two fds that trade numbers: each place is the other's fd, so they go through
+    /// scratch numbers; each pipe ends up at the other's number.
+    #[test]
+    fn fds_that_trade_places_go_through_scratch_numbers() {
+        let _one = SPAWN.lock().unwrap_or_else(|e| e.into_inner());
+        let (rd1, wr1) = crate::sys::os::pipe().unwrap();
+        let (rd2, wr2) = crate::sys::os::pipe().unwrap();
+        let (a, b) = (wr1.as_raw_fd(), wr2.as_raw_fd());
+        let moves = [[a, b], [b, a]];
+        assert!(error_pipe_and_scratch(&[], &moves).unwrap().2 > a.max(b));
+        let script = format!("echo one > /proc/self/fd/{b} && echo two > /proc/self/fd/{a}");
+        let code = run(&script, &moves);
+        drop((wr1, wr2));
+        assert_eq!(code, 0);
+        assert_eq!(read_all(rd1), "one\n", "pipe 1 (fd {a}) is not at fd {b}");
+        assert_eq!(read_all(rd2), "two\n", "pipe 2 (fd {b}) is not at fd {a}");
+    }
+}
