@@ -58,8 +58,8 @@
 //! }
 //! ```
 //!
-//! `examples/tcp_server.rs` is the complete version, with connection threads and a
-//! drain before exit. Both log with `writeln!` to `stderr`, ignoring errors, for the
+//! `examples/tcp_server.rs` is the complete version, with connection threads that hand
+//! their connections to the new generation (below) and a drain before exit. Both log with `writeln!` to `stderr`, ignoring errors, for the
 //! reason given in [running from a terminal](guide::terminal).
 //!
 //! # Connections in use
